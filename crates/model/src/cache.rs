@@ -1,0 +1,229 @@
+//! Per-forward attention context (positions, rotary tables, additive mask) and the KV cache.
+//! Masks and positions are built on the host from the 0/1 attention mask, then uploaded: they
+//! are tiny next to the activations and this keeps the model code device-generic.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Additive mask value: finite so a fully masked row (a left-pad query) gives a uniform
+/// softmax instead of NaN, and representable in bf16.
+const MASKED: f32 = -1e30;
+
+/// One layer's cached keys/values, [B, KV, S, D] each.
+pub type Slot = (Tensor, Tensor);
+
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    slots: Vec<Option<Slot>>,
+    /// Number of cached positions (same for every row: batches are padded).
+    pub len: usize,
+    /// The 0/1 key mask for the cached positions, one row per batch element.
+    pub mask: Vec<Vec<u8>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn slot(&mut self, layer: usize) -> &mut (Tensor, Tensor) {
+        if self.slots.len() <= layer {
+            self.slots.resize(layer + 1, None);
+        }
+        // An empty slot is filled by `append` on first use.
+        self.slots[layer].get_or_insert_with(|| {
+            let z = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+            (z.clone(), z)
+        })
+    }
+
+    /// Keeps only the given batch rows (finished rows leave a batched generation).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let dev = self
+            .slots
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone());
+        if let Some(dev) = dev {
+            let idx = Tensor::from_vec(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                rows.len(),
+                &dev,
+            )?;
+            for (k, v) in self.slots.iter_mut().flatten() {
+                *k = k.index_select(&idx, 0)?;
+                *v = v.index_select(&idx, 0)?;
+            }
+        }
+        self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
+        Ok(())
+    }
+}
+
+/// Appends new keys/values to a cache slot and returns the full keys/values to attend to.
+pub(crate) fn append(slot: Option<&mut Slot>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    match slot {
+        None => Ok((k, v)),
+        Some(slot) => {
+            if slot.0.rank() == 1 {
+                *slot = (k.contiguous()?, v.contiguous()?);
+            } else {
+                *slot = (
+                    Tensor::cat(&[&slot.0, &k], 2)?,
+                    Tensor::cat(&[&slot.1, &v], 2)?,
+                );
+            }
+            Ok(slot.clone())
+        }
+    }
+}
+
+/// Everything a layer needs besides its input.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Position ids [B, T] (u32).
+    pub positions: Tensor,
+    /// Rotary (cos, sin), each [B, 1, T, head_dim] in the compute dtype (LLaMA only).
+    pub rope: Option<(Tensor, Tensor)>,
+    /// Additive attention bias [B, 1, T, past + T] (f32), None when nothing is masked.
+    pub bias: Option<Tensor>,
+}
+
+/// Positions and mask for `t` new tokens after `past` cached ones. `key_mask` holds one 0/1 row
+/// per batch element covering past + new positions (None = no padding).
+pub struct CtxSpec<'a> {
+    pub batch: usize,
+    pub t: usize,
+    pub past: usize,
+    pub key_mask: Option<&'a [Vec<u8>]>,
+    pub sliding_window: Option<usize>,
+}
+
+pub fn host_positions(spec: &CtxSpec) -> Vec<u32> {
+    let mut pos = Vec::with_capacity(spec.batch * spec.t);
+    for b in 0..spec.batch {
+        match spec.key_mask {
+            None => pos.extend((spec.past..spec.past + spec.t).map(|p| p as u32)),
+            Some(m) => {
+                // transformers: position_ids = cumsum(mask) - 1, set to 1 where masked.
+                let mut c = 0u32;
+                for (j, &mj) in m[b].iter().enumerate() {
+                    c += mj as u32;
+                    if j >= spec.past {
+                        pos.push(if mj == 0 { 1 } else { c - 1 });
+                    }
+                }
+            }
+        }
+    }
+    pos
+}
+
+pub fn build_ctx(
+    spec: &CtxSpec,
+    inv_freq: Option<&[f32]>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Ctx> {
+    let (b, t, past) = (spec.batch, spec.t, spec.past);
+    let s = past + t;
+    if let Some(m) = spec.key_mask {
+        if m.len() != b || m.iter().any(|r| r.len() != s) {
+            candle_core::bail!("attention mask must be [batch, past + new] = [{b}, {s}]");
+        }
+    }
+    let pos = host_positions(spec);
+    let any_pad = spec
+        .key_mask
+        .is_some_and(|m| m.iter().any(|r| r.contains(&0)));
+    let windowed = spec.sliding_window.is_some_and(|w| s > w);
+    let bias = if t > 1 || any_pad || windowed {
+        let mut v = vec![0f32; b * t * s];
+        for bi in 0..b {
+            for i in 0..t {
+                let q = past + i;
+                for j in 0..s {
+                    let visible = j <= q
+                        && spec.key_mask.is_none_or(|m| m[bi][j] == 1)
+                        && spec.sliding_window.is_none_or(|w| q - j < w);
+                    if !visible {
+                        v[(bi * t + i) * s + j] = MASKED;
+                    }
+                }
+            }
+        }
+        Some(Tensor::from_vec(v, (b, 1, t, s), device)?)
+    } else {
+        None
+    };
+    let rope = match inv_freq {
+        None => None,
+        Some(inv) => {
+            let half = inv.len();
+            let mut cos = Vec::with_capacity(b * t * half * 2);
+            let mut sin = Vec::with_capacity(b * t * half * 2);
+            for &p in &pos {
+                // f32 product as transformers computes `inv_freq @ position_ids`
+                let angles: Vec<f32> = inv.iter().map(|&f| f * p as f32).collect();
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|&a| (a as f64).cos() as f32));
+                    sin.extend(angles.iter().map(|&a| (a as f64).sin() as f32));
+                }
+            }
+            let cos = Tensor::from_vec(cos, (b, 1, t, half * 2), device)?.to_dtype(dtype)?;
+            let sin = Tensor::from_vec(sin, (b, 1, t, half * 2), device)?.to_dtype(dtype)?;
+            Some((cos, sin))
+        }
+    };
+    let positions = Tensor::from_vec(pos, (b, t), device)?;
+    Ok(Ctx {
+        positions,
+        rope,
+        bias,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn left_padding_positions_and_mask() {
+        let mask = vec![vec![0u8, 0, 1, 1], vec![1, 1, 1, 1]];
+        let spec = CtxSpec {
+            batch: 2,
+            t: 4,
+            past: 0,
+            key_mask: Some(&mask),
+            sliding_window: None,
+        };
+        assert_eq!(host_positions(&spec), vec![1, 1, 0, 1, 0, 1, 2, 3]);
+        let b = build_ctx(&spec, None, DType::F32, &Device::Cpu)
+            .unwrap()
+            .bias
+            .unwrap();
+        let row: Vec<f32> = b
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(3)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(row, vec![MASKED, MASKED, 0.0, 0.0]);
+        // decode step: one new token after 4 cached
+        let mask = vec![vec![0u8, 0, 1, 1, 1]];
+        let spec = CtxSpec {
+            batch: 1,
+            t: 1,
+            past: 4,
+            key_mask: Some(&mask),
+            sliding_window: None,
+        };
+        assert_eq!(host_positions(&spec), vec![2]);
+    }
+}

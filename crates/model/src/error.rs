@@ -1,0 +1,56 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a model. Messages name the file,
+/// key or tensor at fault so a user can act on a single line.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gpt2)")]
+    UnknownArchitecture { path: PathBuf, arch: String },
+    #[error("{path}: tensor `{tensor}` has unsupported quantization type {ty} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)")]
+    UnsupportedQuant {
+        path: PathBuf,
+        tensor: String,
+        ty: String,
+    },
+    #[error("missing weight `{0}`")]
+    MissingWeight(String),
+    #[error("weight `{name}`: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("config: {0}")]
+    Config(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+impl ModelError {
+    pub(crate) fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        ModelError::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Autoregressive generation with a KV cache: greedy or seeded sampling (temperature, top-k,
+//! top-p), stop on EOS ids or stop strings, and batches of prompts of different lengths
+//! (left-padded; positions follow the mask, as transformers' `generate` does).
+
+use candle_core::{Result as CResult, Tensor};
+
+use crate::cache::KvCache;
+use crate::error::Result;
+use crate::model::CausalLm;
+use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub stop_token_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Eos,
+    StopString,
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New tokens only (an EOS that stopped generation is included, as transformers does).
+    pub tokens: Vec<u32>,
+    pub finish: Finish,
+}
+
+/// Picks the next token from one row of logits.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut cand: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i, v as f64 / s.temperature))
+        .collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if let Some(k) = s.top_k.filter(|&k| k > 0) {
+        cand.truncate(k);
+    }
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|(_, v)| (v - max).exp()).collect();
+    let z: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if let Some(p) = s.top_p.filter(|&p| p < 1.0) {
+        // Keep the smallest prefix whose mass reaches p (at least one token).
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, &q) in probs.iter().enumerate() {
+            cum += q;
+            if cum >= p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        cand.truncate(keep);
+        let z: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= z);
+    }
+    let r = rng.next_f64();
+    let mut cum = 0.0;
+    for (i, &q) in probs.iter().enumerate() {
+        cum += q;
+        if r < cum {
+            return cand[i].0 as u32;
+        }
+    }
+    cand[probs.len() - 1].0 as u32
+}
+
+fn last_logits(model: &CausalLm, hidden: &Tensor) -> CResult<Vec<Vec<f32>>> {
+    let t = hidden.dim(1)?;
+    let last = hidden.narrow(1, t - 1, 1)?;
+    model.logits(&last)?.squeeze(1)?.to_vec2::<f32>()
+}
+
+/// Generates continuations for each prompt. Rows that finish leave the batch.
+pub fn generate(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+) -> Result<Vec<Generation>> {
+    let n = prompts.len();
+    let mut out: Vec<Generation> = (0..n)
+        .map(|_| Generation {
+            tokens: vec![],
+            finish: Finish::Length,
+        })
+        .collect();
+    if n == 0 || cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(crate::ModelError::Config(format!("prompt {i} is empty")));
+    }
+    let len = prompts.iter().map(Vec::len).max().unwrap();
+    let mut ids = Vec::with_capacity(n * len);
+    let mut mask = Vec::with_capacity(n);
+    for p in prompts {
+        let pad = len - p.len();
+        ids.extend(std::iter::repeat_n(0u32, pad));
+        ids.extend_from_slice(p);
+        mask.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
+    }
+    let padded = mask.iter().any(|m| m[0] == 0);
+    let input = Tensor::from_vec(ids, (n, len), &model.device)?;
+    let mut cache = KvCache::new();
+    let hidden =
+        model.forward_hidden(&input, padded.then_some(mask.as_slice()), Some(&mut cache))?;
+    let mut logits = last_logits(model, &hidden)?;
+    let mut rng = Rng::new(cfg.sampling.seed);
+    // `active[j]` = original index of the j-th row still in the batch.
+    let mut active: Vec<usize> = (0..n).collect();
+    for step in 0..cfg.max_new_tokens {
+        let mut next = Vec::with_capacity(active.len());
+        let mut keep = Vec::with_capacity(active.len());
+        for (j, &row) in active.iter().enumerate() {
+            let tok = sample(&logits[j], &cfg.sampling, &mut rng);
+            let g = &mut out[row];
+            g.tokens.push(tok);
+            if cfg.stop_token_ids.contains(&tok) {
+                g.finish = Finish::Eos;
+            } else if !cfg.stop_strings.is_empty() {
+                if let Some(tk) = tokenizer {
+                    let text = tk.decode(&g.tokens, false)?;
+                    if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                        g.finish = Finish::StopString;
+                    }
+                }
+            }
+            if g.finish == Finish::Length {
+                keep.push(j);
+                next.push(tok);
+            }
+        }
+        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        if keep.len() != active.len() {
+            cache.select_rows(&keep)?;
+            active = keep.iter().map(|&j| active[j]).collect();
+        }
+        let input = Tensor::from_vec(next, (active.len(), 1), &model.device)?;
+        let hidden = model.forward_hidden(&input, None, Some(&mut cache))?;
+        logits = last_logits(model, &hidden)?;
+    }
+    Ok(out)
+}
+
+/// Cuts a generated text at the first stop string.
+pub fn truncate_at_stop(text: &str, stops: &[String]) -> String {
+    let cut = stops
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    text[..cut].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_max() {
+        let mut rng = Rng::new(0);
+        assert_eq!(
+            sample(&[1.0, 3.0, 3.0, 2.0], &Sampling::greedy(), &mut rng),
+            1
+        );
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_reproducible() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let s = Sampling {
+            temperature: 0.7,
+            top_k: Some(1),
+            top_p: None,
+            seed: 3,
+        };
+        let mut rng = Rng::new(3);
+        assert_eq!(
+            sample(&logits, &s, &mut rng),
+            sample(&logits, &Sampling::greedy(), &mut rng)
+        );
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: Some(10),
+            top_p: Some(0.9),
+            seed: 3,
+        };
+        let draw = |seed| {
+            let mut r = Rng::new(seed);
+            (0..20)
+                .map(|_| sample(&logits, &s, &mut r))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        assert_ne!(draw(5), draw(6));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // p(token 0) ≈ 0.87 > top_p: only token 0 may be drawn.
+        let logits = [4.0f32, 2.0, 0.0, -1.0];
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.8),
+            seed: 1,
+        };
+        let mut rng = Rng::new(1);
+        assert!((0..100).all(|_| sample(&logits, &s, &mut rng) == 0));
+    }
+
+    #[test]
+    fn stop_string_truncation() {
+        let stops = vec!["\ndef".to_string(), "\nclass".to_string()];
+        assert_eq!(
+            truncate_at_stop("  return 1\nclass X\ndef y", &stops),
+            "  return 1"
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! fedllm's causal language models: LLaMA-family and GPT-2 architectures on candle, loading
+//! from Hugging Face folders and GGUF files, tokenizers, chat templates and generation.
+//! No network IO happens here: every model and tokenizer comes from a local path.
+
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod gpt2;
+pub mod linear;
+pub mod llama;
+pub mod model;
+pub mod ops;
+pub mod rng;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use generate::{generate, Finish, GenerateConfig, Generation, Sampling};
+pub use model::{CausalLm, Loaded};
+pub use tokenizer::{ChatMessage, Tokenizer};
+pub use weights::{LoadOptions, QuantMode, Weight};

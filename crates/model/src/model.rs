@@ -1,0 +1,382 @@
+//! One entry point over every architecture: load from a Hugging Face folder or a GGUF file,
+//! run a forward, name the parameters.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result as CResult, Tensor};
+
+use crate::cache::{build_ctx, CtxSpec, KvCache};
+use crate::config::{Gpt2Config, LlamaConfig, ModelConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::gpt2::Gpt2;
+use crate::linear::Linear;
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{LoadOptions, Weight, WeightSource};
+
+#[derive(Debug, Clone)]
+pub enum Arch {
+    Llama(Llama),
+    Gpt2(Gpt2),
+}
+
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    pub arch: Arch,
+    pub config: ModelConfig,
+    pub device: Device,
+    pub dtype: DType,
+    pub source: PathBuf,
+    /// Storage kinds of the loaded weights (e.g. "Q4_1" → element count), for `info`.
+    pub storage: BTreeMap<String, usize>,
+}
+
+/// A model with its tokenizer (absent if the folder has no `tokenizer.json`).
+pub struct Loaded {
+    pub model: CausalLm,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+pub fn is_gguf(path: &Path) -> bool {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+impl CausalLm {
+    /// Loads a model (and its tokenizer) from a Hugging Face folder or a `.gguf` file.
+    pub fn load(path: &Path, opts: LoadOptions) -> Result<Loaded> {
+        if !path.exists() {
+            return Err(ModelError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        if path.is_dir() {
+            let config = ModelConfig::from_json_file(&path.join("config.json"))?;
+            let ws = WeightSource::safetensors_dir(path, opts)?;
+            let model = Self::build(&ws, config)?;
+            let tokenizer = Tokenizer::from_hf_dir(path)?;
+            Ok(Loaded { model, tokenizer })
+        } else if is_gguf(path) {
+            let file = GgufFile::open(path)?;
+            let config = gguf_config(&file)?;
+            let tokenizer = Some(Tokenizer::from_gguf(&file)?);
+            let ws = WeightSource::gguf(file, opts)?;
+            let model = Self::build(&ws, config)?;
+            Ok(Loaded { model, tokenizer })
+        } else {
+            Err(ModelError::format(
+                path,
+                "not a model: expected a Hugging Face folder or a .gguf file",
+            ))
+        }
+    }
+
+    pub fn build(ws: &WeightSource, config: ModelConfig) -> Result<Self> {
+        let n = config.num_layers();
+        let layer_ids = ws.opts.layers.clone().unwrap_or_else(|| (0..n).collect());
+        if let Some(&bad) = layer_ids.iter().find(|&&i| i >= n) {
+            return Err(ModelError::Config(format!(
+                "layer {bad} out of range (model has {n})"
+            )));
+        }
+        let arch = match &config {
+            ModelConfig::Llama(c) => Arch::Llama(Llama::load(ws, c, &layer_ids)?),
+            ModelConfig::Gpt2(c) => Arch::Gpt2(Gpt2::load(ws, c, &layer_ids)?),
+        };
+        let storage = ws.stats.lock().unwrap().clone().into_iter().collect();
+        Ok(Self {
+            arch,
+            config,
+            device: ws.opts.device.clone(),
+            dtype: ws.opts.dtype,
+            source: ws.path.clone(),
+            storage,
+        })
+    }
+
+    /// Original indices of the layers this model was built from.
+    pub fn layer_ids(&self) -> Vec<usize> {
+        match &self.arch {
+            Arch::Llama(m) => m.layers.iter().map(|(i, _)| *i).collect(),
+            Arch::Gpt2(m) => m.layers.iter().map(|(i, _)| *i).collect(),
+        }
+    }
+
+    /// Final hidden states [B, T, hidden]. `mask` is the 0/1 mask of the new tokens (None = all
+    /// ones); with a cache, the cached positions' mask is remembered there.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+        cache: Option<&mut KvCache>,
+    ) -> CResult<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let ids = ids.to_dtype(DType::U32)?;
+        let (past, key_mask): (usize, Option<Vec<Vec<u8>>>) = match (&cache, mask) {
+            (Some(c), m) => {
+                let mut rows = if c.len == 0 {
+                    vec![vec![]; b]
+                } else {
+                    c.mask.clone()
+                };
+                if rows.len() != b {
+                    candle_core::bail!("cache holds {} rows, batch has {b}", rows.len());
+                }
+                for (bi, row) in rows.iter_mut().enumerate() {
+                    match m {
+                        Some(m) => row.extend_from_slice(&m[bi]),
+                        None => row.extend(std::iter::repeat_n(1u8, t)),
+                    }
+                }
+                (c.len, Some(rows))
+            }
+            (None, m) => (0, m.map(|m| m.to_vec())),
+        };
+        let (inv_freq, window) = match &self.arch {
+            Arch::Llama(m) => (Some(m.inv_freq()), m.config.sliding_window),
+            Arch::Gpt2(_) => (None, None),
+        };
+        let spec = CtxSpec {
+            batch: b,
+            t,
+            past,
+            key_mask: key_mask.as_deref(),
+            sliding_window: window,
+        };
+        let ctx = build_ctx(&spec, inv_freq, self.dtype, &self.device)?;
+        let out = match (&self.arch, cache) {
+            (Arch::Llama(m), Some(c)) => {
+                let h = m.hidden(&ids, &ctx, Some(c))?;
+                c.len += t;
+                c.mask = key_mask.unwrap_or_default();
+                h
+            }
+            (Arch::Gpt2(m), Some(c)) => {
+                let h = m.hidden(&ids, &ctx, Some(c))?;
+                c.len += t;
+                c.mask = key_mask.unwrap_or_default();
+                h
+            }
+            (Arch::Llama(m), None) => m.hidden(&ids, &ctx, None)?,
+            (Arch::Gpt2(m), None) => m.hidden(&ids, &ctx, None)?,
+        };
+        Ok(out)
+    }
+
+    /// Logits over the vocabulary for hidden states, in f32.
+    pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
+        let l = match &self.arch {
+            Arch::Llama(m) => m.logits(hidden)?,
+            Arch::Gpt2(m) => m.logits(hidden)?,
+        };
+        l.to_dtype(DType::F32)
+    }
+
+    /// Logits [B, T, vocab] in f32.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+        cache: Option<&mut KvCache>,
+    ) -> CResult<Tensor> {
+        let h = self.forward_hidden(ids, mask, cache)?;
+        self.logits(&h)
+    }
+
+    /// Every weight under its Hugging Face name (tied heads are listed once, as the embedding).
+    pub fn named_weights(&self) -> Vec<(String, Weight)> {
+        let mut out = Vec::new();
+        let lin = |out: &mut Vec<(String, Weight)>, p: String, l: &Linear| {
+            out.push((format!("{p}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{p}.bias"), Weight::Dense(b.clone())));
+            }
+        };
+        let dense = |out: &mut Vec<(String, Weight)>, n: String, t: &Tensor| {
+            out.push((n, Weight::Dense(t.clone())))
+        };
+        match &self.arch {
+            Arch::Llama(m) => {
+                out.push((
+                    "model.embed_tokens.weight".into(),
+                    m.embed_tokens.weight().clone(),
+                ));
+                for (i, b) in &m.layers {
+                    let p = format!("model.layers.{i}");
+                    dense(
+                        &mut out,
+                        format!("{p}.input_layernorm.weight"),
+                        &b.input_layernorm,
+                    );
+                    for (n, l) in [
+                        ("q_proj", &b.self_attn.q_proj),
+                        ("k_proj", &b.self_attn.k_proj),
+                        ("v_proj", &b.self_attn.v_proj),
+                        ("o_proj", &b.self_attn.o_proj),
+                    ] {
+                        lin(&mut out, format!("{p}.self_attn.{n}"), l);
+                    }
+                    dense(
+                        &mut out,
+                        format!("{p}.post_attention_layernorm.weight"),
+                        &b.post_attention_layernorm,
+                    );
+                    for (n, l) in [
+                        ("gate_proj", &b.mlp.gate_proj),
+                        ("up_proj", &b.mlp.up_proj),
+                        ("down_proj", &b.mlp.down_proj),
+                    ] {
+                        lin(&mut out, format!("{p}.mlp.{n}"), l);
+                    }
+                }
+                dense(&mut out, "model.norm.weight".into(), &m.norm);
+                if !m.config.tie_word_embeddings
+                    && !same_weight(m.lm_head.weight(), m.embed_tokens.weight())
+                {
+                    lin(&mut out, "lm_head".into(), &m.lm_head);
+                }
+            }
+            Arch::Gpt2(m) => {
+                let pre = &m.prefix;
+                out.push((format!("{pre}wte.weight"), m.wte.weight().clone()));
+                dense(&mut out, format!("{pre}wpe.weight"), &m.wpe);
+                for (i, b) in &m.layers {
+                    let p = format!("{pre}h.{i}");
+                    dense(&mut out, format!("{p}.ln_1.weight"), &b.ln_1.weight);
+                    dense(&mut out, format!("{p}.ln_1.bias"), &b.ln_1.bias);
+                    lin(&mut out, format!("{p}.attn.c_attn"), &b.attn.c_attn);
+                    lin(&mut out, format!("{p}.attn.c_proj"), &b.attn.c_proj);
+                    dense(&mut out, format!("{p}.ln_2.weight"), &b.ln_2.weight);
+                    dense(&mut out, format!("{p}.ln_2.bias"), &b.ln_2.bias);
+                    lin(&mut out, format!("{p}.mlp.c_fc"), &b.mlp.c_fc);
+                    lin(&mut out, format!("{p}.mlp.c_proj"), &b.mlp.c_proj);
+                }
+                dense(&mut out, format!("{pre}ln_f.weight"), &m.ln_f.weight);
+                dense(&mut out, format!("{pre}ln_f.bias"), &m.ln_f.bias);
+            }
+        }
+        out
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.named_weights()
+            .iter()
+            .map(|(_, w)| w.shape().iter().product::<usize>())
+            .sum()
+    }
+
+    /// Bytes the weights occupy in memory as loaded.
+    pub fn weight_bytes(&self) -> usize {
+        self.named_weights()
+            .iter()
+            .map(|(_, w)| match w {
+                Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+                Weight::Quant(q) => q.storage_size_in_bytes(),
+            })
+            .sum()
+    }
+}
+
+fn same_weight(a: &Weight, b: &Weight) -> bool {
+    match (a, b) {
+        (Weight::Dense(x), Weight::Dense(y)) => x.id() == y.id(),
+        (Weight::Quant(x), Weight::Quant(y)) => std::sync::Arc::ptr_eq(x, y),
+        _ => false,
+    }
+}
+
+/// LLaMA-family runtime config from GGUF metadata (llama.cpp's key names).
+fn gguf_config(f: &GgufFile) -> Result<ModelConfig> {
+    let arch = f.meta_str("general.architecture").unwrap_or("").to_string();
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
+        return Err(ModelError::UnknownArchitecture {
+            path: f.path.clone(),
+            arch,
+        });
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let hidden = f.require_u64(&k("embedding_length"))? as usize;
+    let heads = f.require_u64(&k("attention.head_count"))? as usize;
+    if heads == 0 {
+        return Err(ModelError::format(
+            &f.path,
+            format!("metadata `{}` is 0", k("attention.head_count")),
+        ));
+    }
+    let kv = f
+        .meta_u64(&k("attention.head_count_kv"))
+        .map(|v| v as usize)
+        .unwrap_or(heads);
+    let vocab = match f.meta_u64(&k("vocab_size")) {
+        Some(v) => v as usize,
+        None => f
+            .info("token_embd.weight")
+            .map(|i| i.shape[0])
+            .map_err(|_| ModelError::format(&f.path, "missing tensor `token_embd.weight`"))?,
+    };
+    let rope_scaling = match (
+        f.meta_str(&k("rope.scaling.type")),
+        f.meta_f64(&k("rope.scaling.factor")),
+    ) {
+        (Some("linear"), Some(fac)) => RopeScaling::Linear(fac),
+        _ => RopeScaling::None,
+    };
+    let eos = f.meta_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32);
+    let c = LlamaConfig {
+        model_type: arch.clone(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: f.require_u64(&k("feed_forward_length"))? as usize,
+        num_layers: f.require_u64(&k("block_count"))? as usize,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim: f
+            .meta_u64(&k("attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(hidden / heads),
+        rms_norm_eps: f
+            .meta_f64(&k("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
+        rope_theta: f.meta_f64(&k("rope.freq_base")).unwrap_or(10_000.0),
+        rope_scaling,
+        max_position_embeddings: f.meta_u64(&k("context_length")).unwrap_or(4096) as usize,
+        tie_word_embeddings: !f.tensors.contains_key("output.weight"),
+        qkv_bias: f.tensors.contains_key("blk.0.attn_q.bias"),
+        o_bias: f.tensors.contains_key("blk.0.attn_output.bias"),
+        mlp_bias: f.tensors.contains_key("blk.0.ffn_up.bias"),
+        sliding_window: None,
+        bos_token_id: f.meta_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+        eos_token_ids: eos.into_iter().collect(),
+        pad_token_id: f
+            .meta_u64("tokenizer.ggml.padding_token_id")
+            .map(|v| v as u32),
+    };
+    Ok(ModelConfig::Llama(c))
+}
+
+impl ModelConfig {
+    pub fn as_llama(&self) -> Option<&LlamaConfig> {
+        match self {
+            ModelConfig::Llama(c) => Some(c),
+            _ => None,
+        }
+    }
+    pub fn as_gpt2(&self) -> Option<&Gpt2Config> {
+        match self {
+            ModelConfig::Gpt2(c) => Some(c),
+            _ => None,
+        }
+    }
+}

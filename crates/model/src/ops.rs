@@ -1,0 +1,233 @@
+//! The op layer every forward goes through. Each op here is a composite of candle primitives
+//! that have a backward, because candle's fused `softmax_last_dim`, `rms_norm`, `rope*` and
+//! `layer_norm` drop gradients silently. Device-generic: nothing here assumes the CPU.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Reductions run in f32 (f64 stays f64, which the gradient tests use).
+fn wide(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F64 | DType::F32 => Ok(x.clone()),
+        _ => x.to_dtype(DType::F32),
+    }
+}
+
+/// LLaMA RMSNorm, computed in f32 as transformers does, then cast back before the weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = wide(x)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    normed.broadcast_mul(weight)
+}
+
+/// GPT-2 LayerNorm over the last dimension (biased variance, as torch).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = wide(x)?;
+    let mean = x32.mean_keepdim(D::Minus1)?;
+    let centered = x32.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last dimension in f32. The max is detached: softmax is shift-invariant, so
+/// its gradient is unchanged and we avoid a backward through `max`.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = wide(x)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)?.to_dtype(dtype)
+}
+
+/// log-softmax over the last dimension in f32.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let x = wide(x)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Non-interleaved rotary embedding (transformers' `rotate_half` form).
+/// x: [B, H, T, D]; cos, sin: [B, 1, T, D].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// GPT-2's `gelu_new` (tanh approximation); candle's `gelu` is exactly that form.
+pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    x.gelu()
+}
+
+/// Repeat K/V heads for grouped-query attention: [B, KV, T, D] → [B, KV*n_rep, T, D].
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))
+}
+
+/// Scaled dot-product attention. q: [B, H, T, D], k/v: [B, H, S, D], bias: [B, 1, T, S] additive.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match bias {
+        Some(b) => scores.broadcast_add(&b.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    softmax_last(&scores)?.matmul(v)
+}
+
+/// Mean cross-entropy of next-token prediction: logits [B, T, V] against labels [B, T]
+/// (i64, -100 = ignored), labels shifted left by one as transformers does.
+/// Returns the loss and the number of counted tokens.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    let (b, t, v) = logits.dims3()?;
+    if t < 2 {
+        candle_core::bail!("causal_lm_loss needs at least 2 positions");
+    }
+    let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+    let labels = labels
+        .narrow(1, 1, t - 1)?
+        .flatten_all()?
+        .to_dtype(DType::I64)?;
+    let host: Vec<i64> = labels.to_vec1()?;
+    let count = host.iter().filter(|&&l| l != -100).count();
+    let valid: Vec<f32> = host
+        .iter()
+        .map(|&l| if l == -100 { 0.0 } else { 1.0 })
+        .collect();
+    let idx: Vec<u32> = host
+        .iter()
+        .map(|&l| if l == -100 { 0 } else { l as u32 })
+        .collect();
+    let dev = logits.device();
+    let idx = Tensor::from_vec(idx, (b * (t - 1), 1), dev)?;
+    let valid = Tensor::from_vec(valid, b * (t - 1), dev)?;
+    let logp = log_softmax_last(&logits)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let total = (picked.clone() * valid.to_dtype(picked.dtype())?)?.sum_all()?;
+    let loss = (total.neg()? / count.max(1) as f64)?;
+    Ok((loss, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Central finite differences of `f` (a scalar) at `x`, against candle's backward.
+    fn check_grad(x: &[f32], shape: &[usize], f: impl Fn(&Tensor) -> Result<Tensor>) {
+        let dev = Device::Cpu;
+        let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let var = Var::from_tensor(&Tensor::from_vec(xd.clone(), shape, &dev).unwrap()).unwrap();
+        let y = f(var.as_tensor()).unwrap();
+        let grads = y.backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let h = 1e-6;
+        for i in 0..xd.len() {
+            let mut p = xd.clone();
+            p[i] += h;
+            let mut m = xd.clone();
+            m[i] -= h;
+            let fp: f64 = f(&Tensor::from_vec(p, shape, &dev).unwrap())
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let fm: f64 = f(&Tensor::from_vec(m, shape, &dev).unwrap())
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let fd = (fp - fm) / (2.0 * h);
+            assert!(
+                (fd - g[i]).abs() < 1e-5 * (1.0 + fd.abs()),
+                "grad[{i}]: fd {fd} vs backward {}",
+                g[i]
+            );
+        }
+    }
+
+    fn data(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 % 97) as f32 / 97.0 - 0.5) * 2.0)
+            .collect()
+    }
+
+    /// A weighted sum makes every output element matter to the scalar being differentiated.
+    fn weighted(y: &Tensor) -> Result<Tensor> {
+        let n = y.elem_count();
+        let w: Vec<f64> = (0..n).map(|i| 0.3 + (i % 5) as f64 * 0.17).collect();
+        (y.flatten_all()? * Tensor::from_vec(w, n, y.device())?)?.sum_all()
+    }
+
+    #[test]
+    fn grad_norms() {
+        let w = Tensor::new(&[1.1f64, 0.9, 1.3, 0.7], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.1f64, -0.2, 0.3, 0.0], &Device::Cpu).unwrap();
+        check_grad(&data(8), &[2, 4], |x| weighted(&rms_norm(x, &w, 1e-5)?));
+        check_grad(&data(8), &[2, 4], |x| {
+            weighted(&layer_norm(x, &w, &b, 1e-5)?)
+        });
+    }
+
+    #[test]
+    fn grad_softmax_rope_activations_loss() {
+        check_grad(&data(10), &[2, 5], |x| weighted(&softmax_last(x)?));
+        check_grad(&data(10), &[2, 5], |x| weighted(&log_softmax_last(x)?));
+        check_grad(&data(10), &[2, 5], |x| weighted(&silu(x)?));
+        check_grad(&data(10), &[2, 5], |x| weighted(&gelu_new(x)?));
+        let labels = Tensor::new(&[[-100i64, 2, 4], [1, -100, 0]], &Device::Cpu).unwrap();
+        check_grad(&data(30), &[2, 3, 5], |x| Ok(causal_lm_loss(x, &labels)?.0));
+        let cos = Tensor::from_vec(
+            data(8).iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            (1, 1, 2, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let sin = cos.affine(0.5, 0.1).unwrap();
+        check_grad(&data(16), &[1, 2, 2, 4], |x| {
+            weighted(&rope(x, &cos, &sin)?)
+        });
+    }
+
+    #[test]
+    fn loss_matches_hand_computation() {
+        let dev = Device::Cpu;
+        let logits =
+            Tensor::from_vec(vec![0f32, 1., 2., 3., 1., 0., 0., 0., 5.], (1, 3, 3), &dev).unwrap();
+        let labels = Tensor::new(&[[-100i64, 2, -100]], &dev).unwrap();
+        let (loss, n) = causal_lm_loss(&logits, &labels).unwrap();
+        assert_eq!(n, 1);
+        let lse = (0f64.exp() + 1f64.exp() + 2f64.exp()).ln();
+        let want = lse - 2.0;
+        assert!((loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
+    }
+}
