@@ -1,1 +1,358 @@
-fn main() {}
+//! `fedllm`: one binary for every role. Parses arguments and calls the libraries; errors are
+//! printed as one line (the anyhow chain with `{:#}`) and give a non-zero exit code.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use fedllm_model::{
+    bench, generate, generate::truncate_at_stop, CausalLm, ChatMessage, GenerateConfig,
+    LoadOptions, QuantMode, Sampling, Weight,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "fedllm",
+    version,
+    about = "Federated fine-tuning of large language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt
+    Generate(GenerateArgs),
+    /// Print a model's architecture, size, storage and vocabulary
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Benchmarks (throughput and memory)
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Hugging Face folder (config.json + safetensors) or .gguf file
+    #[arg(long)]
+    model: PathBuf,
+    /// Dequantize GGUF weights to the compute dtype (as transformers does) instead of keeping them quantized
+    #[arg(long)]
+    dequantize: bool,
+    /// Compute in bf16
+    #[arg(long)]
+    bf16: bool,
+}
+
+impl ModelArgs {
+    fn options(&self) -> LoadOptions {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: if self.bf16 { DType::BF16 } else { DType::F32 },
+            quant: if self.dequantize {
+                QuantMode::Dequantize
+            } else {
+                QuantMode::Keep
+            },
+            layers: None,
+        }
+    }
+
+    fn load(&self) -> Result<fedllm_model::Loaded> {
+        CausalLm::load(&self.model, self.options())
+            .with_context(|| format!("loading model {}", self.model.display()))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text (repeat for a batch)
+    #[arg(
+        long,
+        required_unless_present = "prompt_ids",
+        conflicts_with = "prompt_ids"
+    )]
+    prompt: Vec<String>,
+    /// Prompt as comma-separated token ids
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt as a user message in the model's chat template
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default when no temperature is given)
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the generated text contains this string (repeatable)
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at end-of-sequence tokens
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print the full output token ids (prompt + new), comma-separated, one line per prompt
+    #[arg(long)]
+    print_ids: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill and decode throughput, load time and peak RSS (workload W3)
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 256)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+        /// Context length before decoding starts
+        #[arg(long, default_value_t = 16)]
+        decode_ctx: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Info { model } => cmd_info(&model),
+        Cmd::Bench(BenchCmd::Generate {
+            model,
+            prompt_len,
+            decode_tokens,
+            decode_ctx,
+            batch,
+            reps,
+        }) => cmd_bench_generate(&model, prompt_len, decode_tokens, decode_ctx, &batch, reps),
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    if let Some(t) = a.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            bail!("--temperature must be a finite number >= 0, got {t}");
+        }
+    }
+    if let Some(p) = a.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {p}");
+        }
+    }
+    let loaded = a.model.load()?;
+    let (model, tok) = (loaded.model, loaded.tokenizer);
+    let vocab = model.config.vocab_size() as u32;
+    let prompts: Vec<Vec<u32>> = match &a.prompt_ids {
+        Some(ids) => {
+            if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+                bail!("--prompt-ids: token id {bad} is outside the vocabulary (size {vocab})");
+            }
+            vec![ids.clone()]
+        }
+        None => {
+            let tok = tok
+                .as_ref()
+                .context("the model has no tokenizer; use --prompt-ids")?;
+            a.prompt
+                .iter()
+                .map(|p| {
+                    let text = if a.chat {
+                        let mut msgs = Vec::new();
+                        if let Some(s) = &a.system {
+                            msgs.push(ChatMessage::new("system", s));
+                        }
+                        msgs.push(ChatMessage::new("user", p));
+                        tok.apply_chat_template(&msgs, true)?
+                    } else {
+                        p.clone()
+                    };
+                    tok.encode(&text, true)
+                })
+                .collect::<fedllm_model::Result<_>>()?
+        }
+    };
+    if prompts.iter().any(|p| p.is_empty()) {
+        bail!("the prompt is empty");
+    }
+    let sampling = match a.temperature {
+        Some(t) if t > 0.0 && !a.greedy => Sampling {
+            temperature: t,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        _ => Sampling::greedy(),
+    };
+    let mut stop_ids = Vec::new();
+    if !a.ignore_eos {
+        stop_ids.extend(model.config.eos_token_ids());
+        if let Some(t) = &tok {
+            stop_ids.extend(&t.eos_token_ids);
+        }
+    }
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        stop_token_ids: stop_ids,
+        stop_strings: a.stop.clone(),
+    };
+    let out = generate(&model, tok.as_ref(), &prompts, &cfg)?;
+    let mut stdout = std::io::stdout().lock();
+    for (p, g) in prompts.iter().zip(&out) {
+        if a.print_ids {
+            let ids: Vec<String> = p.iter().chain(&g.tokens).map(|i| i.to_string()).collect();
+            writeln!(stdout, "{}", ids.join(","))?;
+        } else {
+            let tok = tok
+                .as_ref()
+                .context("the model has no tokenizer; use --print-ids")?;
+            let text = truncate_at_stop(&tok.decode(&g.tokens, true)?, &a.stop);
+            writeln!(stdout, "{text}")?;
+        }
+    }
+    Ok(())
+}
+
+fn cmd_info(m: &ModelArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let loaded = m.load()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let model = &loaded.model;
+    let c = &model.config;
+    println!("model:        {}", model.source.display());
+    println!("architecture: {}", c.arch_name());
+    println!(
+        "parameters:   {} ({:.1} M)",
+        model.num_parameters(),
+        model.num_parameters() as f64 / 1e6
+    );
+    println!("layers:       {}", c.num_layers());
+    match c {
+        fedllm_model::ModelConfig::Llama(l) => {
+            println!(
+                "hidden:       {} (heads {}, kv heads {}, head dim {}, mlp {})",
+                l.hidden_size, l.num_heads, l.num_kv_heads, l.head_dim, l.intermediate_size
+            );
+            println!("rope:         theta {} {:?}", l.rope_theta, l.rope_scaling);
+            println!("tied head:    {}", l.tie_word_embeddings);
+        }
+        fedllm_model::ModelConfig::Gpt2(g) => {
+            println!(
+                "hidden:       {} (heads {}, mlp {})",
+                g.hidden_size, g.num_heads, g.intermediate_size
+            );
+        }
+    }
+    println!("vocab:        {}", c.vocab_size());
+    println!("context:      {}", c.context_length());
+    let stored: Vec<String> = model
+        .storage
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    println!("stored as:    {} (elements)", stored.join(", "));
+    let quant = model
+        .named_weights()
+        .iter()
+        .filter(|(_, w)| matches!(w, Weight::Quant(_)))
+        .count();
+    println!(
+        "in memory:    {:?} compute, {quant} quantized matrices, {:.1} MiB of weights",
+        model.dtype,
+        model.weight_bytes() as f64 / (1 << 20) as f64
+    );
+    match &loaded.tokenizer {
+        Some(t) => println!(
+            "tokenizer:    {} tokens, bos {:?}, eos {:?}, chat template: {}",
+            t.vocab_size(),
+            t.bos_token_id,
+            t.eos_token_ids,
+            if t.chat_template.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+        ),
+        None => println!("tokenizer:    none"),
+    }
+    println!("load time:    {load_s:.2} s");
+    Ok(())
+}
+
+fn cmd_bench_generate(
+    m: &ModelArgs,
+    prompt_len: usize,
+    decode_tokens: usize,
+    decode_ctx: usize,
+    batches: &[usize],
+    reps: usize,
+) -> Result<()> {
+    if prompt_len == 0 || decode_ctx == 0 {
+        bail!("--prompt-len and --decode-ctx must be at least 1");
+    }
+    let t0 = Instant::now();
+    let loaded = m.load()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let model = &loaded.model;
+    let mode = format!(
+        "{:?}{}",
+        model.dtype,
+        if m.dequantize {
+            ", dequantized"
+        } else {
+            ", weights as stored"
+        }
+    );
+    println!(
+        "bench generate: {} ({mode}), {} threads",
+        m.model.display(),
+        candle_core::utils::get_num_threads()
+    );
+    println!("load:            {load_s:.3} s");
+    let r = bench::bench_generate(model, prompt_len, decode_tokens, decode_ctx, batches, reps)?;
+    println!(
+        "prefill {:>4} tok: {:.1} tokens/s",
+        r.prompt_len, r.prefill_tokens_per_s
+    );
+    for (b, tps, ctx) in &r.decode {
+        println!("decode batch {b:>2}: {tps:.1} tokens/s total ({decode_tokens} steps after {ctx} tokens)");
+    }
+    if let Some(rss) = bench::peak_rss_bytes() {
+        println!("peak RSS:        {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}

@@ -5,6 +5,9 @@ use candle_core::{DType, Module, Result, Tensor};
 
 use crate::weights::Weight;
 
+/// Up to this many activation rows, the quantized vec-dot kernels beat dequantize + GEMM.
+const QMATMUL_MAX_ROWS: usize = 2;
+
 #[derive(Clone, Debug)]
 enum Kernel {
     /// Weight [out, in] (nn.Linear) or [in, out] when `in_out` (GPT-2 Conv1D).
@@ -73,9 +76,24 @@ impl Linear {
                 y.reshape(out)?
             }
             Kernel::Quant(q) => {
-                // Quantized kernels take f32 activations.
                 let dtype = x.dtype();
-                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+                let rows = x.elem_count() / x.dim(x.rank() - 1)?;
+                if rows <= QMATMUL_MAX_ROWS {
+                    // Quantized kernels take f32 activations.
+                    q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                        .to_dtype(dtype)?
+                } else {
+                    // candle's quantized matmul costs the same per row at any batch size, so
+                    // larger inputs dequantize the weight transiently and use the dense GEMM.
+                    let w = match &self.weight {
+                        Weight::Quant(t) => t.dequantize(&t.device())?.to_dtype(dtype)?,
+                        Weight::Dense(t) => t.clone(),
+                    };
+                    let k = x.dim(x.rank() - 1)?;
+                    let mut out = x.dims().to_vec();
+                    *out.last_mut().unwrap() = w.dim(0)?;
+                    x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(out)?
+                }
             }
         };
         match &self.bias {

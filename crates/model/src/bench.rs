@@ -1,0 +1,92 @@
+//! Generation throughput (workload W3): prefill tokens/s, decode tokens/s at batch 1 and 8,
+//! load time and peak RSS. Timings live here, never in tests.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::cache::KvCache;
+use crate::error::Result;
+use crate::generate::{sample, Sampling};
+use crate::model::CausalLm;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenBench {
+    pub prompt_len: usize,
+    pub prefill_tokens_per_s: f64,
+    /// (batch, decode tokens/s summed over the batch, context length at the start of decoding)
+    pub decode: Vec<(usize, f64, usize)>,
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn prompt(rng: &mut Rng, len: usize, vocab: usize) -> Vec<u32> {
+    // Ordinary token ids (skip the first 100, where special tokens usually live).
+    (0..len)
+        .map(|_| 100 + (rng.next_u64() % (vocab as u64 - 100)) as u32)
+        .collect()
+}
+
+/// Prefill of `prompt_len` tokens (best of `reps`), then `decode_tokens` greedy steps at each
+/// batch size, starting from a `decode_ctx`-token context.
+pub fn bench_generate(
+    model: &CausalLm,
+    prompt_len: usize,
+    decode_tokens: usize,
+    decode_ctx: usize,
+    batches: &[usize],
+    reps: usize,
+) -> Result<GenBench> {
+    let vocab = model.config.vocab_size();
+    let mut rng = Rng::new(7);
+    let dev = &model.device;
+    let p = prompt(&mut rng, prompt_len, vocab);
+    let ids = Tensor::from_vec(p, (1, prompt_len), dev)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let mut cache = KvCache::new();
+        let h = model.forward_hidden(&ids, None, Some(&mut cache))?;
+        let _ = model
+            .logits(&h.narrow(1, prompt_len - 1, 1)?)?
+            .to_vec3::<f32>()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let mut decode = Vec::new();
+    for &b in batches {
+        let rows: Vec<u32> = (0..b)
+            .flat_map(|_| prompt(&mut rng, decode_ctx, vocab))
+            .collect();
+        let ids = Tensor::from_vec(rows, (b, decode_ctx), dev)?;
+        let mut cache = KvCache::new();
+        let h = model.forward_hidden(&ids, None, Some(&mut cache))?;
+        let mut logits = model
+            .logits(&h.narrow(1, decode_ctx - 1, 1)?)?
+            .squeeze(1)?
+            .to_vec2::<f32>()?;
+        let t0 = Instant::now();
+        for _ in 0..decode_tokens {
+            let next: Vec<u32> = logits
+                .iter()
+                .map(|l| sample(l, &Sampling::greedy(), &mut rng))
+                .collect();
+            let x = Tensor::from_vec(next, (b, 1), dev)?;
+            let h = model.forward_hidden(&x, None, Some(&mut cache))?;
+            logits = model.logits(&h)?.squeeze(1)?.to_vec2::<f32>()?;
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        decode.push((b, (b * decode_tokens) as f64 / dt, decode_ctx));
+    }
+    Ok(GenBench {
+        prompt_len,
+        prefill_tokens_per_s: prompt_len as f64 / best,
+        decode,
+    })
+}
