@@ -67,8 +67,7 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<fedllm_model::Loaded> {
-        CausalLm::load(&self.model, self.options())
-            .with_context(|| format!("loading model {}", self.model.display()))
+        CausalLm::load(&self.model, self.options()).context("loading model")
     }
 }
 
@@ -141,7 +140,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: candle appends a backtrace to some errors when RUST_BACKTRACE is set.
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.lines().next().unwrap_or_default());
             ExitCode::FAILURE
         }
     }

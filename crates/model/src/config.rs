@@ -141,14 +141,15 @@ impl HfLlamaConfig {
             )));
         }
         if self.num_attention_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()
+            || (!self.hidden_size.is_multiple_of(self.num_attention_heads)
+                && self.head_dim.is_none())
         {
             return Err(ModelError::Config(
                 "hidden_size is not divisible by num_attention_heads".into(),
             ));
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(ModelError::Config(
                 "num_attention_heads must be a multiple of num_key_value_heads".into(),
             ));
@@ -260,7 +261,7 @@ impl HfGpt2Config {
                 "unsupported activation_function `{act}` (only gelu_new)"
             )));
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::Config(
                 "n_embd is not divisible by n_head".into(),
             ));

@@ -4,12 +4,9 @@ use std::path::PathBuf;
 /// key or tensor at fault so a user can act on a single line.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The io error is shown inline, not as a `source`, so an error chain prints it once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: IoError },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gpt2)")]
@@ -38,6 +35,22 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// An io::Error that is deliberately not a `std::error::Error` source (see `ModelError::Io`).
+#[derive(Debug)]
+pub struct IoError(pub std::io::Error);
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // "No such file or directory (os error 2)" → "no such file or directory"
+        let s = match self.0.kind() {
+            std::io::ErrorKind::NotFound => "no such file or directory".to_string(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+            _ => self.0.to_string(),
+        };
+        f.write_str(&s)
+    }
+}
+
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 impl ModelError {
@@ -50,7 +63,7 @@ impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.into(),
-            source,
+            err: IoError(source),
         }
     }
 }

@@ -312,7 +312,7 @@ impl GgufFile {
             // Unknown types keep len 0 here; using such a tensor reports the type by name.
             let len = match ggml_type_info(ty) {
                 Some((_, bs, bytes)) => {
-                    if elems % bs != 0 {
+                    if !elems.is_multiple_of(bs) {
                         return Err(ModelError::format(
                             path,
                             format!(
@@ -324,7 +324,7 @@ impl GgufFile {
                 }
                 None => 0,
             };
-            let start = data_start.checked_add(off).unwrap_or(usize::MAX);
+            let start = data_start.saturating_add(off);
             if start.saturating_add(len) > mmap.len() {
                 return Err(ModelError::format(
                     path,
@@ -420,6 +420,84 @@ impl GgufFile {
         };
         Ok(q)
     }
+}
+
+/// Writes a GGUF v3 file: metadata, then tensors given as (name, ggml type id, shape in candle
+/// order, raw bytes). Used to export models and to build test fixtures.
+pub fn write(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[(String, u32, Vec<usize>, Vec<u8>)],
+) -> std::io::Result<()> {
+    fn s(out: &mut Vec<u8>, v: &str) {
+        out.extend((v.len() as u64).to_le_bytes());
+        out.extend(v.as_bytes());
+    }
+    fn ty(v: &Value) -> u32 {
+        match v {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+    fn val(out: &mut Vec<u8>, v: &Value) {
+        match v {
+            Value::U8(x) => out.push(*x),
+            Value::I8(x) => out.push(*x as u8),
+            Value::U16(x) => out.extend(x.to_le_bytes()),
+            Value::I16(x) => out.extend(x.to_le_bytes()),
+            Value::U32(x) => out.extend(x.to_le_bytes()),
+            Value::I32(x) => out.extend(x.to_le_bytes()),
+            Value::F32(x) => out.extend(x.to_le_bytes()),
+            Value::Bool(x) => out.push(*x as u8),
+            Value::String(x) => s(out, x),
+            Value::Array(a) => {
+                out.extend(a.first().map(ty).unwrap_or(4).to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                a.iter().for_each(|x| val(out, x));
+            }
+            Value::U64(x) => out.extend(x.to_le_bytes()),
+            Value::I64(x) => out.extend(x.to_le_bytes()),
+            Value::F64(x) => out.extend(x.to_le_bytes()),
+        }
+    }
+    const ALIGN: usize = 32;
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        s(&mut out, k);
+        out.extend(ty(v).to_le_bytes());
+        val(&mut out, v);
+    }
+    let mut offset = 0usize;
+    for (name, t, shape, bytes) in tensors {
+        s(&mut out, name);
+        out.extend((shape.len() as u32).to_le_bytes());
+        for d in shape.iter().rev() {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(t.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset += bytes.len().div_ceil(ALIGN) * ALIGN;
+    }
+    out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    for (_, _, _, bytes) in tensors {
+        out.extend(bytes);
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    }
+    std::fs::write(path, out)
 }
 
 /// Row order that undoes llama.cpp's `permute(w, n_head)` on q_proj/k_proj, i.e. what

@@ -239,7 +239,7 @@ fn inv_freq(c: &LlamaConfig) -> Vec<f32> {
                 let high_wavelen = old / hi;
                 let wavelen = 2.0 * std::f32::consts::PI / f;
                 let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                 if medium {
                     let smooth = (old / wavelen - lo) / (hi - lo);
                     (1.0 - smooth) * scaled / factor + smooth * scaled

@@ -71,7 +71,10 @@ impl CausalLm {
         } else if is_gguf(path) {
             let file = GgufFile::open(path)?;
             let config = gguf_config(&file)?;
-            let tokenizer = Some(Tokenizer::from_gguf(&file)?);
+            let tokenizer = match file.meta("tokenizer.ggml.model") {
+                Some(_) => Some(Tokenizer::from_gguf(&file)?),
+                None => None,
+            };
             let ws = WeightSource::gguf(file, opts)?;
             let model = Self::build(&ws, config)?;
             Ok(Loaded { model, tokenizer })

@@ -1,0 +1,217 @@
+//! The binary end to end: real commands on the golden models, and bad input answered with one
+//! line naming the file at fault, a non-zero exit code and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fedllm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fedllm"))
+        .args(args)
+        .output()
+        .expect("run fedllm")
+}
+
+fn golden(name: &str) -> PathBuf {
+    std::env::var_os("FEDLLM_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+        .join(name)
+}
+
+/// Fails with exactly one `error:` line on stderr that contains every `needle`.
+fn assert_clean_failure(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "exit code 101 means a panic: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` missing from: {stderr}");
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn generate_prints_ids_matching_golden_greedy() {
+    let dir = golden("llama-tiny");
+    let case =
+        candle_core::safetensors::load(dir.join("greedy.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let prompt: Vec<i64> = case["prompt_ids"].flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<i64> = case["output_ids"].flatten_all().unwrap().to_vec1().unwrap();
+    let ids: Vec<String> = prompt.iter().map(|i| i.to_string()).collect();
+    let n = (want.len() - prompt.len()).to_string();
+    let out = fedllm(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-new-tokens",
+        &n,
+        "--greedy",
+        "--ignore-eos",
+        "--print-ids",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<String> = want.iter().map(|i| i.to_string()).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want.join(","));
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let dir = golden("gpt2-tiny");
+    let run = |seed: &str| {
+        let out = fedllm(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "In the beginning",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--print-ids",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run("1"), run("1"));
+    assert_ne!(run("1"), run("2"));
+}
+
+#[test]
+fn info_describes_the_model() {
+    let out = fedllm(&["info", "--model", golden("llama-tiny").to_str().unwrap()]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("architecture: llama")
+            && s.contains("vocab:        512")
+            && s.contains("context:      128"),
+        "{s}"
+    );
+}
+
+#[test]
+fn missing_model_file() {
+    let out = fedllm(&[
+        "generate",
+        "--model",
+        "/nonexistent/dir/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&out, &["/nonexistent/dir/model.gguf", "no such file"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    copy_dir(&golden("llama-tiny"), &dir);
+    let f = dir.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    for cut in [5, 100, bytes.len() / 2] {
+        std::fs::write(&f, &bytes[..cut]).unwrap();
+        let out = fedllm(&["info", "--model", dir.to_str().unwrap()]);
+        assert_clean_failure(&out, &["model.safetensors"]);
+    }
+}
+
+#[test]
+fn unknown_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    copy_dir(&golden("llama-tiny"), &dir);
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"mamba\"");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let out = fedllm(&["info", "--model", dir.to_str().unwrap()]);
+    assert_clean_failure(&out, &["config.json", "mamba", "unsupported architecture"]);
+}
+
+#[test]
+fn missing_weight_and_corrupt_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = tmp.path().join("junk.gguf");
+    std::fs::write(&g, b"GGUF\x03\x00\x00\x00\xff\xff").unwrap();
+    assert_clean_failure(
+        &fedllm(&["info", "--model", g.to_str().unwrap()]),
+        &["junk.gguf", "truncated GGUF"],
+    );
+    let notgguf = tmp.path().join("x.bin");
+    std::fs::write(&notgguf, b"hello").unwrap();
+    assert_clean_failure(
+        &fedllm(&["info", "--model", notgguf.to_str().unwrap()]),
+        &["x.bin", "not a model"],
+    );
+    // A folder whose safetensors lacks a weight the config asks for.
+    let dir = tmp.path().join("m");
+    copy_dir(&golden("llama-tiny"), &dir);
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    assert_clean_failure(
+        &fedllm(&["info", "--model", dir.to_str().unwrap()]),
+        &["model.layers.2"],
+    );
+}
+
+#[test]
+fn bad_arguments() {
+    let dir = golden("llama-tiny");
+    let out = fedllm(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1,99999",
+    ]);
+    assert_clean_failure(&out, &["99999", "vocabulary"]);
+    let out = fedllm(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--chat",
+    ]);
+    assert_clean_failure(&out, &["chat template"]);
+}

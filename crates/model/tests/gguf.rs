@@ -1,0 +1,264 @@
+//! GGUF loading end to end and hermetically: the tiny golden LLaMA is written as a GGUF the way
+//! llama.cpp's converter writes it (q/k rows permuted, llama.cpp tensor names), loaded back, and
+//! compared with transformers' logits. Broken files must fail with errors naming the problem.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use fedllm_model::gguf::{self, Value};
+use fedllm_model::{CausalLm, LoadOptions, ModelError, QuantMode};
+
+fn golden() -> PathBuf {
+    std::env::var_os("FEDLLM_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+        .join("llama-tiny")
+}
+
+/// llama.cpp's `permute`: HF row (h, j*half + r) goes to GGUF row (h, 2r + j).
+fn permute(w: &Tensor, n_head: usize) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    let dim = rows / n_head;
+    w.reshape((n_head, 2, dim / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+fn gguf_name(hf: &str) -> String {
+    let map = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (i, rest) = rest.split_once('.').unwrap();
+    let g = match rest {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        other => panic!("unmapped {other}"),
+    };
+    format!("blk.{i}.{g}")
+}
+
+fn metadata(arch: &str) -> Vec<(String, Value)> {
+    let u = |v: u32| Value::U32(v);
+    vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.block_count"), u(2)),
+        (format!("{arch}.context_length"), u(128)),
+        (format!("{arch}.embedding_length"), u(64)),
+        (format!("{arch}.feed_forward_length"), u(160)),
+        (format!("{arch}.attention.head_count"), u(4)),
+        (format!("{arch}.attention.head_count_kv"), u(2)),
+        (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+        (format!("{arch}.vocab_size"), u(512)),
+    ]
+}
+
+/// The tiny golden LLaMA as GGUF tensors; 2-D weights in `quant` (F32 keeps everything dense).
+fn tiny_tensors(quant: GgmlDType) -> Vec<(String, u32, Vec<usize>, Vec<u8>)> {
+    let st =
+        candle_core::safetensors::load(golden().join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = st.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let mut t = st[n].clone();
+            if n.ends_with("q_proj.weight") {
+                t = permute(&t, 4);
+            } else if n.ends_with("k_proj.weight") {
+                t = permute(&t, 2);
+            }
+            let (ty, dt) = if t.rank() == 2 {
+                (type_id(quant), quant)
+            } else {
+                (0, GgmlDType::F32)
+            };
+            let bytes = QTensor::quantize(&t, dt).unwrap().data().unwrap().to_vec();
+            (gguf_name(n), ty, t.dims().to_vec(), bytes)
+        })
+        .collect()
+}
+
+fn type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q4_0 => 2,
+        _ => unimplemented!(),
+    }
+}
+
+fn golden_forward() -> (HashMap<String, Tensor>, Vec<Vec<u8>>) {
+    let case =
+        candle_core::safetensors::load(golden().join("forward.safetensors"), &Device::Cpu).unwrap();
+    let mask = case["attention_mask"]
+        .to_dtype(DType::U8)
+        .unwrap()
+        .to_vec2::<u8>()
+        .unwrap();
+    (case, mask)
+}
+
+fn max_err_where_masked(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
+    let (g, w) = (
+        got.to_vec3::<f32>().unwrap(),
+        want.to_vec3::<f32>().unwrap(),
+    );
+    let mut e = 0f32;
+    for (b, row) in mask.iter().enumerate() {
+        for (t, &m) in row.iter().enumerate() {
+            if m == 1 {
+                for (x, y) in g[b][t].iter().zip(&w[b][t]) {
+                    e = e.max((x - y).abs());
+                }
+            }
+        }
+    }
+    e
+}
+
+#[test]
+fn tiny_llama_gguf_f32_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf::write(&path, &metadata("llama"), &tiny_tensors(GgmlDType::F32)).unwrap();
+    let model = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
+    let (case, mask) = golden_forward();
+    let logits = model
+        .forward(&case["input_ids"], Some(&mask), None)
+        .unwrap();
+    let e = max_err_where_masked(&logits, &case["logits"], &mask);
+    println!("tiny llama from GGUF (F32, q/k un-permuted): max|Δlogits| = {e:.2e}");
+    assert!(e <= 1e-4, "{e}");
+}
+
+/// Quantized files: dequantized they stay near transformers' fp32 logits (bounded by the
+/// quantization error), and the kept-quantized kernels (used for single-row decode) agree with
+/// the dequantized weights.
+#[test]
+fn tiny_llama_gguf_quantized_kept_and_dequantized() {
+    let (case, mask) = golden_forward();
+    let ids = &case["input_ids"];
+    for (q, bound, decode_bound) in [
+        (GgmlDType::F16, 1e-2, 1e-3),
+        (GgmlDType::Q8_0, 0.3, 0.12),
+        (GgmlDType::Q4_0, 2.0, 0.12),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        gguf::write(&path, &metadata("llama"), &tiny_tensors(q)).unwrap();
+        let load = |mode| {
+            CausalLm::load(
+                &path,
+                LoadOptions {
+                    quant: mode,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .model
+        };
+        let (keep, deq) = (load(QuantMode::Keep), load(QuantMode::Dequantize));
+        let e = max_err_where_masked(
+            &deq.forward(ids, Some(&mask), None).unwrap(),
+            &case["logits"],
+            &mask,
+        );
+        // One decode step (a single activation row) through each path.
+        let prompt = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, 6).unwrap();
+        let step = |m: &CausalLm| {
+            let mut cache = fedllm_model::KvCache::new();
+            m.forward(&prompt, None, Some(&mut cache)).unwrap();
+            let next = Tensor::new(&[[7u32]], &Device::Cpu).unwrap();
+            m.forward(&next, None, Some(&mut cache))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+        };
+        let d = (step(&keep) - step(&deq))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        println!("tiny llama {q:?}: dequantized vs transformers fp32 max|Δ| = {e:.3e}; kept vs dequantized decode step max|Δ| = {d:.3e}");
+        assert!(e < bound, "{q:?}: {e}");
+        assert!(
+            d < decode_bound,
+            "{q:?}: kept-quantized decode differs by {d}"
+        );
+    }
+}
+
+fn load_err(path: &Path) -> ModelError {
+    CausalLm::load(path, LoadOptions::default())
+        .err()
+        .expect("load must fail")
+}
+
+#[test]
+fn truncated_gguf_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf::write(&path, &metadata("llama"), &tiny_tensors(GgmlDType::F32)).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [3, 20, 200, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let e = load_err(&path).to_string();
+        assert!(
+            e.contains("tiny.gguf") && (e.contains("truncated") || e.contains("not a GGUF")),
+            "cut {cut}: {e}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_quant_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("iq.gguf");
+    let mut tensors = tiny_tensors(GgmlDType::F32);
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.0.attn_q.weight")
+        .unwrap();
+    t.1 = 16; // IQ2_XXS
+    gguf::write(&path, &metadata("llama"), &tensors).unwrap();
+    let e = load_err(&path).to_string();
+    assert!(
+        e.contains("IQ2_XXS") && e.contains("blk.0.attn_q.weight") && e.contains("iq.gguf"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_gguf_architecture_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    gguf::write(&path, &metadata("mamba"), &tiny_tensors(GgmlDType::F32)).unwrap();
+    let e = load_err(&path).to_string();
+    assert!(e.contains("mamba") && e.contains("m.gguf"), "{e}");
+}
