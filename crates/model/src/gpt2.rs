@@ -170,18 +170,16 @@ impl Gpt2 {
         })
     }
 
-    pub fn hidden(
-        &self,
-        ids: &Tensor,
-        ctx: &Ctx,
-        mut cache: Option<&mut KvCache>,
-    ) -> CResult<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let pos = self
-            .wpe
-            .index_select(&ctx.positions.flatten_all()?, 0)?
-            .reshape((b, t, ()))?;
-        let mut x = (self.wte.forward(ids)? + pos)?;
+    pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
+        self.wte.forward(ids)
+    }
+
+    /// From token embeddings [B, T, hidden] (positions are added here) to hidden states after `ln_f`.
+    pub fn hidden(&self, x: Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> CResult<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let pos = self.wpe.index_select(&ctx.positions.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let pos = pos.to_dtype(x.dtype())?;
+        let mut x = (x + pos)?;
         for (li, (_, block)) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.slot(li));
             x = block.forward(&x, ctx, slot)?;

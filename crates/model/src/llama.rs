@@ -193,13 +193,13 @@ impl Llama {
     }
 
     /// Hidden states after the final norm: [B, T, hidden].
-    pub fn hidden(
-        &self,
-        ids: &Tensor,
-        ctx: &Ctx,
-        mut cache: Option<&mut KvCache>,
-    ) -> CResult<Tensor> {
-        let mut x = self.embed_tokens.forward(ids)?;
+    pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// From input embeddings [B, T, hidden] to hidden states after the final norm.
+    pub fn hidden(&self, x: Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> CResult<Tensor> {
+        let mut x = x;
         for (li, (_, block)) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.slot(li));
             x = block.forward(&x, ctx, slot)?;

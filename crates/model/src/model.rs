@@ -125,8 +125,27 @@ impl CausalLm {
         mask: Option<&[Vec<u8>]>,
         cache: Option<&mut KvCache>,
     ) -> CResult<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let x = self.embed(ids)?;
+        self.hidden_from_embeds(x, mask, cache)
+    }
+
+    /// Token embeddings [B, T, hidden] of ids [B, T].
+    pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
         let ids = ids.to_dtype(DType::U32)?;
+        match &self.arch {
+            Arch::Llama(m) => m.embed(&ids),
+            Arch::Gpt2(m) => m.embed(&ids),
+        }
+    }
+
+    /// Like `forward_hidden`, from input embeddings (prompt tuning prepends virtual tokens here).
+    pub fn hidden_from_embeds(
+        &self,
+        x: Tensor,
+        mask: Option<&[Vec<u8>]>,
+        cache: Option<&mut KvCache>,
+    ) -> CResult<Tensor> {
+        let (b, t, _) = x.dims3()?;
         let (past, key_mask): (usize, Option<Vec<Vec<u8>>>) = match (&cache, mask) {
             (Some(c), m) => {
                 let mut rows = if c.len == 0 {
@@ -161,19 +180,19 @@ impl CausalLm {
         let ctx = build_ctx(&spec, inv_freq, self.dtype, &self.device)?;
         let out = match (&self.arch, cache) {
             (Arch::Llama(m), Some(c)) => {
-                let h = m.hidden(&ids, &ctx, Some(c))?;
+                let h = m.hidden(x, &ctx, Some(c))?;
                 c.len += t;
                 c.mask = key_mask.unwrap_or_default();
                 h
             }
             (Arch::Gpt2(m), Some(c)) => {
-                let h = m.hidden(&ids, &ctx, Some(c))?;
+                let h = m.hidden(x, &ctx, Some(c))?;
                 c.len += t;
                 c.mask = key_mask.unwrap_or_default();
                 h
             }
-            (Arch::Llama(m), None) => m.hidden(&ids, &ctx, None)?,
-            (Arch::Gpt2(m), None) => m.hidden(&ids, &ctx, None)?,
+            (Arch::Llama(m), None) => m.hidden(x, &ctx, None)?,
+            (Arch::Gpt2(m), None) => m.hidden(x, &ctx, None)?,
         };
         Ok(out)
     }
