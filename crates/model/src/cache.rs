@@ -25,6 +25,16 @@ impl KvCache {
         Self::default()
     }
 
+    /// A cache pre-filled with per-layer keys/values [B, KV, n, D] that every position may see
+    /// (prefix tuning's virtual tokens). Gradients flow back into the given tensors.
+    pub fn from_prefix(slots: Vec<Slot>) -> Result<Self> {
+        let (b, n) = match slots.first() {
+            Some((k, _)) => (k.dim(0)?, k.dim(2)?),
+            None => (0, 0),
+        };
+        Ok(Self { slots: slots.into_iter().map(Some).collect(), len: n, mask: vec![vec![1u8; n]; b] })
+    }
+
     pub(crate) fn slot(&mut self, layer: usize) -> &mut (Tensor, Tensor) {
         if self.slots.len() <= layer {
             self.slots.resize(layer + 1, None);

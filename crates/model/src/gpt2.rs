@@ -170,6 +170,11 @@ impl Gpt2 {
         })
     }
 
+    /// The LM head is always the token embedding (after the embedding was replaced).
+    pub fn retie(&mut self) {
+        *self.lm_head.weight_mut() = self.wte.weight().clone();
+    }
+
     pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
         self.wte.forward(ids)
     }

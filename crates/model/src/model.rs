@@ -292,6 +292,100 @@ impl CausalLm {
         out
     }
 
+    /// Every linear layer under its HF module name (without `.weight`), for attaching LoRA.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        match &mut self.arch {
+            Arch::Llama(m) => {
+                for (i, b) in m.layers.iter_mut() {
+                    let p = format!("model.layers.{i}");
+                    let a = &mut b.self_attn;
+                    out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+                    out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+                    out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+                    let f = &mut b.mlp;
+                    out.push((format!("{p}.mlp.gate_proj"), &mut f.gate_proj));
+                    out.push((format!("{p}.mlp.up_proj"), &mut f.up_proj));
+                    out.push((format!("{p}.mlp.down_proj"), &mut f.down_proj));
+                }
+            }
+            Arch::Gpt2(m) => {
+                let pre = m.prefix.clone();
+                for (i, b) in m.layers.iter_mut() {
+                    let p = format!("{pre}h.{i}");
+                    out.push((format!("{p}.attn.c_attn"), &mut b.attn.c_attn));
+                    out.push((format!("{p}.attn.c_proj"), &mut b.attn.c_proj));
+                    out.push((format!("{p}.mlp.c_fc"), &mut b.mlp.c_fc));
+                    out.push((format!("{p}.mlp.c_proj"), &mut b.mlp.c_proj));
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces weights by name (e.g. with trainable `Var`s for full fine-tuning). Names not in
+    /// `new` are left alone; a tied LM head follows its embedding.
+    pub fn replace_weights(&mut self, new: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        fn put(t: &mut Tensor, name: &str, new: &std::collections::HashMap<String, Tensor>) {
+            if let Some(n) = new.get(name) {
+                *t = n.clone();
+            }
+        }
+        fn put_w(w: &mut Weight, name: &str, new: &std::collections::HashMap<String, Tensor>) {
+            if let Some(n) = new.get(name) {
+                *w = Weight::Dense(n.clone());
+            }
+        }
+        fn put_lin(l: &mut Linear, p: &str, new: &std::collections::HashMap<String, Tensor>) {
+            put_w(l.weight_mut(), &format!("{p}.weight"), new);
+            if let Some(b) = l.bias_mut() {
+                put(b, &format!("{p}.bias"), new);
+            }
+        }
+        for n in new.keys() {
+            if !self.named_weights().iter().any(|(k, _)| k == n) {
+                return Err(ModelError::MissingWeight(n.clone()));
+            }
+        }
+        match &mut self.arch {
+            Arch::Llama(m) => {
+                let tied = same_weight(m.lm_head.weight(), m.embed_tokens.weight());
+                put_w(m.embed_tokens.weight_mut(), "model.embed_tokens.weight", new);
+                for (i, b) in m.layers.iter_mut() {
+                    let p = format!("model.layers.{i}");
+                    put(&mut b.input_layernorm, &format!("{p}.input_layernorm.weight"), new);
+                    put(&mut b.post_attention_layernorm, &format!("{p}.post_attention_layernorm.weight"), new);
+                }
+                put(&mut m.norm, "model.norm.weight", new);
+                if tied {
+                    *m.lm_head.weight_mut() = m.embed_tokens.weight().clone();
+                } else {
+                    put_lin(&mut m.lm_head, "lm_head", new);
+                }
+            }
+            Arch::Gpt2(m) => {
+                let pre = m.prefix.clone();
+                put_w(m.wte.weight_mut(), &format!("{pre}wte.weight"), new);
+                put(&mut m.wpe, &format!("{pre}wpe.weight"), new);
+                for (i, b) in m.layers.iter_mut() {
+                    let p = format!("{pre}h.{i}");
+                    put(&mut b.ln_1.weight, &format!("{p}.ln_1.weight"), new);
+                    put(&mut b.ln_1.bias, &format!("{p}.ln_1.bias"), new);
+                    put(&mut b.ln_2.weight, &format!("{p}.ln_2.weight"), new);
+                    put(&mut b.ln_2.bias, &format!("{p}.ln_2.bias"), new);
+                }
+                put(&mut m.ln_f.weight, &format!("{pre}ln_f.weight"), new);
+                put(&mut m.ln_f.bias, &format!("{pre}ln_f.bias"), new);
+                m.retie();
+            }
+        }
+        for (name, lin) in self.linears_mut() {
+            put_lin(lin, &name, new);
+        }
+        Ok(())
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.named_weights()
             .iter()

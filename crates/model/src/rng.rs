@@ -22,3 +22,17 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+impl Rng {
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// Uniform in [-bound, bound).
+    pub fn uniform(&mut self, bound: f64) -> f64 {
+        (self.next_f64() * 2.0 - 1.0) * bound
+    }
+}
