@@ -32,7 +32,11 @@ impl KvCache {
             Some((k, _)) => (k.dim(0)?, k.dim(2)?),
             None => (0, 0),
         };
-        Ok(Self { slots: slots.into_iter().map(Some).collect(), len: n, mask: vec![vec![1u8; n]; b] })
+        Ok(Self {
+            slots: slots.into_iter().map(Some).collect(),
+            len: n,
+            mask: vec![vec![1u8; n]; b],
+        })
     }
 
     pub(crate) fn slot(&mut self, layer: usize) -> &mut (Tensor, Tensor) {

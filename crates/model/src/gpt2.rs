@@ -182,7 +182,10 @@ impl Gpt2 {
     /// From token embeddings [B, T, hidden] (positions are added here) to hidden states after `ln_f`.
     pub fn hidden(&self, x: Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let pos = self.wpe.index_select(&ctx.positions.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let pos = self
+            .wpe
+            .index_select(&ctx.positions.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
         let pos = pos.to_dtype(x.dtype())?;
         let mut x = (x + pos)?;
         for (li, (_, block)) in self.layers.iter().enumerate() {

@@ -2,6 +2,7 @@
 //! from Hugging Face folders and GGUF files, tokenizers, chat templates and generation.
 //! No network IO happens here: every model and tokenizer comes from a local path.
 
+pub mod batch;
 pub mod bench;
 pub mod cache;
 pub mod chat;
@@ -18,6 +19,7 @@ pub mod rng;
 pub mod tokenizer;
 pub mod weights;
 
+pub use batch::Batch;
 pub use cache::KvCache;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};

@@ -33,12 +33,22 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { weight, bias, in_out: false, lora: None })
+        Ok(Self {
+            weight,
+            bias,
+            in_out: false,
+            lora: None,
+        })
     }
 
     /// GPT-2's Conv1D: the weight is stored [in, out].
     pub fn conv1d(weight: Weight, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { weight, bias, in_out: true, lora: None })
+        Ok(Self {
+            weight,
+            bias,
+            in_out: true,
+            lora: None,
+        })
     }
 
     pub fn weight(&self) -> &Weight {
@@ -87,9 +97,17 @@ impl Linear {
                     Some((p, rng)) if *p > 0.0 => {
                         let mut rng = rng.lock().unwrap();
                         let keep = 1.0 - *p;
-                        let mask: Vec<f32> =
-                            (0..x2.elem_count()).map(|_| if rng.next_f64() < keep as f64 { 1.0 / keep } else { 0.0 }).collect();
-                        let mask = Tensor::from_vec(mask, x2.shape(), x2.device())?.to_dtype(x2.dtype())?;
+                        let mask: Vec<f32> = (0..x2.elem_count())
+                            .map(|_| {
+                                if rng.next_f64() < keep as f64 {
+                                    1.0 / keep
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        let mask = Tensor::from_vec(mask, x2.shape(), x2.device())?
+                            .to_dtype(x2.dtype())?;
                         (&x2 * mask)?
                     }
                     _ => x2.clone(),
@@ -120,9 +138,13 @@ impl Linear {
             Weight::Quant(q) if rows <= QMATMUL_MAX_ROWS && !x.track_op() && !self.in_out => {
                 // Quantized vec-dot kernels take f32 activations (inference only: no backward).
                 let mm = QMatMul::from_arc(q.clone())?;
-                mm.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())
+                mm.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(x.dtype())
             }
-            _ => x.contiguous()?.apply_op1(FrozenLinear { weight: self.weight.clone(), in_out: self.in_out }),
+            _ => x.contiguous()?.apply_op1(FrozenLinear {
+                weight: self.weight.clone(),
+                in_out: self.in_out,
+            }),
         }
     }
 }
@@ -238,17 +260,46 @@ mod tests {
         for in_out in [false, true] {
             let (wt, lin) = if in_out {
                 let wio = w.t().unwrap().contiguous().unwrap();
-                (wio.clone(), Linear::conv1d(Weight::Dense(wio), None).unwrap())
+                (
+                    wio.clone(),
+                    Linear::conv1d(Weight::Dense(wio), None).unwrap(),
+                )
             } else {
-                (w.t().unwrap(), Linear::new(Weight::Dense(w.clone()), None).unwrap())
+                (
+                    w.t().unwrap(),
+                    Linear::new(Weight::Dense(w.clone()), None).unwrap(),
+                )
             };
             let y = lin.forward(x.as_tensor()).unwrap();
             let plain = x.as_tensor().matmul(&wt).unwrap();
-            assert!((y.clone() - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(
+                (y.clone() - &plain)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    < 1e-5
+            );
             let g1 = (y * &coef).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (plain * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (plain * &coef)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap()).unwrap();
-            assert!(d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(
+                d.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    < 1e-5
+            );
         }
     }
 }

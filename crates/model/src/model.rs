@@ -326,7 +326,10 @@ impl CausalLm {
 
     /// Replaces weights by name (e.g. with trainable `Var`s for full fine-tuning). Names not in
     /// `new` are left alone; a tied LM head follows its embedding.
-    pub fn replace_weights(&mut self, new: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+    pub fn replace_weights(
+        &mut self,
+        new: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
         fn put(t: &mut Tensor, name: &str, new: &std::collections::HashMap<String, Tensor>) {
             if let Some(n) = new.get(name) {
                 *t = n.clone();
@@ -351,11 +354,23 @@ impl CausalLm {
         match &mut self.arch {
             Arch::Llama(m) => {
                 let tied = same_weight(m.lm_head.weight(), m.embed_tokens.weight());
-                put_w(m.embed_tokens.weight_mut(), "model.embed_tokens.weight", new);
+                put_w(
+                    m.embed_tokens.weight_mut(),
+                    "model.embed_tokens.weight",
+                    new,
+                );
                 for (i, b) in m.layers.iter_mut() {
                     let p = format!("model.layers.{i}");
-                    put(&mut b.input_layernorm, &format!("{p}.input_layernorm.weight"), new);
-                    put(&mut b.post_attention_layernorm, &format!("{p}.post_attention_layernorm.weight"), new);
+                    put(
+                        &mut b.input_layernorm,
+                        &format!("{p}.input_layernorm.weight"),
+                        new,
+                    );
+                    put(
+                        &mut b.post_attention_layernorm,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        new,
+                    );
                 }
                 put(&mut m.norm, "model.norm.weight", new);
                 if tied {

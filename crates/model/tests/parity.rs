@@ -404,7 +404,9 @@ fn tiny_logits(dir: &Path) -> (Tensor, Tensor, Vec<Vec<u8>>) {
     let case = load_case(&golden_dir().join("llama-tiny/forward.safetensors"));
     let mask = mask_rows(&case["attention_mask"]);
     let model = CausalLm::load(dir, LoadOptions::default()).unwrap().model;
-    let logits = model.forward(&case["input_ids"], Some(&mask), None).unwrap();
+    let logits = model
+        .forward(&case["input_ids"], Some(&mask), None)
+        .unwrap();
     (logits, case["logits"].clone(), mask)
 }
 
@@ -414,7 +416,11 @@ fn max_err(a: &Tensor, b: &Tensor, mask: &[Vec<u8>]) -> f32 {
     for (i, row) in mask.iter().enumerate() {
         for (t, &m) in row.iter().enumerate() {
             if m == 1 {
-                e = a[i][t].iter().zip(&b[i][t]).map(|(x, y)| (x - y).abs()).fold(e, f32::max);
+                e = a[i][t]
+                    .iter()
+                    .zip(&b[i][t])
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(e, f32::max);
             }
         }
     }
@@ -433,7 +439,10 @@ fn sharded_safetensors() {
     let mut map = serde_json::Map::new();
     for (i, chunk) in names.chunks(names.len() / 2 + 1).enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", i + 1);
-        let part: HashMap<String, Tensor> = chunk.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        let part: HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
         candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
         for n in chunk {
             map.insert((*n).clone(), serde_json::Value::String(file.clone()));
@@ -451,18 +460,26 @@ fn sharded_safetensors() {
 fn qwen2_biases_are_loaded_and_applied() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tiny_copy(tmp.path());
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"llama\"", "\"qwen2\"");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"qwen2\"");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let mut w = load_case(&dir.join("model.safetensors"));
     for l in 0..2 {
         for (p, n) in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)] {
-            w.insert(format!("model.layers.{l}.self_attn.{p}.bias"), Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap());
+            w.insert(
+                format!("model.layers.{l}.self_attn.{p}.bias"),
+                Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap(),
+            );
         }
     }
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     let (got, want, mask) = tiny_logits(&dir);
     assert!(max_err(&got, &want, &mask) <= 1e-4);
-    w.insert("model.layers.0.self_attn.v_proj.bias".into(), Tensor::ones(32, DType::F32, &Device::Cpu).unwrap());
+    w.insert(
+        "model.layers.0.self_attn.v_proj.bias".into(),
+        Tensor::ones(32, DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     let (got, want, mask) = tiny_logits(&dir);
     assert!(max_err(&got, &want, &mask) > 1e-2);

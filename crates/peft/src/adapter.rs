@@ -47,22 +47,7 @@ impl AdapterConfig {
     }
 }
 
-/// One training batch: ids [B, T] (u32), the 0/1 attention mask, labels [B, T] (i64, -100 = no loss).
-#[derive(Debug, Clone)]
-pub struct Batch {
-    pub input_ids: Tensor,
-    pub mask: Vec<Vec<u8>>,
-    pub labels: Tensor,
-}
-
-impl Batch {
-    /// Tokens that carry loss (after the causal shift).
-    pub fn target_tokens(&self) -> Result<usize> {
-        let t = self.labels.dim(1)?;
-        let l: Vec<Vec<i64>> = self.labels.to_dtype(DType::I64)?.to_vec2()?;
-        Ok(l.iter().map(|r| r[1.min(t)..].iter().filter(|&&x| x != -100).count()).sum())
-    }
-}
+pub use fedllm_model::Batch;
 
 pub struct Adapter {
     pub config: AdapterConfig,
@@ -74,13 +59,21 @@ pub struct Adapter {
 
 impl std::fmt::Debug for Adapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Adapter").field("config", &self.config).field("params", &self.params.keys()).finish()
+        f.debug_struct("Adapter")
+            .field("config", &self.config)
+            .field("params", &self.params.keys())
+            .finish()
     }
 }
 
 impl Adapter {
     /// A freshly initialised adapter for `model` (PEFT's default initialisations).
-    pub fn init(model: &CausalLm, config: AdapterConfig, seed: u64, tokenizer: Option<&Tokenizer>) -> Result<Self> {
+    pub fn init(
+        model: &CausalLm,
+        config: AdapterConfig,
+        seed: u64,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<Self> {
         let mut rng = Rng::new(seed);
         let tensors = match &config {
             AdapterConfig::Lora(c) => crate::lora::init(model, c, &mut rng)?,
@@ -101,24 +94,39 @@ impl Adapter {
     ) -> Result<Self> {
         let want = Self::shapes(model, &config)?;
         for (n, shape) in &want {
-            let t = tensors.get(n).ok_or_else(|| cfg(format!("missing tensor `{n}`")))?;
+            let t = tensors
+                .get(n)
+                .ok_or_else(|| cfg(format!("missing tensor `{n}`")))?;
             if t.dims() != shape.as_slice() {
-                return Err(cfg(format!("tensor `{n}`: expected shape {shape:?}, found {:?}", t.dims())));
+                return Err(cfg(format!(
+                    "tensor `{n}`: expected shape {shape:?}, found {:?}",
+                    t.dims()
+                )));
             }
         }
         if let Some(extra) = tensors.keys().find(|n| !want.contains_key(*n)) {
-            return Err(cfg(format!("unexpected tensor `{extra}` for a {} adapter", config.name())));
+            return Err(cfg(format!(
+                "unexpected tensor `{extra}` for a {} adapter",
+                config.name()
+            )));
         }
         let mut params = BTreeMap::new();
         for (n, t) in tensors {
             let t = t.to_dtype(DType::F32)?.to_device(&model.device)?;
             params.insert(n, Var::from_tensor(&t)?);
         }
-        Ok(Self { config, params, dropout_rng: Arc::new(Mutex::new(Rng::new(seed ^ 0x5EED))) })
+        Ok(Self {
+            config,
+            params,
+            dropout_rng: Arc::new(Mutex::new(Rng::new(seed ^ 0x5EED))),
+        })
     }
 
     /// Names and shapes of the trainable tensors for `config` on `model`.
-    pub fn shapes(model: &CausalLm, config: &AdapterConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+    pub fn shapes(
+        model: &CausalLm,
+        config: &AdapterConfig,
+    ) -> Result<BTreeMap<String, Vec<usize>>> {
         let mut rng = Rng::new(0);
         // Initialisation is cheap next to a model; reuse it as the single source of names/shapes.
         let t = match config {
@@ -136,20 +144,31 @@ impl Adapter {
     }
 
     pub fn var(&self, name: &str) -> Result<&Var> {
-        self.params.get(name).ok_or_else(|| cfg(format!("no tensor `{name}` in the adapter")))
+        self.params
+            .get(name)
+            .ok_or_else(|| cfg(format!("no tensor `{name}` in the adapter")))
     }
 
     /// Current values (detached copies share storage with the vars).
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()
+        self.params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect()
     }
 
     /// Overwrites values in place (same names and shapes), e.g. with the global adapter of a round.
     pub fn set_tensors(&self, new: &BTreeMap<String, Tensor>) -> Result<()> {
         for (n, v) in &self.params {
-            let t = new.get(n).ok_or_else(|| cfg(format!("missing tensor `{n}`")))?;
+            let t = new
+                .get(n)
+                .ok_or_else(|| cfg(format!("missing tensor `{n}`")))?;
             if t.dims() != v.dims() {
-                return Err(cfg(format!("tensor `{n}`: expected shape {:?}, found {:?}", v.dims(), t.dims())));
+                return Err(cfg(format!(
+                    "tensor `{n}`: expected shape {:?}, found {:?}",
+                    v.dims(),
+                    t.dims()
+                )));
             }
             v.set(&t.to_dtype(DType::F32)?.to_device(v.device())?)?;
         }
@@ -165,7 +184,11 @@ impl Adapter {
         match &self.config {
             AdapterConfig::Lora(c) => crate::lora::attach(self, c, model, training),
             AdapterConfig::Full(_) => {
-                let new = self.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+                let new = self
+                    .params
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .collect();
                 Ok(model.replace_weights(&new)?)
             }
             _ => Ok(()),
@@ -181,20 +204,39 @@ impl Adapter {
 
     /// Logits [B, V + T, vocab] in f32 (virtual positions first for prompt/P-tuning). LoRA and
     /// full adapters must be attached to `model` first.
-    pub fn logits(&self, model: &CausalLm, ids: &Tensor, mask: Option<&[Vec<u8>]>) -> Result<Tensor> {
+    pub fn logits(
+        &self,
+        model: &CausalLm,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+    ) -> Result<Tensor> {
         let h = self.hidden(model, ids, mask)?;
         Ok(model.logits(&h)?)
     }
 
-    pub fn hidden(&self, model: &CausalLm, ids: &Tensor, mask: Option<&[Vec<u8>]>) -> Result<Tensor> {
+    pub fn hidden(
+        &self,
+        model: &CausalLm,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         match &self.config {
             AdapterConfig::Prompt(_) | AdapterConfig::Ptuning(_) => {
                 let v = self.virtual_embeddings()?.to_dtype(model.dtype)?;
                 let (n, h) = v.dims2()?;
-                let x = Tensor::cat(&[&v.unsqueeze(0)?.broadcast_as((b, n, h))?, &model.embed(ids)?], 1)?;
+                let x = Tensor::cat(
+                    &[
+                        &v.unsqueeze(0)?.broadcast_as((b, n, h))?,
+                        &model.embed(ids)?,
+                    ],
+                    1,
+                )?;
                 let mask: Vec<Vec<u8>> = match mask {
-                    Some(m) => m.iter().map(|r| [vec![1u8; n], r.clone()].concat()).collect(),
+                    Some(m) => m
+                        .iter()
+                        .map(|r| [vec![1u8; n], r.clone()].concat())
+                        .collect(),
                     None => vec![vec![1u8; n + t]; b],
                 };
                 Ok(model.hidden_from_embeds(x, Some(&mask), None)?)
@@ -203,7 +245,9 @@ impl Adapter {
                 let mut cache = self.prefix_cache(model, c, b)?;
                 Ok(model.forward_hidden(ids, mask, Some(&mut cache))?)
             }
-            AdapterConfig::Lora(_) | AdapterConfig::Full(_) => Ok(model.forward_hidden(ids, mask, None)?),
+            AdapterConfig::Lora(_) | AdapterConfig::Full(_) => {
+                Ok(model.forward_hidden(ids, mask, None)?)
+            }
         }
     }
 
@@ -231,7 +275,12 @@ impl Adapter {
     }
 
     /// A KV cache holding the prefix keys/values for `batch` rows.
-    pub fn prefix_cache(&self, model: &CausalLm, c: &PrefixConfig, batch: usize) -> Result<KvCache> {
+    pub fn prefix_cache(
+        &self,
+        model: &CausalLm,
+        c: &PrefixConfig,
+        batch: usize,
+    ) -> Result<KvCache> {
         let slots = crate::prefix::key_values(self, c, model, batch)?;
         Ok(KvCache::from_prefix(slots)?)
     }

@@ -76,15 +76,15 @@ pub(crate) fn init(model: &CausalLm, c: &FullConfig) -> Result<BTreeMap<String, 
             Weight::Dense(t) => {
                 out.insert(name, t.to_dtype(DType::F32)?);
             }
-            Weight::Quant(_) => {
-                return Err(cfg(format!(
-                    "`{name}` is quantized and cannot be trained in full; load the model dequantized"
-                )))
-            }
+            Weight::Quant(_) => return Err(cfg(format!(
+                "`{name}` is quantized and cannot be trained in full; load the model dequantized"
+            ))),
         }
     }
     if out.is_empty() {
-        return Err(cfg("full fine-tuning selects no parameter (check patterns and layers)"));
+        return Err(cfg(
+            "full fine-tuning selects no parameter (check patterns and layers)",
+        ));
     }
     Ok(out)
 }
@@ -98,7 +98,10 @@ mod tests {
         assert!(glob("*.mlp.*", "model.layers.0.mlp.up_proj.weight"));
         assert!(!glob("*.mlp.*", "model.layers.0.self_attn.q_proj.weight"));
         assert!(glob("model.norm.weight", "model.norm.weight"));
-        let c = FullConfig { patterns: vec![], layers: Some(vec![0, 29]) };
+        let c = FullConfig {
+            patterns: vec![],
+            layers: Some(vec![0, 29]),
+        };
         assert!(c.selects("model.layers.29.mlp.up_proj.weight"));
         assert!(!c.selects("model.layers.2.mlp.up_proj.weight"));
         assert!(!c.selects("model.embed_tokens.weight"));

@@ -16,7 +16,10 @@ use crate::prefix::{geometry, PrefixConfig};
 use crate::prompt::{PromptConfig, EMBEDDING};
 
 fn file_err(path: &Path, msg: impl std::fmt::Display) -> PeftError {
-    PeftError::File { path: path.to_path_buf(), msg: msg.to_string() }
+    PeftError::File {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
@@ -25,8 +28,10 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 }
 
 fn write_tensors(path: &Path, t: &BTreeMap<String, Tensor>) -> Result<()> {
-    let map: HashMap<String, Tensor> =
-        t.iter().map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
+    let map: HashMap<String, Tensor> = t
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
     candle_core::safetensors::save(&map, path).map_err(|e| file_err(path, e))
 }
 
@@ -34,13 +39,16 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     if !path.exists() {
         return Err(file_err(path, "no such file"));
     }
-    let m = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| file_err(path, format!("corrupt safetensors: {e}")))?;
+    let m = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| file_err(path, format!("corrupt safetensors: {e}")))?;
     Ok(m.into_iter().collect())
 }
 
 fn model_dims(model: &CausalLm) -> (usize, usize, usize) {
     match &model.config {
-        fedllm_model::ModelConfig::Llama(c) => (c.hidden_size, c.num_heads, model.layer_ids().len()),
+        fedllm_model::ModelConfig::Llama(c) => {
+            (c.hidden_size, c.num_heads, model.layer_ids().len())
+        }
         fedllm_model::ModelConfig::Gpt2(c) => (c.hidden_size, c.num_heads, model.layer_ids().len()),
     }
 }
@@ -103,14 +111,20 @@ pub fn peft_config(a: &Adapter, model: &CausalLm, base: &str) -> Value {
 pub fn peft_tensors(a: &Adapter) -> Result<BTreeMap<String, Tensor>> {
     Ok(match &a.config {
         AdapterConfig::Lora(_) | AdapterConfig::Full(_) => a.tensors(),
-        _ => BTreeMap::from([("prompt_embeddings".to_string(), a.prompt_embeddings()?.detach())]),
+        _ => BTreeMap::from([(
+            "prompt_embeddings".to_string(),
+            a.prompt_embeddings()?.detach(),
+        )]),
     })
 }
 
 /// Writes the PEFT folder (and fedllm's lossless state beside it).
 pub fn save(a: &Adapter, model: &CausalLm, dir: &Path, base: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
-    write_json(&dir.join("adapter_config.json"), &peft_config(a, model, base))?;
+    write_json(
+        &dir.join("adapter_config.json"),
+        &peft_config(a, model, base),
+    )?;
     write_tensors(&dir.join("adapter_model.safetensors"), &peft_tensors(a)?)?;
     let cfg = serde_json::to_value(&a.config).expect("json");
     write_json(&dir.join("fedllm_adapter.json"), &cfg)?;
@@ -129,9 +143,13 @@ pub fn load(dir: &Path, model: &CausalLm) -> Result<Adapter> {
     }
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, format!("invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| file_err(&cfg_path, format!("invalid JSON: {e}")))?;
     let need_u = |k: &str| -> Result<usize> {
-        v.get(k).and_then(Value::as_u64).map(|x| x as usize).ok_or_else(|| file_err(&cfg_path, format!("missing integer `{k}`")))
+        v.get(k)
+            .and_then(Value::as_u64)
+            .map(|x| x as usize)
+            .ok_or_else(|| file_err(&cfg_path, format!("missing integer `{k}`")))
     };
     let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
     let tensors_path = dir.join("adapter_model.safetensors");
@@ -139,7 +157,10 @@ pub fn load(dir: &Path, model: &CausalLm) -> Result<Adapter> {
     let config = match peft_type {
         "LORA" => {
             let targets = match v.get("target_modules") {
-                Some(Value::Array(a)) => a.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect(),
                 Some(Value::String(s)) => vec![s.clone()],
                 _ => return Err(file_err(&cfg_path, "missing `target_modules`")),
             };
@@ -152,7 +173,10 @@ pub fn load(dir: &Path, model: &CausalLm) -> Result<Adapter> {
                 alpha: v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0),
                 dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
                 target_modules: targets,
-                use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+                use_rslora: v
+                    .get("use_rslora")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
                 init: "kaiming".into(),
             })
         }
@@ -165,14 +189,32 @@ pub fn load(dir: &Path, model: &CausalLm) -> Result<Adapter> {
             if peft_type == "PREFIX_TUNING" {
                 let layers = need_u("num_layers")?;
                 if layers != model.layer_ids().len() {
-                    return Err(file_err(&cfg_path, format!("prefix adapter has {layers} layers, the model {}", model.layer_ids().len())));
+                    return Err(file_err(
+                        &cfg_path,
+                        format!(
+                            "prefix adapter has {layers} layers, the model {}",
+                            model.layer_ids().len()
+                        ),
+                    ));
                 }
-                AdapterConfig::Prefix(PrefixConfig { num_virtual_tokens: n, prefix_projection: false, encoder_hidden_size: 0 })
+                AdapterConfig::Prefix(PrefixConfig {
+                    num_virtual_tokens: n,
+                    prefix_projection: false,
+                    encoder_hidden_size: 0,
+                })
             } else {
-                AdapterConfig::Prompt(PromptConfig { num_virtual_tokens: n, init_text: None })
+                AdapterConfig::Prompt(PromptConfig {
+                    num_virtual_tokens: n,
+                    init_text: None,
+                })
             }
         }
-        other => return Err(file_err(&cfg_path, format!("unsupported peft_type `{other}`"))),
+        other => {
+            return Err(file_err(
+                &cfg_path,
+                format!("unsupported peft_type `{other}`"),
+            ))
+        }
     };
     Adapter::from_tensors(model, config, tensors, 0).map_err(|e| file_err(dir, e))
 }

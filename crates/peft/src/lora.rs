@@ -54,7 +54,9 @@ impl LoraConfig {
 
     /// PEFT's rule for a list of targets: the module name equals a target or ends with ".target".
     pub fn targets(&self, module: &str) -> bool {
-        self.target_modules.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+        self.target_modules
+            .iter()
+            .any(|t| module == t || module.ends_with(&format!(".{t}")))
     }
 }
 
@@ -62,7 +64,11 @@ pub fn key(module: &str, ab: &str) -> String {
     format!("base_model.model.{module}.lora_{ab}.weight")
 }
 
-pub(crate) fn init(model: &CausalLm, c: &LoraConfig, rng: &mut Rng) -> Result<BTreeMap<String, Tensor>> {
+pub(crate) fn init(
+    model: &CausalLm,
+    c: &LoraConfig,
+    rng: &mut Rng,
+) -> Result<BTreeMap<String, Tensor>> {
     if c.r == 0 {
         return Err(cfg("lora r must be at least 1"));
     }
@@ -75,15 +81,34 @@ pub(crate) fn init(model: &CausalLm, c: &LoraConfig, rng: &mut Rng) -> Result<BT
         let (o, i) = lin.out_in();
         let a: Vec<f32> = match c.init.as_str() {
             // kaiming_uniform_(a=sqrt(5)) on [r, in]: bound = 1/sqrt(in)
-            "kaiming" => (0..c.r * i).map(|_| rng.uniform(1.0 / (i as f64).sqrt()) as f32).collect(),
-            "gaussian" => (0..c.r * i).map(|_| (rng.normal() / c.r as f64) as f32).collect(),
-            other => return Err(cfg(format!("unknown lora init `{other}` (kaiming, gaussian)"))),
+            "kaiming" => (0..c.r * i)
+                .map(|_| rng.uniform(1.0 / (i as f64).sqrt()) as f32)
+                .collect(),
+            "gaussian" => (0..c.r * i)
+                .map(|_| (rng.normal() / c.r as f64) as f32)
+                .collect(),
+            other => {
+                return Err(cfg(format!(
+                    "unknown lora init `{other}` (kaiming, gaussian)"
+                )))
+            }
         };
-        out.insert(key(&name, "A"), Tensor::from_vec(a, (c.r, i), &Device::Cpu)?);
-        out.insert(key(&name, "B"), Tensor::zeros((o, c.r), candle_core::DType::F32, &Device::Cpu)?);
+        out.insert(
+            key(&name, "A"),
+            Tensor::from_vec(a, (c.r, i), &Device::Cpu)?,
+        );
+        out.insert(
+            key(&name, "B"),
+            Tensor::zeros((o, c.r), candle_core::DType::F32, &Device::Cpu)?,
+        );
     }
     if out.is_empty() {
-        let names: Vec<String> = m.linears_mut().into_iter().map(|(n, _)| n).take(8).collect();
+        let names: Vec<String> = m
+            .linears_mut()
+            .into_iter()
+            .map(|(n, _)| n)
+            .take(8)
+            .collect();
         return Err(cfg(format!(
             "lora target_modules {:?} match no linear layer (e.g. {})",
             c.target_modules,
@@ -93,7 +118,12 @@ pub(crate) fn init(model: &CausalLm, c: &LoraConfig, rng: &mut Rng) -> Result<BT
     Ok(out)
 }
 
-pub(crate) fn attach(a: &Adapter, c: &LoraConfig, model: &mut CausalLm, training: bool) -> Result<()> {
+pub(crate) fn attach(
+    a: &Adapter,
+    c: &LoraConfig,
+    model: &mut CausalLm,
+    training: bool,
+) -> Result<()> {
     for (name, lin) in model.linears_mut() {
         lin.lora = None;
         if !c.targets(&name) {

@@ -23,8 +23,14 @@ pub fn merged_weights(model: &CausalLm, a: &Adapter) -> Result<Vec<(String, Tens
         let mut t = w.dequantize(DType::F32)?.to_device(&Device::Cpu)?;
         if let Some(module) = name.strip_suffix(".weight") {
             if c.targets(module) && a.params.contains_key(&key(module, "A")) {
-                let la = a.var(&key(module, "A"))?.as_tensor().to_device(&Device::Cpu)?;
-                let lb = a.var(&key(module, "B"))?.as_tensor().to_device(&Device::Cpu)?;
+                let la = a
+                    .var(&key(module, "A"))?
+                    .as_tensor()
+                    .to_device(&Device::Cpu)?;
+                let lb = a
+                    .var(&key(module, "B"))?
+                    .as_tensor()
+                    .to_device(&Device::Cpu)?;
                 let delta = (lb.matmul(&la)? * c.scale())?;
                 // GPT-2's Conv1D stores [in, out].
                 let delta = if gpt2 { delta.t()? } else { delta };
@@ -58,7 +64,10 @@ fn config_json(model: &CausalLm) -> serde_json::Value {
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> PeftError {
-    PeftError::File { path: path.to_path_buf(), msg: e.to_string() }
+    PeftError::File {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
 }
 
 /// Writes `weights` as a Hugging Face folder at `out`. Config and tokenizer files are copied from
@@ -72,24 +81,38 @@ pub fn write_hf_folder(
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let src = &model.source;
     if src.is_dir() {
-        for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        for f in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
             if src.join(f).exists() {
                 std::fs::copy(src.join(f), out.join(f)).map_err(|e| io_err(&out.join(f), e))?;
             }
         }
     } else {
         let p = out.join("config.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&config_json(model)).unwrap()).map_err(|e| io_err(&p, e))?;
+        std::fs::write(
+            &p,
+            serde_json::to_string_pretty(&config_json(model)).unwrap(),
+        )
+        .map_err(|e| io_err(&p, e))?;
         if let Some(t) = tokenizer {
             let p = out.join("tokenizer.json");
             t.inner().save(&p, true).map_err(|e| io_err(&p, e))?;
             let tc = json!({"bos_token": t.bos_token, "eos_token": t.eos_token, "chat_template": t.chat_template,
                             "tokenizer_class": "PreTrainedTokenizerFast"});
             let p = out.join("tokenizer_config.json");
-            std::fs::write(&p, serde_json::to_string_pretty(&tc).unwrap()).map_err(|e| io_err(&p, e))?;
+            std::fs::write(&p, serde_json::to_string_pretty(&tc).unwrap())
+                .map_err(|e| io_err(&p, e))?;
         }
     }
-    let map: HashMap<String, Tensor> = weights.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    let map: HashMap<String, Tensor> = weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
     let p = out.join("model.safetensors");
     candle_core::safetensors::save(&map, &p).map_err(|e| io_err(&p, e))
 }

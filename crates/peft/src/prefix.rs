@@ -41,7 +41,11 @@ fn transform(i: usize, wb: &str) -> String {
     format!("prompt_encoder.transform.{i}.{wb}")
 }
 
-pub(crate) fn init(model: &CausalLm, c: &PrefixConfig, rng: &mut Rng) -> Result<BTreeMap<String, Tensor>> {
+pub(crate) fn init(
+    model: &CausalLm,
+    c: &PrefixConfig,
+    rng: &mut Rng,
+) -> Result<BTreeMap<String, Tensor>> {
     if c.num_virtual_tokens == 0 {
         return Err(cfg("num_virtual_tokens must be at least 1"));
     }
@@ -49,10 +53,19 @@ pub(crate) fn init(model: &CausalLm, c: &PrefixConfig, rng: &mut Rng) -> Result<
     let token_dim = kv * hd;
     let full = l * 2 * token_dim;
     if !c.prefix_projection {
-        return Ok(BTreeMap::from([(EMBEDDING.to_string(), normal(rng, (c.num_virtual_tokens, full))?)]));
+        return Ok(BTreeMap::from([(
+            EMBEDDING.to_string(),
+            normal(rng, (c.num_virtual_tokens, full))?,
+        )]));
     }
-    let mut out = BTreeMap::from([(EMBEDDING.to_string(), normal(rng, (c.num_virtual_tokens, token_dim))?)]);
-    for (i, (o, inp)) in [(0, (c.encoder_hidden_size, token_dim)), (2, (full, c.encoder_hidden_size))] {
+    let mut out = BTreeMap::from([(
+        EMBEDDING.to_string(),
+        normal(rng, (c.num_virtual_tokens, token_dim))?,
+    )]);
+    for (i, (o, inp)) in [
+        (0, (c.encoder_hidden_size, token_dim)),
+        (2, (full, c.encoder_hidden_size)),
+    ] {
         let (w, b) = linear_init(rng, o, inp)?;
         out.insert(transform(i, "weight"), w);
         out.insert(transform(i, "bias"), b);
@@ -75,7 +88,12 @@ pub(crate) fn embeddings(a: &Adapter, c: &PrefixConfig) -> Result<Tensor> {
 }
 
 /// Per-layer (K, V), each [batch, kv_heads, n, head_dim] in the model's dtype.
-pub(crate) fn key_values(a: &Adapter, c: &PrefixConfig, model: &CausalLm, batch: usize) -> Result<Vec<(Tensor, Tensor)>> {
+pub(crate) fn key_values(
+    a: &Adapter,
+    c: &PrefixConfig,
+    model: &CausalLm,
+    batch: usize,
+) -> Result<Vec<(Tensor, Tensor)>> {
     let (l, kv, hd) = geometry(model);
     let n = c.num_virtual_tokens;
     let e = embeddings(a, c)?.to_dtype(model.dtype)?;
@@ -83,8 +101,16 @@ pub(crate) fn key_values(a: &Adapter, c: &PrefixConfig, model: &CausalLm, batch:
     let e = e.reshape((n, l * 2, kv, hd))?.permute((1, 2, 0, 3))?;
     let mut out = Vec::with_capacity(l);
     for i in 0..l {
-        let k = e.get(2 * i)?.unsqueeze(0)?.broadcast_as((batch, kv, n, hd))?.contiguous()?;
-        let v = e.get(2 * i + 1)?.unsqueeze(0)?.broadcast_as((batch, kv, n, hd))?.contiguous()?;
+        let k = e
+            .get(2 * i)?
+            .unsqueeze(0)?
+            .broadcast_as((batch, kv, n, hd))?
+            .contiguous()?;
+        let v = e
+            .get(2 * i + 1)?
+            .unsqueeze(0)?
+            .broadcast_as((batch, kv, n, hd))?
+            .contiguous()?;
         out.push((k, v));
     }
     Ok(out)

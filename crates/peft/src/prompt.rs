@@ -29,7 +29,9 @@ pub(crate) fn hidden_size(model: &CausalLm) -> usize {
 
 /// N(0, 1) as `nn.Embedding` initialises.
 pub(crate) fn normal(rng: &mut Rng, shape: (usize, usize)) -> Result<Tensor> {
-    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.normal() as f32).collect();
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| rng.normal() as f32)
+        .collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
@@ -46,7 +48,8 @@ pub(crate) fn init(
     let emb = match &c.init_text {
         None => normal(rng, (n, hidden_size(model)))?,
         Some(text) => {
-            let tok = tokenizer.ok_or_else(|| cfg("prompt init from text needs the model's tokenizer"))?;
+            let tok = tokenizer
+                .ok_or_else(|| cfg("prompt init from text needs the model's tokenizer"))?;
             let ids = tok.encode(text, false)?;
             if ids.is_empty() {
                 return Err(cfg("prompt init text has no tokens"));
@@ -54,7 +57,11 @@ pub(crate) fn init(
             // PEFT: repeat the ids until there are enough, then truncate.
             let ids: Vec<u32> = ids.iter().cycle().take(n).copied().collect();
             let ids = Tensor::from_vec(ids, (1, n), &model.device)?;
-            model.embed(&ids)?.squeeze(0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?
+            model
+                .embed(&ids)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
         }
     };
     Ok(BTreeMap::from([(EMBEDDING.to_string(), emb)]))

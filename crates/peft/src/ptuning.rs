@@ -27,15 +27,27 @@ pub(crate) fn linear_init(rng: &mut Rng, out: usize, inp: usize) -> Result<(Tens
     let b = 1.0 / (inp as f64).sqrt();
     let w: Vec<f32> = (0..out * inp).map(|_| rng.uniform(b) as f32).collect();
     let bias: Vec<f32> = (0..out).map(|_| rng.uniform(b) as f32).collect();
-    Ok((Tensor::from_vec(w, (out, inp), &Device::Cpu)?, Tensor::from_vec(bias, out, &Device::Cpu)?))
+    Ok((
+        Tensor::from_vec(w, (out, inp), &Device::Cpu)?,
+        Tensor::from_vec(bias, out, &Device::Cpu)?,
+    ))
 }
 
-pub(crate) fn init(model: &CausalLm, c: &PtuningConfig, rng: &mut Rng) -> Result<BTreeMap<String, Tensor>> {
+pub(crate) fn init(
+    model: &CausalLm,
+    c: &PtuningConfig,
+    rng: &mut Rng,
+) -> Result<BTreeMap<String, Tensor>> {
     if c.num_virtual_tokens == 0 || c.encoder_hidden_size == 0 {
-        return Err(cfg("p-tuning needs num_virtual_tokens and encoder_hidden_size of at least 1"));
+        return Err(cfg(
+            "p-tuning needs num_virtual_tokens and encoder_hidden_size of at least 1",
+        ));
     }
     let (h, e) = (hidden_size(model), c.encoder_hidden_size);
-    let mut out = BTreeMap::from([(EMBEDDING.to_string(), normal(rng, (c.num_virtual_tokens, h))?)]);
+    let mut out = BTreeMap::from([(
+        EMBEDDING.to_string(),
+        normal(rng, (c.num_virtual_tokens, h))?,
+    )]);
     for (i, (o, inp)) in [(0, (e, h)), (2, (e, e)), (4, (h, e))] {
         let (w, b) = linear_init(rng, o, inp)?;
         out.insert(head(i, "weight"), w);

@@ -1,1 +1,14 @@
+//! The local trainer every client runs each round: causal-LM loss on response tokens, AdamW or
+//! SGD on fp32 master weights, LR schedules, exact gradient accumulation, global-norm clipping,
+//! bf16 mixed precision, and NaN-loss skipping that is counted and reported.
 
+pub mod bench;
+pub mod error;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use error::{Result, TrainError};
+pub use optim::{Optimizer, OptimizerConfig};
+pub use schedule::{Schedule, ScheduleKind};
+pub use trainer::{StepStats, TrainConfig, Trainer};
