@@ -18,7 +18,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = wide(x)?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
-    normed.broadcast_mul(weight)
+    // Weights may be fp32 master copies under bf16 compute (full fine-tuning).
+    normed.broadcast_mul(&weight.to_dtype(dtype)?)
 }
 
 /// GPT-2 LayerNorm over the last dimension (biased variance, as torch).
@@ -31,7 +32,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let normed = centered
         .broadcast_div(&(var + eps)?.sqrt()?)?
         .to_dtype(dtype)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
+    normed
+        .broadcast_mul(&weight.to_dtype(dtype)?)?
+        .broadcast_add(&bias.to_dtype(dtype)?)
 }
 
 /// Softmax over the last dimension in f32. The max is detached: softmax is shift-invariant, so
