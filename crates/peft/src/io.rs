@@ -65,7 +65,7 @@ pub fn peft_config(a: &Adapter, model: &CausalLm, base: &str) -> Value {
                 "eva_config": null, "exclude_modules": null, "fan_in_fan_out": fan_in_fan_out, "inference_mode": true,
                 "init_lora_weights": if c.init == "gaussian" { json!("gaussian") } else { json!(true) },
                 "kasa_config": null, "layer_replication": null, "layers_pattern": null, "layers_to_transform": null,
-                "loftq_config": {}, "lora_alpha": c.alpha, "lora_bias": false, "lora_dropout": c.dropout,
+                "loftq_config": {}, "lora_alpha": if c.alpha.fract() == 0.0 { json!(c.alpha as i64) } else { json!(c.alpha) }, "lora_bias": false, "lora_dropout": c.dropout,
                 "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core", "modules_to_save": null,
                 "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16,
                 "r": c.r, "rank_pattern": {}, "revision": null, "target_modules": c.target_modules,
@@ -77,7 +77,7 @@ pub fn peft_config(a: &Adapter, model: &CausalLm, base: &str) -> Value {
         AdapterConfig::Prefix(c) => {
             let (_, kv, hd) = geometry(model);
             json!({
-                "auto_mapping": null, "base_model_name_or_path": base, "encoder_hidden_size": c.encoder_hidden_size,
+                "auto_mapping": null, "base_model_name_or_path": base, "encoder_hidden_size": c.hidden(model),
                 "inference_mode": true, "init_weights": null, "modules_to_save": null, "num_attention_heads": kv,
                 "num_layers": layers, "num_transformer_submodules": 1, "num_virtual_tokens": c.num_virtual_tokens,
                 "peft_type": "PREFIX_TUNING", "peft_version": "0.21.2", "prefix_projection": c.prefix_projection,
@@ -200,7 +200,10 @@ pub fn load(dir: &Path, model: &CausalLm) -> Result<Adapter> {
                 AdapterConfig::Prefix(PrefixConfig {
                     num_virtual_tokens: n,
                     prefix_projection: false,
-                    encoder_hidden_size: 0,
+                    encoder_hidden_size: v
+                        .get("encoder_hidden_size")
+                        .and_then(Value::as_u64)
+                        .map(|x| x as usize),
                 })
             } else {
                 AdapterConfig::Prompt(PromptConfig {

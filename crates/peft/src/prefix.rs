@@ -20,12 +20,16 @@ pub struct PrefixConfig {
     /// Reparameterise through Linear-Tanh-Linear (PEFT's `prefix_projection`).
     #[serde(default)]
     pub prefix_projection: bool,
-    #[serde(default = "default_hidden")]
-    pub encoder_hidden_size: usize,
+    /// Hidden size of the projection MLP; None = the token dimension (PEFT's default).
+    #[serde(default)]
+    pub encoder_hidden_size: Option<usize>,
 }
 
-fn default_hidden() -> usize {
-    512
+impl PrefixConfig {
+    pub fn hidden(&self, model: &CausalLm) -> usize {
+        let (_, kv, hd) = geometry(model);
+        self.encoder_hidden_size.unwrap_or(kv * hd)
+    }
 }
 
 /// (layers, kv heads, head dim) of the model as built.
@@ -62,10 +66,8 @@ pub(crate) fn init(
         EMBEDDING.to_string(),
         normal(rng, (c.num_virtual_tokens, token_dim))?,
     )]);
-    for (i, (o, inp)) in [
-        (0, (c.encoder_hidden_size, token_dim)),
-        (2, (full, c.encoder_hidden_size)),
-    ] {
+    let eh = c.hidden(model);
+    for (i, (o, inp)) in [(0, (eh, token_dim)), (2, (full, eh))] {
         let (w, b) = linear_init(rng, o, inp)?;
         out.insert(transform(i, "weight"), w);
         out.insert(transform(i, "bias"), b);

@@ -70,7 +70,7 @@ fn case_config(dir: &Path, case: &str, meta: &Value) -> AdapterConfig {
             AdapterConfig::Prefix(PrefixConfig {
                 num_virtual_tokens: u(&c, "num_virtual_tokens"),
                 prefix_projection: c["prefix_projection"].as_bool().unwrap(),
-                encoder_hidden_size: u(&c, "encoder_hidden_size"),
+                encoder_hidden_size: Some(u(&c, "encoder_hidden_size")),
             })
         }
         "prompt" => AdapterConfig::Prompt(PromptConfig {

@@ -78,12 +78,12 @@ fn configs() -> Vec<AdapterConfig> {
         AdapterConfig::Prefix(PrefixConfig {
             num_virtual_tokens: 3,
             prefix_projection: false,
-            encoder_hidden_size: 8,
+            encoder_hidden_size: None,
         }),
         AdapterConfig::Prefix(PrefixConfig {
             num_virtual_tokens: 2,
             prefix_projection: true,
-            encoder_hidden_size: 8,
+            encoder_hidden_size: Some(8),
         }),
         AdapterConfig::Prompt(PromptConfig {
             num_virtual_tokens: 3,

@@ -1,0 +1,223 @@
+//! PEFT files against the golden `*_peft` folders: exports have exactly PEFT's key names and
+//! shapes, imports reproduce the reference logits, and merging LoRA equals `merge_and_unload`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use fedllm_model::{CausalLm, LoadOptions};
+use fedllm_peft::{io, merge, Adapter};
+use serde_json::Value;
+
+fn golden_dir() -> PathBuf {
+    std::env::var_os("FEDLLM_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+}
+
+fn model_dirs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").exists() && p.join("forward.json").exists())
+        .collect();
+    v.sort();
+    v
+}
+
+fn load(p: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn shapes(p: &Path) -> BTreeMap<String, Vec<usize>> {
+    load(p)
+        .into_iter()
+        .map(|(k, v)| (k, v.dims().to_vec()))
+        .collect()
+}
+
+fn masked_max_err(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
+    let nv = want.dim(1).unwrap() - mask[0].len();
+    let (g, w) = (
+        got.to_vec3::<f32>().unwrap(),
+        want.to_vec3::<f32>().unwrap(),
+    );
+    let mut e = 0f32;
+    for (b, row) in mask.iter().enumerate() {
+        for t in 0..w[b].len() {
+            if t < nv || row[t - nv] == 1 {
+                e = g[b][t]
+                    .iter()
+                    .zip(&w[b][t])
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(e, f32::max);
+            }
+        }
+    }
+    e
+}
+
+fn with_prefix(t: &HashMap<String, Tensor>, p: &str) -> BTreeMap<String, Tensor> {
+    t.iter()
+        .filter_map(|(k, v)| k.strip_prefix(p).map(|n| (n.to_string(), v.clone())))
+        .collect()
+}
+
+/// The trained form of a case's adapter (P-tuning with its MLP), from `after_step.*` — what PEFT
+/// saved into the `*_peft` folder after the reference's AdamW step.
+fn after_step_adapter(
+    model: &CausalLm,
+    imported: &Adapter,
+    data: &HashMap<String, Tensor>,
+) -> Adapter {
+    let t = with_prefix(data, "after_step.");
+    let cfg = match t.get("prompt_encoder.mlp_head.0.bias") {
+        Some(b) => fedllm_peft::AdapterConfig::Ptuning(fedllm_peft::ptuning::PtuningConfig {
+            num_virtual_tokens: imported.config.virtual_tokens(),
+            encoder_hidden_size: b.dim(0).unwrap(),
+        }),
+        None => imported.config.clone(),
+    };
+    Adapter::from_tensors(model, cfg, t, 0).unwrap()
+}
+
+#[test]
+fn import_golden_peft_and_export_same_keys() {
+    let mut n = 0;
+    for dir in model_dirs() {
+        for case in ["lora", "prefix", "prompt", "ptuning"] {
+            let peft_dir = dir.join(format!("{case}_peft"));
+            if !peft_dir.exists() {
+                continue;
+            }
+            n += 1;
+            let mut model = CausalLm::load(&dir, LoadOptions::default()).unwrap().model;
+            let data = load(&dir.join(format!("{case}.safetensors")));
+            let mask: Vec<Vec<u8>> = data["attention_mask"]
+                .to_dtype(DType::U8)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let ids = &data["input_ids"];
+
+            // Import: the PEFT folder behaves like the adapter it was saved from.
+            let imported = io::load(&peft_dir, &model).unwrap();
+            let reference = after_step_adapter(&model, &imported, &data);
+            reference.attach(&mut model, false).unwrap();
+            let want = reference.logits(&model, ids, Some(&mask)).unwrap();
+            imported.attach(&mut model, false).unwrap();
+            let got = imported.logits(&model, ids, Some(&mask)).unwrap();
+            let e = masked_max_err(&got, &want, &mask);
+            println!(
+                "{}/{case}_peft imported: max|Δlogits| vs the saved adapter = {e:.2e}",
+                dir.display()
+            );
+            assert!(e <= 1e-4, "{}/{case}: {e}", dir.display());
+
+            // Export: exactly PEFT's key names, shapes, values and config fields.
+            let tmp = tempfile::tempdir().unwrap();
+            io::save(&reference, &model, tmp.path(), "base").unwrap();
+            let (ours, theirs) = (
+                load(&tmp.path().join("adapter_model.safetensors")),
+                load(&peft_dir.join("adapter_model.safetensors")),
+            );
+            let keys = |m: &HashMap<String, Tensor>| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            assert_eq!(
+                keys(&ours),
+                keys(&theirs),
+                "{}/{case}: exported keys/shapes",
+                dir.display()
+            );
+            for (k, v) in &theirs {
+                let d = (&ours[k] - v)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    d <= 1e-5,
+                    "{}/{case}: exported {k} differs by {d}",
+                    dir.display()
+                );
+            }
+            let ours: Value = serde_json::from_str(
+                &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            let theirs: Value = serde_json::from_str(
+                &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            for (k, v) in theirs.as_object().unwrap() {
+                if k != "base_model_name_or_path"
+                    && !(k == "init_lora_weights" && v == &Value::Bool(false))
+                {
+                    assert_eq!(
+                        &ours[k],
+                        v,
+                        "{}/{case}: adapter_config.json `{k}`",
+                        dir.display()
+                    );
+                }
+            }
+            // fedllm's own state round-trips losslessly (P-tuning keeps its MLP).
+            let back = io::load(tmp.path(), &model).unwrap();
+            assert_eq!(back.config, reference.config);
+            assert_eq!(back.params.len(), reference.params.len());
+        }
+    }
+    assert!(n >= 8);
+}
+
+#[test]
+fn lora_merge_equals_golden_and_loads_back() {
+    for dir in model_dirs() {
+        if !dir.join("lora_merged.safetensors").exists() {
+            continue;
+        }
+        let loaded = CausalLm::load(&dir, LoadOptions::default()).unwrap();
+        let model = loaded.model;
+        // lora_merged merges the case's initial adapter.
+        let data0 = load(&dir.join("lora.safetensors"));
+        let peft = io::load(&dir.join("lora_peft"), &model).unwrap();
+        let a = Adapter::from_tensors(&model, peft.config.clone(), with_prefix(&data0, "init."), 0)
+            .unwrap();
+        let weights = merge::merged_weights(&model, &a).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        merge::write_hf_folder(&model, &weights, loaded.tokenizer.as_ref(), tmp.path()).unwrap();
+        let merged = CausalLm::load(tmp.path(), LoadOptions::default())
+            .unwrap()
+            .model;
+        let data = load(&dir.join("lora_merged.safetensors"));
+        let mask: Vec<Vec<u8>> = data["attention_mask"]
+            .to_dtype(DType::U8)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let got = merged
+            .forward(&data["input_ids"], Some(&mask), None)
+            .unwrap();
+        let e = masked_max_err(&got, &data["logits"], &mask);
+        println!(
+            "{}: merged folder logits vs golden lora_merged: {e:.2e}",
+            dir.display()
+        );
+        assert!(e <= 1e-4, "{e}");
+        // Every key of the base checkpoint is written, nothing else.
+        let base: Vec<String> = shapes(&dir.join("model.safetensors")).into_keys().collect();
+        let out: Vec<String> = shapes(&tmp.path().join("model.safetensors"))
+            .into_keys()
+            .collect();
+        assert_eq!(base, out);
+    }
+}
