@@ -206,6 +206,35 @@ impl CausalLm {
         l.to_dtype(DType::F32)
     }
 
+    /// Mean next-token loss from final hidden states [B, T, h] and labels [B, T] (-100 = none,
+    /// shifted left by one as transformers does). Logits are computed only at positions that
+    /// carry loss, and the cross-entropy is one fused op: prompt tokens cost no vocabulary matmul.
+    pub fn loss_from_hidden(&self, hidden: &Tensor, labels: &Tensor) -> CResult<(Tensor, usize)> {
+        let (b, t, h) = hidden.dims3()?;
+        let l: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (bi, row) in l.iter().enumerate() {
+            for ti in 0..t.saturating_sub(1) {
+                let y = row[ti + 1];
+                if y != -100 {
+                    if y < 0 || y as usize >= self.config.vocab_size() {
+                        candle_core::bail!("label {y} outside the vocabulary");
+                    }
+                    rows.push((bi * t + ti) as u32);
+                    targets.push(y as u32);
+                }
+            }
+        }
+        if rows.is_empty() {
+            candle_core::bail!("no position carries loss");
+        }
+        let idx = Tensor::from_vec(rows, targets.len(), hidden.device())?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
+        let logits = self.logits(&picked)?;
+        Ok((crate::ops::cross_entropy(&logits, &targets)?, targets.len()))
+    }
+
     /// Logits [B, T, vocab] in f32.
     pub fn forward(
         &self,

@@ -253,7 +253,7 @@ impl Adapter {
 
     /// Mean next-token cross-entropy over the batch's target tokens, and their count.
     pub fn loss(&self, model: &CausalLm, batch: &Batch) -> Result<(Tensor, usize)> {
-        let logits = self.logits(model, &batch.input_ids, Some(&batch.mask))?;
+        let hidden = self.hidden(model, &batch.input_ids, Some(&batch.mask))?;
         let labels = match self.config.virtual_tokens() {
             0 => batch.labels.clone(),
             n => {
@@ -262,7 +262,7 @@ impl Adapter {
                 Tensor::cat(&[&pad, &batch.labels.to_dtype(DType::I64)?], 1)?
             }
         };
-        Ok(fedllm_model::ops::causal_lm_loss(&logits, &labels)?)
+        Ok(model.loss_from_hidden(&hidden, &labels)?)
     }
 
     /// The virtual token embeddings [n, hidden] of prompt tuning / P-tuning.

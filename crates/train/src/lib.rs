@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod finetune;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

@@ -1,0 +1,291 @@
+//! `fedllm finetune`, `fedllm merge`, `fedllm bench train`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::{Args, ValueEnum};
+use fedllm_data::{record::Format, template::Template};
+use fedllm_model::{bench::peak_rss_bytes, CausalLm, LoadOptions, QuantMode};
+use fedllm_peft::full::FullConfig;
+use fedllm_peft::lora::LoraConfig;
+use fedllm_peft::prefix::PrefixConfig;
+use fedllm_peft::prompt::PromptConfig;
+use fedllm_peft::ptuning::PtuningConfig;
+use fedllm_peft::{io, merge, Adapter, AdapterConfig};
+use fedllm_train::finetune::{eval_batches, eval_loss, train_loop, Budget, LoopOptions};
+use fedllm_train::{OptimizerConfig, Schedule, ScheduleKind, TrainConfig, Trainer};
+
+use crate::ModelArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AdapterKind {
+    Lora,
+    Prefix,
+    Prompt,
+    Ptuning,
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OptKind {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SchedKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Args)]
+pub struct AdapterArgs {
+    #[arg(long, value_enum, default_value = "lora")]
+    pub adapter: AdapterKind,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
+    /// Comma-separated module names (or suffixes) LoRA attaches to
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub lora_targets: Vec<String>,
+    /// Virtual tokens for prefix / prompt / P-tuning
+    #[arg(long, default_value_t = 20)]
+    pub virtual_tokens: usize,
+    /// Prompt tuning: initialise from this text's token embeddings
+    #[arg(long)]
+    pub prompt_init_text: Option<String>,
+    /// P-tuning MLP / prefix projection hidden size
+    #[arg(long, default_value_t = 128)]
+    pub encoder_hidden: usize,
+    #[arg(long)]
+    pub prefix_projection: bool,
+    /// Full fine-tuning: glob patterns over HF names (default: every parameter)
+    #[arg(long, value_delimiter = ',')]
+    pub full_patterns: Vec<String>,
+    /// Full fine-tuning: only these layer indices
+    #[arg(long, value_delimiter = ',')]
+    pub full_layers: Option<Vec<usize>>,
+}
+
+impl AdapterArgs {
+    pub fn config(&self) -> AdapterConfig {
+        match self.adapter {
+            AdapterKind::Lora => AdapterConfig::Lora(LoraConfig {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                target_modules: self.lora_targets.clone(),
+                use_rslora: false,
+                init: "kaiming".into(),
+            }),
+            AdapterKind::Prefix => AdapterConfig::Prefix(PrefixConfig {
+                num_virtual_tokens: self.virtual_tokens,
+                prefix_projection: self.prefix_projection,
+                encoder_hidden_size: self.prefix_projection.then_some(self.encoder_hidden),
+            }),
+            AdapterKind::Prompt => AdapterConfig::Prompt(PromptConfig {
+                num_virtual_tokens: self.virtual_tokens,
+                init_text: self.prompt_init_text.clone(),
+            }),
+            AdapterKind::Ptuning => AdapterConfig::Ptuning(PtuningConfig {
+                num_virtual_tokens: self.virtual_tokens,
+                encoder_hidden_size: self.encoder_hidden,
+            }),
+            AdapterKind::Full => {
+                AdapterConfig::Full(FullConfig { patterns: self.full_patterns.clone(), layers: self.full_layers.clone() })
+            }
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Training data: Alpaca-style JSON/JSONL (or Dolly, GSM8K, CodeAlpaca, ...)
+    #[arg(long)]
+    pub data: PathBuf,
+    /// auto, alpaca, codealpaca, dolly, gsm8k, humaneval, mmlu
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// alpaca (FS-LLM's prompts), chat (the model's template), raw
+    #[arg(long, default_value = "alpaca")]
+    pub template: String,
+    /// Held-out data for the loss before and after training
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+    #[arg(long, required_unless_present = "epochs", conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptKind,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f64,
+    #[arg(long, value_enum, default_value = "constant")]
+    pub schedule: SchedKind,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Maximum tokens per sample (prompt + target)
+    #[arg(long, default_value_t = 256)]
+    pub tok_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder: PEFT adapter files + metrics.jsonl
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
+    let format: Format = a.format.parse()?;
+    let template: Template = a.template.parse()?;
+    let (records, rep) = fedllm_data::load(&a.data, &format)?;
+    eprintln!("data: {} records read, {} kept, {} empty dropped ({})", rep.read, rep.kept, rep.empty, a.data.display());
+    let loaded = a.model.load()?;
+    let (mut model, tok) = (loaded.model, loaded.tokenizer.context("the model has no tokenizer")?);
+    let (samples, trep) = fedllm_data::tokenize_all(&records, template, &tok, a.tok_len)?;
+    eprintln!(
+        "tokenised: {} samples, {} dropped (no target token within tok_len {}), {} truncated",
+        trep.kept, trep.dropped_no_target, a.tok_len, trep.truncated
+    );
+    let pad = tok.pad_token_id.or(tok.eos_token_ids.first().copied()).unwrap_or(0);
+    let eval = match &a.eval_data {
+        Some(p) => {
+            let (r, _) = fedllm_data::load(p, &format)?;
+            let (s, _) = fedllm_data::tokenize_all(&r, template, &tok, a.tok_len)?;
+            Some(eval_batches(&s, a.batch_size, pad, &model.device)?)
+        }
+        None => None,
+    };
+    let adapter = Adapter::init(&model, a.adapter.config(), a.seed, Some(&tok))?;
+    adapter.attach(&mut model, true)?;
+    eprintln!("adapter: {} with {} trainable parameters", adapter.config.name(), adapter.num_trainable());
+    let total = a.steps.unwrap_or(0);
+    let cfg = TrainConfig {
+        lr: a.lr,
+        optimizer: match a.optimizer {
+            OptKind::Adamw => OptimizerConfig::adamw(a.weight_decay),
+            OptKind::Sgd => OptimizerConfig::Sgd { momentum: a.momentum, weight_decay: a.weight_decay, nesterov: false },
+        },
+        schedule: Schedule {
+            kind: match a.schedule {
+                SchedKind::Constant => ScheduleKind::Constant,
+                SchedKind::Linear => ScheduleKind::Linear,
+                SchedKind::Cosine => ScheduleKind::Cosine,
+            },
+            warmup_steps: a.warmup_steps,
+            total_steps: if total > 0 { total } else { samples.len().div_ceil(a.batch_size * a.grad_accum) * a.epochs.unwrap_or(1) },
+        },
+        grad_accum: a.grad_accum,
+        max_grad_norm: a.max_grad_norm,
+    };
+    let mut trainer = Trainer::new(cfg)?;
+    if let Some(ev) = &eval {
+        let (l, n) = eval_loss(&model, &adapter, ev)?;
+        eprintln!("held-out loss before: {l:.4} ({n} tokens)");
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let metrics = a.out.join("metrics.jsonl");
+    let _ = std::fs::remove_file(&metrics);
+    let opts = LoopOptions {
+        budget: match (a.steps, a.epochs) {
+            (Some(s), _) => Budget::Steps(s),
+            (None, Some(e)) => Budget::Epochs(e),
+            (None, None) => unreachable!("clap requires one"),
+        },
+        batch_size: a.batch_size,
+        pad_id: pad,
+        seed: a.seed,
+        group_by_length: false,
+        metrics: Some(metrics.clone()),
+    };
+    let stats = train_loop(&model, &adapter, &mut trainer, &samples, &opts, |s| {
+        eprintln!(
+            "step {:>4}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tokens/s{}",
+            s.step, s.loss, s.lr, s.grad_norm, s.tokens_per_s, if s.skipped { "  (skipped: non-finite)" } else { "" }
+        )
+    })?;
+    if let Some(ev) = &eval {
+        let (l, n) = eval_loss(&model, &adapter, ev)?;
+        eprintln!("held-out loss after:  {l:.4} ({n} tokens)");
+    }
+    let base = a.model.model.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    io::save(&adapter, &model, &a.out, &base)?;
+    eprintln!(
+        "saved {} ({} steps, {} skipped for non-finite loss), metrics in {}",
+        a.out.display(),
+        stats.iter().filter(|s| !s.skipped).count(),
+        trainer.nan_skipped,
+        metrics.display()
+    );
+    Ok(())
+}
+
+pub fn cmd_merge(model: &ModelArgs, adapter: &PathBuf, out: &PathBuf) -> Result<()> {
+    let opts = LoadOptions { quant: QuantMode::Dequantize, ..model.options() };
+    let loaded = CausalLm::load(&model.model, opts).context("loading model")?;
+    let a = io::load(adapter, &loaded.model).context("loading adapter")?;
+    let weights = merge::merged_weights(&loaded.model, &a)?;
+    merge::write_hf_folder(&loaded.model, &weights, loaded.tokenizer.as_ref(), out)?;
+    println!("merged {} into {} ({} tensors)", adapter.display(), out.display(), weights.len());
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum BenchDtype {
+    F32,
+    Bf16,
+    Both,
+}
+
+pub fn cmd_bench_train(m: &ModelArgs, dtype: BenchDtype, steps: usize, batch: usize, seq: usize) -> Result<()> {
+    if dtype == BenchDtype::Both {
+        // One process per dtype, so each peak RSS is its own.
+        let exe = std::env::current_exe()?;
+        for d in ["f32", "bf16"] {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["bench", "train", "--model"]).arg(&m.model);
+            cmd.args(["--dtype", d, "--steps", &steps.to_string(), "--batch", &batch.to_string(), "--seq", &seq.to_string()]);
+            if !m.keep_quantized {
+                cmd.arg("--dequantize");
+            }
+            let st = cmd.status()?;
+            if !st.success() {
+                bail!("bench train --dtype {d} failed");
+            }
+        }
+        return Ok(());
+    }
+    let dt = if dtype == BenchDtype::Bf16 { DType::BF16 } else { DType::F32 };
+    let quant = if m.keep_quantized { QuantMode::Keep } else { QuantMode::Dequantize };
+    let opts = LoadOptions { dtype: dt, quant, ..m.options() };
+    let mut model = CausalLm::load(&m.model, opts).context("loading model")?.model;
+    let r = fedllm_train::bench::bench_train(&mut model, batch, seq, steps)?;
+    let rss = peak_rss_bytes().map(|b| b as f64 / 1e6).unwrap_or(f64::NAN);
+    println!(
+        "RESULT fedllm dtype={} base={} tokens_per_s={:.1} step_s={:.3} peak_rss_mb={rss:.0} threads={}",
+        if dt == DType::BF16 { "bf16" } else { "fp32" },
+        if m.keep_quantized { "quantized" } else { "dequantized" },
+        r.tokens_per_s,
+        r.median_step_s,
+        candle_core::utils::get_num_threads()
+    );
+    Ok(())
+}
