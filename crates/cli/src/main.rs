@@ -194,10 +194,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Info { model } => cmd_info(&model),
         Cmd::Finetune(a) => train_cmd::cmd_finetune(*a),
-        Cmd::Merge { model, adapter, out } => train_cmd::cmd_merge(&model, &adapter, &out),
-        Cmd::Bench(BenchCmd::Train { model, dtype, steps, batch, seq }) => {
-            train_cmd::cmd_bench_train(&model, dtype, steps, batch, seq)
-        }
+        Cmd::Merge {
+            model,
+            adapter,
+            out,
+        } => train_cmd::cmd_merge(&model, &adapter, &out),
+        Cmd::Bench(BenchCmd::Train {
+            model,
+            dtype,
+            steps,
+            batch,
+            seq,
+        }) => train_cmd::cmd_bench_train(&model, dtype, steps, batch, seq),
         Cmd::Bench(BenchCmd::Generate {
             model,
             prompt_len,

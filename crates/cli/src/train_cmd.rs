@@ -50,9 +50,10 @@ pub struct AdapterArgs {
     pub lora_alpha: f64,
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
-    /// Comma-separated module names (or suffixes) LoRA attaches to
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
-    pub lora_targets: Vec<String>,
+    /// Comma-separated module names (or suffixes) LoRA attaches to [default: PEFT's per
+    /// architecture: q_proj,v_proj for LLaMA, c_attn for GPT-2]
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
     /// Virtual tokens for prefix / prompt / P-tuning
     #[arg(long, default_value_t = 20)]
     pub virtual_tokens: usize,
@@ -73,13 +74,16 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
-    pub fn config(&self) -> AdapterConfig {
+    pub fn config(&self, model: &CausalLm) -> AdapterConfig {
         match self.adapter {
             AdapterKind::Lora => AdapterConfig::Lora(LoraConfig {
                 r: self.lora_r,
                 alpha: self.lora_alpha,
                 dropout: self.lora_dropout,
-                target_modules: self.lora_targets.clone(),
+                target_modules: self
+                    .lora_targets
+                    .clone()
+                    .unwrap_or_else(|| fedllm_peft::lora::default_targets(model)),
                 use_rslora: false,
                 init: "kaiming".into(),
             }),
@@ -96,9 +100,10 @@ impl AdapterArgs {
                 num_virtual_tokens: self.virtual_tokens,
                 encoder_hidden_size: self.encoder_hidden,
             }),
-            AdapterKind::Full => {
-                AdapterConfig::Full(FullConfig { patterns: self.full_patterns.clone(), layers: self.full_layers.clone() })
-            }
+            AdapterKind::Full => AdapterConfig::Full(FullConfig {
+                patterns: self.full_patterns.clone(),
+                layers: self.full_layers.clone(),
+            }),
         }
     }
 }
@@ -157,15 +162,27 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     let format: Format = a.format.parse()?;
     let template: Template = a.template.parse()?;
     let (records, rep) = fedllm_data::load(&a.data, &format)?;
-    eprintln!("data: {} records read, {} kept, {} empty dropped ({})", rep.read, rep.kept, rep.empty, a.data.display());
+    eprintln!(
+        "data: {} records read, {} kept, {} empty dropped ({})",
+        rep.read,
+        rep.kept,
+        rep.empty,
+        a.data.display()
+    );
     let loaded = a.model.load()?;
-    let (mut model, tok) = (loaded.model, loaded.tokenizer.context("the model has no tokenizer")?);
+    let (mut model, tok) = (
+        loaded.model,
+        loaded.tokenizer.context("the model has no tokenizer")?,
+    );
     let (samples, trep) = fedllm_data::tokenize_all(&records, template, &tok, a.tok_len)?;
     eprintln!(
         "tokenised: {} samples, {} dropped (no target token within tok_len {}), {} truncated",
         trep.kept, trep.dropped_no_target, a.tok_len, trep.truncated
     );
-    let pad = tok.pad_token_id.or(tok.eos_token_ids.first().copied()).unwrap_or(0);
+    let pad = tok
+        .pad_token_id
+        .or(tok.eos_token_ids.first().copied())
+        .unwrap_or(0);
     let eval = match &a.eval_data {
         Some(p) => {
             let (r, _) = fedllm_data::load(p, &format)?;
@@ -174,15 +191,23 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         }
         None => None,
     };
-    let adapter = Adapter::init(&model, a.adapter.config(), a.seed, Some(&tok))?;
+    let adapter = Adapter::init(&model, a.adapter.config(&model), a.seed, Some(&tok))?;
     adapter.attach(&mut model, true)?;
-    eprintln!("adapter: {} with {} trainable parameters", adapter.config.name(), adapter.num_trainable());
+    eprintln!(
+        "adapter: {} with {} trainable parameters",
+        adapter.config.name(),
+        adapter.num_trainable()
+    );
     let total = a.steps.unwrap_or(0);
     let cfg = TrainConfig {
         lr: a.lr,
         optimizer: match a.optimizer {
             OptKind::Adamw => OptimizerConfig::adamw(a.weight_decay),
-            OptKind::Sgd => OptimizerConfig::Sgd { momentum: a.momentum, weight_decay: a.weight_decay, nesterov: false },
+            OptKind::Sgd => OptimizerConfig::Sgd {
+                momentum: a.momentum,
+                weight_decay: a.weight_decay,
+                nesterov: false,
+            },
         },
         schedule: Schedule {
             kind: match a.schedule {
@@ -191,7 +216,11 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
                 SchedKind::Cosine => ScheduleKind::Cosine,
             },
             warmup_steps: a.warmup_steps,
-            total_steps: if total > 0 { total } else { samples.len().div_ceil(a.batch_size * a.grad_accum) * a.epochs.unwrap_or(1) },
+            total_steps: if total > 0 {
+                total
+            } else {
+                samples.len().div_ceil(a.batch_size * a.grad_accum) * a.epochs.unwrap_or(1)
+            },
         },
         grad_accum: a.grad_accum,
         max_grad_norm: a.max_grad_norm,
@@ -219,14 +248,28 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     let stats = train_loop(&model, &adapter, &mut trainer, &samples, &opts, |s| {
         eprintln!(
             "step {:>4}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tokens/s{}",
-            s.step, s.loss, s.lr, s.grad_norm, s.tokens_per_s, if s.skipped { "  (skipped: non-finite)" } else { "" }
+            s.step,
+            s.loss,
+            s.lr,
+            s.grad_norm,
+            s.tokens_per_s,
+            if s.skipped {
+                "  (skipped: non-finite)"
+            } else {
+                ""
+            }
         )
     })?;
     if let Some(ev) = &eval {
         let (l, n) = eval_loss(&model, &adapter, ev)?;
         eprintln!("held-out loss after:  {l:.4} ({n} tokens)");
     }
-    let base = a.model.model.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let base = a
+        .model
+        .model
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     io::save(&adapter, &model, &a.out, &base)?;
     eprintln!(
         "saved {} ({} steps, {} skipped for non-finite loss), metrics in {}",
@@ -239,12 +282,20 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
 }
 
 pub fn cmd_merge(model: &ModelArgs, adapter: &PathBuf, out: &PathBuf) -> Result<()> {
-    let opts = LoadOptions { quant: QuantMode::Dequantize, ..model.options() };
+    let opts = LoadOptions {
+        quant: QuantMode::Dequantize,
+        ..model.options()
+    };
     let loaded = CausalLm::load(&model.model, opts).context("loading model")?;
     let a = io::load(adapter, &loaded.model).context("loading adapter")?;
     let weights = merge::merged_weights(&loaded.model, &a)?;
     merge::write_hf_folder(&loaded.model, &weights, loaded.tokenizer.as_ref(), out)?;
-    println!("merged {} into {} ({} tensors)", adapter.display(), out.display(), weights.len());
+    println!(
+        "merged {} into {} ({} tensors)",
+        adapter.display(),
+        out.display(),
+        weights.len()
+    );
     Ok(())
 }
 
@@ -255,14 +306,29 @@ pub enum BenchDtype {
     Both,
 }
 
-pub fn cmd_bench_train(m: &ModelArgs, dtype: BenchDtype, steps: usize, batch: usize, seq: usize) -> Result<()> {
+pub fn cmd_bench_train(
+    m: &ModelArgs,
+    dtype: BenchDtype,
+    steps: usize,
+    batch: usize,
+    seq: usize,
+) -> Result<()> {
     if dtype == BenchDtype::Both {
         // One process per dtype, so each peak RSS is its own.
         let exe = std::env::current_exe()?;
         for d in ["f32", "bf16"] {
             let mut cmd = std::process::Command::new(&exe);
             cmd.args(["bench", "train", "--model"]).arg(&m.model);
-            cmd.args(["--dtype", d, "--steps", &steps.to_string(), "--batch", &batch.to_string(), "--seq", &seq.to_string()]);
+            cmd.args([
+                "--dtype",
+                d,
+                "--steps",
+                &steps.to_string(),
+                "--batch",
+                &batch.to_string(),
+                "--seq",
+                &seq.to_string(),
+            ]);
             if !m.keep_quantized {
                 cmd.arg("--dequantize");
             }
@@ -273,10 +339,24 @@ pub fn cmd_bench_train(m: &ModelArgs, dtype: BenchDtype, steps: usize, batch: us
         }
         return Ok(());
     }
-    let dt = if dtype == BenchDtype::Bf16 { DType::BF16 } else { DType::F32 };
-    let quant = if m.keep_quantized { QuantMode::Keep } else { QuantMode::Dequantize };
-    let opts = LoadOptions { dtype: dt, quant, ..m.options() };
-    let mut model = CausalLm::load(&m.model, opts).context("loading model")?.model;
+    let dt = if dtype == BenchDtype::Bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let quant = if m.keep_quantized {
+        QuantMode::Keep
+    } else {
+        QuantMode::Dequantize
+    };
+    let opts = LoadOptions {
+        dtype: dt,
+        quant,
+        ..m.options()
+    };
+    let mut model = CausalLm::load(&m.model, opts)
+        .context("loading model")?
+        .model;
     let r = fedllm_train::bench::bench_train(&mut model, batch, seq, steps)?;
     let rss = peak_rss_bytes().map(|b| b as f64 / 1e6).unwrap_or(f64::NAN);
     println!(

@@ -230,12 +230,38 @@ mod tests {
         let targets: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
         let fused = cross_entropy(x.as_tensor(), &targets).unwrap();
         let idx = Tensor::from_vec(targets.clone(), (n, 1), &dev).unwrap();
-        let comp = (log_softmax_last(x.as_tensor()).unwrap().gather(&idx, 1).unwrap().sum_all().unwrap().neg().unwrap() / n as f64).unwrap();
-        let (a, b) = (fused.to_scalar::<f32>().unwrap(), comp.to_scalar::<f32>().unwrap());
+        let comp = (log_softmax_last(x.as_tensor())
+            .unwrap()
+            .gather(&idx, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap()
+            / n as f64)
+            .unwrap();
+        let (a, b) = (
+            fused.to_scalar::<f32>().unwrap(),
+            comp.to_scalar::<f32>().unwrap(),
+        );
         assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
-        let g1 = fused.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+        let g1 = fused
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .clone();
         let g2 = comp.backward().unwrap().get(x.as_tensor()).unwrap().clone();
-        let d = (g1 - g2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = (g1 - g2)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-6, "{d}");
     }
 
@@ -273,7 +299,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
         let picked = log_softmax_last(logits)?.gather(&idx, 1)?;
         return picked.sum_all()?.neg()? / n as f64;
     }
-    let per_row = logits.to_dtype(DType::F32)?.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })?;
+    let per_row = logits
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1(CrossEntropy {
+            targets: targets.to_vec(),
+        })?;
     per_row.sum_all()? / n as f64
 }
 
@@ -295,10 +326,18 @@ impl candle_core::CustomOp1 for CrossEntropy {
         "cross-entropy"
     }
 
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cross_entropy: not contiguous".into()))?;
-        let candle_core::CpuStorage::F32(data) = s else { candle_core::bail!("cross_entropy: expects f32") };
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cross_entropy: not contiguous".into()))?;
+        let candle_core::CpuStorage::F32(data) = s else {
+            candle_core::bail!("cross_entropy: expects f32")
+        };
         let data = &data[start..end];
         let (n, v) = l.shape().dims2()?;
         let mut out = vec![0f32; n];
@@ -309,28 +348,42 @@ impl candle_core::CustomOp1 for CrossEntropy {
                 o[i] = max + sum.ln() - row[self.targets[r0 + i] as usize];
             });
         });
-        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from(n)))
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(n),
+        ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         use rayon::prelude::*;
         let (n, v) = arg.dims2()?;
-        let x: Vec<f32> = arg.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let x: Vec<f32> = arg
+            .detach()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
         let mut out = vec![0f32; n * v];
         out.par_chunks_mut(v * 64).enumerate().for_each(|(c, o)| {
             let r0 = c * 64;
             let rows = o.len() / v;
-            ce_rows(&x[r0 * v..(r0 + rows) * v], v, &self.targets, |i, row, max, sum| {
-                let gi = g[r0 + i];
-                let dst = &mut o[i * v..(i + 1) * v];
-                let scale = gi / sum;
-                for (d, &xv) in dst.iter_mut().zip(row) {
-                    *d = (xv - max).exp() * scale;
-                }
-                dst[self.targets[r0 + i] as usize] -= gi;
-            });
+            ce_rows(
+                &x[r0 * v..(r0 + rows) * v],
+                v,
+                &self.targets,
+                |i, row, max, sum| {
+                    let gi = g[r0 + i];
+                    let dst = &mut o[i * v..(i + 1) * v];
+                    let scale = gi / sum;
+                    for (d, &xv) in dst.iter_mut().zip(row) {
+                        *d = (xv - max).exp() * scale;
+                    }
+                    dst[self.targets[r0 + i] as usize] -= gi;
+                },
+            );
         });
-        Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?.to_dtype(arg.dtype())?))
+        Ok(Some(
+            Tensor::from_vec(out, (n, v), arg.device())?.to_dtype(arg.dtype())?,
+        ))
     }
 }

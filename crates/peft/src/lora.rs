@@ -60,6 +60,14 @@ impl LoraConfig {
     }
 }
 
+/// PEFT's default targets per architecture (its `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+pub fn default_targets(model: &CausalLm) -> Vec<String> {
+    match model.config {
+        fedllm_model::ModelConfig::Gpt2(_) => vec!["c_attn".into()],
+        fedllm_model::ModelConfig::Llama(_) => vec!["q_proj".into(), "v_proj".into()],
+    }
+}
+
 pub fn key(module: &str, ab: &str) -> String {
     format!("base_model.model.{module}.lora_{ab}.weight")
 }

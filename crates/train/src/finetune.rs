@@ -35,18 +35,34 @@ pub fn eval_loss(model: &CausalLm, adapter: &Adapter, batches: &[Batch]) -> Resu
     let mut n = 0usize;
     for b in batches {
         let (loss, count) = adapter.loss(model, b)?;
-        sum += loss.detach().to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * count as f64;
+        sum += loss
+            .detach()
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?
+            * count as f64;
         n += count;
     }
     if n == 0 {
-        return Err(TrainError::Config("evaluation data has no target tokens".into()));
+        return Err(TrainError::Config(
+            "evaluation data has no target tokens".into(),
+        ));
     }
     Ok((sum / n as f64, n))
 }
 
 /// Batches of `samples` for evaluation (fixed order).
-pub fn eval_batches(samples: &[Sample], batch_size: usize, pad_id: u32, device: &Device) -> Result<Vec<Batch>> {
-    let o = BatchOptions { batch_size, pad_id, shuffle_seed: None, group_by_length: true };
+pub fn eval_batches(
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Vec<Batch>> {
+    let o = BatchOptions {
+        batch_size,
+        pad_id,
+        shuffle_seed: None,
+        group_by_length: true,
+    };
     batches(samples, &o, device).map_err(|e| TrainError::Config(e.to_string()))
 }
 
@@ -63,7 +79,9 @@ pub fn train_loop(
         return Err(TrainError::Config("no training samples".into()));
     }
     if matches!(o.budget, Budget::Steps(0) | Budget::Epochs(0)) {
-        return Err(TrainError::Config("--steps / --epochs must be at least 1".into()));
+        return Err(TrainError::Config(
+            "--steps / --epochs must be at least 1".into(),
+        ));
     }
     let k = trainer.config.grad_accum;
     let mut out = Vec::new();
@@ -86,7 +104,8 @@ pub fn train_loop(
             shuffle_seed: Some(o.seed.wrapping_add(epoch)),
             group_by_length: o.group_by_length,
         };
-        let all = batches(samples, &bo, &model.device).map_err(|e| TrainError::Config(e.to_string()))?;
+        let all =
+            batches(samples, &bo, &model.device).map_err(|e| TrainError::Config(e.to_string()))?;
         for micro in all.chunks(k) {
             let s = trainer.train_step(model, adapter, micro)?;
             if let Some(f) = metrics.as_mut() {
