@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+mod data_cmd;
 mod train_cmd;
 
 // Training allocates and frees many large activation buffers per step. glibc's malloc hands
@@ -57,6 +58,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Federated datasets: split across clients, preview prompts, list presets
+    #[command(subcommand)]
+    Data(data_cmd::DataCmd),
     /// Benchmarks (throughput and memory)
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -194,6 +198,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Info { model } => cmd_info(&model),
         Cmd::Finetune(a) => train_cmd::cmd_finetune(*a),
+        Cmd::Data(d) => data_cmd::run(d),
         Cmd::Merge {
             model,
             adapter,

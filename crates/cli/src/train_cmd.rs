@@ -281,7 +281,11 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn cmd_merge(model: &ModelArgs, adapter: &PathBuf, out: &PathBuf) -> Result<()> {
+pub fn cmd_merge(
+    model: &ModelArgs,
+    adapter: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<()> {
     let opts = LoadOptions {
         quant: QuantMode::Dequantize,
         ..model.options()

@@ -3,7 +3,9 @@
 
 pub mod batch;
 pub mod error;
+pub mod federated;
 pub mod record;
+pub mod split;
 pub mod template;
 pub mod tokenize;
 

