@@ -9,6 +9,21 @@ impl Rng {
         Self(seed)
     }
 
+    /// The full generator state (for checkpoints).
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// Mixes several numbers into one seed (e.g. run seed, round, client).
+    pub fn derive(parts: &[u64]) -> u64 {
+        let mut r = Rng::new(0x243F_6A88_85A3_08D3);
+        for &p in parts {
+            r.0 ^= p;
+            r.next_u64();
+        }
+        r.next_u64()
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

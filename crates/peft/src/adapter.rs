@@ -175,6 +175,11 @@ impl Adapter {
         Ok(())
     }
 
+    /// Restarts the dropout stream (each client/round trains from its own seed).
+    pub fn reseed(&self, seed: u64) {
+        *self.dropout_rng.lock().unwrap() = Rng::new(seed);
+    }
+
     pub fn num_trainable(&self) -> usize {
         self.params.values().map(|v| v.elem_count()).sum()
     }

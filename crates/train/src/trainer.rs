@@ -55,6 +55,8 @@ pub struct StepStats {
 
 pub struct Trainer {
     pub config: TrainConfig,
+    /// FedProx: μ and the round's global parameters; adds μ(w − w_global) to every gradient.
+    pub proximal: Option<(f64, BTreeMap<String, Tensor>)>,
     pub optimizer: Optimizer,
     /// Optimizer steps taken (skipped steps excluded).
     pub step: usize,
@@ -75,6 +77,7 @@ impl Trainer {
         Ok(Self {
             optimizer: Optimizer::new(config.optimizer.clone()),
             config,
+            proximal: None,
             step: 0,
             nan_skipped: 0,
         })
@@ -141,6 +144,14 @@ impl Trainer {
         let tokens: usize = micro.iter().map(|b| b.tokens()).sum();
         let lr = self.lr();
         let (loss, mut grads, target_tokens) = self.gradients(model, adapter, micro)?;
+        if let (Some((mu, anchor)), true) = (&self.proximal, loss.is_finite()) {
+            for (name, g) in grads.iter_mut() {
+                if let Some(w0) = anchor.get(name) {
+                    let w = adapter.params[name].as_tensor();
+                    *g = (&*g + ((w - w0.to_device(w.device())?)? * *mu)?)?;
+                }
+            }
+        }
         let mut norm = if loss.is_finite() {
             global_norm(&grads)?
         } else {

@@ -1,0 +1,91 @@
+//! Checkpoints, written atomically (a complete new folder is renamed over the old one): the
+//! global adapter, the strategy's server state, the round, the sampling RNG, the sampled-client
+//! history, per-client state of the `local` baseline and the metrics so far.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FlError, Result};
+use crate::metrics::RoundRecord;
+use crate::params::ParamSet;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub round: usize,
+    pub rng_state: u64,
+    pub history: Vec<Vec<usize>>,
+    pub records: Vec<RoundRecord>,
+    pub best_round: Option<usize>,
+    pub best_loss: Option<f64>,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> FlError {
+    FlError::File { path: path.into(), msg: e.to_string() }
+}
+
+fn save_set(p: &Path, s: &ParamSet) -> Result<()> {
+    let m: std::collections::HashMap<String, candle_core::Tensor> = s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    candle_core::safetensors::save(&m, p).map_err(|e| io(p, e))
+}
+
+fn load_set(p: &Path) -> Result<ParamSet> {
+    let m = candle_core::safetensors::load(p, &candle_core::Device::Cpu).map_err(|e| io(p, e))?;
+    Ok(m.into_iter().collect())
+}
+
+pub fn dir(outdir: &Path) -> PathBuf {
+    outdir.join("checkpoint")
+}
+
+pub fn save(outdir: &Path, global: &ParamSet, server: &ParamSet, local: &BTreeMap<usize, ParamSet>, state: &State) -> Result<()> {
+    let fin = dir(outdir);
+    let tmp = outdir.join("checkpoint.tmp");
+    let old = outdir.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    save_set(&tmp.join("global.safetensors"), global)?;
+    save_set(&tmp.join("server.safetensors"), server)?;
+    for (c, p) in local {
+        save_set(&tmp.join(format!("local_{c}.safetensors")), p)?;
+    }
+    let sp = tmp.join("state.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(|e| io(&sp, e))?;
+    // Swap: the old checkpoint stays complete until the new one is in place.
+    let _ = std::fs::remove_dir_all(&old);
+    if fin.exists() {
+        std::fs::rename(&fin, &old).map_err(|e| io(&fin, e))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(|e| io(&tmp, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+pub struct Loaded {
+    pub global: ParamSet,
+    pub server: ParamSet,
+    pub local: BTreeMap<usize, ParamSet>,
+    pub state: State,
+}
+
+pub fn load(outdir: &Path) -> Result<Loaded> {
+    let mut d = dir(outdir);
+    if !d.join("state.json").exists() && outdir.join("checkpoint.old/state.json").exists() {
+        // Interrupted between the two renames: the previous checkpoint is intact.
+        d = outdir.join("checkpoint.old");
+    }
+    let sp = d.join("state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| io(&sp, format!("no checkpoint to resume from ({e})")))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| io(&sp, e))?;
+    let mut local = BTreeMap::new();
+    for e in std::fs::read_dir(&d).map_err(|e| io(&d, e))? {
+        let p = e.map_err(|e| io(&d, e))?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        if let Some(c) = name.strip_prefix("local_").and_then(|s| s.strip_suffix(".safetensors")) {
+            let c: usize = c.parse().map_err(|_| io(&p, "bad local state file name"))?;
+            local.insert(c, load_set(&p)?);
+        }
+    }
+    Ok(Loaded { global: load_set(&d.join("global.safetensors"))?, server: load_set(&d.join("server.safetensors"))?, local, state })
+}

@@ -1,0 +1,19 @@
+//! The federated runtime. Server and client are state machines that exchange `message`s; they
+//! know nothing of transport. The standalone simulation passes the messages in-process (clients
+//! share one frozen base model); the distributed mode will carry the same messages over gRPC.
+
+pub mod aggregate;
+pub mod checkpoint;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod message;
+pub mod metrics;
+pub mod params;
+pub mod server;
+pub mod simulation;
+pub mod strategy;
+
+pub use config::RunConfig;
+pub use error::{FlError, Result};
+pub use simulation::{Simulation, Summary};

@@ -1,0 +1,124 @@
+//! Per-round metrics: JSON lines and CSV next to each other, a loss-per-round SVG plot, and the
+//! final summary table.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FlError, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// 0 = the initial model, before any training.
+    pub round: usize,
+    pub clients: Vec<usize>,
+    pub failed: Vec<usize>,
+    /// Token-weighted mean training loss of the round's clients.
+    pub train_loss: Option<f64>,
+    pub client_train_loss: BTreeMap<usize, f64>,
+    pub server_test_loss: Option<f64>,
+    /// Token-weighted over clients.
+    pub client_val_loss: Option<f64>,
+    pub client_test_loss: Option<f64>,
+    pub bytes_down: usize,
+    pub bytes_up: usize,
+    pub bytes_down_per_client: BTreeMap<usize, usize>,
+    pub bytes_up_per_client: BTreeMap<usize, usize>,
+    pub seconds: f64,
+    pub nan_skipped: usize,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> FlError {
+    FlError::File { path: path.into(), msg: e.to_string() }
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.6}")).unwrap_or_default()
+}
+
+/// Rewrites metrics.jsonl, metrics.csv and loss.svg from all records so far.
+pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
+    let jl: String = records.iter().map(|r| serde_json::to_string(r).expect("json") + "\n").collect();
+    let p = dir.join("metrics.jsonl");
+    std::fs::write(&p, jl).map_err(|e| io(&p, e))?;
+    let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,bytes_down,bytes_up,seconds\n");
+    for r in records {
+        csv += &format!(
+            "{},{},{},{},{},{},{},{:.3}\n",
+            r.round,
+            opt(r.train_loss),
+            opt(r.server_test_loss),
+            opt(r.client_val_loss),
+            opt(r.client_test_loss),
+            r.bytes_down,
+            r.bytes_up,
+            r.seconds
+        );
+    }
+    let p = dir.join("metrics.csv");
+    std::fs::write(&p, csv).map_err(|e| io(&p, e))?;
+    plot(&dir.join("loss.svg"), records)
+}
+
+fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
+    use plotters::prelude::*;
+    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = vec![
+        ("train", BLUE, records.iter().filter_map(|r| r.train_loss.map(|l| (r.round as f64, l))).collect()),
+        ("server test", RED, records.iter().filter_map(|r| r.server_test_loss.map(|l| (r.round as f64, l))).collect()),
+        ("client val", GREEN, records.iter().filter_map(|r| r.client_val_loss.map(|l| (r.round as f64, l))).collect()),
+    ];
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let (x1, y0, y1) = pts.iter().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.max(p.0), a.1.min(p.1), a.2.max(p.1)));
+    let pad = ((y1 - y0) * 0.1).max(1e-3);
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("loss per round", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(32)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))?;
+        chart.configure_mesh().x_desc("round").y_desc("loss").draw()?;
+        for (name, color, data) in series.into_iter().filter(|s| !s.2.is_empty()) {
+            chart
+                .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        }
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| io(path, e))
+}
+
+/// The end-of-run table.
+pub fn summary_table(records: &[RoundRecord]) -> String {
+    let mut s = format!(
+        "{:>5} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9} {:>7}\n",
+        "round", "train", "server test", "client val", "client test", "MB down", "MB up", "s"
+    );
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    for r in records {
+        s += &format!(
+            "{:>5} {:>10} {:>12} {:>10} {:>10} {:>9.3} {:>9.3} {:>7.1}\n",
+            r.round,
+            f(r.train_loss),
+            f(r.server_test_loss),
+            f(r.client_val_loss),
+            f(r.client_test_loss),
+            r.bytes_down as f64 / 1e6,
+            r.bytes_up as f64 / 1e6,
+            r.seconds
+        );
+    }
+    let down: usize = records.iter().map(|r| r.bytes_down).sum();
+    let up: usize = records.iter().map(|r| r.bytes_up).sum();
+    s += &format!("total: {:.3} MB down, {:.3} MB up", down as f64 / 1e6, up as f64 / 1e6);
+    s
+}

@@ -1,0 +1,448 @@
+//! Standalone simulation: N clients in one process sharing one frozen base model and one
+//! adapter whose values are swapped per message; only parameter sets and data are per client,
+//! so memory does not grow with the base model per client. The round loop lives here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::DType;
+use fedllm_data::federated::{build, data_root, preset, Source, SplitConfig};
+use fedllm_data::record::{Format, Record};
+use fedllm_data::split::Splitter;
+use fedllm_data::template::Template;
+use fedllm_data::{tokenize_all, Sample};
+use fedllm_model::rng::Rng;
+use fedllm_model::{CausalLm, LoadOptions, QuantMode, Tokenizer};
+use fedllm_peft::lora::{default_targets, LoraConfig};
+use fedllm_peft::prefix::PrefixConfig;
+use fedllm_peft::prompt::PromptConfig;
+use fedllm_peft::ptuning::PtuningConfig;
+use fedllm_peft::{Adapter, AdapterConfig};
+use fedllm_train::finetune::{eval_batches, eval_loss, Budget};
+use fedllm_train::{OptimizerConfig, Schedule, TrainConfig};
+
+use crate::checkpoint;
+use crate::client::{snapshot, Client, Shared};
+use crate::config::{Baseline, RunConfig};
+use crate::error::{FlError, Result};
+use crate::message::{ToClient, ToServer};
+use crate::metrics::{summary_table, write_all, RoundRecord};
+use crate::params::{bytes, ParamSet};
+use crate::server::Server;
+use crate::strategy;
+
+pub struct Simulation {
+    pub cfg: RunConfig,
+    pub model: CausalLm,
+    pub adapter: Adapter,
+    pub tokenizer: Tokenizer,
+    pub server: Server,
+    pub clients: Vec<Client>,
+    pub server_test: Vec<Sample>,
+    pub records: Vec<RoundRecord>,
+    /// The `local` baseline's per-client parameters.
+    pub local: BTreeMap<usize, ParamSet>,
+    pub best: Option<(usize, f64)>,
+    initial: ParamSet,
+    train: TrainConfig,
+    pad_id: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub records: Vec<RoundRecord>,
+    pub best_round: Option<usize>,
+    pub best_loss: Option<f64>,
+    pub adapter_dir: PathBuf,
+    pub table: String,
+}
+
+fn adapter_config(cfg: &RunConfig, model: &CausalLm) -> AdapterConfig {
+    let a = &cfg.adapter;
+    match a.kind.as_str() {
+        "prefix" => AdapterConfig::Prefix(PrefixConfig {
+            num_virtual_tokens: a.virtual_tokens,
+            prefix_projection: false,
+            encoder_hidden_size: None,
+        }),
+        "prompt" => AdapterConfig::Prompt(PromptConfig { num_virtual_tokens: a.virtual_tokens, init_text: None }),
+        "ptuning" => AdapterConfig::Ptuning(PtuningConfig {
+            num_virtual_tokens: a.virtual_tokens,
+            encoder_hidden_size: a.encoder_hidden,
+        }),
+        _ => AdapterConfig::Lora(LoraConfig {
+            r: a.r,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            target_modules: a.targets.clone().unwrap_or_else(|| default_targets(model)),
+            use_rslora: false,
+            init: "kaiming".into(),
+        }),
+    }
+}
+
+fn train_config(cfg: &RunConfig) -> TrainConfig {
+    let t = &cfg.train;
+    TrainConfig {
+        lr: t.lr,
+        optimizer: if t.optimizer == "adamw" {
+            OptimizerConfig::adamw(t.weight_decay)
+        } else {
+            OptimizerConfig::Sgd { momentum: t.momentum, weight_decay: t.weight_decay, nesterov: false }
+        },
+        schedule: Schedule::constant(),
+        grad_accum: t.grad_accum,
+        max_grad_norm: t.max_grad_norm,
+    }
+}
+
+fn splitter(name: &str, alpha: f64) -> Result<Splitter> {
+    Ok(match name {
+        "iid" => Splitter::Iid,
+        "dirichlet" => Splitter::Dirichlet { alpha, min_size: 1 },
+        "meta" => Splitter::Meta,
+        "size-skew" => Splitter::SizeSkew { gamma: 1.0 },
+        o => return Err(FlError::Config(format!("data.splitter `{o}` (iid, dirichlet, meta, size-skew)"))),
+    })
+}
+
+impl Simulation {
+    /// Loads the model and data, builds the clients and the server. Writes the resolved config.
+    pub fn new(cfg: RunConfig) -> Result<Self> {
+        cfg.validate()?;
+        let d = &cfg.data;
+        let (source, mut split) = match preset(&d.source) {
+            Some(p) => (p.source(&data_root())?, p.split_config(cfg.federate.seed)),
+            None => {
+                let format: Format = d.format.parse()?;
+                let train = PathBuf::from(&d.source);
+                let fr = if d.test_source.is_some() { [1.0, 0.0, 0.0] } else { [0.9, 0.05, 0.05] };
+                let src = Source { train, test: d.test_source.clone(), format: Some(format), derive_category: false };
+                (src, SplitConfig { splitter: Splitter::Iid, clients: 1, seed: cfg.federate.seed, fractions: fr })
+            }
+        };
+        split.clients = cfg.federate.client_num;
+        if let Some(s) = &d.splitter {
+            split.splitter = splitter(s, d.alpha)?;
+        }
+        if let Some(s) = d.splits {
+            split.fractions = s;
+        }
+        let fed = build(&source, &split)?;
+
+        let opts = LoadOptions {
+            dtype: if cfg.model.dtype == "bf16" { DType::BF16 } else { DType::F32 },
+            quant: if cfg.model.quant == "keep" { QuantMode::Keep } else { QuantMode::Dequantize },
+            ..Default::default()
+        };
+        let loaded = CausalLm::load(&cfg.model.path, opts)?;
+        let mut model = loaded.model;
+        let tokenizer = loaded.tokenizer.ok_or_else(|| FlError::Config("the model has no tokenizer".into()))?;
+        let template: Template = d.template.parse()?;
+        let tok = |recs: Vec<&Record>, cap: Option<usize>| -> Result<Vec<Sample>> {
+            let owned: Vec<Record> = recs.into_iter().take(cap.unwrap_or(usize::MAX)).cloned().collect();
+            Ok(tokenize_all(&owned, template, &tokenizer, d.tok_len)?.0)
+        };
+        let eval_cap = cfg.eval.max_samples;
+        let mut clients = Vec::with_capacity(cfg.federate.client_num);
+        for c in 0..cfg.federate.client_num {
+            let splits = BTreeMap::from([
+                ("val".to_string(), tok(fed.client("val", c), eval_cap)?),
+                ("test".to_string(), tok(fed.client("test", c), eval_cap)?),
+            ]);
+            clients.push(Client { id: c, train: tok(fed.client("train", c), d.max_train_per_client)?, splits });
+        }
+        if cfg.federate.baseline == Baseline::Global {
+            // One client holding everyone's data.
+            let mut all = Client { id: 0, train: vec![], splits: BTreeMap::new() };
+            for c in clients.drain(..) {
+                all.train.extend(c.train);
+                for (k, v) in c.splits {
+                    all.splits.entry(k).or_default().extend(v);
+                }
+            }
+            clients.push(all);
+        }
+        if let Some(c) = clients.iter().find(|c| c.train.is_empty()) {
+            return Err(FlError::Config(format!("client {} has no training samples (more data or fewer clients)", c.id)));
+        }
+        let server_test = tok(fed.server_test(), eval_cap)?;
+
+        let adapter = Adapter::init(&model, adapter_config(&cfg, &model), cfg.federate.seed, Some(&tokenizer))?;
+        adapter.attach(&mut model, true)?;
+        let initial = snapshot(&adapter)?;
+        let per_round = if cfg.federate.baseline == Baseline::Global { 1 } else { cfg.clients_per_round() };
+        let strat = strategy::build(&cfg.federate.strategy, &cfg.federate.strategy_params);
+        let mut server = Server::new(strat, initial.clone(), cfg.federate.seed, per_round);
+        for c in &clients {
+            server.on_message(ToServer::Join { client: c.id })?;
+        }
+        let pad_id = tokenizer.pad_token_id.or(tokenizer.eos_token_ids.first().copied()).unwrap_or(0);
+        std::fs::create_dir_all(&cfg.outdir).map_err(|e| FlError::File { path: cfg.outdir.clone(), msg: e.to_string() })?;
+        let cp = cfg.outdir.join("config.yaml");
+        std::fs::write(&cp, cfg.to_yaml()).map_err(|e| FlError::File { path: cp, msg: e.to_string() })?;
+        let mf = cfg.outdir.join("data_manifest.json");
+        std::fs::write(&mf, serde_json::to_string(&fed.manifest).expect("json"))
+            .map_err(|e| FlError::File { path: mf, msg: e.to_string() })?;
+        Ok(Self {
+            train: train_config(&cfg),
+            cfg,
+            model,
+            adapter,
+            tokenizer,
+            server,
+            clients,
+            server_test,
+            records: Vec::new(),
+            local: BTreeMap::new(),
+            best: None,
+            initial,
+            pad_id,
+        })
+    }
+
+    /// Continues the run in `outdir` from its last checkpoint (same config, same data).
+    pub fn resume(outdir: &Path, overrides: &[String]) -> Result<Self> {
+        let mut cfg = RunConfig::from_file(&outdir.join("config.yaml"), overrides)?;
+        cfg.outdir = outdir.to_path_buf();
+        let mut sim = Self::new(cfg)?;
+        let ck = checkpoint::load(outdir)?;
+        sim.server.global = ck.global;
+        sim.server.strategy.load_state(&ck.server)?;
+        sim.server.round = ck.state.round;
+        sim.server.rng = Rng::new(ck.state.rng_state);
+        sim.server.history = ck.state.history;
+        sim.records = ck.state.records;
+        sim.best = ck.state.best_round.zip(ck.state.best_loss);
+        sim.local = ck.local;
+        Ok(sim)
+    }
+
+    fn shared(&self) -> Shared<'_> {
+        let t = &self.cfg.train;
+        Shared {
+            model: &self.model,
+            adapter: &self.adapter,
+            train: &self.train,
+            budget: if t.batch_or_epoch == "epoch" { Budget::Epochs(t.local_update_steps) } else { Budget::Steps(t.local_update_steps) },
+            batch_size: t.batch_size,
+            eval_batch_size: self.cfg.eval.batch_size,
+            pad_id: self.pad_id,
+        }
+    }
+
+    fn eval_server(&self, params: &ParamSet) -> Result<Option<f64>> {
+        if self.server_test.is_empty() {
+            return Ok(None);
+        }
+        self.adapter.set_tensors(params)?;
+        let b = eval_batches(&self.server_test, self.cfg.eval.batch_size, self.pad_id, &self.model.device)?;
+        Ok(Some(eval_loss(&self.model, &self.adapter, &b)?.0))
+    }
+
+    /// Evaluates every client on its val and test splits (each with its own parameters in the
+    /// `local` baseline); token-weighted means.
+    fn eval_clients(&mut self) -> Result<(Option<f64>, Option<f64>)> {
+        let mut acc: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        let ids: Vec<usize> = self.clients.iter().map(|c| c.id).collect();
+        for id in ids {
+            let params = match self.cfg.federate.baseline {
+                Baseline::Local => self.local.get(&id).cloned().unwrap_or_else(|| self.initial.clone()),
+                _ => self.server.global.clone(),
+            };
+            *self.server.bytes_down.entry(id).or_default() += bytes(&params);
+            let msg = ToClient::Evaluate { round: self.server.round, params, splits: vec!["val".into(), "test".into()] };
+            let client = &self.clients[id.min(self.clients.len() - 1)];
+            if let Some(ToServer::EvalRes { losses, .. }) = client.handle(msg, &self.shared())? {
+                for (split, l, n) in losses {
+                    let e = acc.entry(split).or_default();
+                    e.0 += l * n as f64;
+                    e.1 += n;
+                }
+            }
+        }
+        let mean = |k: &str| acc.get(k).filter(|x| x.1 > 0).map(|x| x.0 / x.1 as f64);
+        Ok((mean("val"), mean("test")))
+    }
+
+    fn evaluate(&mut self, rec: &mut RoundRecord) -> Result<()> {
+        self.adapter.attach(&mut self.model, false)?;
+        rec.server_test_loss = match self.cfg.federate.baseline {
+            Baseline::Local => None,
+            _ => self.eval_server(&self.server.global.clone())?,
+        };
+        let (v, t) = self.eval_clients()?;
+        rec.client_val_loss = v;
+        rec.client_test_loss = t;
+        self.adapter.attach(&mut self.model, true)?;
+        let key = rec.server_test_loss.or(rec.client_val_loss);
+        if let Some(l) = key {
+            if self.best.is_none_or(|(_, b)| l < b) {
+                self.best = Some((rec.round, l));
+            }
+        }
+        Ok(())
+    }
+
+    fn save_checkpoint(&self) -> Result<()> {
+        let state = checkpoint::State {
+            round: self.server.round,
+            rng_state: self.server.rng.state(),
+            history: self.server.history.clone(),
+            records: self.records.clone(),
+            best_round: self.best.map(|b| b.0),
+            best_loss: self.best.map(|b| b.1),
+        };
+        checkpoint::save(&self.cfg.outdir, &self.server.global, &self.server.strategy.state()?, &self.local, &state)
+    }
+
+    /// Runs the remaining rounds. `stop_after` ends early after that round (as a crash would;
+    /// tests use it), `log` receives one line per round.
+    pub fn run(&mut self, progress: bool, stop_after: Option<usize>, mut log: impl FnMut(&str)) -> Result<Summary> {
+        let total = self.cfg.federate.total_round_num;
+        let freq = self.cfg.eval.freq;
+        if self.records.is_empty() && freq > 0 {
+            let t0 = Instant::now();
+            let mut rec = empty_record(0);
+            self.evaluate(&mut rec)?;
+            rec.seconds = t0.elapsed().as_secs_f64();
+            rec.bytes_down = self.server.bytes_down.values().sum();
+            log(&round_line(&rec));
+            self.records.push(rec);
+        }
+        while self.server.round < total {
+            let t0 = Instant::now();
+            let mut reqs = self.server.start_round()?;
+            let round = self.server.round;
+            if self.cfg.federate.baseline == Baseline::Local {
+                for (c, msg) in reqs.iter_mut() {
+                    if let ToClient::Fit { params, .. } = msg {
+                        *params = self.local.get(c).cloned().unwrap_or_else(|| self.initial.clone());
+                    }
+                }
+            }
+            let bar = if progress {
+                let b = indicatif::ProgressBar::new(reqs.len() as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} clients {elapsed}")
+                        .expect("template"),
+                );
+                b.set_message(format!("{round}/{total}"));
+                b
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            for (c, msg) in reqs {
+                let reply = self.clients[c].handle(msg, &self.shared());
+                let msg = match reply {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    Err(e) => ToServer::Failed { round, client: c, reason: e.to_string() },
+                };
+                if let Err(e) = self.server.on_message(msg) {
+                    log(&format!("round {round}: ignored message: {e}"));
+                }
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            let outcome = if self.cfg.federate.baseline == Baseline::Local {
+                // No aggregation: every client keeps its own parameters.
+                let o = self.server.close_round_without_aggregation();
+                for r in &o.results {
+                    self.local.insert(r.client, r.params.clone());
+                }
+                o
+            } else {
+                self.server.close_round()?
+            };
+            let mut rec = empty_record(round);
+            rec.clients = self.server.history.last().cloned().unwrap_or_default();
+            rec.failed = outcome.failures.iter().map(|f| f.client).collect();
+            for f in &outcome.failures {
+                log(&format!("round {round}: client {} failed: {}", f.client, f.reason));
+            }
+            let mut tok = 0f64;
+            let mut sum = 0f64;
+            for r in &outcome.results {
+                let (l, n) = (r.metrics["train_loss"], r.metrics["train_tokens"]);
+                rec.client_train_loss.insert(r.client, l);
+                rec.nan_skipped += r.metrics["nan_skipped"] as usize;
+                sum += l * n;
+                tok += n;
+            }
+            rec.train_loss = (tok > 0.0).then(|| sum / tok);
+            if freq > 0 && (round % freq == 0 || round == total) {
+                self.evaluate(&mut rec)?;
+            }
+            rec.bytes_down_per_client = self.server.bytes_down.clone();
+            rec.bytes_up_per_client = self.server.bytes_up.clone();
+            rec.bytes_down = rec.bytes_down_per_client.values().sum();
+            rec.bytes_up = rec.bytes_up_per_client.values().sum();
+            rec.seconds = t0.elapsed().as_secs_f64();
+            log(&round_line(&rec));
+            self.records.push(rec);
+            write_all(&self.cfg.outdir, &self.records)?;
+            let sf = self.cfg.federate.save_freq;
+            if sf > 0 && (round % sf == 0 || round == total) {
+                self.save_checkpoint()?;
+            }
+            if stop_after == Some(round) {
+                break;
+            }
+        }
+        write_all(&self.cfg.outdir, &self.records)?;
+        let adapter_dir = self.cfg.outdir.join("adapter");
+        self.adapter.set_tensors(&self.server.global)?;
+        let base = self.cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        fedllm_peft::io::save(&self.adapter, &self.model, &adapter_dir, &base)?;
+        if self.cfg.federate.baseline == Baseline::Local {
+            for (c, p) in &self.local {
+                self.adapter.set_tensors(p)?;
+                fedllm_peft::io::save(&self.adapter, &self.model, &self.cfg.outdir.join(format!("adapter_client_{c}")), &base)?;
+            }
+        }
+        Ok(Summary {
+            table: summary_table(&self.records),
+            records: self.records.clone(),
+            best_round: self.best.map(|b| b.0),
+            best_loss: self.best.map(|b| b.1),
+            adapter_dir,
+        })
+    }
+}
+
+fn empty_record(round: usize) -> RoundRecord {
+    RoundRecord {
+        round,
+        clients: vec![],
+        failed: vec![],
+        train_loss: None,
+        client_train_loss: BTreeMap::new(),
+        server_test_loss: None,
+        client_val_loss: None,
+        client_test_loss: None,
+        bytes_down: 0,
+        bytes_up: 0,
+        bytes_down_per_client: BTreeMap::new(),
+        bytes_up_per_client: BTreeMap::new(),
+        seconds: 0.0,
+        nan_skipped: 0,
+    }
+}
+
+fn round_line(r: &RoundRecord) -> String {
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    format!(
+        "round {:>3}: clients {:?} train {} | server test {} | client val {} | client test {} | {:.2} MB down {:.2} MB up | {:.1}s",
+        r.round,
+        r.clients,
+        f(r.train_loss),
+        f(r.server_test_loss),
+        f(r.client_val_loss),
+        f(r.client_test_loss),
+        r.bytes_down as f64 / 1e6,
+        r.bytes_up as f64 / 1e6,
+        r.seconds
+    )
+}

@@ -1,0 +1,131 @@
+//! Strategies in Flower's shape: what clients are told each round, and how their results become
+//! the next global parameters. The round loop lives in one driver (`simulation`), not here.
+
+use std::collections::BTreeMap;
+
+use crate::error::Result;
+use crate::params::ParamSet;
+
+pub mod fedadam;
+pub mod fedavg;
+pub mod fedavgm;
+pub mod fedprox;
+pub mod fedyogi;
+pub mod krum;
+pub mod median;
+pub mod trimmed_mean;
+
+/// One client's answer to a fit request.
+#[derive(Debug, Clone)]
+pub struct FitResult {
+    pub client: usize,
+    pub params: ParamSet,
+    pub num_samples: usize,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A client that was asked but did not answer (or answered with an error).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub client: usize,
+    pub reason: String,
+}
+
+/// Per-round instructions for clients' local training beyond the run config.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FitConfig {
+    /// FedProx: weight of the proximal term μ/2‖w − w_global‖².
+    pub proximal_mu: f64,
+}
+
+pub trait Strategy: Send {
+    fn name(&self) -> &'static str;
+
+    fn configure_fit(&self, _round: usize) -> FitConfig {
+        FitConfig::default()
+    }
+
+    /// The next global parameters, or None to keep the current ones (e.g. nobody answered).
+    fn aggregate_fit(
+        &mut self,
+        round: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        failures: &[Failure],
+    ) -> Result<Option<ParamSet>>;
+
+    /// Server optimiser state for checkpoints (empty for stateless strategies).
+    fn state(&self) -> Result<ParamSet> {
+        Ok(ParamSet::new())
+    }
+
+    fn load_state(&mut self, _state: &ParamSet) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Flattened client updates and their sample counts, in a fixed order.
+pub(crate) fn flat_results(results: &[FitResult]) -> Result<(Vec<Vec<f32>>, Vec<f64>)> {
+    let mut flats = Vec::with_capacity(results.len());
+    for r in results {
+        flats.push(crate::params::flatten(&r.params)?);
+    }
+    Ok((flats, results.iter().map(|r| r.num_samples as f64).collect()))
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyKind {
+    Fedavg,
+    Fedprox,
+    Fedavgm,
+    Fedadam,
+    Fedyogi,
+    Median,
+    TrimmedMean,
+    Krum,
+}
+
+/// Strategy parameters from the run config.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct StrategyParams {
+    pub server_lr: f64,
+    pub server_momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+    pub proximal_mu: f64,
+    pub trim_ratio: f64,
+    pub krum_byzantine: usize,
+    pub krum_select: usize,
+}
+
+impl Default for StrategyParams {
+    fn default() -> Self {
+        Self {
+            server_lr: 1.0,
+            server_momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+            proximal_mu: 0.01,
+            trim_ratio: 0.1,
+            krum_byzantine: 0,
+            krum_select: 1,
+        }
+    }
+}
+
+pub fn build(kind: &StrategyKind, p: &StrategyParams) -> Box<dyn Strategy> {
+    match kind {
+        StrategyKind::Fedavg => Box::new(fedavg::FedAvg),
+        StrategyKind::Fedprox => Box::new(fedprox::FedProx { mu: p.proximal_mu }),
+        StrategyKind::Fedavgm => Box::new(fedavgm::FedAvgM::new(p.server_lr, p.server_momentum)),
+        StrategyKind::Fedadam => Box::new(fedadam::FedAdam::new(p.server_lr, p.beta1, p.beta2, p.tau)),
+        StrategyKind::Fedyogi => Box::new(fedyogi::FedYogi::new(p.server_lr, p.beta1, p.beta2, p.tau)),
+        StrategyKind::Median => Box::new(median::Median),
+        StrategyKind::TrimmedMean => Box::new(trimmed_mean::TrimmedMean { beta: p.trim_ratio }),
+        StrategyKind::Krum => Box::new(krum::Krum { byzantine: p.krum_byzantine, select: p.krum_select }),
+    }
+}
