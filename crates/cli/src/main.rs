@@ -177,6 +177,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Server aggregation speed: FedAvg (and robust rules) over many client updates
+    Aggregate {
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Parameters per update (default: LLaMA-7B LoRA r=8 on q,v)
+        #[arg(long, default_value_t = 4_194_304)]
+        params: usize,
+    },
     /// One LoRA training step, workload W1: tokens/s, step time, peak RSS
     Train {
         #[command(flatten)]
@@ -212,13 +220,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Info { model } => cmd_info(&model),
         Cmd::Finetune(a) => train_cmd::cmd_finetune(*a),
-        Cmd::Run { config, resume, no_progress, overrides } => cmd_run(config, resume, no_progress, &overrides),
+        Cmd::Run {
+            config,
+            resume,
+            no_progress,
+            overrides,
+        } => cmd_run(config, resume, no_progress, &overrides),
         Cmd::Data(d) => data_cmd::run(d),
         Cmd::Merge {
             model,
             adapter,
             out,
         } => train_cmd::cmd_merge(&model, &adapter, &out),
+        Cmd::Bench(BenchCmd::Aggregate { clients, params }) => cmd_bench_aggregate(clients, params),
         Cmd::Bench(BenchCmd::Train {
             model,
             dtype,
@@ -322,7 +336,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_run(config: Option<PathBuf>, resume: Option<PathBuf>, no_progress: bool, overrides: &[String]) -> Result<()> {
+fn cmd_run(
+    config: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    no_progress: bool,
+    overrides: &[String],
+) -> Result<()> {
     use fedllm_fl::{RunConfig, Simulation};
     let t0 = Instant::now();
     let mut sim = match (&resume, &config) {
@@ -351,8 +370,15 @@ fn cmd_run(config: Option<PathBuf>, resume: Option<PathBuf>, no_progress: bool, 
     if let (Some(r), Some(l)) = (s.best_round, s.best_loss) {
         println!("best round: {r} (held-out loss {l:.4})");
     }
-    let first = s.records.iter().find_map(|r| r.server_test_loss.or(r.client_val_loss));
-    let last = s.records.iter().rev().find_map(|r| r.server_test_loss.or(r.client_val_loss));
+    let first = s
+        .records
+        .iter()
+        .find_map(|r| r.server_test_loss.or(r.client_val_loss));
+    let last = s
+        .records
+        .iter()
+        .rev()
+        .find_map(|r| r.server_test_loss.or(r.client_val_loss));
     if let (Some(a), Some(b)) = (first, last) {
         println!("held-out loss before → after: {a:.4} → {b:.4}");
     }
@@ -365,6 +391,47 @@ fn cmd_run(config: Option<PathBuf>, resume: Option<PathBuf>, no_progress: bool, 
         bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
     );
     Ok(())
+}
+
+fn cmd_bench_aggregate(clients: usize, params: usize) -> Result<()> {
+    use fedllm_fl::aggregate;
+    let mut rng = fedllm_model::rng::Rng::new(1);
+    let updates: Vec<Vec<f32>> = (0..clients)
+        .map(|_| (0..params).map(|_| rng.next_f64() as f32 - 0.5).collect())
+        .collect();
+    let refs: Vec<&[f32]> = updates.iter().map(|u| u.as_slice()).collect();
+    let weights: Vec<f64> = (0..clients).map(|i| 1.0 + i as f64).collect();
+    println!(
+        "bench aggregate: {clients} updates of {params} parameters ({:.1} MB each), {} threads",
+        params as f64 * 4.0 / 1e6,
+        rayon_threads()
+    );
+    let time = |name: &str, f: &dyn Fn() -> Vec<f32>| {
+        let t0 = Instant::now();
+        let out = f();
+        println!(
+            "{name:<14} {:.3} s  (checksum {:.3})",
+            t0.elapsed().as_secs_f64(),
+            out.iter().take(1000).sum::<f32>()
+        );
+    };
+    time("fedavg", &|| aggregate::weighted_mean(&refs, &weights));
+    time("median", &|| aggregate::median(&refs));
+    time("trimmed mean", &|| aggregate::trimmed_mean(&refs, 0.1));
+    if let Some(rss) = bench::peak_rss_bytes() {
+        println!(
+            "peak RSS       {:.0} MB (the updates themselves: {:.0} MB)",
+            rss as f64 / 1e6,
+            (clients * params * 4) as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn cmd_info(m: &ModelArgs) -> Result<()> {

@@ -68,7 +68,12 @@ fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
     let parts: Vec<f64> = a
         .par_chunks(CHUNK)
         .zip(b.par_chunks(CHUNK))
-        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>())
+        .map(|(x, y)| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| ((p - q) as f64).powi(2))
+                .sum::<f64>()
+        })
         .collect();
     parts.iter().sum()
 }
@@ -110,19 +115,31 @@ mod tests {
         let b = [3.0f32, 4.0, -2.0];
         let c = [5.0f32, 0.0, 1.0];
         // weights 1, 1, 2 → (1+3+10)/4, (2+4+0)/4, (10−2+2)/4
-        assert_eq!(weighted_mean(&[&a, &b, &c], &[1.0, 1.0, 2.0]), vec![3.5, 1.5, 2.5]);
+        assert_eq!(
+            weighted_mean(&[&a, &b, &c], &[1.0, 1.0, 2.0]),
+            vec![3.5, 1.5, 2.5]
+        );
         assert_eq!(median(&[&a, &b, &c]), vec![3.0, 2.0, 1.0]);
         assert_eq!(median(&[&a, &b]), vec![2.0, 3.0, 4.0]);
         let d = [100.0f32, -100.0, 0.0];
         let e = [2.0f32, 2.0, 2.0];
         // 5 values per coordinate, beta 0.2 drops one at each end.
         let t = trimmed_mean(&[&a, &b, &c, &d, &e], 0.2);
-        assert_eq!(t, vec![(2.0 + 3.0 + 5.0) / 3.0, (0.0 + 2.0 + 2.0) / 3.0, (0.0 + 1.0 + 2.0) / 3.0]);
+        assert_eq!(
+            t,
+            vec![
+                (2.0 + 3.0 + 5.0) / 3.0,
+                (0.0 + 2.0 + 2.0) / 3.0,
+                (0.0 + 1.0 + 2.0) / 3.0
+            ]
+        );
     }
 
     #[test]
     fn krum_rejects_the_outlier() {
-        let good: Vec<Vec<f32>> = (0..5).map(|i| vec![1.0 + i as f32 * 0.01, 2.0, 3.0]).collect();
+        let good: Vec<Vec<f32>> = (0..5)
+            .map(|i| vec![1.0 + i as f32 * 0.01, 2.0, 3.0])
+            .collect();
         let bad = vec![100.0f32, -50.0, 7.0];
         let mut all: Vec<&[f32]> = good.iter().map(|v| v.as_slice()).collect();
         all.push(&bad);

@@ -22,11 +22,15 @@ pub struct State {
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> FlError {
-    FlError::File { path: path.into(), msg: e.to_string() }
+    FlError::File {
+        path: path.into(),
+        msg: e.to_string(),
+    }
 }
 
 fn save_set(p: &Path, s: &ParamSet) -> Result<()> {
-    let m: std::collections::HashMap<String, candle_core::Tensor> = s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let m: std::collections::HashMap<String, candle_core::Tensor> =
+        s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     candle_core::safetensors::save(&m, p).map_err(|e| io(p, e))
 }
 
@@ -39,7 +43,13 @@ pub fn dir(outdir: &Path) -> PathBuf {
     outdir.join("checkpoint")
 }
 
-pub fn save(outdir: &Path, global: &ParamSet, server: &ParamSet, local: &BTreeMap<usize, ParamSet>, state: &State) -> Result<()> {
+pub fn save(
+    outdir: &Path,
+    global: &ParamSet,
+    server: &ParamSet,
+    local: &BTreeMap<usize, ParamSet>,
+    state: &State,
+) -> Result<()> {
     let fin = dir(outdir);
     let tmp = outdir.join("checkpoint.tmp");
     let old = outdir.join("checkpoint.old");
@@ -51,7 +61,8 @@ pub fn save(outdir: &Path, global: &ParamSet, server: &ParamSet, local: &BTreeMa
         save_set(&tmp.join(format!("local_{c}.safetensors")), p)?;
     }
     let sp = tmp.join("state.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(|e| io(&sp, e))?;
+    std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json"))
+        .map_err(|e| io(&sp, e))?;
     // Swap: the old checkpoint stays complete until the new one is in place.
     let _ = std::fs::remove_dir_all(&old);
     if fin.exists() {
@@ -76,16 +87,29 @@ pub fn load(outdir: &Path) -> Result<Loaded> {
         d = outdir.join("checkpoint.old");
     }
     let sp = d.join("state.json");
-    let text = std::fs::read_to_string(&sp).map_err(|e| io(&sp, format!("no checkpoint to resume from ({e})")))?;
+    let text = std::fs::read_to_string(&sp)
+        .map_err(|e| io(&sp, format!("no checkpoint to resume from ({e})")))?;
     let state: State = serde_json::from_str(&text).map_err(|e| io(&sp, e))?;
     let mut local = BTreeMap::new();
     for e in std::fs::read_dir(&d).map_err(|e| io(&d, e))? {
         let p = e.map_err(|e| io(&d, e))?.path();
-        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
-        if let Some(c) = name.strip_prefix("local_").and_then(|s| s.strip_suffix(".safetensors")) {
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        if let Some(c) = name
+            .strip_prefix("local_")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+        {
             let c: usize = c.parse().map_err(|_| io(&p, "bad local state file name"))?;
             local.insert(c, load_set(&p)?);
         }
     }
-    Ok(Loaded { global: load_set(&d.join("global.safetensors"))?, server: load_set(&d.join("server.safetensors"))?, local, state })
+    Ok(Loaded {
+        global: load_set(&d.join("global.safetensors"))?,
+        server: load_set(&d.join("server.safetensors"))?,
+        local,
+        state,
+    })
 }

@@ -43,7 +43,12 @@ pub fn snapshot(a: &Adapter) -> Result<ParamSet> {
 impl Client {
     pub fn handle(&self, msg: ToClient, s: &Shared) -> Result<Option<ToServer>> {
         match msg {
-            ToClient::Fit { round, params, config, seed } => {
+            ToClient::Fit {
+                round,
+                params,
+                config,
+                seed,
+            } => {
                 s.adapter.set_tensors(&params)?;
                 s.adapter.reseed(seed);
                 let mut trainer = Trainer::new(s.train.clone())?;
@@ -61,27 +66,45 @@ impl Client {
                 let stats = train_loop(s.model, s.adapter, &mut trainer, &self.train, &o, |_| {})?;
                 let done: Vec<_> = stats.iter().filter(|x| !x.skipped).collect();
                 let tokens: usize = done.iter().map(|x| x.target_tokens).sum();
-                let loss = done.iter().map(|x| x.loss * x.target_tokens as f64).sum::<f64>() / tokens.max(1) as f64;
+                let loss = done
+                    .iter()
+                    .map(|x| x.loss * x.target_tokens as f64)
+                    .sum::<f64>()
+                    / tokens.max(1) as f64;
                 let metrics = BTreeMap::from([
                     ("train_loss".to_string(), loss),
                     ("train_tokens".to_string(), tokens as f64),
                     ("steps".to_string(), done.len() as f64),
                     ("nan_skipped".to_string(), trainer.nan_skipped as f64),
                 ]);
-                let result = FitResult { client: self.id, params: snapshot(s.adapter)?, num_samples: self.train.len(), metrics };
+                let result = FitResult {
+                    client: self.id,
+                    params: snapshot(s.adapter)?,
+                    num_samples: self.train.len(),
+                    metrics,
+                };
                 Ok(Some(ToServer::FitRes { round, result }))
             }
-            ToClient::Evaluate { round, params, splits } => {
+            ToClient::Evaluate {
+                round,
+                params,
+                splits,
+            } => {
                 s.adapter.set_tensors(&params)?;
                 let mut losses = Vec::new();
                 for name in splits {
                     if let Some(samples) = self.splits.get(&name).filter(|x| !x.is_empty()) {
-                        let b = eval_batches(samples, s.eval_batch_size, s.pad_id, &s.model.device)?;
+                        let b =
+                            eval_batches(samples, s.eval_batch_size, s.pad_id, &s.model.device)?;
                         let (l, n) = eval_loss(s.model, s.adapter, &b)?;
                         losses.push((name, l, n));
                     }
                 }
-                Ok(Some(ToServer::EvalRes { round, client: self.id, losses }))
+                Ok(Some(ToServer::EvalRes {
+                    round,
+                    client: self.id,
+                    losses,
+                }))
             }
             ToClient::Finish => Ok(None),
         }

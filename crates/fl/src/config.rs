@@ -169,13 +169,25 @@ impl Default for DataCfg {
 
 impl Default for ModelCfg {
     fn default() -> Self {
-        Self { path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"), dtype: "f32".into(), quant: "keep".into() }
+        Self {
+            path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            dtype: "f32".into(),
+            quant: "keep".into(),
+        }
     }
 }
 
 impl Default for AdapterCfg {
     fn default() -> Self {
-        Self { kind: "lora".into(), r: 8, alpha: 16.0, dropout: 0.0, targets: None, virtual_tokens: 20, encoder_hidden: 128 }
+        Self {
+            kind: "lora".into(),
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: None,
+            virtual_tokens: 20,
+            encoder_hidden: 128,
+        }
     }
 }
 
@@ -197,7 +209,11 @@ impl Default for TrainCfg {
 
 impl Default for EvalCfg {
     fn default() -> Self {
-        Self { freq: 1, batch_size: 8, max_samples: Some(64) }
+        Self {
+            freq: 1,
+            batch_size: 8,
+            max_samples: Some(64),
+        }
     }
 }
 
@@ -207,7 +223,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         let mut cur = vec![i; b.len() + 1];
         for j in 1..=b.len() {
-            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + usize::from(a[i - 1] != b[j - 1]));
+            cur[j] = (prev[j] + 1)
+                .min(cur[j - 1] + 1)
+                .min(prev[j - 1] + usize::from(a[i - 1] != b[j - 1]));
         }
         prev = cur;
     }
@@ -220,14 +238,22 @@ fn schema_keys() -> Vec<String> {
         if let Value::Mapping(m) = v {
             for (k, v) in m {
                 let k = k.as_str().unwrap_or_default();
-                let path = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+                let path = if prefix.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 out.push(path.clone());
                 walk(v, &path, out);
             }
         }
     }
     let mut out = Vec::new();
-    walk(&serde_yaml::to_value(RunConfig::default()).expect("yaml"), "", &mut out);
+    walk(
+        &serde_yaml::to_value(RunConfig::default()).expect("yaml"),
+        "",
+        &mut out,
+    );
     out
 }
 
@@ -236,11 +262,23 @@ fn schema_keys() -> Vec<String> {
 fn check_keys(v: &Value, prefix: &str, schema: &[String]) -> Result<()> {
     if let Value::Mapping(m) = v {
         for (k, val) in m {
-            let k = k.as_str().ok_or_else(|| FlError::Config(format!("non-string key under `{prefix}`")))?;
-            let path = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+            let k = k
+                .as_str()
+                .ok_or_else(|| FlError::Config(format!("non-string key under `{prefix}`")))?;
+            let path = if prefix.is_empty() {
+                k.to_string()
+            } else {
+                format!("{prefix}.{k}")
+            };
             if !schema.contains(&path) {
-                let best = schema.iter().min_by_key(|s| edit_distance(s, &path)).cloned().unwrap_or_default();
-                return Err(FlError::Config(format!("unknown key `{path}` (did you mean `{best}`?)")));
+                let best = schema
+                    .iter()
+                    .min_by_key(|s| edit_distance(s, &path))
+                    .cloned()
+                    .unwrap_or_default();
+                return Err(FlError::Config(format!(
+                    "unknown key `{path}` (did you mean `{best}`?)"
+                )));
             }
             // Lists and optional values are leaves.
             if matches!(val, Value::Mapping(_)) {
@@ -256,14 +294,17 @@ fn apply_override(root: &mut Value, item: &str) -> Result<()> {
     let (key, val) = item
         .split_once('=')
         .ok_or_else(|| FlError::Config(format!("override `{item}` is not key.sub=value")))?;
-    let value: Value = serde_yaml::from_str(val).map_err(|e| FlError::Config(format!("override `{item}`: {e}")))?;
+    let value: Value = serde_yaml::from_str(val)
+        .map_err(|e| FlError::Config(format!("override `{item}`: {e}")))?;
     let mut node = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, p) in parts.iter().enumerate() {
         if !matches!(node, Value::Mapping(_)) {
             *node = Value::Mapping(Default::default());
         }
-        let Value::Mapping(m) = node else { unreachable!() };
+        let Value::Mapping(m) = node else {
+            unreachable!()
+        };
         let k = Value::String(p.to_string());
         if i + 1 == parts.len() {
             m.insert(k, value);
@@ -286,15 +327,22 @@ impl RunConfig {
             apply_override(&mut v, o)?;
         }
         check_keys(&v, "", &schema_keys())?;
-        let cfg: RunConfig = serde_yaml::from_value(v).map_err(|e| FlError::Config(e.to_string()))?;
+        let cfg: RunConfig =
+            serde_yaml::from_value(v).map_err(|e| FlError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| FlError::File { path: path.into(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| FlError::File {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
         Self::from_yaml(&text, overrides).map_err(|e| match e {
-            FlError::Config(m) => FlError::File { path: path.into(), msg: m },
+            FlError::Config(m) => FlError::File {
+                path: path.into(),
+                msg: m,
+            },
             e => e,
         })
     }
@@ -310,28 +358,52 @@ impl RunConfig {
             return bad(format!("federate.mode `{}`: only `standalone` runs in-process (distributed comes with `fedllm server`/`client`)", f.mode));
         }
         if f.client_num == 0 || f.total_round_num == 0 {
-            return bad("federate.client_num and federate.total_round_num must be at least 1".into());
+            return bad(
+                "federate.client_num and federate.total_round_num must be at least 1".into(),
+            );
         }
         if let Some(r) = f.sample_client_rate {
             if !(r > 0.0 && r <= 1.0) {
-                return bad(format!("federate.sample_client_rate must be in (0, 1], got {r}"));
+                return bad(format!(
+                    "federate.sample_client_rate must be in (0, 1], got {r}"
+                ));
             }
         } else if f.sample_client_num == 0 || f.sample_client_num > f.client_num {
-            return bad(format!("federate.sample_client_num must be in 1..={}, got {}", f.client_num, f.sample_client_num));
+            return bad(format!(
+                "federate.sample_client_num must be in 1..={}, got {}",
+                f.client_num, f.sample_client_num
+            ));
         }
         if !matches!(self.train.batch_or_epoch.as_str(), "batch" | "epoch") {
-            return bad(format!("train.batch_or_epoch must be `batch` or `epoch`, got `{}`", self.train.batch_or_epoch));
+            return bad(format!(
+                "train.batch_or_epoch must be `batch` or `epoch`, got `{}`",
+                self.train.batch_or_epoch
+            ));
         }
         if !matches!(self.train.optimizer.as_str(), "sgd" | "adamw") {
-            return bad(format!("train.optimizer must be `sgd` or `adamw`, got `{}`", self.train.optimizer));
+            return bad(format!(
+                "train.optimizer must be `sgd` or `adamw`, got `{}`",
+                self.train.optimizer
+            ));
         }
-        if self.train.local_update_steps == 0 || self.train.batch_size == 0 || self.train.grad_accum == 0 {
+        if self.train.local_update_steps == 0
+            || self.train.batch_size == 0
+            || self.train.grad_accum == 0
+        {
             return bad("train.local_update_steps, train.batch_size and train.grad_accum must be at least 1".into());
         }
-        if !matches!(self.adapter.kind.as_str(), "lora" | "prefix" | "prompt" | "ptuning") {
-            return bad(format!("adapter.type must be lora, prefix, prompt or ptuning, got `{}`", self.adapter.kind));
+        if !matches!(
+            self.adapter.kind.as_str(),
+            "lora" | "prefix" | "prompt" | "ptuning"
+        ) {
+            return bad(format!(
+                "adapter.type must be lora, prefix, prompt or ptuning, got `{}`",
+                self.adapter.kind
+            ));
         }
-        if !matches!(self.model.dtype.as_str(), "f32" | "bf16") || !matches!(self.model.quant.as_str(), "keep" | "dequantize") {
+        if !matches!(self.model.dtype.as_str(), "f32" | "bf16")
+            || !matches!(self.model.quant.as_str(), "keep" | "dequantize")
+        {
             return bad("model.dtype must be f32|bf16 and model.quant keep|dequantize".into());
         }
         Ok(())
@@ -353,13 +425,32 @@ mod tests {
 
     #[test]
     fn overrides_and_unknown_keys() {
-        let c = RunConfig::from_yaml("train:\n  lr: 0.5\n", &["federate.client_num=5".into(), "federate.sample_client_num=2".into()]).unwrap();
-        assert_eq!((c.train.lr, c.federate.client_num, c.clients_per_round()), (0.5, 5, 2));
-        let e = RunConfig::from_yaml("train:\n  lrr: 0.5\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("unknown key `train.lrr`") && e.contains("did you mean `train.lr`"), "{e}");
-        let e = RunConfig::from_yaml("", &["federate.strategy=fedsgd".into()]).unwrap_err().to_string();
+        let c = RunConfig::from_yaml(
+            "train:\n  lr: 0.5\n",
+            &[
+                "federate.client_num=5".into(),
+                "federate.sample_client_num=2".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.train.lr, c.federate.client_num, c.clients_per_round()),
+            (0.5, 5, 2)
+        );
+        let e = RunConfig::from_yaml("train:\n  lrr: 0.5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `train.lrr`") && e.contains("did you mean `train.lr`"),
+            "{e}"
+        );
+        let e = RunConfig::from_yaml("", &["federate.strategy=fedsgd".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fedsgd"), "{e}");
-        let e = RunConfig::from_yaml("", &["federate.sample_client_num=9".into()]).unwrap_err().to_string();
+        let e = RunConfig::from_yaml("", &["federate.sample_client_num=9".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sample_client_num"), "{e}");
         // The resolved config round-trips.
         let c2 = RunConfig::from_yaml(&c.to_yaml(), &[]).unwrap();

@@ -3,7 +3,10 @@ pub enum FlError {
     #[error("config: {0}")]
     Config(String),
     #[error("{path}: {msg}")]
-    File { path: std::path::PathBuf, msg: String },
+    File {
+        path: std::path::PathBuf,
+        msg: String,
+    },
     #[error("protocol: {0}")]
     Protocol(String),
     #[error(transparent)]

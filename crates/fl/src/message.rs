@@ -7,16 +7,38 @@ use crate::strategy::{FitConfig, FitResult};
 #[derive(Debug, Clone)]
 pub enum ToClient {
     /// Train locally from `params` and report the result.
-    Fit { round: usize, params: ParamSet, config: FitConfig, seed: u64 },
+    Fit {
+        round: usize,
+        params: ParamSet,
+        config: FitConfig,
+        seed: u64,
+    },
     /// Report the loss of `params` on the named local splits ("val", "test").
-    Evaluate { round: usize, params: ParamSet, splits: Vec<String> },
+    Evaluate {
+        round: usize,
+        params: ParamSet,
+        splits: Vec<String>,
+    },
     Finish,
 }
 
 #[derive(Debug, Clone)]
 pub enum ToServer {
-    Join { client: usize },
-    FitRes { round: usize, result: FitResult },
-    EvalRes { round: usize, client: usize, losses: Vec<(String, f64, usize)> },
-    Failed { round: usize, client: usize, reason: String },
+    Join {
+        client: usize,
+    },
+    FitRes {
+        round: usize,
+        result: FitResult,
+    },
+    EvalRes {
+        round: usize,
+        client: usize,
+        losses: Vec<(String, f64, usize)>,
+    },
+    Failed {
+        round: usize,
+        client: usize,
+        reason: String,
+    },
 }

@@ -30,7 +30,10 @@ pub struct RoundRecord {
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> FlError {
-    FlError::File { path: path.into(), msg: e.to_string() }
+    FlError::File {
+        path: path.into(),
+        msg: e.to_string(),
+    }
 }
 
 fn opt(x: Option<f64>) -> String {
@@ -39,7 +42,10 @@ fn opt(x: Option<f64>) -> String {
 
 /// Rewrites metrics.jsonl, metrics.csv and loss.svg from all records so far.
 pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
-    let jl: String = records.iter().map(|r| serde_json::to_string(r).expect("json") + "\n").collect();
+    let jl: String = records
+        .iter()
+        .map(|r| serde_json::to_string(r).expect("json") + "\n")
+        .collect();
     let p = dir.join("metrics.jsonl");
     std::fs::write(&p, jl).map_err(|e| io(&p, e))?;
     let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,bytes_down,bytes_up,seconds\n");
@@ -61,18 +67,45 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
     plot(&dir.join("loss.svg"), records)
 }
 
+type Series = (&'static str, plotters::style::RGBColor, Vec<(f64, f64)>);
+
 fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
     use plotters::prelude::*;
-    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = vec![
-        ("train", BLUE, records.iter().filter_map(|r| r.train_loss.map(|l| (r.round as f64, l))).collect()),
-        ("server test", RED, records.iter().filter_map(|r| r.server_test_loss.map(|l| (r.round as f64, l))).collect()),
-        ("client val", GREEN, records.iter().filter_map(|r| r.client_val_loss.map(|l| (r.round as f64, l))).collect()),
+    let series: Vec<Series> = vec![
+        (
+            "train",
+            BLUE,
+            records
+                .iter()
+                .filter_map(|r| r.train_loss.map(|l| (r.round as f64, l)))
+                .collect(),
+        ),
+        (
+            "server test",
+            RED,
+            records
+                .iter()
+                .filter_map(|r| r.server_test_loss.map(|l| (r.round as f64, l)))
+                .collect(),
+        ),
+        (
+            "client val",
+            GREEN,
+            records
+                .iter()
+                .filter_map(|r| r.client_val_loss.map(|l| (r.round as f64, l)))
+                .collect(),
+        ),
     ];
     let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
     if pts.is_empty() {
         return Ok(());
     }
-    let (x1, y0, y1) = pts.iter().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |a, p| (a.0.max(p.0), a.1.min(p.1), a.2.max(p.1)));
+    let (x1, y0, y1) = pts
+        .iter()
+        .fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+            (a.0.max(p.0), a.1.min(p.1), a.2.max(p.1))
+        });
     let pad = ((y1 - y0) * 0.1).max(1e-3);
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
@@ -83,14 +116,22 @@ fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
             .x_label_area_size(32)
             .y_label_area_size(48)
             .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))?;
-        chart.configure_mesh().x_desc("round").y_desc("loss").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("round")
+            .y_desc("loss")
+            .draw()?;
         for (name, color, data) in series.into_iter().filter(|s| !s.2.is_empty()) {
             chart
                 .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))?
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
         root.present()?;
         Ok(())
     };
@@ -119,6 +160,10 @@ pub fn summary_table(records: &[RoundRecord]) -> String {
     }
     let down: usize = records.iter().map(|r| r.bytes_down).sum();
     let up: usize = records.iter().map(|r| r.bytes_up).sum();
-    s += &format!("total: {:.3} MB down, {:.3} MB up", down as f64 / 1e6, up as f64 / 1e6);
+    s += &format!(
+        "total: {:.3} MB down, {:.3} MB up",
+        down as f64 / 1e6,
+        up as f64 / 1e6
+    );
     s
 }

@@ -12,13 +12,19 @@ pub type ParamSet = BTreeMap<String, Tensor>;
 
 /// Shapes by name, in the set's (sorted) order.
 pub fn layout(p: &ParamSet) -> Vec<(String, Vec<usize>)> {
-    p.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect()
+    p.iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect()
 }
 
 pub fn flatten(p: &ParamSet) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(p.values().map(|t| t.elem_count()).sum());
     for t in p.values() {
-        out.extend(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        out.extend(
+            t.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
     }
     Ok(out)
 }
@@ -28,7 +34,10 @@ pub fn unflatten(flat: &[f32], layout: &[(String, Vec<usize>)]) -> Result<ParamS
     let mut at = 0;
     for (name, shape) in layout {
         let n: usize = shape.iter().product();
-        out.insert(name.clone(), Tensor::from_slice(&flat[at..at + n], shape.as_slice(), &Device::Cpu)?);
+        out.insert(
+            name.clone(),
+            Tensor::from_slice(&flat[at..at + n], shape.as_slice(), &Device::Cpu)?,
+        );
         at += n;
     }
     Ok(out)

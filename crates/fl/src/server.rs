@@ -39,7 +39,12 @@ pub struct RoundOutcome {
 }
 
 impl Server {
-    pub fn new(strategy: Box<dyn Strategy>, global: ParamSet, seed: u64, clients_per_round: usize) -> Self {
+    pub fn new(
+        strategy: Box<dyn Strategy>,
+        global: ParamSet,
+        seed: u64,
+        clients_per_round: usize,
+    ) -> Self {
         Self {
             strategy,
             global,
@@ -83,18 +88,37 @@ impl Server {
             .map(|c| {
                 *self.bytes_down.entry(c).or_default() += bytes(&self.global);
                 let seed = Rng::derive(&[self.seed, self.round as u64, c as u64]);
-                (c, ToClient::Fit { round: self.round, params: self.global.clone(), config: config.clone(), seed })
+                (
+                    c,
+                    ToClient::Fit {
+                        round: self.round,
+                        params: self.global.clone(),
+                        config: config.clone(),
+                        seed,
+                    },
+                )
             })
             .collect())
     }
 
-    pub fn evaluate_requests(&mut self, clients: &[usize], splits: &[&str]) -> Vec<(usize, ToClient)> {
+    pub fn evaluate_requests(
+        &mut self,
+        clients: &[usize],
+        splits: &[&str],
+    ) -> Vec<(usize, ToClient)> {
         clients
             .iter()
             .map(|&c| {
                 *self.bytes_down.entry(c).or_default() += bytes(&self.global);
                 let splits = splits.iter().map(|s| s.to_string()).collect();
-                (c, ToClient::Evaluate { round: self.round, params: self.global.clone(), splits })
+                (
+                    c,
+                    ToClient::Evaluate {
+                        round: self.round,
+                        params: self.global.clone(),
+                        splits,
+                    },
+                )
             })
             .collect()
     }
@@ -108,28 +132,43 @@ impl Server {
                 let c = result.client;
                 if round != self.round || !self.asked.contains(&c) {
                     // Late, stray or from another round: logged by the caller, never aggregated.
-                    return Err(FlError::Protocol(format!("unexpected update from client {c} for round {round}")));
+                    return Err(FlError::Protocol(format!(
+                        "unexpected update from client {c} for round {round}"
+                    )));
                 }
                 if self.results.contains_key(&c) {
                     return Ok(()); // a retried upload
                 }
                 if result.params.keys().ne(self.global.keys()) {
-                    return Err(FlError::Protocol(format!("client {c} sent tensors that are not the global set")));
+                    return Err(FlError::Protocol(format!(
+                        "client {c} sent tensors that are not the global set"
+                    )));
                 }
                 for (k, t) in &result.params {
                     if t.dims() != self.global[k].dims() {
-                        return Err(FlError::Protocol(format!("client {c}: tensor `{k}` has shape {:?}", t.dims())));
+                        return Err(FlError::Protocol(format!(
+                            "client {c}: tensor `{k}` has shape {:?}",
+                            t.dims()
+                        )));
                     }
                 }
                 *self.bytes_up.entry(c).or_default() += bytes(&result.params);
                 self.results.insert(c, result);
             }
-            ToServer::EvalRes { round, client, losses } => {
+            ToServer::EvalRes {
+                round,
+                client,
+                losses,
+            } => {
                 if round == self.round {
                     self.evals.insert(client, losses);
                 }
             }
-            ToServer::Failed { round, client, reason } => {
+            ToServer::Failed {
+                round,
+                client,
+                reason,
+            } => {
                 if round == self.round && self.asked.contains(&client) {
                     self.failures.push(Failure { client, reason });
                 }
@@ -140,13 +179,18 @@ impl Server {
 
     /// Every asked client answered (or failed).
     pub fn round_complete(&self) -> bool {
-        self.asked.iter().all(|c| self.results.contains_key(c) || self.failures.iter().any(|f| f.client == *c))
+        self.asked
+            .iter()
+            .all(|c| self.results.contains_key(c) || self.failures.iter().any(|f| f.client == *c))
     }
 
     fn missing_to_failures(&mut self) {
         for c in &self.asked {
             if !self.results.contains_key(c) && !self.failures.iter().any(|f| f.client == *c) {
-                self.failures.push(Failure { client: *c, reason: "no answer".into() });
+                self.failures.push(Failure {
+                    client: *c,
+                    reason: "no answer".into(),
+                });
             }
         }
     }
@@ -155,18 +199,30 @@ impl Server {
     pub fn close_round_without_aggregation(&mut self) -> RoundOutcome {
         self.missing_to_failures();
         let results: Vec<FitResult> = self.results.values().cloned().collect();
-        RoundOutcome { round: self.round, results, failures: self.failures.clone(), updated: false }
+        RoundOutcome {
+            round: self.round,
+            results,
+            failures: self.failures.clone(),
+            updated: false,
+        }
     }
 
     /// Aggregates what arrived; clients that never answered count as failures.
     pub fn close_round(&mut self) -> Result<RoundOutcome> {
         self.missing_to_failures();
         let results: Vec<FitResult> = self.results.values().cloned().collect();
-        let new = self.strategy.aggregate_fit(self.round, &self.global, &results, &self.failures)?;
+        let new =
+            self.strategy
+                .aggregate_fit(self.round, &self.global, &results, &self.failures)?;
         let updated = new.is_some();
         if let Some(g) = new {
             self.global = g;
         }
-        Ok(RoundOutcome { round: self.round, results, failures: self.failures.clone(), updated })
+        Ok(RoundOutcome {
+            round: self.round,
+            results,
+            failures: self.failures.clone(),
+            updated,
+        })
     }
 }

@@ -66,7 +66,10 @@ fn adapter_config(cfg: &RunConfig, model: &CausalLm) -> AdapterConfig {
             prefix_projection: false,
             encoder_hidden_size: None,
         }),
-        "prompt" => AdapterConfig::Prompt(PromptConfig { num_virtual_tokens: a.virtual_tokens, init_text: None }),
+        "prompt" => AdapterConfig::Prompt(PromptConfig {
+            num_virtual_tokens: a.virtual_tokens,
+            init_text: None,
+        }),
         "ptuning" => AdapterConfig::Ptuning(PtuningConfig {
             num_virtual_tokens: a.virtual_tokens,
             encoder_hidden_size: a.encoder_hidden,
@@ -89,7 +92,11 @@ fn train_config(cfg: &RunConfig) -> TrainConfig {
         optimizer: if t.optimizer == "adamw" {
             OptimizerConfig::adamw(t.weight_decay)
         } else {
-            OptimizerConfig::Sgd { momentum: t.momentum, weight_decay: t.weight_decay, nesterov: false }
+            OptimizerConfig::Sgd {
+                momentum: t.momentum,
+                weight_decay: t.weight_decay,
+                nesterov: false,
+            }
         },
         schedule: Schedule::constant(),
         grad_accum: t.grad_accum,
@@ -103,7 +110,11 @@ fn splitter(name: &str, alpha: f64) -> Result<Splitter> {
         "dirichlet" => Splitter::Dirichlet { alpha, min_size: 1 },
         "meta" => Splitter::Meta,
         "size-skew" => Splitter::SizeSkew { gamma: 1.0 },
-        o => return Err(FlError::Config(format!("data.splitter `{o}` (iid, dirichlet, meta, size-skew)"))),
+        o => {
+            return Err(FlError::Config(format!(
+                "data.splitter `{o}` (iid, dirichlet, meta, size-skew)"
+            )))
+        }
     })
 }
 
@@ -117,9 +128,26 @@ impl Simulation {
             None => {
                 let format: Format = d.format.parse()?;
                 let train = PathBuf::from(&d.source);
-                let fr = if d.test_source.is_some() { [1.0, 0.0, 0.0] } else { [0.9, 0.05, 0.05] };
-                let src = Source { train, test: d.test_source.clone(), format: Some(format), derive_category: false };
-                (src, SplitConfig { splitter: Splitter::Iid, clients: 1, seed: cfg.federate.seed, fractions: fr })
+                let fr = if d.test_source.is_some() {
+                    [1.0, 0.0, 0.0]
+                } else {
+                    [0.9, 0.05, 0.05]
+                };
+                let src = Source {
+                    train,
+                    test: d.test_source.clone(),
+                    format: Some(format),
+                    derive_category: false,
+                };
+                (
+                    src,
+                    SplitConfig {
+                        splitter: Splitter::Iid,
+                        clients: 1,
+                        seed: cfg.federate.seed,
+                        fractions: fr,
+                    },
+                )
             }
         };
         split.clients = cfg.federate.client_num;
@@ -132,16 +160,30 @@ impl Simulation {
         let fed = build(&source, &split)?;
 
         let opts = LoadOptions {
-            dtype: if cfg.model.dtype == "bf16" { DType::BF16 } else { DType::F32 },
-            quant: if cfg.model.quant == "keep" { QuantMode::Keep } else { QuantMode::Dequantize },
+            dtype: if cfg.model.dtype == "bf16" {
+                DType::BF16
+            } else {
+                DType::F32
+            },
+            quant: if cfg.model.quant == "keep" {
+                QuantMode::Keep
+            } else {
+                QuantMode::Dequantize
+            },
             ..Default::default()
         };
         let loaded = CausalLm::load(&cfg.model.path, opts)?;
         let mut model = loaded.model;
-        let tokenizer = loaded.tokenizer.ok_or_else(|| FlError::Config("the model has no tokenizer".into()))?;
+        let tokenizer = loaded
+            .tokenizer
+            .ok_or_else(|| FlError::Config("the model has no tokenizer".into()))?;
         let template: Template = d.template.parse()?;
         let tok = |recs: Vec<&Record>, cap: Option<usize>| -> Result<Vec<Sample>> {
-            let owned: Vec<Record> = recs.into_iter().take(cap.unwrap_or(usize::MAX)).cloned().collect();
+            let owned: Vec<Record> = recs
+                .into_iter()
+                .take(cap.unwrap_or(usize::MAX))
+                .cloned()
+                .collect();
             Ok(tokenize_all(&owned, template, &tokenizer, d.tok_len)?.0)
         };
         let eval_cap = cfg.eval.max_samples;
@@ -151,11 +193,19 @@ impl Simulation {
                 ("val".to_string(), tok(fed.client("val", c), eval_cap)?),
                 ("test".to_string(), tok(fed.client("test", c), eval_cap)?),
             ]);
-            clients.push(Client { id: c, train: tok(fed.client("train", c), d.max_train_per_client)?, splits });
+            clients.push(Client {
+                id: c,
+                train: tok(fed.client("train", c), d.max_train_per_client)?,
+                splits,
+            });
         }
         if cfg.federate.baseline == Baseline::Global {
             // One client holding everyone's data.
-            let mut all = Client { id: 0, train: vec![], splits: BTreeMap::new() };
+            let mut all = Client {
+                id: 0,
+                train: vec![],
+                splits: BTreeMap::new(),
+            };
             for c in clients.drain(..) {
                 all.train.extend(c.train);
                 for (k, v) in c.splits {
@@ -165,26 +215,51 @@ impl Simulation {
             clients.push(all);
         }
         if let Some(c) = clients.iter().find(|c| c.train.is_empty()) {
-            return Err(FlError::Config(format!("client {} has no training samples (more data or fewer clients)", c.id)));
+            return Err(FlError::Config(format!(
+                "client {} has no training samples (more data or fewer clients)",
+                c.id
+            )));
         }
         let server_test = tok(fed.server_test(), eval_cap)?;
 
-        let adapter = Adapter::init(&model, adapter_config(&cfg, &model), cfg.federate.seed, Some(&tokenizer))?;
+        let adapter = Adapter::init(
+            &model,
+            adapter_config(&cfg, &model),
+            cfg.federate.seed,
+            Some(&tokenizer),
+        )?;
         adapter.attach(&mut model, true)?;
         let initial = snapshot(&adapter)?;
-        let per_round = if cfg.federate.baseline == Baseline::Global { 1 } else { cfg.clients_per_round() };
+        let per_round = if cfg.federate.baseline == Baseline::Global {
+            1
+        } else {
+            cfg.clients_per_round()
+        };
         let strat = strategy::build(&cfg.federate.strategy, &cfg.federate.strategy_params);
         let mut server = Server::new(strat, initial.clone(), cfg.federate.seed, per_round);
         for c in &clients {
             server.on_message(ToServer::Join { client: c.id })?;
         }
-        let pad_id = tokenizer.pad_token_id.or(tokenizer.eos_token_ids.first().copied()).unwrap_or(0);
-        std::fs::create_dir_all(&cfg.outdir).map_err(|e| FlError::File { path: cfg.outdir.clone(), msg: e.to_string() })?;
+        let pad_id = tokenizer
+            .pad_token_id
+            .or(tokenizer.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        std::fs::create_dir_all(&cfg.outdir).map_err(|e| FlError::File {
+            path: cfg.outdir.clone(),
+            msg: e.to_string(),
+        })?;
         let cp = cfg.outdir.join("config.yaml");
-        std::fs::write(&cp, cfg.to_yaml()).map_err(|e| FlError::File { path: cp, msg: e.to_string() })?;
+        std::fs::write(&cp, cfg.to_yaml()).map_err(|e| FlError::File {
+            path: cp,
+            msg: e.to_string(),
+        })?;
         let mf = cfg.outdir.join("data_manifest.json");
-        std::fs::write(&mf, serde_json::to_string(&fed.manifest).expect("json"))
-            .map_err(|e| FlError::File { path: mf, msg: e.to_string() })?;
+        std::fs::write(&mf, serde_json::to_string(&fed.manifest).expect("json")).map_err(|e| {
+            FlError::File {
+                path: mf,
+                msg: e.to_string(),
+            }
+        })?;
         Ok(Self {
             train: train_config(&cfg),
             cfg,
@@ -225,7 +300,11 @@ impl Simulation {
             model: &self.model,
             adapter: &self.adapter,
             train: &self.train,
-            budget: if t.batch_or_epoch == "epoch" { Budget::Epochs(t.local_update_steps) } else { Budget::Steps(t.local_update_steps) },
+            budget: if t.batch_or_epoch == "epoch" {
+                Budget::Epochs(t.local_update_steps)
+            } else {
+                Budget::Steps(t.local_update_steps)
+            },
             batch_size: t.batch_size,
             eval_batch_size: self.cfg.eval.batch_size,
             pad_id: self.pad_id,
@@ -237,7 +316,12 @@ impl Simulation {
             return Ok(None);
         }
         self.adapter.set_tensors(params)?;
-        let b = eval_batches(&self.server_test, self.cfg.eval.batch_size, self.pad_id, &self.model.device)?;
+        let b = eval_batches(
+            &self.server_test,
+            self.cfg.eval.batch_size,
+            self.pad_id,
+            &self.model.device,
+        )?;
         Ok(Some(eval_loss(&self.model, &self.adapter, &b)?.0))
     }
 
@@ -248,11 +332,19 @@ impl Simulation {
         let ids: Vec<usize> = self.clients.iter().map(|c| c.id).collect();
         for id in ids {
             let params = match self.cfg.federate.baseline {
-                Baseline::Local => self.local.get(&id).cloned().unwrap_or_else(|| self.initial.clone()),
+                Baseline::Local => self
+                    .local
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| self.initial.clone()),
                 _ => self.server.global.clone(),
             };
             *self.server.bytes_down.entry(id).or_default() += bytes(&params);
-            let msg = ToClient::Evaluate { round: self.server.round, params, splits: vec!["val".into(), "test".into()] };
+            let msg = ToClient::Evaluate {
+                round: self.server.round,
+                params,
+                splits: vec!["val".into(), "test".into()],
+            };
             let client = &self.clients[id.min(self.clients.len() - 1)];
             if let Some(ToServer::EvalRes { losses, .. }) = client.handle(msg, &self.shared())? {
                 for (split, l, n) in losses {
@@ -294,12 +386,23 @@ impl Simulation {
             best_round: self.best.map(|b| b.0),
             best_loss: self.best.map(|b| b.1),
         };
-        checkpoint::save(&self.cfg.outdir, &self.server.global, &self.server.strategy.state()?, &self.local, &state)
+        checkpoint::save(
+            &self.cfg.outdir,
+            &self.server.global,
+            &self.server.strategy.state()?,
+            &self.local,
+            &state,
+        )
     }
 
     /// Runs the remaining rounds. `stop_after` ends early after that round (as a crash would;
     /// tests use it), `log` receives one line per round.
-    pub fn run(&mut self, progress: bool, stop_after: Option<usize>, mut log: impl FnMut(&str)) -> Result<Summary> {
+    pub fn run(
+        &mut self,
+        progress: bool,
+        stop_after: Option<usize>,
+        mut log: impl FnMut(&str),
+    ) -> Result<Summary> {
         let total = self.cfg.federate.total_round_num;
         let freq = self.cfg.eval.freq;
         if self.records.is_empty() && freq > 0 {
@@ -318,15 +421,21 @@ impl Simulation {
             if self.cfg.federate.baseline == Baseline::Local {
                 for (c, msg) in reqs.iter_mut() {
                     if let ToClient::Fit { params, .. } = msg {
-                        *params = self.local.get(c).cloned().unwrap_or_else(|| self.initial.clone());
+                        *params = self
+                            .local
+                            .get(c)
+                            .cloned()
+                            .unwrap_or_else(|| self.initial.clone());
                     }
                 }
             }
             let bar = if progress {
                 let b = indicatif::ProgressBar::new(reqs.len() as u64);
                 b.set_style(
-                    indicatif::ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} clients {elapsed}")
-                        .expect("template"),
+                    indicatif::ProgressStyle::with_template(
+                        "round {msg} [{bar:30}] {pos}/{len} clients {elapsed}",
+                    )
+                    .expect("template"),
                 );
                 b.set_message(format!("{round}/{total}"));
                 b
@@ -338,7 +447,11 @@ impl Simulation {
                 let msg = match reply {
                     Ok(Some(m)) => m,
                     Ok(None) => continue,
-                    Err(e) => ToServer::Failed { round, client: c, reason: e.to_string() },
+                    Err(e) => ToServer::Failed {
+                        round,
+                        client: c,
+                        reason: e.to_string(),
+                    },
                 };
                 if let Err(e) = self.server.on_message(msg) {
                     log(&format!("round {round}: ignored message: {e}"));
@@ -360,7 +473,10 @@ impl Simulation {
             rec.clients = self.server.history.last().cloned().unwrap_or_default();
             rec.failed = outcome.failures.iter().map(|f| f.client).collect();
             for f in &outcome.failures {
-                log(&format!("round {round}: client {} failed: {}", f.client, f.reason));
+                log(&format!(
+                    "round {round}: client {} failed: {}",
+                    f.client, f.reason
+                ));
             }
             let mut tok = 0f64;
             let mut sum = 0f64;
@@ -372,7 +488,7 @@ impl Simulation {
                 tok += n;
             }
             rec.train_loss = (tok > 0.0).then(|| sum / tok);
-            if freq > 0 && (round % freq == 0 || round == total) {
+            if freq > 0 && (round.is_multiple_of(freq) || round == total) {
                 self.evaluate(&mut rec)?;
             }
             rec.bytes_down_per_client = self.server.bytes_down.clone();
@@ -384,7 +500,7 @@ impl Simulation {
             self.records.push(rec);
             write_all(&self.cfg.outdir, &self.records)?;
             let sf = self.cfg.federate.save_freq;
-            if sf > 0 && (round % sf == 0 || round == total) {
+            if sf > 0 && (round.is_multiple_of(sf) || round == total) {
                 self.save_checkpoint()?;
             }
             if stop_after == Some(round) {
@@ -394,12 +510,23 @@ impl Simulation {
         write_all(&self.cfg.outdir, &self.records)?;
         let adapter_dir = self.cfg.outdir.join("adapter");
         self.adapter.set_tensors(&self.server.global)?;
-        let base = self.cfg.model.path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let base = self
+            .cfg
+            .model
+            .path
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         fedllm_peft::io::save(&self.adapter, &self.model, &adapter_dir, &base)?;
         if self.cfg.federate.baseline == Baseline::Local {
             for (c, p) in &self.local {
                 self.adapter.set_tensors(p)?;
-                fedllm_peft::io::save(&self.adapter, &self.model, &self.cfg.outdir.join(format!("adapter_client_{c}")), &base)?;
+                fedllm_peft::io::save(
+                    &self.adapter,
+                    &self.model,
+                    &self.cfg.outdir.join(format!("adapter_client_{c}")),
+                    &base,
+                )?;
             }
         }
         Ok(Summary {

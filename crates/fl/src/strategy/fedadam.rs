@@ -17,7 +17,14 @@ pub struct FedAdam {
 
 impl FedAdam {
     pub fn new(eta: f64, beta1: f64, beta2: f64, tau: f64) -> Self {
-        Self { eta, beta1, beta2, tau, m: None, v: None }
+        Self {
+            eta,
+            beta1,
+            beta2,
+            tau,
+            m: None,
+            v: None,
+        }
     }
 }
 
@@ -28,7 +35,9 @@ pub(crate) fn adaptive_step(
     results: &[FitResult],
     second: impl Fn(f32, f32, f32) -> f32,
 ) -> Result<Option<ParamSet>> {
-    let Some(avg) = weighted_average(global, results)? else { return Ok(None) };
+    let Some(avg) = weighted_average(global, results)? else {
+        return Ok(None);
+    };
     let g = flatten(global)?;
     let n = g.len();
     let m = s.m.get_or_insert_with(|| vec![0.0; n]);
@@ -49,7 +58,13 @@ impl Strategy for FedAdam {
         "fedadam"
     }
 
-    fn aggregate_fit(&mut self, _r: usize, global: &ParamSet, results: &[FitResult], _f: &[Failure]) -> Result<Option<ParamSet>> {
+    fn aggregate_fit(
+        &mut self,
+        _r: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        _f: &[Failure],
+    ) -> Result<Option<ParamSet>> {
         adaptive_step(self, global, results, |v, d2, b2| b2 * v + (1.0 - b2) * d2)
     }
 

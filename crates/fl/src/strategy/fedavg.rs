@@ -8,7 +8,10 @@ use crate::params::{layout, unflatten, ParamSet};
 pub struct FedAvg;
 
 /// Shared by the strategies that start from the weighted mean.
-pub(crate) fn weighted_average(global: &ParamSet, results: &[FitResult]) -> Result<Option<Vec<f32>>> {
+pub(crate) fn weighted_average(
+    global: &ParamSet,
+    results: &[FitResult],
+) -> Result<Option<Vec<f32>>> {
     if results.is_empty() {
         return Ok(None);
     }
@@ -23,7 +26,13 @@ impl Strategy for FedAvg {
         "fedavg"
     }
 
-    fn aggregate_fit(&mut self, _round: usize, global: &ParamSet, results: &[FitResult], _f: &[Failure]) -> Result<Option<ParamSet>> {
+    fn aggregate_fit(
+        &mut self,
+        _round: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        _f: &[Failure],
+    ) -> Result<Option<ParamSet>> {
         match weighted_average(global, results)? {
             Some(avg) => Ok(Some(unflatten(&avg, &layout(global))?)),
             None => Ok(None),

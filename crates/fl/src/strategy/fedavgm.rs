@@ -13,7 +13,11 @@ pub struct FedAvgM {
 
 impl FedAvgM {
     pub fn new(lr: f64, momentum: f64) -> Self {
-        Self { lr, momentum, v: None }
+        Self {
+            lr,
+            momentum,
+            v: None,
+        }
     }
 }
 
@@ -22,8 +26,16 @@ impl Strategy for FedAvgM {
         "fedavgm"
     }
 
-    fn aggregate_fit(&mut self, _round: usize, global: &ParamSet, results: &[FitResult], _f: &[Failure]) -> Result<Option<ParamSet>> {
-        let Some(avg) = weighted_average(global, results)? else { return Ok(None) };
+    fn aggregate_fit(
+        &mut self,
+        _round: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        _f: &[Failure],
+    ) -> Result<Option<ParamSet>> {
+        let Some(avg) = weighted_average(global, results)? else {
+            return Ok(None);
+        };
         let g = flatten(global)?;
         let v = self.v.get_or_insert_with(|| vec![0.0; g.len()]);
         let (b, lr) = (self.momentum as f32, self.lr as f32);
@@ -50,7 +62,10 @@ pub(crate) fn state_of(vs: &[(&str, &Option<Vec<f32>>)]) -> Result<ParamSet> {
     let mut p = ParamSet::new();
     for (k, v) in vs {
         if let Some(v) = v {
-            p.insert(k.to_string(), candle_core::Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?);
+            p.insert(
+                k.to_string(),
+                candle_core::Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?,
+            );
         }
     }
     Ok(p)

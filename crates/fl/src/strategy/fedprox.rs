@@ -15,10 +15,18 @@ impl Strategy for FedProx {
     }
 
     fn configure_fit(&self, _round: usize) -> FitConfig {
-        FitConfig { proximal_mu: self.mu }
+        FitConfig {
+            proximal_mu: self.mu,
+        }
     }
 
-    fn aggregate_fit(&mut self, round: usize, global: &ParamSet, results: &[FitResult], f: &[Failure]) -> Result<Option<ParamSet>> {
+    fn aggregate_fit(
+        &mut self,
+        round: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        f: &[Failure],
+    ) -> Result<Option<ParamSet>> {
         FedAvg.aggregate_fit(round, global, results, f)
     }
 }

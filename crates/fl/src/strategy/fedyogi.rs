@@ -19,8 +19,16 @@ impl Strategy for FedYogi {
         "fedyogi"
     }
 
-    fn aggregate_fit(&mut self, _r: usize, global: &ParamSet, results: &[FitResult], _f: &[Failure]) -> Result<Option<ParamSet>> {
-        adaptive_step(&mut self.0, global, results, |v, d2, b2| v - (1.0 - b2) * d2 * (v - d2).signum())
+    fn aggregate_fit(
+        &mut self,
+        _r: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        _f: &[Failure],
+    ) -> Result<Option<ParamSet>> {
+        adaptive_step(&mut self.0, global, results, |v, d2, b2| {
+            v - (1.0 - b2) * d2 * (v - d2).signum()
+        })
     }
 
     fn state(&self) -> Result<ParamSet> {

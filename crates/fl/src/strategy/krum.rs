@@ -16,7 +16,13 @@ impl Strategy for Krum {
         "krum"
     }
 
-    fn aggregate_fit(&mut self, _r: usize, global: &ParamSet, results: &[FitResult], _f: &[Failure]) -> Result<Option<ParamSet>> {
+    fn aggregate_fit(
+        &mut self,
+        _r: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        _f: &[Failure],
+    ) -> Result<Option<ParamSet>> {
         if results.is_empty() {
             return Ok(None);
         }

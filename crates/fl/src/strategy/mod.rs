@@ -70,7 +70,10 @@ pub(crate) fn flat_results(results: &[FitResult]) -> Result<(Vec<Vec<f32>>, Vec<
     for r in results {
         flats.push(crate::params::flatten(&r.params)?);
     }
-    Ok((flats, results.iter().map(|r| r.num_samples as f64).collect()))
+    Ok((
+        flats,
+        results.iter().map(|r| r.num_samples as f64).collect(),
+    ))
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -122,10 +125,109 @@ pub fn build(kind: &StrategyKind, p: &StrategyParams) -> Box<dyn Strategy> {
         StrategyKind::Fedavg => Box::new(fedavg::FedAvg),
         StrategyKind::Fedprox => Box::new(fedprox::FedProx { mu: p.proximal_mu }),
         StrategyKind::Fedavgm => Box::new(fedavgm::FedAvgM::new(p.server_lr, p.server_momentum)),
-        StrategyKind::Fedadam => Box::new(fedadam::FedAdam::new(p.server_lr, p.beta1, p.beta2, p.tau)),
-        StrategyKind::Fedyogi => Box::new(fedyogi::FedYogi::new(p.server_lr, p.beta1, p.beta2, p.tau)),
+        StrategyKind::Fedadam => {
+            Box::new(fedadam::FedAdam::new(p.server_lr, p.beta1, p.beta2, p.tau))
+        }
+        StrategyKind::Fedyogi => {
+            Box::new(fedyogi::FedYogi::new(p.server_lr, p.beta1, p.beta2, p.tau))
+        }
         StrategyKind::Median => Box::new(median::Median),
         StrategyKind::TrimmedMean => Box::new(trimmed_mean::TrimmedMean { beta: p.trim_ratio }),
-        StrategyKind::Krum => Box::new(krum::Krum { byzantine: p.krum_byzantine, select: p.krum_select }),
+        StrategyKind::Krum => Box::new(krum::Krum {
+            byzantine: p.krum_byzantine,
+            select: p.krum_select,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn set(v: &[f32]) -> ParamSet {
+        ParamSet::from([(
+            "w".to_string(),
+            Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap(),
+        )])
+    }
+
+    fn res(v: &[f32], n: usize) -> FitResult {
+        FitResult {
+            client: n,
+            params: set(v),
+            num_samples: n,
+            metrics: Default::default(),
+        }
+    }
+
+    fn get(p: &ParamSet) -> Vec<f32> {
+        p["w"].to_vec1().unwrap()
+    }
+
+    /// Reddi et al.'s server update written out independently in f64, three rounds.
+    #[test]
+    fn fedadam_and_fedyogi_follow_the_reference_formula() {
+        let clients = [res(&[1.5, 1.0, -0.2], 1), res(&[0.5, 3.0, 0.4], 3)];
+        let (eta, b1, b2, tau) = (0.1, 0.9, 0.99, 1e-3);
+        for yogi in [false, true] {
+            let mut s: Box<dyn Strategy> = if yogi {
+                Box::new(fedyogi::FedYogi::new(eta, b1, b2, tau))
+            } else {
+                Box::new(fedadam::FedAdam::new(eta, b1, b2, tau))
+            };
+            let mut g = set(&[1.0, 2.0, 0.0]);
+            let (mut w, mut m, mut v) = (vec![1.0f64, 2.0, 0.0], vec![0.0f64; 3], vec![0.0f64; 3]);
+            for round in 1..=3 {
+                g = s.aggregate_fit(round, &g, &clients, &[]).unwrap().unwrap();
+                for i in 0..3 {
+                    let avg = (get(&clients[0].params)[i] as f64 * 1.0
+                        + get(&clients[1].params)[i] as f64 * 3.0)
+                        / 4.0;
+                    let d = avg - w[i];
+                    m[i] = b1 * m[i] + (1.0 - b1) * d;
+                    v[i] = if yogi {
+                        v[i] - (1.0 - b2) * d * d * (v[i] - d * d).signum()
+                    } else {
+                        b2 * v[i] + (1.0 - b2) * d * d
+                    };
+                    w[i] += eta * m[i] / (v[i].sqrt() + tau);
+                }
+                for (a, b) in get(&g).iter().zip(&w) {
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-5,
+                        "yogi={yogi} round {round}: {a} vs {b}"
+                    );
+                }
+            }
+            // The state survives a checkpoint round trip.
+            let st = s.state().unwrap();
+            assert_eq!(st.len(), 2);
+        }
+    }
+
+    #[test]
+    fn fedavg_weights_by_samples_and_fedavgm_adds_momentum() {
+        let r = [res(&[1.0, 0.0], 1), res(&[3.0, 4.0], 3)];
+        let g = set(&[0.0, 0.0]);
+        let a = fedavg::FedAvg
+            .aggregate_fit(1, &g, &r, &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(get(&a), vec![2.5, 3.0]);
+        assert!(
+            fedavg::FedAvg
+                .aggregate_fit(1, &g, &[], &[])
+                .unwrap()
+                .is_none(),
+            "no results keep the global"
+        );
+        // FedAvgM with lr 1, momentum 0.5: v1 = Δ, w1 = avg; v2 = 0.5 v1 + Δ2.
+        let mut m = fedavgm::FedAvgM::new(1.0, 0.5);
+        let w1 = m.aggregate_fit(1, &g, &r, &[]).unwrap().unwrap();
+        assert_eq!(get(&w1), vec![2.5, 3.0]);
+        let w2 = m.aggregate_fit(2, &w1, &r, &[]).unwrap().unwrap();
+        // Δ2 = 0 → v2 = 0.5·(−2.5, −3) → w2 = w1 + (1.25, 1.5)
+        assert_eq!(get(&w2), vec![3.75, 4.5]);
     }
 }

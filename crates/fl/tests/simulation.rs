@@ -1,0 +1,305 @@
+//! The federated runtime end to end on the tiny golden LLaMA (seconds): a 3-client run, every
+//! strategy and baseline, determinism, bit-identical resume, FedAvg with one client equal to
+//! plain local training, and 1,000 clients with 10 per round.
+
+use std::path::{Path, PathBuf};
+
+use fedllm_fl::params::ParamSet;
+use fedllm_fl::{RunConfig, Simulation};
+use fedllm_model::rng::Rng;
+use fedllm_model::{CausalLm, LoadOptions};
+use fedllm_train::finetune::{train_loop, Budget, LoopOptions};
+use fedllm_train::Trainer;
+
+fn tiny() -> PathBuf {
+    std::env::var_os("FEDLLM_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+        .join("llama-tiny")
+}
+
+/// A learnable toy instruction set with categories.
+fn data(dir: &Path, n: usize) -> PathBuf {
+    let words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"];
+    let mut rng = Rng::new(1);
+    let mut lines = Vec::new();
+    for i in 0..n {
+        let w = words[(rng.next_u64() % words.len() as u64) as usize];
+        let cat = ["a", "b", "c", "d"][i % 4];
+        lines.push(serde_json::json!({"instruction": format!("Repeat: {w}\n"), "input": "", "output": format!("{w} {w}"), "category": cat}).to_string());
+    }
+    let p = dir.join("data.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn config(dir: &Path, data: &Path, extra: &[&str]) -> RunConfig {
+    let mut o: Vec<String> = vec![
+        format!("data.source={}", data.display()),
+        "data.template=raw".into(),
+        "data.tok_len=64".into(),
+        format!("model.path={}", tiny().display()),
+        "federate.client_num=3".into(),
+        "federate.sample_client_num=3".into(),
+        "federate.total_round_num=3".into(),
+        "train.local_update_steps=3".into(),
+        "train.batch_size=4".into(),
+        "train.optimizer=adamw".into(),
+        "train.lr=0.01".into(),
+        "adapter.r=4".into(),
+        "adapter.dropout=0.1".into(),
+        "eval.max_samples=8".into(),
+        format!("outdir={}", dir.join("run").display()),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    RunConfig::from_yaml("", &o).unwrap()
+}
+
+fn bits(p: &ParamSet) -> Vec<(String, Vec<u32>)> {
+    p.iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn three_clients_fedavg_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 120);
+    let mut sim = Simulation::new(config(tmp.path(), &d, &[])).unwrap();
+    let s = sim.run(false, None, |l| println!("{l}")).unwrap();
+    assert_eq!(s.records.len(), 4, "round 0 evaluation + 3 rounds");
+    let first = s.records[0].server_test_loss.unwrap();
+    let last = s.records[3].server_test_loss.unwrap();
+    assert!(last < first, "held-out loss {first} → {last}");
+    let out = tmp.path().join("run");
+    for f in [
+        "metrics.jsonl",
+        "metrics.csv",
+        "loss.svg",
+        "config.yaml",
+        "data_manifest.json",
+        "checkpoint/state.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    // Byte accounting: each client downloads the global adapter for training and evaluation,
+    // and uploads one update per round.
+    let per = sim.adapter.num_trainable() * 4;
+    assert_eq!(s.records[1].bytes_up, 3 * per);
+    assert_eq!(s.records[1].bytes_down, 3 * per + 3 * per);
+    assert!(
+        std::fs::read_to_string(out.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            == 5
+    );
+}
+
+#[test]
+fn same_seed_same_adapter_and_resume_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 90);
+    let run = |name: &str, stop: Option<usize>| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sim = Simulation::new(config(
+            &dir,
+            &d,
+            &["federate.strategy=fedadam", "federate.server_lr=0.05"],
+        ))
+        .unwrap();
+        sim.run(false, stop, |_| {}).unwrap();
+        (dir.join("run"), sim.server.global.clone())
+    };
+    let (_, a) = run("a", None);
+    let (_, b) = run("b", None);
+    assert_eq!(bits(&a), bits(&b), "same seed must give identical adapters");
+    // Interrupted after round 2, then resumed: identical to the uninterrupted run.
+    let (dir_c, _) = run("c", Some(2));
+    let mut sim = Simulation::resume(&dir_c, &[]).unwrap();
+    assert_eq!(sim.server.round, 2);
+    let s = sim.run(false, None, |_| {}).unwrap();
+    assert_eq!(
+        bits(&sim.server.global),
+        bits(&a),
+        "resumed run differs from the uninterrupted one"
+    );
+    assert_eq!(s.records.len(), 4);
+    let (_, other) = {
+        let dir = tmp.path().join("d");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sim = Simulation::new(config(
+            &dir,
+            &d,
+            &[
+                "federate.strategy=fedadam",
+                "federate.server_lr=0.05",
+                "federate.seed=9",
+            ],
+        ))
+        .unwrap();
+        sim.run(false, None, |_| {}).unwrap();
+        ((), sim.server.global.clone())
+    };
+    assert_ne!(bits(&other), bits(&a), "another seed, another run");
+}
+
+#[test]
+fn fedavg_one_client_equals_local_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 40);
+    let cfg = config(
+        tmp.path(),
+        &d,
+        &[
+            "federate.client_num=1",
+            "federate.sample_client_num=1",
+            "federate.total_round_num=1",
+            "adapter.dropout=0.0",
+            "eval.freq=0",
+            "train.local_update_steps=5",
+        ],
+    );
+    let mut sim = Simulation::new(cfg.clone()).unwrap();
+    let initial = fedllm_fl::client::snapshot(&sim.adapter).unwrap();
+    let samples = sim.clients[0].train.clone();
+    sim.run(false, None, |_| {}).unwrap();
+
+    // The same training without any federation code.
+    let mut model = CausalLm::load(&tiny(), LoadOptions::default())
+        .unwrap()
+        .model;
+    let adapter =
+        fedllm_peft::Adapter::from_tensors(&model, sim.adapter.config.clone(), initial, 0).unwrap();
+    adapter.attach(&mut model, true).unwrap();
+    let tc = fedllm_train::TrainConfig {
+        lr: 0.01,
+        optimizer: fedllm_train::OptimizerConfig::adamw(0.0),
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(tc).unwrap();
+    let seed = Rng::derive(&[cfg.federate.seed, 1, 0]);
+    let o = LoopOptions {
+        budget: Budget::Steps(5),
+        batch_size: 4,
+        pad_id: sim.tokenizer.pad_token_id.unwrap_or(2),
+        seed,
+        group_by_length: false,
+        metrics: None,
+    };
+    train_loop(&model, &adapter, &mut trainer, &samples, &o, |_| {}).unwrap();
+    assert_eq!(bits(&adapter.tensors()), bits(&sim.server.global));
+}
+
+#[test]
+fn every_strategy_and_baseline_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 90);
+    for (i, extra) in [
+        vec!["federate.strategy=fedprox", "federate.proximal_mu=0.1"],
+        vec![
+            "federate.strategy=fedavgm",
+            "federate.server_lr=1.0",
+            "federate.server_momentum=0.5",
+        ],
+        vec!["federate.strategy=fedyogi", "federate.server_lr=0.05"],
+        vec!["federate.strategy=median"],
+        vec!["federate.strategy=trimmed_mean", "federate.trim_ratio=0.34"],
+        vec!["federate.strategy=krum", "federate.krum_byzantine=0"],
+        vec!["federate.baseline=global"],
+        vec!["federate.baseline=local"],
+        vec!["federate.sample_client_rate=0.34", "data.splitter=meta"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tmp.path().join(format!("s{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut all = extra.clone();
+        all.push("federate.total_round_num=2");
+        let mut sim = Simulation::new(config(&dir, &d, &all)).unwrap();
+        let s = sim.run(false, None, |_| {}).unwrap();
+        let last = s.records.last().unwrap();
+        let held = last.server_test_loss.or(last.client_val_loss).unwrap();
+        println!(
+            "{extra:?}: clients {:?}, held-out {:.4} → {held:.4}",
+            last.clients,
+            s.records[0]
+                .server_test_loss
+                .or(s.records[0].client_val_loss)
+                .unwrap()
+        );
+        assert!(held.is_finite());
+        for t in sim.server.global.values() {
+            assert!(t
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .all(|x| x.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn thousand_clients_ten_per_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 2000);
+    let cfg = config(
+        tmp.path(),
+        &d,
+        &[
+            "federate.client_num=1000",
+            "federate.sample_client_num=10",
+            "federate.total_round_num=2",
+            "train.local_update_steps=1",
+            "eval.freq=0",
+            "data.splits=[1.0, 0.0, 0.0]",
+        ],
+    );
+    let mut sim = Simulation::new(cfg).unwrap();
+    assert_eq!(sim.clients.len(), 1000);
+    let s = sim.run(false, None, |_| {}).unwrap();
+    assert_eq!(s.records.len(), 2);
+    assert_eq!(s.records[1].clients.len(), 10);
+    assert_ne!(
+        s.records[0].clients, s.records[1].clients,
+        "clients are sampled per round"
+    );
+}
+
+#[test]
+fn config_errors_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("c.yaml");
+    std::fs::write(&p, "federate:\n  client_nun: 3\n").unwrap();
+    let e = RunConfig::from_file(&p, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("c.yaml")
+            && e.contains("federate.client_nun")
+            && e.contains("federate.client_num"),
+        "{e}"
+    );
+    let e = RunConfig::from_yaml("", &["train.optimizer=adam".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train.optimizer"), "{e}");
+    let e = RunConfig::from_yaml("", &["novalue".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("key.sub=value"), "{e}");
+}
