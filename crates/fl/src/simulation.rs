@@ -32,6 +32,9 @@ use crate::params::{bytes, ParamSet};
 use crate::server::Server;
 use crate::strategy;
 
+/// Up to this many clients, every client is evaluated at each evaluation round.
+const MAX_EVAL_ALL_CLIENTS: usize = 32;
+
 pub struct Simulation {
     pub cfg: RunConfig,
     pub model: CausalLm,
@@ -329,7 +332,15 @@ impl Simulation {
     /// `local` baseline); token-weighted means.
     fn eval_clients(&mut self) -> Result<(Option<f64>, Option<f64>)> {
         let mut acc: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-        let ids: Vec<usize> = self.clients.iter().map(|c| c.id).collect();
+        // Many clients: evaluate the round's sampled ones (round 0: the first k), not everyone.
+        let ids: Vec<usize> = if self.clients.len() <= MAX_EVAL_ALL_CLIENTS {
+            self.clients.iter().map(|c| c.id).collect()
+        } else {
+            match self.server.history.last() {
+                Some(h) => h.clone(),
+                None => (0..self.server.clients_per_round.min(self.clients.len())).collect(),
+            }
+        };
         for id in ids {
             let params = match self.cfg.federate.baseline {
                 Baseline::Local => self

@@ -88,7 +88,41 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention. q: [B, H, T, D], k/v: [B, H, S, D], bias: [B, 1, T, S] additive.
+/// On the CPU in f32/bf16 this is one op whose backward recomputes the probabilities, so no
+/// [B, H, T, S] intermediate is kept between forward and backward (and the softmax runs on all
+/// cores); elsewhere (and in f64, for gradient checks) it is the composite below.
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
+        let (b, h, t, _) = q.dims4()?;
+        let s = k.dim(2)?;
+        let bias = match bias {
+            Some(x) => Some(std::sync::Arc::new(
+                x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            None => None,
+        };
+        let op = FusedAttention {
+            scale: scale as f32,
+            bias,
+            b,
+            h,
+            t,
+            s,
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    attention_composite(q, k, v, scale, bias)
+}
+
+pub fn attention_composite(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -245,6 +279,146 @@ impl candle_core::CustomOp1 for CrossEntropy {
     }
 }
 
+struct FusedAttention {
+    scale: f32,
+    /// [B, T, S] additive bias (heads share it), None = nothing masked.
+    bias: Option<std::sync::Arc<Vec<f32>>>,
+    b: usize,
+    h: usize,
+    t: usize,
+    s: usize,
+}
+
+fn to_f32_tensor(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> Result<Tensor> {
+    let (a, z) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("attention: not contiguous".into()))?;
+    let dev = &candle_core::Device::Cpu;
+    match s {
+        candle_core::CpuStorage::F32(v) => Tensor::from_slice(&v[a..z], l.shape(), dev),
+        candle_core::CpuStorage::BF16(v) => {
+            Tensor::from_slice(&v[a..z], l.shape(), dev)?.to_dtype(DType::F32)
+        }
+        _ => candle_core::bail!("attention: unsupported dtype"),
+    }
+}
+
+impl FusedAttention {
+    /// Softmax(scale · S + bias) in place over rows of [B·H·T, S].
+    fn softmax_rows(&self, scores: &mut [f32]) {
+        use rayon::prelude::*;
+        let (h, t, s) = (self.h, self.t, self.s);
+        scores.par_chunks_mut(s).enumerate().for_each(|(row, r)| {
+            let (bi, ti) = (row / (h * t), row % t);
+            match &self.bias {
+                Some(bias) => {
+                    let br = &bias[(bi * t + ti) * s..(bi * t + ti + 1) * s];
+                    for (x, &bb) in r.iter_mut().zip(br) {
+                        *x = *x * self.scale + bb;
+                    }
+                }
+                None => r.iter_mut().for_each(|x| *x *= self.scale),
+            }
+            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in r.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            r.iter_mut().for_each(|x| *x *= inv);
+        });
+    }
+
+    /// Probabilities [B·H, T, S] from q [B·H, T, D] and k [B·H, S, D] (f32).
+    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let scores = q.matmul(&k.t()?)?;
+        let mut v: Vec<f32> = scores.flatten_all()?.to_vec1()?;
+        self.softmax_rows(&mut v);
+        Tensor::from_vec(v, (self.b * self.h, self.t, self.s), q.device())
+    }
+
+    fn flat(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        let d = x.dim(3)?;
+        x.to_dtype(DType::F32)?.reshape((self.b * self.h, rows, d))
+    }
+}
+
+fn to_storage(t: &Tensor, dtype: DType) -> Result<candle_core::CpuStorage> {
+    let t = t.flatten_all()?.to_dtype(dtype)?;
+    Ok(match dtype {
+        DType::BF16 => candle_core::CpuStorage::BF16(t.to_vec1()?),
+        _ => candle_core::CpuStorage::F32(t.to_vec1()?),
+    })
+}
+
+impl candle_core::CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let dtype = match s1 {
+            candle_core::CpuStorage::BF16(_) => DType::BF16,
+            _ => DType::F32,
+        };
+        let (q, k, v) = (
+            to_f32_tensor(s1, l1)?,
+            to_f32_tensor(s2, l2)?,
+            to_f32_tensor(s3, l3)?,
+        );
+        let p = self.probs(&self.flat(&q, self.t)?, &self.flat(&k, self.s)?)?;
+        let o = p.matmul(&self.flat(&v, self.s)?)?;
+        Ok((to_storage(&o, dtype)?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let (qf, kf, vf) = (
+            self.flat(&q.detach(), self.t)?,
+            self.flat(&k.detach(), self.s)?,
+            self.flat(&v.detach(), self.s)?,
+        );
+        let (of, gf) = (self.flat(&o.detach(), self.t)?, self.flat(g, self.t)?);
+        let p = self.probs(&qf, &kf)?;
+        let dv = p.t()?.matmul(&gf)?;
+        let dp: Vec<f32> = gf.matmul(&vf.t()?)?.flatten_all()?.to_vec1()?;
+        // D_i = Σ_d dO_id O_id: the softmax backward's row term.
+        let dd: Vec<f32> = (&gf * &of)?.sum(2)?.flatten_all()?.to_vec1()?;
+        let pv: Vec<f32> = p.flatten_all()?.to_vec1()?;
+        let mut ds = vec![0f32; pv.len()];
+        let (sc, s) = (self.scale, self.s);
+        ds.par_chunks_mut(s).enumerate().for_each(|(row, out)| {
+            let at = row * s;
+            for j in 0..s {
+                out[j] = pv[at + j] * (dp[at + j] - dd[row]) * sc;
+            }
+        });
+        let ds = Tensor::from_vec(ds, (self.b * self.h, self.t, self.s), q.device())?;
+        let dq = ds.matmul(&kf)?;
+        let dk = ds.t()?.matmul(&qf)?;
+        let back = |x: Tensor, like: &Tensor| -> Result<Tensor> {
+            x.reshape(like.shape())?.to_dtype(like.dtype())
+        };
+        Ok((Some(back(dq, q)?), Some(back(dk, k)?), Some(back(dv, v)?)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +546,52 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-6, "{d}");
+    }
+
+    /// The fused attention equals the composite, value and all three gradients, with a mask.
+    #[test]
+    fn fused_attention_matches_composite() {
+        let dev = Device::Cpu;
+        let (b, h, t, s, d) = (2, 3, 5, 7, 4);
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap()).unwrap();
+        let bias: Vec<f32> = (0..b * t * s)
+            .map(|i| if (i * 7) % 5 == 0 { -1e30 } else { 0.0 })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, t, s), &dev).unwrap();
+        let coef = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        for bias in [None, Some(&bias)] {
+            let f = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias).unwrap();
+            let c = attention_composite(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias)
+                .unwrap();
+            let e = (f.clone() - &c)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(e < 1e-5, "forward {e}");
+            let gf = (f * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (c * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            for x in [&q, &k, &v] {
+                let d = (gf.get(x.as_tensor()).unwrap() - gc.get(x.as_tensor()).unwrap()).unwrap();
+                let e = d
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(e < 1e-5, "gradient {e}");
+            }
+        }
     }
 
     #[test]
