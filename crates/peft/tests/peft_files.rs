@@ -221,3 +221,45 @@ fn lora_merge_equals_golden_and_loads_back() {
         assert_eq!(base, out);
     }
 }
+
+/// Prompt tuning initialised from text: the virtual tokens start as the embeddings of the text's
+/// tokens, repeated to fill them (PEFT's TEXT init).
+#[test]
+fn prompt_init_from_text() {
+    let dir = model_dirs()
+        .into_iter()
+        .find(|d| d.ends_with("llama-tiny"))
+        .unwrap();
+    let loaded = CausalLm::load(&dir, LoadOptions::default()).unwrap();
+    let tok = loaded.tokenizer.unwrap();
+    let cfg = fedllm_peft::AdapterConfig::Prompt(fedllm_peft::prompt::PromptConfig {
+        num_virtual_tokens: 7,
+        init_text: Some("Hello world".into()),
+    });
+    let a = Adapter::init(&loaded.model, cfg, 0, Some(&tok)).unwrap();
+    let ids = tok.encode("Hello world", false).unwrap();
+    let want: Vec<u32> = ids.iter().cycle().take(7).copied().collect();
+    let emb = loaded
+        .model
+        .embed(
+            &Tensor::new(want.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let got = a.virtual_embeddings().unwrap();
+    let d = (got - emb)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+}
