@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 mod data_cmd;
+mod eval_cmd;
 mod train_cmd;
 
 // Training allocates and frees many large activation buffers per step. glibc's malloc hands
@@ -72,6 +73,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Evaluate a model (+ adapter): HumanEval pass@k, GSM8K, MMLU, loss/perplexity
+    Eval(Box<eval_cmd::EvalArgs>),
     /// Federated datasets: split across clients, preview prompts, list presets
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
@@ -227,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => cmd_run(config, resume, no_progress, &overrides),
         Cmd::Data(d) => data_cmd::run(d),
+        Cmd::Eval(a) => eval_cmd::run(*a),
         Cmd::Merge {
             model,
             adapter,
