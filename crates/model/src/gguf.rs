@@ -422,12 +422,15 @@ impl GgufFile {
     }
 }
 
+/// A tensor to write: name, GGML type id, shape in candle order, raw bytes.
+pub type GgufTensor = (String, u32, Vec<usize>, Vec<u8>);
+
 /// Writes a GGUF v3 file: metadata, then tensors given as (name, ggml type id, shape in candle
 /// order, raw bytes). Used to export models and to build test fixtures.
 pub fn write(
     path: &Path,
     metadata: &[(String, Value)],
-    tensors: &[(String, u32, Vec<usize>, Vec<u8>)],
+    tensors: &[GgufTensor],
 ) -> std::io::Result<()> {
     fn s(out: &mut Vec<u8>, v: &str) {
         out.extend((v.len() as u64).to_le_bytes());

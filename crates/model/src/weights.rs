@@ -302,6 +302,70 @@ fn hf_to_gguf(name: &str) -> Option<(String, Option<PermHeads>)> {
     Some((format!("blk.{idx}.{g}.{suffix}"), perm))
 }
 
+/// GGML type id of a candle quantization type (the GGUF on-disk code).
+pub fn ggml_type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// LLaMA weights under HF names → GGUF tensors the way llama.cpp's converter writes them
+/// (llama.cpp names, q/k rows permuted for its rotary layout), matrices quantized to `matrices`,
+/// vectors kept F32. The inverse of what `WeightSource::gguf` reads.
+pub fn llama_to_gguf(
+    weights: &std::collections::BTreeMap<String, Tensor>,
+    n_head: usize,
+    n_kv_head: usize,
+    matrices: GgmlDType,
+) -> Result<Vec<crate::gguf::GgufTensor>> {
+    let mut out = Vec::with_capacity(weights.len());
+    for (name, t) in weights {
+        let (gname, perm) = hf_to_gguf(name)
+            .ok_or_else(|| ModelError::MissingWeight(format!("no GGUF name for `{name}`")))?;
+        let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let t = match perm {
+            Some(p) => {
+                let heads = if matches!(p, PermHeads::Q) {
+                    n_head
+                } else {
+                    n_kv_head
+                };
+                // The reader builds HF row i from GGUF row perm[i]; so GGUF row perm[i] = HF row i.
+                let perm = unpermute_rows(t.dim(0)?, heads);
+                let mut src = vec![0u32; perm.len()];
+                for (hf_row, &gguf_row) in perm.iter().enumerate() {
+                    src[gguf_row] = hf_row as u32;
+                }
+                let inv = Tensor::from_vec(src, perm.len(), &Device::Cpu)?;
+                t.index_select(&inv, 0)?
+            }
+            None => t,
+        };
+        let ty = if t.rank() == 2 {
+            matrices
+        } else {
+            GgmlDType::F32
+        };
+        let bytes = QTensor::quantize(&t, ty)?.data()?.to_vec();
+        out.push((gname, ggml_type_id(ty), t.dims().to_vec(), bytes));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

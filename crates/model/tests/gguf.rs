@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use fedllm_model::gguf::{self, Value};
 use fedllm_model::{CausalLm, LoadOptions, ModelError, QuantMode};
@@ -15,44 +15,6 @@ fn golden() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
         .join("llama-tiny")
-}
-
-/// llama.cpp's `permute`: HF row (h, j*half + r) goes to GGUF row (h, 2r + j).
-fn permute(w: &Tensor, n_head: usize) -> Tensor {
-    let (rows, cols) = w.dims2().unwrap();
-    let dim = rows / n_head;
-    w.reshape((n_head, 2, dim / 2, cols))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .reshape((rows, cols))
-        .unwrap()
-}
-
-fn gguf_name(hf: &str) -> String {
-    let map = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (i, rest) = rest.split_once('.').unwrap();
-    let g = match rest {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        other => panic!("unmapped {other}"),
-    };
-    format!("blk.{i}.{g}")
 }
 
 fn metadata(arch: &str) -> Vec<(String, Value)> {
@@ -75,39 +37,11 @@ fn metadata(arch: &str) -> Vec<(String, Value)> {
 }
 
 /// The tiny golden LLaMA as GGUF tensors; 2-D weights in `quant` (F32 keeps everything dense).
-fn tiny_tensors(quant: GgmlDType) -> Vec<(String, u32, Vec<usize>, Vec<u8>)> {
+fn tiny_tensors(quant: GgmlDType) -> Vec<fedllm_model::gguf::GgufTensor> {
     let st =
         candle_core::safetensors::load(golden().join("model.safetensors"), &Device::Cpu).unwrap();
-    let mut names: Vec<&String> = st.keys().collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let mut t = st[n].clone();
-            if n.ends_with("q_proj.weight") {
-                t = permute(&t, 4);
-            } else if n.ends_with("k_proj.weight") {
-                t = permute(&t, 2);
-            }
-            let (ty, dt) = if t.rank() == 2 {
-                (type_id(quant), quant)
-            } else {
-                (0, GgmlDType::F32)
-            };
-            let bytes = QTensor::quantize(&t, dt).unwrap().data().unwrap().to_vec();
-            (gguf_name(n), ty, t.dims().to_vec(), bytes)
-        })
-        .collect()
-}
-
-fn type_id(t: GgmlDType) -> u32 {
-    match t {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q4_0 => 2,
-        _ => unimplemented!(),
-    }
+    let st: std::collections::BTreeMap<String, Tensor> = st.into_iter().collect();
+    fedllm_model::weights::llama_to_gguf(&st, 4, 2, quant).unwrap()
 }
 
 fn golden_forward() -> (HashMap<String, Tensor>, Vec<Vec<u8>>) {

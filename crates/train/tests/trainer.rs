@@ -290,7 +290,7 @@ fn nan_loss_is_skipped_and_counted() {
 /// base stays quantized, and they agree with the dequantized base.
 #[test]
 fn lora_on_quantized_base() {
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::GgmlDType;
     use fedllm_model::gguf::{self, Value};
     let st = candle_core::safetensors::load(
         golden("llama-tiny").join("model.safetensors"),
@@ -310,64 +310,9 @@ fn lora_on_quantized_base() {
             Value::F32(1e-5),
         ),
     ];
-    let name = |hf: &str| -> String {
-        let m = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-            ("lm_head.weight", "output.weight"),
-        ];
-        if let Some((_, g)) = m.iter().find(|(h, _)| *h == hf) {
-            return g.to_string();
-        }
-        let r = hf.strip_prefix("model.layers.").unwrap();
-        let (i, r) = r.split_once('.').unwrap();
-        let g = match r {
-            "input_layernorm.weight" => "attn_norm.weight",
-            "post_attention_layernorm.weight" => "ffn_norm.weight",
-            "self_attn.q_proj.weight" => "attn_q.weight",
-            "self_attn.k_proj.weight" => "attn_k.weight",
-            "self_attn.v_proj.weight" => "attn_v.weight",
-            "self_attn.o_proj.weight" => "attn_output.weight",
-            "mlp.gate_proj.weight" => "ffn_gate.weight",
-            "mlp.up_proj.weight" => "ffn_up.weight",
-            "mlp.down_proj.weight" => "ffn_down.weight",
-            o => panic!("{o}"),
-        };
-        format!("blk.{i}.{g}")
-    };
-    let permute = |w: &Tensor, h: usize| {
-        let (r, c) = w.dims2().unwrap();
-        w.reshape((h, 2, r / h / 2, c))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((r, c))
-            .unwrap()
-    };
-    for (q, id) in [(GgmlDType::Q8_0, 8u32), (GgmlDType::Q4_0, 2u32)] {
-        let tensors: Vec<(String, u32, Vec<usize>, Vec<u8>)> = st
-            .iter()
-            .map(|(n, t)| {
-                let t = if n.ends_with("q_proj.weight") {
-                    permute(t, 4)
-                } else if n.ends_with("k_proj.weight") {
-                    permute(t, 2)
-                } else {
-                    t.clone()
-                };
-                let (ty, dt) = if t.rank() == 2 {
-                    (id, q)
-                } else {
-                    (0, GgmlDType::F32)
-                };
-                (
-                    name(n),
-                    ty,
-                    t.dims().to_vec(),
-                    QTensor::quantize(&t, dt).unwrap().data().unwrap().to_vec(),
-                )
-            })
-            .collect();
+    for q in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let st: BTreeMap<String, Tensor> = st.clone().into_iter().collect();
+        let tensors = fedllm_model::weights::llama_to_gguf(&st, 4, 2, q).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.gguf");
         gguf::write(&path, &meta, &tensors).unwrap();
