@@ -15,6 +15,7 @@ pub mod linear;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod qmatvec;
 pub mod rng;
 pub mod tokenizer;
 pub mod weights;

@@ -9,8 +9,10 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, 
 
 use crate::weights::Weight;
 
-/// Up to this many activation rows, the quantized vec-dot kernels beat dequantize + GEMM.
+/// Up to this many activation rows, candle's quantized vec-dot kernels beat dequantize + GEMM.
 const QMATMUL_MAX_ROWS: usize = 2;
+/// Up to this many rows (decoding a batch), our Q4_1/Q8_0 kernel reads the blocks directly.
+const QMATVEC_MAX_ROWS: usize = 8;
 
 /// LoRA branch: y += dropout(x) Aᵀ Bᵀ · scale (A [r, in], B [out, r], as PEFT stores them).
 #[derive(Clone, Debug)]
@@ -134,6 +136,18 @@ impl Linear {
             Weight::Quant(q) if !x.device().is_cpu() => {
                 let w = q.dequantize(&q.device())?.to_dtype(x.dtype())?;
                 x.matmul(&if self.in_out { w } else { w.t()? })
+            }
+            Weight::Quant(q)
+                if rows <= QMATVEC_MAX_ROWS
+                    && !x.track_op()
+                    && !self.in_out
+                    && crate::qmatvec::supported(q.dtype()) =>
+            {
+                // Our block kernel: f32 activations, all cores, AVX-512 where available.
+                let (n, k) = q.shape().dims2()?;
+                let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let y = crate::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows);
+                Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype())
             }
             Weight::Quant(q) if rows <= QMATMUL_MAX_ROWS && !x.track_op() && !self.in_out => {
                 // Quantized vec-dot kernels take f32 activations (inference only: no backward).
