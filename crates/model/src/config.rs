@@ -25,6 +25,14 @@ pub enum TokenIds {
     Many(Vec<u32>),
 }
 
+fn first_id(t: &Option<TokenIds>) -> Option<u32> {
+    t.as_ref().and_then(|t| t.to_vec().first().copied())
+}
+
+fn all_ids(t: &Option<TokenIds>) -> Vec<u32> {
+    t.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+}
+
 impl TokenIds {
     pub fn to_vec(&self) -> Vec<u32> {
         match self {
@@ -196,19 +204,9 @@ impl HfLlamaConfig {
             o_bias,
             mlp_bias: self.mlp_bias,
             sliding_window,
-            bos_token_id: self
-                .bos_token_id
-                .as_ref()
-                .and_then(|t| t.to_vec().first().copied()),
-            eos_token_ids: self
-                .eos_token_id
-                .as_ref()
-                .map(|t| t.to_vec())
-                .unwrap_or_default(),
-            pad_token_id: self
-                .pad_token_id
-                .as_ref()
-                .and_then(|t| t.to_vec().first().copied()),
+            bos_token_id: first_id(&self.bos_token_id),
+            eos_token_ids: all_ids(&self.eos_token_id),
+            pad_token_id: first_id(&self.pad_token_id),
         })
     }
 }
@@ -276,19 +274,9 @@ impl HfGpt2Config {
             layer_norm_eps: self.layer_norm_epsilon.unwrap_or(1e-5),
             scale_attn_weights: self.scale_attn_weights,
             scale_attn_by_inverse_layer_idx: self.scale_attn_by_inverse_layer_idx,
-            bos_token_id: self
-                .bos_token_id
-                .as_ref()
-                .and_then(|t| t.to_vec().first().copied()),
-            eos_token_ids: self
-                .eos_token_id
-                .as_ref()
-                .map(|t| t.to_vec())
-                .unwrap_or_default(),
-            pad_token_id: self
-                .pad_token_id
-                .as_ref()
-                .and_then(|t| t.to_vec().first().copied()),
+            bos_token_id: first_id(&self.bos_token_id),
+            eos_token_ids: all_ids(&self.eos_token_id),
+            pad_token_id: first_id(&self.pad_token_id),
         })
     }
 }
