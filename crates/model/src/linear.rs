@@ -128,12 +128,15 @@ impl Linear {
 
     fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
         match &self.weight {
-            Weight::Dense(w) if w.is_variable() || !x.device().is_cpu() => {
-                // Trainable weight (full fine-tuning) or non-CPU device: plain candle ops.
+            Weight::Dense(w) if w.is_variable() || !x.device().is_cpu() || !x.track_op() => {
+                // Trainable weight (full fine-tuning), non-CPU device, or no gradient needed:
+                // plain candle ops (the custom op only pays off when a backward follows).
                 let w = w.to_dtype(x.dtype())?;
                 x.matmul(&if self.in_out { w } else { w.t()? })
             }
-            Weight::Quant(q) if !x.device().is_cpu() => {
+            Weight::Quant(q)
+                if !x.device().is_cpu() || (!x.track_op() && rows > QMATVEC_MAX_ROWS) =>
+            {
                 let w = q.dequantize(&q.device())?.to_dtype(x.dtype())?;
                 x.matmul(&if self.in_out { w } else { w.t()? })
             }
