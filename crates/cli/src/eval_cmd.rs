@@ -49,6 +49,9 @@ pub struct EvalArgs {
     /// MMLU shots
     #[arg(long, default_value_t = 5)]
     shots: usize,
+    /// MMLU: evaluate every N-th question (a sample across all topics)
+    #[arg(long, default_value_t = 1)]
+    every: usize,
     /// MMLU prompt budget in tokens (shots shrink to fit)
     #[arg(long, default_value_t = 1024)]
     max_len: usize,
@@ -213,6 +216,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let (model, tok, ad) = load(&a)?;
             let o = mmlu::Options {
                 limit: a.limit,
+                every: a.every,
                 shots: a.shots,
                 max_len: a.max_len,
             };
