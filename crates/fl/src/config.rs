@@ -328,7 +328,11 @@ impl RunConfig {
         }
         check_keys(&v, "", &schema_keys())?;
         let cfg: RunConfig =
-            serde_yaml::from_value(v).map_err(|e| FlError::Config(e.to_string()))?;
+            // The path names the key at fault ("federate.client_num: invalid type ...").
+            serde_path_to_error::deserialize(v).map_err(|e| {
+                let inner = e.inner().to_string();
+                FlError::Config(format!("`{}`: {inner}", e.path()))
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }

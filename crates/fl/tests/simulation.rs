@@ -298,6 +298,10 @@ fn config_errors_are_clear() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("train.optimizer"), "{e}");
+    let e = RunConfig::from_yaml("federate:\n  client_num: x\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("federate.client_num"), "{e}");
     let e = RunConfig::from_yaml("", &["novalue".into()])
         .unwrap_err()
         .to_string();
