@@ -11,9 +11,7 @@ fn fedllm(args: &[&str]) -> std::process::Output {
 }
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/golden")
-        .join(name)
+    fedllm_model::testing::golden_dir().join(name)
 }
 
 fn fixture(dir: &Path) -> PathBuf {

@@ -12,10 +12,7 @@ fn fedllm(args: &[&str]) -> std::process::Output {
 }
 
 fn golden(name: &str) -> PathBuf {
-    std::env::var_os("FEDLLM_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
-        .join(name)
+    fedllm_model::testing::golden_dir().join(name)
 }
 
 /// "before: X" / "after: Y" held-out losses from finetune's log.

@@ -17,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod qmatvec;
 pub mod rng;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

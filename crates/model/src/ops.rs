@@ -422,6 +422,7 @@ impl candle_core::CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var};
 
     /// Central finite differences of `f` (a scalar) at `x`, against candle's backward.
@@ -535,16 +536,7 @@ mod tests {
             .unwrap()
             .clone();
         let g2 = comp.backward().unwrap().get(x.as_tensor()).unwrap().clone();
-        let d = (g1 - g2)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&g1, &g2).unwrap();
         assert!(d < 1e-6, "{d}");
     }
 
@@ -565,16 +557,7 @@ mod tests {
             let f = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias).unwrap();
             let c = attention_composite(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias)
                 .unwrap();
-            let e = (f.clone() - &c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let e = max_abs_diff(&f, &c).unwrap();
             assert!(e < 1e-5, "forward {e}");
             let gf = (f * &coef).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (c * &coef).unwrap().sum_all().unwrap().backward().unwrap();

@@ -11,10 +11,7 @@ use fedllm_model::gguf::{self, Value};
 use fedllm_model::{CausalLm, LoadOptions, ModelError, QuantMode};
 
 fn golden() -> PathBuf {
-    std::env::var_os("FEDLLM_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
-        .join("llama-tiny")
+    fedllm_model::testing::golden_dir().join("llama-tiny")
 }
 
 fn metadata(arch: &str) -> Vec<(String, Value)> {
@@ -56,21 +53,7 @@ fn golden_forward() -> (HashMap<String, Tensor>, Vec<Vec<u8>>) {
 }
 
 fn max_err_where_masked(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
-    let (g, w) = (
-        got.to_vec3::<f32>().unwrap(),
-        want.to_vec3::<f32>().unwrap(),
-    );
-    let mut e = 0f32;
-    for (b, row) in mask.iter().enumerate() {
-        for (t, &m) in row.iter().enumerate() {
-            if m == 1 {
-                for (x, y) in g[b][t].iter().zip(&w[b][t]) {
-                    e = e.max((x - y).abs());
-                }
-            }
-        }
-    }
-    e
+    fedllm_model::testing::masked_max_abs_diff(got, want, mask).unwrap()
 }
 
 #[test]

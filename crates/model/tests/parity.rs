@@ -10,10 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use fedllm_model::{generate, CausalLm, GenerateConfig, LoadOptions, QuantMode, Sampling};
 
 fn golden_dir() -> PathBuf {
-    match std::env::var_os("FEDLLM_GOLDEN") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"),
-    }
+    fedllm_model::testing::golden_dir()
 }
 
 fn subdirs_with(files: &[&str]) -> Vec<PathBuf> {
@@ -46,18 +43,7 @@ fn check_forward(dir: &Path, model: &CausalLm) {
     let mask = mask_rows(&case["attention_mask"]);
     let logits = model.forward(ids, Some(&mask), None).unwrap();
     let want = &case["logits"];
-    let got3 = logits.to_vec3::<f32>().unwrap();
-    let want3 = want.to_vec3::<f32>().unwrap();
-    let mut max_err = 0f32;
-    for (b, row) in mask.iter().enumerate() {
-        for (t, &m) in row.iter().enumerate() {
-            if m == 1 {
-                for (g, w) in got3[b][t].iter().zip(&want3[b][t]) {
-                    max_err = max_err.max((g - w).abs());
-                }
-            }
-        }
-    }
+    let max_err = max_err(&logits, want, &mask);
     let (loss, _) = fedllm_model::ops::causal_lm_loss(&logits, &case["labels"]).unwrap();
     let loss = loss.to_scalar::<f32>().unwrap();
     let want_loss = case["loss"].to_vec1::<f32>().unwrap()[0];
@@ -410,21 +396,8 @@ fn tiny_logits(dir: &Path) -> (Tensor, Tensor, Vec<Vec<u8>>) {
     (logits, case["logits"].clone(), mask)
 }
 
-fn max_err(a: &Tensor, b: &Tensor, mask: &[Vec<u8>]) -> f32 {
-    let (a, b) = (a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
-    let mut e = 0f32;
-    for (i, row) in mask.iter().enumerate() {
-        for (t, &m) in row.iter().enumerate() {
-            if m == 1 {
-                e = a[i][t]
-                    .iter()
-                    .zip(&b[i][t])
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(e, f32::max);
-            }
-        }
-    }
-    e
+fn max_err(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
+    fedllm_model::testing::masked_max_abs_diff(got, want, mask).unwrap()
 }
 
 /// A checkpoint split into shards with `model.safetensors.index.json` loads like the single file.

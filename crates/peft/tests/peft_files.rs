@@ -1,6 +1,7 @@
 //! PEFT files against the golden `*_peft` folders: exports have exactly PEFT's key names and
 //! shapes, imports reproduce the reference logits, and merging LoRA equals `merge_and_unload`.
 
+use fedllm_model::testing::max_abs_diff;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -10,9 +11,7 @@ use fedllm_peft::{io, merge, Adapter};
 use serde_json::Value;
 
 fn golden_dir() -> PathBuf {
-    std::env::var_os("FEDLLM_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+    fedllm_model::testing::golden_dir()
 }
 
 fn model_dirs() -> Vec<PathBuf> {
@@ -38,24 +37,7 @@ fn shapes(p: &Path) -> BTreeMap<String, Vec<usize>> {
 }
 
 fn masked_max_err(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
-    let nv = want.dim(1).unwrap() - mask[0].len();
-    let (g, w) = (
-        got.to_vec3::<f32>().unwrap(),
-        want.to_vec3::<f32>().unwrap(),
-    );
-    let mut e = 0f32;
-    for (b, row) in mask.iter().enumerate() {
-        for t in 0..w[b].len() {
-            if t < nv || row[t - nv] == 1 {
-                e = g[b][t]
-                    .iter()
-                    .zip(&w[b][t])
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(e, f32::max);
-            }
-        }
-    }
-    e
+    fedllm_model::testing::masked_max_abs_diff(got, want, mask).unwrap()
 }
 
 fn with_prefix(t: &HashMap<String, Tensor>, p: &str) -> BTreeMap<String, Tensor> {
@@ -134,16 +116,7 @@ fn import_golden_peft_and_export_same_keys() {
                 dir.display()
             );
             for (k, v) in &theirs {
-                let d = (&ours[k] - v)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = max_abs_diff(&ours[k], v).unwrap();
                 assert!(
                     d <= 1e-5,
                     "{}/{case}: exported {k} differs by {d}",
@@ -251,15 +224,6 @@ fn prompt_init_from_text() {
         .squeeze(0)
         .unwrap();
     let got = a.virtual_embeddings().unwrap();
-    let d = (got - emb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&got, &emb).unwrap();
     assert_eq!(d, 0.0);
 }

@@ -17,9 +17,7 @@ use fedllm_train::{Optimizer, OptimizerConfig};
 use serde_json::Value;
 
 fn golden_dir() -> PathBuf {
-    std::env::var_os("FEDLLM_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+    fedllm_model::testing::golden_dir()
 }
 
 fn model_dirs() -> Vec<PathBuf> {
@@ -143,23 +141,7 @@ fn check_case(dir: &Path, case: &str) {
         let got = adapter
             .logits(&model, &batch.input_ids, Some(&mask))
             .unwrap();
-        let nv = want.dim(1).unwrap() - mask[0].len();
-        let (g, w) = (
-            got.to_vec3::<f32>().unwrap(),
-            want.to_vec3::<f32>().unwrap(),
-        );
-        let mut e = 0f32;
-        for (b, row) in mask.iter().enumerate() {
-            for t in 0..w[b].len() {
-                if t < nv || row[t - nv] == 1 {
-                    e = g[b][t]
-                        .iter()
-                        .zip(&w[b][t])
-                        .map(|(x, y)| (x - y).abs())
-                        .fold(e, f32::max);
-                }
-            }
-        }
+        let e = fedllm_model::testing::masked_max_abs_diff(&got, want, &mask).unwrap();
         assert!(e <= 1e-4, "{}/{case}: logits differ by {e}", dir.display());
     }
 

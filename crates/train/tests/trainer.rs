@@ -2,8 +2,9 @@
 //! both architectures, exact gradient accumulation, bf16 mixed precision, NaN skipping, and the
 //! quantized frozen base.
 
+use fedllm_model::testing::max_abs_diff;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use fedllm_model::rng::Rng;
@@ -17,10 +18,7 @@ use fedllm_peft::{Adapter, AdapterConfig};
 use fedllm_train::{OptimizerConfig, TrainConfig, Trainer};
 
 fn golden(name: &str) -> PathBuf {
-    std::env::var_os("FEDLLM_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
-        .join(name)
+    fedllm_model::testing::golden_dir().join(name)
 }
 
 fn batch(seed: u64, b: usize, t: usize, vocab: u32, device: &Device) -> Batch {
@@ -200,16 +198,7 @@ fn gradient_accumulation_equals_big_batch() {
     let (l2, g2, _) = tr.gradients(&model, &a, &micro).unwrap();
     assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
     for (n, g) in &g1 {
-        let d = (g - &g2[n])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(g, &g2[n]).unwrap();
         assert!(d < 1e-6, "{n}: {d}");
     }
 }
@@ -349,16 +338,7 @@ fn lora_on_quantized_base() {
             grads.push(g);
         }
         for (n, g) in &grads[0] {
-            let d = (g - &grads[1][n])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(g, &grads[1][n]).unwrap();
             let s = g
                 .abs()
                 .unwrap()
