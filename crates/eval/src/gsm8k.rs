@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use fedllm_model::{generate, CausalLm, GenerateConfig, Sampling, Tokenizer};
+use fedllm_model::{
+    generate, generate_after, prefix_cache, strip_prefix, CausalLm, GenerateConfig, Sampling,
+    Tokenizer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -31,12 +34,15 @@ const SHOTS: [(&str, &str); 8] = [
 ];
 
 pub fn prompt(question: &str) -> String {
-    let mut s: String = SHOTS
+    few_shot() + &format!("Q: {question}\nA:")
+}
+
+/// The eight worked examples every prompt starts with.
+pub fn few_shot() -> String {
+    SHOTS
         .iter()
         .map(|(q, a)| format!("Q: {q}\nA: {a}\n\n"))
-        .collect();
-    s += &format!("Q: {question}\nA:");
-    s
+        .collect()
 }
 
 /// Numbers in order of appearance ("1,234.5" → "1234.5"; a trailing "." dropped).
@@ -140,6 +146,8 @@ pub fn evaluate(
             }
         })
         .collect();
+    let shot_ids = fedllm_model::generate::prefix_ids(tok, &few_shot())?;
+    let shot_cache = prefix_cache(model, &shot_ids)?;
     let bar = indicatif::ProgressBar::new(qs.len() as u64);
     bar.set_position(count as u64);
     for chunk in todo.chunks(batch.max(1)) {
@@ -153,7 +161,15 @@ pub fn evaluate(
             stop_token_ids: tok.eos_token_ids.clone(),
             stop_strings: vec!["\n\nQ:".into(), "\nQ:".into()],
         };
-        let gens = generate(model, Some(tok), &prompts, &cfg)?;
+        // The shots' cache is computed once; each batch reads only its questions.
+        let suffixes: Option<Vec<Vec<u32>>> = prompts
+            .iter()
+            .map(|p| strip_prefix(p, &shot_ids).map(<[u32]>::to_vec))
+            .collect();
+        let gens = match suffixes {
+            Some(s) => generate_after(model, Some(tok), Some(&shot_cache), &s, &cfg)?,
+            None => generate(model, Some(tok), &prompts, &cfg)?,
+        };
         for ((i, q), g) in chunk.iter().zip(gens) {
             let text = tok.decode(&g.tokens, true)?;
             let text = fedllm_model::generate::truncate_at_stop(&text, &cfg.stop_strings);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 use fedllm_model::{CausalLm, Tokenizer};
-use fedllm_peft::Adapter;
+use fedllm_peft::{Adapter, AdapterConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -53,6 +53,12 @@ pub fn format_question(q: &Question, with_answer: bool) -> String {
 
 /// The k-shot prompt for question `i`: shots are the first `k` other questions of its topic.
 pub fn prompt(qs: &[Question], i: usize, k: usize) -> String {
+    shots(qs, i, k) + &format_question(&qs[i], false)
+}
+
+/// The header and shots of question `i`'s prompt: the same for every question of a topic but
+/// the first `k`, so its KV cache is computed once per topic.
+pub fn shots(qs: &[Question], i: usize, k: usize) -> String {
     let q = &qs[i];
     let mut s = format!(
         "The following are multiple choice questions (with answers) about {}.\n\n",
@@ -67,7 +73,7 @@ pub fn prompt(qs: &[Question], i: usize, k: usize) -> String {
     {
         s += &format_question(shot, true);
     }
-    s + &format_question(q, false)
+    s
 }
 
 /// Token ids of " A" … " D" (the last token of each, as the model would emit after "Answer:").
@@ -101,6 +107,14 @@ pub struct Options {
     pub max_len: usize,
 }
 
+fn last_logits(model: &CausalLm, h: &Tensor) -> Result<Vec<f32>> {
+    let t = h.dim(1)?;
+    Ok(model
+        .logits(&h.narrow(1, t - 1, 1)?)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
 pub fn evaluate(
     model: &CausalLm,
     adapter: Option<&Adapter>,
@@ -114,31 +128,52 @@ pub fn evaluate(
         Some(o) => done_keys(o)?,
         None => Default::default(),
     };
-    let (shots, max_len) = (o.shots, o.max_len);
+    let (n_shots, max_len) = (o.shots, o.max_len);
     let n = o.limit.unwrap_or(qs.len()).min(qs.len());
     let mut per_topic: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let bar = indicatif::ProgressBar::new(n.div_ceil(o.every.max(1)) as u64);
+    // (shots text, its tokens, its cache): LoRA/full adapters live in the weights, so the
+    // shots' keys and values are shared by the topic's questions.
+    let mut shared: Option<(String, Vec<u32>, fedllm_model::KvCache)> = None;
     for i in (0..n).step_by(o.every.max(1)) {
         let q = &qs[i];
         let ok = match done.get(&i.to_string()) {
             Some(v) => v["correct"].as_bool().unwrap_or(false),
             None => {
-                let mut k = shots;
+                let mut k = n_shots;
                 let mut p = tok.encode(&prompt(qs, i, k), true)?;
                 while p.len() > max_len && k > 0 {
                     k -= 1;
                     p = tok.encode(&prompt(qs, i, k), true)?;
                 }
-                let x = Tensor::new(p.as_slice(), &model.device)?.unsqueeze(0)?;
-                let h = match adapter {
-                    Some(a) => a.hidden(model, &x, None)?,
-                    None => model.forward_hidden(&x, None, None)?,
+                let logits = match adapter {
+                    Some(a)
+                        if !matches!(a.config, AdapterConfig::Lora(_) | AdapterConfig::Full(_)) =>
+                    {
+                        let x = Tensor::new(p.as_slice(), &model.device)?.unsqueeze(0)?;
+                        last_logits(model, &a.hidden(model, &x, None)?)?
+                    }
+                    _ => {
+                        let head = shots(qs, i, k);
+                        if shared.as_ref().is_none_or(|(h, _, _)| *h != head) {
+                            let ids = fedllm_model::generate::prefix_ids(tok, &head)?;
+                            let cache = fedllm_model::prefix_cache(model, &ids)?;
+                            shared = Some((head, ids, cache));
+                        }
+                        let (_, ids, cache) = shared.as_ref().expect("set above");
+                        match fedllm_model::strip_prefix(&p, ids) {
+                            Some(rest) => {
+                                let x = Tensor::new(rest, &model.device)?.unsqueeze(0)?;
+                                let mut c = cache.clone();
+                                last_logits(model, &model.forward_hidden(&x, None, Some(&mut c))?)?
+                            }
+                            None => {
+                                let x = Tensor::new(p.as_slice(), &model.device)?.unsqueeze(0)?;
+                                last_logits(model, &model.forward_hidden(&x, None, None)?)?
+                            }
+                        }
+                    }
                 };
-                let t = h.dim(1)?;
-                let logits: Vec<f32> = model
-                    .logits(&h.narrow(1, t - 1, 1)?)?
-                    .flatten_all()?
-                    .to_vec1()?;
                 let scores: Vec<f32> = ids.iter().map(|&id| logits[id as usize]).collect();
                 let best = (0..4).fold(0, |b, j| if scores[j] > scores[b] { j } else { b });
                 let ok = LETTERS[best] == q.correct_answer.trim();

@@ -119,6 +119,43 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
 ) -> Result<Vec<Generation>> {
+    generate_after(model, tokenizer, None, prompts, cfg)
+}
+
+/// The cache of a prompt prefix that many prompts share (few-shot examples): computed once,
+/// then every batch starts from it instead of re-reading the shots.
+pub fn prefix_cache(model: &CausalLm, prefix: &[u32]) -> Result<KvCache> {
+    let mut cache = KvCache::new();
+    if !prefix.is_empty() {
+        let x = Tensor::new(prefix, &model.device)?.unsqueeze(0)?;
+        model.forward_hidden(&x, None, Some(&mut cache))?;
+    }
+    Ok(cache)
+}
+
+/// Token ids of a text that prompts will continue, minus its last two tokens: BPE tokenizes a
+/// text's end differently from the same characters inside a longer text ("\n\n" alone is one
+/// token, before a word two), and the tail must be re-read with what follows.
+pub fn prefix_ids(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let mut ids = tok.encode(text, true)?;
+    ids.truncate(ids.len().saturating_sub(2));
+    Ok(ids)
+}
+
+/// `prompt` minus `prefix` when the prompt's tokens start with the prefix's (a tokenizer may
+/// merge across the boundary; then the prompt is used whole).
+pub fn strip_prefix<'a>(prompt: &'a [u32], prefix: &[u32]) -> Option<&'a [u32]> {
+    prompt.strip_prefix(prefix).filter(|rest| !rest.is_empty())
+}
+
+/// `generate` for prompts that continue a shared one-row `prefix` cache (`prefix_cache`).
+pub fn generate_after(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    prefix: Option<&KvCache>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+) -> Result<Vec<Generation>> {
     let n = prompts.len();
     let mut out: Vec<Generation> = (0..n)
         .map(|_| Generation {
@@ -143,7 +180,19 @@ pub fn generate(
     }
     let padded = mask.iter().any(|m| m[0] == 0);
     let input = Tensor::from_vec(ids, (n, len), &model.device)?;
-    let mut cache = KvCache::new();
+    let mut cache = match prefix {
+        Some(p) if p.len > 0 => {
+            if p.mask.len() != 1 {
+                return Err(crate::ModelError::Config(
+                    "a shared prefix cache must hold one row".into(),
+                ));
+            }
+            let mut c = p.clone();
+            c.select_rows(&vec![0; n])?;
+            c
+        }
+        _ => KvCache::new(),
+    };
     let hidden =
         model.forward_hidden(&input, padded.then_some(mask.as_slice()), Some(&mut cache))?;
     let mut logits = last_logits(model, &hidden)?;

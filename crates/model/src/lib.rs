@@ -25,7 +25,10 @@ pub use batch::Batch;
 pub use cache::KvCache;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
-pub use generate::{generate, Finish, GenerateConfig, Generation, Sampling};
+pub use generate::{
+    generate, generate_after, prefix_cache, strip_prefix, Finish, GenerateConfig, Generation,
+    Sampling,
+};
 pub use model::{CausalLm, Loaded};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{LoadOptions, QuantMode, Weight};

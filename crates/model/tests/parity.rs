@@ -127,6 +127,44 @@ fn golden_tokenizer_encodings() {
     }
 }
 
+/// Prompts continuing a shared prefix cache (few-shot evaluation) generate what the whole
+/// prompts generate, padding between prefix and suffix included.
+#[test]
+fn generation_after_shared_prefix_equals_whole_prompts() {
+    for dir in subdirs_with(&["config.json", "forward.json"]) {
+        let model = CausalLm::load(&dir, LoadOptions::default()).unwrap().model;
+        let prefix = vec![9u32, 8, 7, 300, 301, 2, 44];
+        let suffixes = vec![vec![5u32, 17, 42, 9], vec![11u32], vec![250u32, 251, 252]];
+        let whole: Vec<Vec<u32>> = suffixes
+            .iter()
+            .map(|s| [prefix.clone(), s.clone()].concat())
+            .collect();
+        let cfg = GenerateConfig {
+            max_new_tokens: 8,
+            sampling: Sampling::greedy(),
+            stop_token_ids: vec![],
+            stop_strings: vec![],
+        };
+        let cache = fedllm_model::prefix_cache(&model, &prefix).unwrap();
+        let after =
+            fedllm_model::generate_after(&model, None, Some(&cache), &suffixes, &cfg).unwrap();
+        for (w, a) in whole.iter().zip(&after) {
+            let alone = generate(&model, None, std::slice::from_ref(w), &cfg).unwrap();
+            assert_eq!(alone[0].tokens, a.tokens, "{}: prompt {w:?}", dir.display());
+        }
+        assert_eq!(
+            cache.len,
+            prefix.len(),
+            "the shared cache is left untouched"
+        );
+        assert_eq!(
+            fedllm_model::strip_prefix(&whole[1], &prefix),
+            Some(&[11u32][..])
+        );
+        assert_eq!(fedllm_model::strip_prefix(&prefix, &prefix), None);
+    }
+}
+
 /// Batched generation with left padding must give each prompt what it gets alone.
 #[test]
 fn batched_generation_equals_single() {
