@@ -19,6 +19,8 @@ pub struct RunConfig {
     pub adapter: AdapterCfg,
     pub train: TrainCfg,
     pub eval: EvalCfg,
+    /// `federate.mode: distributed`: the gRPC server and clients.
+    pub distributed: DistributedCfg,
     /// Where metrics, plots, checkpoints and the final adapter go.
     pub outdir: PathBuf,
 }
@@ -120,6 +122,74 @@ pub struct EvalCfg {
     pub max_samples: Option<usize>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistributedCfg {
+    /// Server: the address to listen on.
+    pub listen: String,
+    /// Client: the server's URL (`http://` or, with TLS, `https://`).
+    pub server: String,
+    /// Clients that must join before round 1 (default: all `federate.client_num`).
+    pub min_clients: Option<usize>,
+    /// How long the server waits for them.
+    pub join_timeout_s: f64,
+    /// A round (and an evaluation) closes at this deadline with whoever answered.
+    pub round_timeout_s: f64,
+    /// ... or as soon as this many fit results arrived (default: every asked client).
+    pub min_received: Option<usize>,
+    /// Tensor encoding on the wire: none (fp32), fp16, bf16, int8 (blockwise absmax).
+    pub compression: String,
+    /// zstd over the encoded tensor bytes.
+    pub zstd: bool,
+    /// Bytes per streamed chunk.
+    pub chunk_bytes: usize,
+    /// Largest accepted gRPC message (one chunk plus framing).
+    pub max_message_bytes: usize,
+    /// Requests per second allowed per client (a burst of 4x is tolerated).
+    pub rate_limit: f64,
+    /// Server: YAML/JSON map of client id to its secret token; absent = no token check.
+    pub tokens_file: Option<PathBuf>,
+    /// Client: file holding this client's token.
+    pub token_file: Option<PathBuf>,
+    /// Client: keep retrying an unreachable server this long (it may be restarting).
+    pub connect_timeout_s: f64,
+    pub tls: TlsCfg,
+}
+
+/// PEM files. Server: `cert` + `key`, and `ca` + `client_auth` for mTLS. Client: `ca` (the
+/// operator's CA), `cert` + `key` for mTLS, `domain` when the URL's host is not the cert's name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsCfg {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_auth: bool,
+    pub domain: Option<String>,
+}
+
+impl Default for DistributedCfg {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            server: "http://127.0.0.1:50051".into(),
+            min_clients: None,
+            join_timeout_s: 600.0,
+            round_timeout_s: 3600.0,
+            min_received: None,
+            compression: "none".into(),
+            zstd: false,
+            chunk_bytes: 1 << 20,
+            max_message_bytes: 4 << 20,
+            rate_limit: 50.0,
+            tokens_file: None,
+            token_file: None,
+            connect_timeout_s: 300.0,
+            tls: TlsCfg::default(),
+        }
+    }
+}
+
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
@@ -129,6 +199,7 @@ impl Default for RunConfig {
             adapter: AdapterCfg::default(),
             train: TrainCfg::default(),
             eval: EvalCfg::default(),
+            distributed: DistributedCfg::default(),
             outdir: PathBuf::from("runs/latest"),
         }
     }
@@ -358,8 +429,31 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(FlError::Config(m));
         let f = &self.federate;
-        if f.mode != "standalone" {
-            return bad(format!("federate.mode `{}`: only `standalone` runs in-process (distributed comes with `fedllm server`/`client`)", f.mode));
+        match f.mode.as_str() {
+            "standalone" => {}
+            "distributed" => {
+                if f.baseline == Baseline::Global {
+                    return bad("federate.baseline `global` pools all data in one place: standalone only".into());
+                }
+                let d = &self.distributed;
+                if !matches!(d.compression.as_str(), "none" | "fp16" | "bf16" | "int8") {
+                    return bad(format!(
+                        "distributed.compression must be none, fp16, bf16 or int8, got `{}`",
+                        d.compression
+                    ));
+                }
+                if d.chunk_bytes == 0 || d.chunk_bytes + 1024 > d.max_message_bytes {
+                    return bad("distributed.chunk_bytes must be at least 1 and 1 KiB below distributed.max_message_bytes".into());
+                }
+                if d.round_timeout_s <= 0.0 || d.join_timeout_s <= 0.0 || d.rate_limit <= 0.0 {
+                    return bad("distributed.round_timeout_s, join_timeout_s and rate_limit must be positive".into());
+                }
+            }
+            m => {
+                return bad(format!(
+                    "federate.mode must be `standalone` or `distributed`, got `{m}`"
+                ))
+            }
         }
         if f.client_num == 0 || f.total_round_num == 0 {
             return bad(

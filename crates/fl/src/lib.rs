@@ -1,6 +1,6 @@
 //! The federated runtime. Server and client are state machines that exchange `message`s; they
 //! know nothing of transport. The standalone simulation passes the messages in-process (clients
-//! share one frozen base model); the distributed mode will carry the same messages over gRPC.
+//! share one frozen base model); the distributed mode carries the same messages over gRPC (`fedllm-transport`, through `Remote`).
 
 pub mod aggregate;
 pub mod checkpoint;
@@ -10,10 +10,12 @@ pub mod error;
 pub mod message;
 pub mod metrics;
 pub mod params;
+pub mod remote;
 pub mod server;
 pub mod simulation;
 pub mod strategy;
 
 pub use config::RunConfig;
 pub use error::{FlError, Result};
+pub use remote::{Remote, Role};
 pub use simulation::{Simulation, Summary};

@@ -27,6 +27,11 @@ pub struct RoundRecord {
     pub bytes_up_per_client: BTreeMap<usize, usize>,
     pub seconds: f64,
     pub nan_skipped: usize,
+    /// Distributed mode: bytes on the wire (encoded tensors plus framing) per client.
+    #[serde(default)]
+    pub wire_down_per_client: BTreeMap<usize, usize>,
+    #[serde(default)]
+    pub wire_up_per_client: BTreeMap<usize, usize>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> FlError {

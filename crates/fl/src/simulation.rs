@@ -29,6 +29,7 @@ use crate::error::{FlError, Result};
 use crate::message::{ToClient, ToServer};
 use crate::metrics::{summary_table, write_all, RoundRecord};
 use crate::params::{bytes, ParamSet};
+use crate::remote::{Remote, Role};
 use crate::server::Server;
 use crate::strategy;
 
@@ -47,6 +48,9 @@ pub struct Simulation {
     /// The `local` baseline's per-client parameters.
     pub local: BTreeMap<usize, ParamSet>,
     pub best: Option<(usize, f64)>,
+    /// Distributed server: where requests go instead of `clients`.
+    pub remote: Option<Box<dyn Remote>>,
+    pub role: Role,
     initial: ParamSet,
     train: TrainConfig,
     pad_id: u32,
@@ -124,7 +128,22 @@ fn splitter(name: &str, alpha: f64) -> Result<Splitter> {
 impl Simulation {
     /// Loads the model and data, builds the clients and the server. Writes the resolved config.
     pub fn new(cfg: RunConfig) -> Result<Self> {
+        Self::with_role(cfg, Role::Standalone)
+    }
+
+    /// As `new`, for one side of a distributed run: the server tokenizes no client data, a
+    /// client only its own (and writes under `outdir/client-<i>`).
+    pub fn with_role(mut cfg: RunConfig, role: Role) -> Result<Self> {
         cfg.validate()?;
+        if let Role::Client(i) = role {
+            if i >= cfg.federate.client_num {
+                return Err(FlError::Config(format!(
+                    "client index {i} is out of range: federate.client_num is {}",
+                    cfg.federate.client_num
+                )));
+            }
+            cfg.outdir = cfg.outdir.join(format!("client-{i}"));
+        }
         let d = &cfg.data;
         let (source, mut split) = match preset(&d.source) {
             Some(p) => (p.source(&data_root())?, p.split_config(cfg.federate.seed)),
@@ -192,6 +211,18 @@ impl Simulation {
         let eval_cap = cfg.eval.max_samples;
         let mut clients = Vec::with_capacity(cfg.federate.client_num);
         for c in 0..cfg.federate.client_num {
+            match role {
+                Role::Server => {
+                    clients.push(Client {
+                        id: c,
+                        train: vec![],
+                        splits: BTreeMap::new(),
+                    });
+                    continue;
+                }
+                Role::Client(i) if i != c => continue,
+                _ => {}
+            }
             let splits = BTreeMap::from([
                 ("val".to_string(), tok(fed.client("val", c), eval_cap)?),
                 ("test".to_string(), tok(fed.client("test", c), eval_cap)?),
@@ -217,13 +248,19 @@ impl Simulation {
             }
             clients.push(all);
         }
-        if let Some(c) = clients.iter().find(|c| c.train.is_empty()) {
+        if let Some(c) = clients
+            .iter()
+            .find(|c| c.train.is_empty() && role != Role::Server)
+        {
             return Err(FlError::Config(format!(
                 "client {} has no training samples (more data or fewer clients)",
                 c.id
             )));
         }
-        let server_test = tok(fed.server_test(), eval_cap)?;
+        let server_test = match role {
+            Role::Client(_) => vec![],
+            _ => tok(fed.server_test(), eval_cap)?,
+        };
 
         let adapter = Adapter::init(
             &model,
@@ -275,6 +312,8 @@ impl Simulation {
             records: Vec::new(),
             local: BTreeMap::new(),
             best: None,
+            remote: None,
+            role,
             initial,
             pad_id,
         })
@@ -282,9 +321,13 @@ impl Simulation {
 
     /// Continues the run in `outdir` from its last checkpoint (same config, same data).
     pub fn resume(outdir: &Path, overrides: &[String]) -> Result<Self> {
+        Self::resume_as(outdir, overrides, Role::Standalone)
+    }
+
+    pub fn resume_as(outdir: &Path, overrides: &[String], role: Role) -> Result<Self> {
         let mut cfg = RunConfig::from_file(&outdir.join("config.yaml"), overrides)?;
         cfg.outdir = outdir.to_path_buf();
-        let mut sim = Self::new(cfg)?;
+        let mut sim = Self::with_role(cfg, role)?;
         let ck = checkpoint::load(outdir)?;
         sim.server.global = ck.global;
         sim.server.strategy.load_state(&ck.server)?;
@@ -314,6 +357,23 @@ impl Simulation {
         }
     }
 
+    /// A distributed client's answer to one server message (None for `Finish`).
+    pub fn handle(&mut self, msg: ToClient) -> Result<Option<ToServer>> {
+        let Role::Client(i) = self.role else {
+            return Err(FlError::Protocol("only a client answers server messages".into()));
+        };
+        let eval = matches!(msg, ToClient::Evaluate { .. });
+        if eval {
+            self.adapter.attach(&mut self.model, false)?;
+        }
+        let client = self.clients.iter().find(|c| c.id == i).expect("own data");
+        let out = client.handle(msg, &self.shared());
+        if eval {
+            self.adapter.attach(&mut self.model, true)?;
+        }
+        out
+    }
+
     fn eval_server(&self, params: &ParamSet) -> Result<Option<f64>> {
         if self.server_test.is_empty() {
             return Ok(None);
@@ -341,6 +401,7 @@ impl Simulation {
                 None => (0..self.server.clients_per_round.min(self.clients.len())).collect(),
             }
         };
+        let mut reqs = Vec::with_capacity(ids.len());
         for id in ids {
             let params = match self.cfg.federate.baseline {
                 Baseline::Local => self
@@ -356,8 +417,24 @@ impl Simulation {
                 params,
                 splits: vec!["val".into(), "test".into()],
             };
-            let client = &self.clients[id.min(self.clients.len() - 1)];
-            if let Some(ToServer::EvalRes { losses, .. }) = client.handle(msg, &self.shared())? {
+            reqs.push((id, msg));
+        }
+        let replies = match self.remote.as_mut() {
+            Some(r) => {
+                let n = reqs.len();
+                r.exchange(self.server.round, reqs, n)?
+            }
+            None => {
+                let mut out = Vec::new();
+                for (id, msg) in reqs {
+                    let client = &self.clients[id.min(self.clients.len() - 1)];
+                    out.extend(client.handle(msg, &self.shared())?);
+                }
+                out
+            }
+        };
+        for reply in replies {
+            if let ToServer::EvalRes { losses, .. } = reply {
                 for (split, l, n) in losses {
                     let e = acc.entry(split).or_default();
                     e.0 += l * n as f64;
@@ -416,12 +493,23 @@ impl Simulation {
     ) -> Result<Summary> {
         let total = self.cfg.federate.total_round_num;
         let freq = self.cfg.eval.freq;
+        if let Some(r) = self.remote.as_mut() {
+            let min = self
+                .cfg
+                .distributed
+                .min_clients
+                .unwrap_or(self.cfg.federate.client_num);
+            r.wait_for_clients(min)?;
+        }
         if self.records.is_empty() && freq > 0 {
             let t0 = Instant::now();
             let mut rec = empty_record(0);
             self.evaluate(&mut rec)?;
             rec.seconds = t0.elapsed().as_secs_f64();
             rec.bytes_down = self.server.bytes_down.values().sum();
+            if let Some(r) = self.remote.as_mut() {
+                (rec.wire_down_per_client, rec.wire_up_per_client) = r.take_wire_bytes();
+            }
             log(&round_line(&rec));
             self.records.push(rec);
         }
@@ -453,21 +541,37 @@ impl Simulation {
             } else {
                 indicatif::ProgressBar::hidden()
             };
-            for (c, msg) in reqs {
-                let reply = self.clients[c].handle(msg, &self.shared());
-                let msg = match reply {
-                    Ok(Some(m)) => m,
-                    Ok(None) => continue,
-                    Err(e) => ToServer::Failed {
-                        round,
-                        client: c,
-                        reason: e.to_string(),
-                    },
-                };
+            let replies = match self.remote.as_mut() {
+                Some(r) => {
+                    let min = self
+                        .cfg
+                        .distributed
+                        .min_received
+                        .unwrap_or(reqs.len())
+                        .min(reqs.len());
+                    r.exchange(round, reqs, min)?
+                }
+                None => {
+                    let mut out = Vec::with_capacity(reqs.len());
+                    for (c, msg) in reqs {
+                        match self.clients[c].handle(msg, &self.shared()) {
+                            Ok(Some(m)) => out.push(m),
+                            Ok(None) => {}
+                            Err(e) => out.push(ToServer::Failed {
+                                round,
+                                client: c,
+                                reason: e.to_string(),
+                            }),
+                        }
+                        bar.inc(1);
+                    }
+                    out
+                }
+            };
+            for msg in replies {
                 if let Err(e) = self.server.on_message(msg) {
                     log(&format!("round {round}: ignored message: {e}"));
                 }
-                bar.inc(1);
             }
             bar.finish_and_clear();
             let outcome = if self.cfg.federate.baseline == Baseline::Local {
@@ -506,6 +610,9 @@ impl Simulation {
             rec.bytes_up_per_client = self.server.bytes_up.clone();
             rec.bytes_down = rec.bytes_down_per_client.values().sum();
             rec.bytes_up = rec.bytes_up_per_client.values().sum();
+            if let Some(r) = self.remote.as_mut() {
+                (rec.wire_down_per_client, rec.wire_up_per_client) = r.take_wire_bytes();
+            }
             rec.seconds = t0.elapsed().as_secs_f64();
             log(&round_line(&rec));
             self.records.push(rec);
@@ -516,6 +623,11 @@ impl Simulation {
             }
             if stop_after == Some(round) {
                 break;
+            }
+        }
+        if self.server.round >= total {
+            if let Some(r) = self.remote.as_mut() {
+                r.finish();
             }
         }
         write_all(&self.cfg.outdir, &self.records)?;
@@ -566,15 +678,27 @@ fn empty_record(round: usize) -> RoundRecord {
         bytes_up_per_client: BTreeMap::new(),
         seconds: 0.0,
         nan_skipped: 0,
+        wire_down_per_client: BTreeMap::new(),
+        wire_up_per_client: BTreeMap::new(),
     }
 }
 
 fn round_line(r: &RoundRecord) -> String {
     let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let wire = if r.wire_up_per_client.is_empty() && r.wire_down_per_client.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (wire {:.2} down {:.2} up)",
+            r.wire_down_per_client.values().sum::<usize>() as f64 / 1e6,
+            r.wire_up_per_client.values().sum::<usize>() as f64 / 1e6
+        )
+    };
     format!(
-        "round {:>3}: clients {:?} train {} | server test {} | client val {} | client test {} | {:.2} MB down {:.2} MB up | {:.1}s",
+        "round {:>3}: clients {:?} failed {:?} train {} | server test {} | client val {} | client test {} | {:.2} MB down {:.2} MB up{wire} | {:.1}s",
         r.round,
         r.clients,
+        r.failed,
         f(r.train_loss),
         f(r.server_test_loss),
         f(r.client_val_loss),
