@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 mod data_cmd;
+mod dist_cmd;
 mod eval_cmd;
 mod train_cmd;
 
@@ -61,6 +62,12 @@ enum Cmd {
         /// Overrides as key.sub=value, e.g. federate.total_round_num=5 train.lr=1e-3
         overrides: Vec<String>,
     },
+    /// Distributed mode: the gRPC server (aggregation, evaluation, checkpoints)
+    Server(Box<dist_cmd::ServerArgs>),
+    /// Distributed mode: one organisation's client (trains on its own data)
+    Client(Box<dist_cmd::ClientArgs>),
+    /// Make a CA and server/client certificates for trying TLS and mTLS
+    Certs(dist_cmd::CertsArgs),
     /// Fine-tune an adapter on local data; writes PEFT files and a metrics log
     Finetune(Box<train_cmd::FinetuneArgs>),
     /// Fold a LoRA adapter into the base and write a Hugging Face folder
@@ -230,6 +237,9 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => cmd_run(config, resume, no_progress, &overrides),
         Cmd::Data(d) => data_cmd::run(d),
+        Cmd::Server(a) => dist_cmd::cmd_server(*a),
+        Cmd::Client(a) => dist_cmd::cmd_client(*a),
+        Cmd::Certs(a) => dist_cmd::cmd_certs(a),
         Cmd::Eval(a) => eval_cmd::run(*a),
         Cmd::Merge {
             model,
@@ -354,6 +364,9 @@ fn cmd_run(
         (None, None) => bail!("give --config or --resume"),
     };
     let c = &sim.cfg;
+    if c.federate.mode == "distributed" {
+        bail!("federate.mode is `distributed`: start `fedllm server` and one `fedllm client` per organisation (or set federate.mode=standalone)");
+    }
     eprintln!(
         "run: {} clients ({} per round), {} rounds, strategy {:?}, baseline {:?}, adapter {} ({} trainable), data {} → {}",
         c.federate.client_num,

@@ -433,7 +433,10 @@ impl RunConfig {
             "standalone" => {}
             "distributed" => {
                 if f.baseline == Baseline::Global {
-                    return bad("federate.baseline `global` pools all data in one place: standalone only".into());
+                    return bad(
+                        "federate.baseline `global` pools all data in one place: standalone only"
+                            .into(),
+                    );
                 }
                 let d = &self.distributed;
                 if !matches!(d.compression.as_str(), "none" | "fp16" | "bf16" | "int8") {

@@ -360,7 +360,9 @@ impl Simulation {
     /// A distributed client's answer to one server message (None for `Finish`).
     pub fn handle(&mut self, msg: ToClient) -> Result<Option<ToServer>> {
         let Role::Client(i) = self.role else {
-            return Err(FlError::Protocol("only a client answers server messages".into()));
+            return Err(FlError::Protocol(
+                "only a client answers server messages".into(),
+            ));
         };
         let eval = matches!(msg, ToClient::Evaluate { .. });
         if eval {

@@ -1,4 +1,11 @@
 pub mod pb {
     tonic::include_proto!("fedllm.v1");
 }
+pub mod convert;
+pub mod error;
+pub mod tls;
 pub mod wire;
+
+pub use error::{Result, TransportError};
+pub mod client;
+pub mod server;

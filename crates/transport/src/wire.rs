@@ -300,7 +300,9 @@ impl Assembler {
 
 /// Expected names and shapes of a set.
 pub fn layout(p: &ParamSet) -> BTreeMap<String, Vec<usize>> {
-    p.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect()
+    p.iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect()
 }
 
 /// Feeds arbitrary bytes to the decoder as a sequence of length-prefixed frames: the fuzz
@@ -332,7 +334,9 @@ mod tests {
     fn set() -> ParamSet {
         let dev = Device::Cpu;
         let a: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.37).collect();
-        let b: Vec<f32> = (0..70).map(|i| ((i * 7919) % 101) as f32 * 1e-3 - 0.05).collect();
+        let b: Vec<f32> = (0..70)
+            .map(|i| ((i * 7919) % 101) as f32 * 1e-3 - 0.05)
+            .collect();
         ParamSet::from([
             ("a".into(), Tensor::from_vec(a, (3, 5), &dev).unwrap()),
             ("b".into(), Tensor::from_vec(b, 70, &dev).unwrap()),
@@ -357,7 +361,10 @@ mod tests {
             .map(|(k, t)| {
                 let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
                 let y: Vec<f32> = b[k].flatten_all().unwrap().to_vec1().unwrap();
-                x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0., f32::max)
+                x.iter()
+                    .zip(&y)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0., f32::max)
             })
             .fold(0., f32::max)
     }
@@ -392,7 +399,9 @@ mod tests {
 
     #[test]
     fn int8_matches_the_blockwise_absmax_formula() {
-        let v: Vec<f32> = (0..130).map(|i| (i as f32).sin() * (1 + i / 64) as f32).collect();
+        let v: Vec<f32> = (0..130)
+            .map(|i| (i as f32).sin() * (1 + i / 64) as f32)
+            .collect();
         let d = decode_values(&encode_values(&v, Encoding::Int8), Encoding::Int8, v.len()).unwrap();
         for (blk, dblk) in v.chunks(INT8_BLOCK).zip(d.chunks(INT8_BLOCK)) {
             let s = blk.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
@@ -419,22 +428,39 @@ mod tests {
         all.extend(frames("b"));
         assert!(run(all.clone(), 1 << 20).is_ok());
         // missing tensor, duplicate, truncated, chunk first, oversized, wrong shape, too many bytes
-        assert!(run(frames("a"), 1 << 20).unwrap_err().to_string().contains("`b` missing"));
+        assert!(run(frames("a"), 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("`b` missing"));
         let mut dup = frames("a");
         dup.extend(frames("a"));
         assert!(run(dup, 1 << 20).unwrap_err().to_string().contains("twice"));
         let cut = all[..all.len() - 1].to_vec();
-        assert!(run(cut, 1 << 20).unwrap_err().to_string().contains("bytes arrived"));
+        assert!(run(cut, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("bytes arrived"));
         assert!(run(all[1..].to_vec(), 1 << 20).is_err());
         assert!(matches!(run(all.clone(), 100), Err(WireError::TooLarge(_))));
         let mut wrong = all.clone();
         if let Some(Body::Tensor(h)) = &mut wrong[0].body {
             h.shape = vec![5, 3];
         }
-        assert!(run(wrong, 1 << 20).unwrap_err().to_string().contains("shape"));
+        assert!(run(wrong, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("shape"));
         let mut extra = all.clone();
-        extra.insert(2, Frame { body: Some(Body::Chunk(vec![0; 9])) });
-        assert!(run(extra, 1 << 20).unwrap_err().to_string().contains("more bytes"));
+        extra.insert(
+            2,
+            Frame {
+                body: Some(Body::Chunk(vec![0; 9])),
+            },
+        );
+        assert!(run(extra, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("more bytes"));
         let mut bomb = all;
         if let Some(Body::Tensor(h)) = &mut bomb[0].body {
             h.bytes = u64::MAX;
@@ -451,7 +477,11 @@ mod tests {
         let mut valid = Vec::new();
         for zstd in [false, true] {
             for (k, t) in &p {
-                let o = WireOpts { encoding: Encoding::Int8, zstd, chunk: 16 };
+                let o = WireOpts {
+                    encoding: Encoding::Int8,
+                    zstd,
+                    chunk: 16,
+                };
                 for f in tensor_frames(k, t, &o).unwrap() {
                     f.encode_length_delimited(&mut valid).unwrap();
                 }
@@ -460,7 +490,9 @@ mod tests {
         fuzz_decode(&valid);
         for i in 0..20_000 {
             let mut d = if i % 3 == 0 {
-                (0..(rng.next_u64() % 300)).map(|_| rng.next_u64() as u8).collect()
+                (0..(rng.next_u64() % 300))
+                    .map(|_| rng.next_u64() as u8)
+                    .collect()
             } else {
                 valid.clone()
             };

@@ -1,0 +1,188 @@
+//! fl's messages ↔ protobuf headers (tensors travel separately, see `wire`).
+
+use std::collections::BTreeMap;
+
+use fedllm_fl::message::{ToClient, ToServer};
+use fedllm_fl::params::ParamSet;
+use fedllm_fl::strategy::{FitConfig, FitResult};
+
+use crate::pb::{ResultHeader, ResultKind, SplitLoss, TaskHeader, TaskKind};
+use crate::wire::WireError;
+
+pub fn task_header(m: &ToClient) -> (TaskHeader, Option<&ParamSet>) {
+    match m {
+        ToClient::Fit {
+            round,
+            params,
+            config,
+            seed,
+        } => (
+            TaskHeader {
+                kind: TaskKind::Fit as i32,
+                round: *round as u32,
+                seed: *seed,
+                proximal_mu: config.proximal_mu,
+                splits: vec![],
+                tensors: params.len() as u32,
+            },
+            Some(params),
+        ),
+        ToClient::Evaluate {
+            round,
+            params,
+            splits,
+        } => (
+            TaskHeader {
+                kind: TaskKind::Evaluate as i32,
+                round: *round as u32,
+                splits: splits.clone(),
+                tensors: params.len() as u32,
+                ..Default::default()
+            },
+            Some(params),
+        ),
+        ToClient::Finish => (
+            TaskHeader {
+                kind: TaskKind::Finish as i32,
+                ..Default::default()
+            },
+            None,
+        ),
+    }
+}
+
+pub fn to_client(h: &TaskHeader, params: ParamSet) -> Result<ToClient, WireError> {
+    Ok(match TaskKind::try_from(h.kind) {
+        Ok(TaskKind::Fit) => ToClient::Fit {
+            round: h.round as usize,
+            params,
+            config: FitConfig {
+                proximal_mu: h.proximal_mu,
+            },
+            seed: h.seed,
+        },
+        Ok(TaskKind::Evaluate) => ToClient::Evaluate {
+            round: h.round as usize,
+            params,
+            splits: h.splits.clone(),
+        },
+        Ok(TaskKind::Finish) => ToClient::Finish,
+        _ => return Err(WireError::Malformed(format!("task kind {}", h.kind))),
+    })
+}
+
+pub fn result_header<'a>(run: &str, m: &'a ToServer) -> (ResultHeader, Option<&'a ParamSet>) {
+    let base = ResultHeader {
+        run: run.to_string(),
+        ..Default::default()
+    };
+    match m {
+        ToServer::FitRes { round, result } => (
+            ResultHeader {
+                client: result.client as u32,
+                round: *round as u32,
+                kind: ResultKind::FitRes as i32,
+                num_samples: result.num_samples as u64,
+                metrics: result
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
+                tensors: result.params.len() as u32,
+                ..base
+            },
+            Some(&result.params),
+        ),
+        ToServer::EvalRes {
+            round,
+            client,
+            losses,
+        } => (
+            ResultHeader {
+                client: *client as u32,
+                round: *round as u32,
+                kind: ResultKind::EvalRes as i32,
+                losses: losses
+                    .iter()
+                    .map(|(s, l, n)| SplitLoss {
+                        split: s.clone(),
+                        loss: *l,
+                        tokens: *n as u64,
+                    })
+                    .collect(),
+                ..base
+            },
+            None,
+        ),
+        ToServer::Failed {
+            round,
+            client,
+            reason,
+        } => (
+            ResultHeader {
+                client: *client as u32,
+                round: *round as u32,
+                kind: ResultKind::Failed as i32,
+                reason: reason.clone(),
+                ..base
+            },
+            None,
+        ),
+        ToServer::Join { client } => (
+            ResultHeader {
+                client: *client as u32,
+                kind: ResultKind::Failed as i32,
+                reason: "join is not a result".into(),
+                ..base
+            },
+            None,
+        ),
+    }
+}
+
+/// What the round loop reads from every fit result.
+const FIT_METRICS: [&str; 4] = ["train_loss", "train_tokens", "steps", "nan_skipped"];
+
+pub fn to_server(h: &ResultHeader, params: ParamSet) -> Result<ToServer, WireError> {
+    let (round, client) = (h.round as usize, h.client as usize);
+    Ok(match ResultKind::try_from(h.kind) {
+        Ok(ResultKind::FitRes)
+            if !FIT_METRICS
+                .iter()
+                .all(|k| h.metrics.get(*k).is_some_and(|v| v.is_finite())) =>
+        {
+            return Err(WireError::Malformed(format!(
+                "fit result without finite {}",
+                FIT_METRICS.join("/")
+            )))
+        }
+        Ok(ResultKind::FitRes) => ToServer::FitRes {
+            round,
+            result: FitResult {
+                client,
+                params,
+                num_samples: h.num_samples as usize,
+                metrics: h
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect::<BTreeMap<_, _>>(),
+            },
+        },
+        Ok(ResultKind::EvalRes) => ToServer::EvalRes {
+            round,
+            client,
+            losses: h
+                .losses
+                .iter()
+                .map(|l| (l.split.clone(), l.loss, l.tokens as usize))
+                .collect(),
+        },
+        Ok(ResultKind::Failed) => ToServer::Failed {
+            round,
+            client,
+            reason: h.reason.chars().take(500).collect(),
+        },
+        Err(_) => return Err(WireError::Malformed(format!("result kind {}", h.kind))),
+    })
+}
