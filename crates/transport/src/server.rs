@@ -155,6 +155,11 @@ impl Federation for Svc {
         if r.run != hub.run || r.client as usize != id {
             return Err(Status::failed_precondition("join this run first"));
         }
+        // A pull is proof of life: a client that reconnected to a restarted server is back.
+        if hub.lock().joined.insert(id) {
+            (hub.log)(&format!("client {id} rejoined"));
+            hub.cv.notify_all();
+        }
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(r.wait_ms as u64).min(MAX_POLL);
         let task: Option<Arc<ToClient>> = loop {

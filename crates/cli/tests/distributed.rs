@@ -1,0 +1,514 @@
+//! The distributed mode through the binary: real `fedllm server` and `fedllm client`
+//! processes on 127.0.0.1 with the tiny golden LLaMA. Every wait is bounded; a test that
+//! hangs fails at its deadline instead.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fedllm")
+}
+
+fn tiny() -> PathBuf {
+    fedllm_model::testing::golden_dir().join("llama-tiny")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A learnable toy instruction set.
+fn data(dir: &Path) -> PathBuf {
+    let words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"];
+    let mut rng = fedllm_model::rng::Rng::new(1);
+    let lines: Vec<String> = (0..120)
+        .map(|i| {
+            let w = words[(rng.next_u64() % words.len() as u64) as usize];
+            let cat = ["a", "b", "c", "d"][i % 4];
+            serde_json::json!({"instruction": format!("Repeat: {w}\n"), "input": "", "output": format!("{w} {w}"), "category": cat}).to_string()
+        })
+        .collect();
+    let p = dir.join("data.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn config(dir: &Path, port: u16, rounds: usize, extra: &str) -> PathBuf {
+    let text = format!(
+        "federate: {{mode: distributed, client_num: 3, sample_client_num: 3, total_round_num: {rounds}, seed: 0}}
+data: {{source: {data}, template: raw, tok_len: 64}}
+model: {{path: {model}}}
+train: {{local_update_steps: 3, batch_size: 4, optimizer: adamw, lr: 0.01}}
+adapter: {{r: 4, dropout: 0.1}}
+eval: {{max_samples: 8}}
+outdir: {out}
+distributed:
+  listen: 127.0.0.1:{port}
+  server: http://127.0.0.1:{port}
+  round_timeout_s: 60
+  join_timeout_s: 60
+  connect_timeout_s: 60
+{extra}",
+        data = data(dir).display(),
+        model = tiny().display(),
+        out = dir.join("run").display(),
+    );
+    let p = dir.join("cfg.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(args: &[&str], log: PathBuf) -> Self {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; kills it and panics at the deadline.
+    fn wait(&mut self, secs: u64) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.success();
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!(
+                    "{} still running after {secs}s:\n{}",
+                    self.log.display(),
+                    self.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the log contains `needle`.
+    fn wait_for(&mut self, needle: &str, secs: u64) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while !self.text().contains(needle) {
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!(
+                    "no `{needle}` in {} after {secs}s:\n{}",
+                    self.log.display(),
+                    self.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn server(dir: &Path, cfg: &Path, extra: &[&str]) -> Proc {
+    let mut a = vec!["server", "--config", cfg.to_str().unwrap()];
+    a.extend(extra);
+    Proc::start(&a, dir.join(format!("server-{}.log", now_ms())))
+}
+
+fn client(dir: &Path, cfg: &Path, i: usize, extra: &[&str]) -> Proc {
+    let idx = i.to_string();
+    let mut a = vec![
+        "client",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-idx",
+        &idx,
+    ];
+    a.extend(extra);
+    Proc::start(&a, dir.join(format!("client{i}-{}.log", now_ms())))
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The same config run in-process (`fedllm run`, standalone): the reference adapter bytes.
+fn standalone(dir: &Path, cfg: &Path) -> Vec<u8> {
+    let out = dir.join("standalone");
+    let o = Command::new(bin())
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-progress",
+            "federate.mode=standalone",
+            &format!("outdir={}", out.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
+fn adapter(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("run/adapter/adapter_model.safetensors")).unwrap()
+}
+
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn three_client_processes_match_standalone_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 3, "");
+    let mut s = server(d, &cfg, &[]);
+    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
+    // Byte accounting: raw fp32 on the wire costs < 1% over the tensor bytes.
+    let r = &records(d)[1];
+    let raw = r["bytes_up_per_client"]["0"].as_u64().unwrap() as f64;
+    let wire = r["wire_up_per_client"]["0"].as_u64().unwrap() as f64;
+    // Per tensor a header with its PEFT name (~100 B); the bulk costs ≤ 1% (see wire's tests
+    // and `fedllm bench transport` for large updates).
+    let tensors = 16.0;
+    assert!(
+        wire >= raw && wire <= raw * 1.01 + 100.0 * tensors + 300.0,
+        "wire {wire} raw {raw}"
+    );
+}
+
+#[test]
+fn compressed_updates_cut_the_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 2, "  compression: int8\n  zstd: true\n");
+    let mut s = server(d, &cfg, &[]);
+    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    let recs = records(d);
+    let r = &recs[2];
+    let raw = r["bytes_up_per_client"]["1"].as_u64().unwrap() as f64;
+    let wire = r["wire_up_per_client"]["1"].as_u64().unwrap() as f64;
+    assert!(wire < raw * 0.5, "int8+zstd: wire {wire} raw {raw}");
+    let (a, b) = (
+        recs[0]["server_test_loss"].as_f64().unwrap(),
+        recs[2]["server_test_loss"].as_f64().unwrap(),
+    );
+    assert!(b < a, "held-out loss {a} -> {b}");
+}
+
+#[test]
+fn killed_client_misses_the_round_then_rejoins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 3, "");
+    let over = ["distributed.round_timeout_s=4"];
+    let mut s = server(d, &cfg, &over);
+    let mut c0 = client(d, &cfg, 0, &[]);
+    let mut c1 = client(d, &cfg, 1, &[]);
+    // Client 2 answers slowly, so it is mid-round when it dies.
+    let mut c2 = client(d, &cfg, 2, &["--straggle-ms", "2500"]);
+    s.wait_for("round   0:", 60);
+    c2.wait_for("evaluate done", 30);
+    std::thread::sleep(Duration::from_millis(500));
+    c2.kill9();
+    s.wait_for("round   1:", 30);
+    let t = s.text();
+    assert!(
+        t.contains("deadline (4s) passed without clients [2]"),
+        "{t}"
+    );
+    // Restarted, it rejoins and trains in the next round.
+    let mut c2 = client(d, &cfg, 2, &[]);
+    assert!(s.wait(60), "{}", s.text());
+    for c in [&mut c0, &mut c1, &mut c2] {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    let recs = records(d);
+    assert_eq!(recs[1]["failed"], serde_json::json!([2]));
+    assert!(recs[1]["client_train_loss"].get("2").is_none());
+    assert!(
+        recs[3]["client_train_loss"].get("2").is_some(),
+        "{:?}",
+        recs[3]
+    );
+    assert_eq!(recs.len(), 4);
+}
+
+#[test]
+fn killed_server_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 4, "");
+    let mut s = server(d, &cfg, &[]);
+    let mut cs: Vec<Proc> = (0..3)
+        .map(|i| client(d, &cfg, i, &["--straggle-ms", "300"]))
+        .collect();
+    s.wait_for("round   2:", 60);
+    std::thread::sleep(Duration::from_millis(200)); // into round 3
+    s.kill9();
+    let run = d.join("run");
+    let mut s2 = server(d, &cfg, &["--resume", run.to_str().unwrap()]);
+    assert!(s2.wait(120), "{}", s2.text());
+    assert!(
+        s2.text().contains("resuming after round 2"),
+        "{}",
+        s2.text()
+    );
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    let t = s2.text();
+    assert!(
+        (0..3).all(|i| t.contains(&format!("client {i} rejoined"))
+            || t.contains(&format!("client {i} joined"))),
+        "{t}"
+    );
+    assert_eq!(adapter(d), standalone(d, &cfg), "resumed != uninterrupted");
+}
+
+#[test]
+fn tls_tokens_and_mtls_refuse_strangers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let certs = d.join("certs");
+    let o = Command::new(bin())
+        .args(["certs", "--out", certs.to_str().unwrap(), "--clients", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tokens = d.join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        "0: token-zero-123\n1: token-one-4567\nclient-2: token-two-89ab\n",
+    )
+    .unwrap();
+    for (i, t) in [
+        "token-zero-123",
+        "token-one-4567",
+        "token-two-89ab",
+        "not-the-token",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut f = std::fs::File::create(d.join(format!("t{i}"))).unwrap();
+        writeln!(f, "{t}").unwrap();
+    }
+    let port = free_port();
+    let c = |f: &str| certs.join(f).display().to_string();
+    let tls = format!(
+        "  tokens_file: {}\n  tls: {{ca: {}, cert: {}, key: {}, client_auth: true}}\n",
+        tokens.display(),
+        c("ca.pem"),
+        c("server.pem"),
+        c("server.key")
+    );
+    let cfg = config(d, port, 2, &tls);
+    let mut s = server(d, &cfg, &["federate.client_num=3"]);
+    let https = format!("https://localhost:{port}");
+    let client_tls = |i: usize| {
+        vec![
+            format!("distributed.tls.cert={}", c(&format!("client-{i}.pem"))),
+            format!("distributed.tls.key={}", c(&format!("client-{i}.key"))),
+        ]
+    };
+    let run = |i: usize, token: usize, extra: Vec<String>| {
+        let mut a: Vec<String> = vec![
+            "--server".into(),
+            https.clone(),
+            "--token-file".into(),
+            d.join(format!("t{token}")).display().to_string(),
+            "distributed.connect_timeout_s=3".into(),
+        ];
+        a.extend(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        client(d, &cfg, i, &a)
+    };
+    // A wrong token: refused at once, with the reason.
+    let mut bad = run(0, 3, client_tls(0));
+    assert!(!bad.wait(30));
+    assert!(
+        bad.text().contains("bad token for client 0"),
+        "{}",
+        bad.text()
+    );
+    // No client certificate (mTLS): the handshake fails; the client gives up.
+    let mut nocert = run(
+        1,
+        1,
+        vec![
+            "distributed.tls.cert=null".into(),
+            "distributed.tls.key=null".into(),
+        ],
+    );
+    assert!(!nocert.wait(30), "{}", nocert.text());
+    // Plain HTTP against the TLS port: no connection.
+    let a: Vec<String> = vec![
+        "--server".into(),
+        format!("http://127.0.0.1:{port}"),
+        "distributed.connect_timeout_s=3".into(),
+        "distributed.tls={}".into(),
+        format!("distributed.token_file={}", d.join("t2").display()),
+    ];
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut plain_http = client(d, &cfg, 2, &a);
+    assert!(!plain_http.wait(30), "{}", plain_http.text());
+    // The real clients complete the run.
+    let mut good: Vec<Proc> = (0..3).map(|i| run(i, i, client_tls(i))).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for g in &mut good {
+        assert!(g.wait(30), "{}", g.text());
+    }
+    assert!(s
+        .text()
+        .contains("refused a request for client 0: bad or missing token"));
+}
+
+#[test]
+fn garbage_and_malformed_uploads_do_not_stop_the_server() {
+    use fedllm_transport::pb::{federation_client::FederationClient, frame::Body, Frame};
+    use fedllm_transport::pb::{JoinRequest, ResultHeader, ResultKind, TensorHeader};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let port = free_port();
+    let cfg = config(d, port, 1, "");
+    let mut s = server(d, &cfg, &[]);
+    s.wait_for("listening", 60);
+    // Raw garbage, and an HTTP/2 preface followed by junk.
+    let mut rng = fedllm_model::rng::Rng::new(3);
+    for k in 0..20 {
+        if let Ok(mut t) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let mut junk: Vec<u8> = if k % 2 == 0 {
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()
+            } else {
+                vec![]
+            };
+            junk.extend((0..(64 + k * 97)).map(|_| rng.next_u64() as u8));
+            let _ = t.write_all(&junk);
+        }
+    }
+    // Well-formed gRPC carrying bad updates.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let statuses: Vec<String> = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut cl = FederationClient::with_interceptor(ch, |mut r: tonic::Request<()>| {
+            r.metadata_mut()
+                .insert("x-fedllm-client", "1".parse().unwrap());
+            Ok(r)
+        });
+        let run = cl
+            .join(JoinRequest {
+                client: 1,
+                run: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .run;
+        let head = |client: u32| Frame {
+            body: Some(Body::Result(ResultHeader {
+                run: run.clone(),
+                client,
+                round: 1,
+                kind: ResultKind::FitRes as i32,
+                tensors: 1,
+                ..Default::default()
+            })),
+        };
+        let tensor = |name: &str, bytes: u64| Frame {
+            body: Some(Body::Tensor(TensorHeader {
+                name: name.into(),
+                shape: vec![4],
+                bytes,
+                ..Default::default()
+            })),
+        };
+        let chunk = |n: usize| Frame {
+            body: Some(Body::Chunk(vec![7; n])),
+        };
+        let cases: Vec<Vec<Frame>> = vec![
+            vec![chunk(16)],                              // no header
+            vec![head(2)],                                // another client's result
+            vec![head(1), chunk(3)],                      // chunk before a tensor
+            vec![head(1), tensor("nope", 16), chunk(16)], // unknown tensor
+            vec![head(1), tensor("x", u64::MAX)],         // absurd size
+            vec![head(1), Frame { body: None }],          // empty frame
+        ];
+        let mut out = Vec::new();
+        for c in cases {
+            let r = cl.push(tokio_stream::iter(c)).await;
+            out.push(match r {
+                Ok(r) => format!("ok {:?}", r.into_inner()),
+                Err(e) => format!("{:?}", e.code()),
+            });
+        }
+        // A message over the size limit.
+        let big = vec![head(1), chunk(5 << 20)];
+        out.push(match cl.push(tokio_stream::iter(big)).await {
+            Ok(_) => "accepted".into(),
+            Err(e) => format!("{:?}", e.code()),
+        });
+        out
+    });
+    assert!(
+        statuses
+            .iter()
+            .all(|s| !s.starts_with("ok PushReply { accepted: true")),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[..6].iter().all(|s| s == "InvalidArgument"),
+        "{statuses:?}"
+    );
+    // The server still runs a round for real clients.
+    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    assert!(s.text().contains("rejected upload"), "{}", s.text());
+}
