@@ -187,6 +187,20 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// One fit exchange over loopback gRPC (server → client → server): latency, wire bytes, RSS
+    Transport {
+        /// Update size in MB of fp32 (default: a 4.2 MB-class LoRA update)
+        #[arg(long, default_value_t = 4.2)]
+        mb: f64,
+        /// Tensors the update is split into
+        #[arg(long, default_value_t = 64)]
+        tensors: usize,
+        /// Encodings to compare (none, fp16, bf16, int8; `+zstd` suffix adds zstd)
+        #[arg(long, value_delimiter = ',', default_value = "none,fp16,int8,int8+zstd")]
+        compression: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Server aggregation speed: FedAvg (and robust rules) over many client updates
     Aggregate {
         #[arg(long, default_value_t = 100)]
@@ -247,6 +261,12 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => train_cmd::cmd_merge(&model, &adapter, &out),
         Cmd::Bench(BenchCmd::Aggregate { clients, params }) => cmd_bench_aggregate(clients, params),
+        Cmd::Bench(BenchCmd::Transport {
+            mb,
+            tensors,
+            compression,
+            rounds,
+        }) => cmd_bench_transport(mb, tensors, &compression, rounds),
         Cmd::Bench(BenchCmd::Train {
             model,
             dtype,
@@ -407,6 +427,36 @@ fn cmd_run(
         t0.elapsed().as_secs_f64(),
         bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
     );
+    Ok(())
+}
+
+fn cmd_bench_transport(mb: f64, tensors: usize, compression: &[String], rounds: usize) -> Result<()> {
+    use fedllm_transport::bench::{roundtrip, synthetic};
+    let params = synthetic((mb * 1e6) as usize, tensors)?;
+    println!(
+        "update: {:.1} MB fp32 in {tensors} tensors; {rounds} exchanges each, loopback",
+        mb
+    );
+    for c in compression {
+        let mut d = fedllm_fl::config::DistributedCfg::default();
+        let (enc, zstd) = match c.strip_suffix("+zstd") {
+            Some(e) => (e, true),
+            None => (c.as_str(), false),
+        };
+        d.compression = enc.to_string();
+        d.zstd = zstd;
+        let r = roundtrip(&d, params.clone(), rounds)?;
+        println!(
+            "{c:>10}: {:.3} s per exchange (down + up), {:.0} MB/s; wire down {:.3} MB ({:.4}x raw), up {:.3} MB ({:.4}x); peak RSS {:.0} MB",
+            r.seconds,
+            2.0 * r.raw_bytes as f64 / 1e6 / r.seconds,
+            r.wire_down as f64 / 1e6,
+            r.wire_down as f64 / r.raw_bytes as f64,
+            r.wire_up as f64 / 1e6,
+            r.wire_up as f64 / r.raw_bytes as f64,
+            bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+    }
     Ok(())
 }
 

@@ -242,15 +242,28 @@ async fn push(
 pub fn run_client(
     sim: &mut Simulation,
     o: &ClientOptions,
-    mut log: impl FnMut(&str),
+    log: impl FnMut(&str),
 ) -> Result<ClientStats> {
     let d = sim.cfg.distributed.clone();
+    let expect = fedllm_fl::client::snapshot(&sim.adapter)?;
+    run_with(&d, o, &expect, |m| sim.handle(m), log)
+}
+
+/// The client loop around any worker (`run_client` plugs in the simulation's; the transport
+/// benchmark an echo). `expect` is the parameter layout tasks must carry.
+pub fn run_with(
+    d: &DistributedCfg,
+    o: &ClientOptions,
+    expect: &ParamSet,
+    mut work: impl FnMut(ToClient) -> fedllm_fl::Result<Option<ToServer>>,
+    mut log: impl FnMut(&str),
+) -> Result<ClientStats> {
+    let d = d.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| TransportError::Net(format!("runtime: {e}")))?;
-    let expect = fedllm_fl::client::snapshot(&sim.adapter)?;
     let mut stats = ClientStats::default();
     let mut conn: Option<Conn> = None;
     let mut run = String::new();
@@ -281,7 +294,7 @@ pub fn run_client(
                 conn = Some(c);
             }
             let c = conn.as_mut().expect("connected");
-            let task = match pull(c, &run, o, &expect, &mut stats).await? {
+            let task = match pull(c, &run, o, expect, &mut stats).await? {
                 Next::Wait => return Ok(false),
                 Next::Task(ToClient::Finish) => return Ok(true),
                 Next::Task(t) => t,
@@ -303,7 +316,7 @@ pub fn run_client(
                         ToClient::Finish => (0, ""),
                     };
                     let t0 = Instant::now();
-                    let r = tokio::task::block_in_place(|| sim.handle(task));
+                    let r = tokio::task::block_in_place(|| work(task));
                     let r = match r {
                         Ok(Some(m)) => m,
                         Ok(None) => return Ok(true),

@@ -9,3 +9,4 @@ pub mod wire;
 pub use error::{Result, TransportError};
 pub mod client;
 pub mod server;
+pub mod bench;

@@ -223,7 +223,7 @@ impl Assembler {
                 if enc == Encoding::Int8 && h.block as usize != INT8_BLOCK {
                     return bad(format!("tensor `{}`: int8 block {}", h.name, h.block));
                 }
-                let raw = n.checked_mul(4).unwrap_or(usize::MAX);
+                let raw = n.saturating_mul(4);
                 if self.decoded_bytes.saturating_add(raw) > self.max_bytes {
                     return Err(WireError::TooLarge(format!(
                         "tensor `{}` takes the update past {} bytes",

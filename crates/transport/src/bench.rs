@@ -1,0 +1,116 @@
+//! `fedllm bench transport`: one fit exchange of a synthetic update over loopback gRPC (server
+//! sends the global set, the client echoes it back), timed, with bytes on the wire.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use fedllm_fl::config::DistributedCfg;
+use fedllm_fl::message::{ToClient, ToServer};
+use fedllm_fl::params::ParamSet;
+use fedllm_fl::strategy::{FitConfig, FitResult};
+use fedllm_fl::Remote;
+
+use crate::client::{run_with, ClientOptions};
+use crate::error::{Result, TransportError};
+use crate::server::{serve, ServeOptions};
+
+#[derive(Debug, Clone)]
+pub struct BenchResult {
+    pub raw_bytes: usize,
+    pub seconds: f64,
+    pub wire_down: usize,
+    pub wire_up: usize,
+}
+
+/// `tensors` tensors holding `bytes` of fp32 in all.
+pub fn synthetic(bytes: usize, tensors: usize) -> Result<ParamSet> {
+    let per = (bytes / 4 / tensors.max(1)).max(1);
+    let mut rng = fedllm_model::rng::Rng::new(11);
+    (0..tensors.max(1))
+        .map(|i| {
+            let v: Vec<f32> = (0..per).map(|_| rng.normal() as f32 * 0.02).collect();
+            let t = Tensor::from_vec(v, per, &Device::Cpu)
+                .map_err(|e| TransportError::Net(e.to_string()))?;
+            Ok((format!("layers.{i}.weight"), t))
+        })
+        .collect()
+}
+
+pub fn roundtrip(d: &DistributedCfg, params: ParamSet, rounds: usize) -> Result<BenchResult> {
+    let mut d = d.clone();
+    d.listen = "127.0.0.1:0".into();
+    let quiet: crate::server::Log = Arc::new(|_: &str| {});
+    let mut remote = serve(
+        &d,
+        ServeOptions {
+            run: "bench".into(),
+            client_num: 1,
+            expect: params.clone(),
+            log: quiet,
+        },
+    )?;
+    d.server = format!("http://{}", remote.addr);
+    let expect = params.clone();
+    let client = std::thread::spawn(move || {
+        let o = ClientOptions {
+            client: 0,
+            token: None,
+            straggle: Duration::ZERO,
+        };
+        run_with(
+            &d,
+            &o,
+            &expect,
+            |m| match m {
+                ToClient::Fit { round, params, .. } => Ok(Some(ToServer::FitRes {
+                    round,
+                    result: FitResult {
+                        client: 0,
+                        params,
+                        num_samples: 1,
+                        metrics: BTreeMap::from(
+                            ["train_loss", "train_tokens", "steps", "nan_skipped"]
+                                .map(|k| (k.to_string(), 0.0)),
+                        ),
+                    },
+                })),
+                _ => Ok(None),
+            },
+            |_| {},
+        )
+    });
+    remote.wait_for_clients(1)?;
+    let raw_bytes = params.values().map(|t| t.elem_count() * 4).sum();
+    let t0 = Instant::now();
+    for round in 1..=rounds.max(1) {
+        let got = remote.exchange(
+            round,
+            vec![(
+                0,
+                ToClient::Fit {
+                    round,
+                    params: params.clone(),
+                    config: FitConfig::default(),
+                    seed: 0,
+                },
+            )],
+            1,
+        )?;
+        if got.len() != 1 {
+            return Err(TransportError::Net("the echo client did not answer".into()));
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64() / rounds.max(1) as f64;
+    let (down, up) = remote.take_wire_bytes();
+    remote.finish();
+    drop(remote);
+    let _ = client.join();
+    Ok(BenchResult {
+        raw_bytes,
+        seconds,
+        wire_down: down.values().sum::<usize>() / rounds.max(1),
+        wire_up: up.values().sum::<usize>() / rounds.max(1),
+    })
+}
