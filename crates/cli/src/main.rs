@@ -196,7 +196,11 @@ enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         tensors: usize,
         /// Encodings to compare (none, fp16, bf16, int8; `+zstd` suffix adds zstd)
-        #[arg(long, value_delimiter = ',', default_value = "none,fp16,int8,int8+zstd")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "none,fp16,int8,int8+zstd"
+        )]
         compression: Vec<String>,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -430,7 +434,12 @@ fn cmd_run(
     Ok(())
 }
 
-fn cmd_bench_transport(mb: f64, tensors: usize, compression: &[String], rounds: usize) -> Result<()> {
+fn cmd_bench_transport(
+    mb: f64,
+    tensors: usize,
+    compression: &[String],
+    rounds: usize,
+) -> Result<()> {
     use fedllm_transport::bench::{roundtrip, synthetic};
     let params = synthetic((mb * 1e6) as usize, tensors)?;
     println!(

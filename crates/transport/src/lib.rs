@@ -7,6 +7,6 @@ pub mod tls;
 pub mod wire;
 
 pub use error::{Result, TransportError};
+pub mod bench;
 pub mod client;
 pub mod server;
-pub mod bench;

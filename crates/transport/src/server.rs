@@ -632,3 +632,43 @@ impl Remote for GrpcRemote {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_refuses() {
+        let l = Limiter {
+            rate: 2.0,
+            buckets: Mutex::new(BTreeMap::new()),
+        };
+        let allowed = (0..20).filter(|_| l.allow(3)).count();
+        assert_eq!(allowed, 8, "burst of 4x the rate");
+        assert!(l.allow(4), "clients have separate buckets");
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(l.allow(3), "refills at the rate");
+    }
+
+    #[test]
+    fn tokens_file_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.yaml");
+        std::fs::write(&p, "0: abcdefgh12\nclient-1: zyxwvuts98\n").unwrap();
+        let t = load_tokens(&p).unwrap();
+        assert_eq!(t[&1], "zyxwvuts98");
+        std::fs::write(&p, "bob: abcdefgh12\n").unwrap();
+        assert!(load_tokens(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("`bob` is not a client id"));
+        std::fs::write(&p, "0: short\n").unwrap();
+        assert!(load_tokens(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("shorter than 8"));
+        assert!(
+            same_secret("abc", "abc") && !same_secret("abc", "abd") && !same_secret("ab", "abc")
+        );
+    }
+}
