@@ -62,16 +62,8 @@ impl Attention {
         let k = ops::rope(&k, cos, sin)?;
         let (k, v) = crate::cache::append(cache, k, v)?;
         let n_rep = self.num_heads / self.num_kv_heads;
-        let k = ops::repeat_kv(&k, n_rep)?;
-        let v = ops::repeat_kv(&v, n_rep)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = ops::attention(
-            &q.contiguous()?,
-            &k.contiguous()?,
-            &v.contiguous()?,
-            scale,
-            ctx.bias.as_ref(),
-        )?;
+        let y = ops::gqa_attention(&q, &k, &v, n_rep, scale, ctx.bias.as_ref())?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;

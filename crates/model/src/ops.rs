@@ -87,6 +87,162 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((b, kv * n_rep, t, d))
 }
 
+/// Attention with grouped-query heads: q [B, H, T, D], k/v [B, KV, S, D] with H = KV·n_rep.
+/// Inference on the CPU (nothing tracks gradients) reads k and v where they lie — no repeated
+/// heads, no copies — which is what makes long-context decoding affordable; otherwise the heads
+/// are repeated and `attention` (with its backward) runs.
+pub fn gqa_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_rep: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
+        let (b, h, t, d) = q.dims4()?;
+        let s = k.dim(2)?;
+        let bias = match bias {
+            Some(x) => Some(std::sync::Arc::new(
+                x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            None => None,
+        };
+        let op = InferAttention {
+            scale: scale as f32,
+            bias,
+            b,
+            h,
+            t,
+            s,
+            d,
+            n_rep,
+        };
+        return q.apply_op3_no_bwd(k, v, &op);
+    }
+    let k = repeat_kv(k, n_rep)?;
+    let v = repeat_kv(v, n_rep)?;
+    attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale, bias)
+}
+
+struct InferAttention {
+    scale: f32,
+    bias: Option<std::sync::Arc<Vec<f32>>>,
+    b: usize,
+    h: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+    n_rep: usize,
+}
+
+/// Element `i` of a 4-d strided view as f32.
+struct View<'a> {
+    data: Data<'a>,
+    start: usize,
+    stride: [usize; 4],
+}
+
+enum Data<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> View<'a> {
+    fn new(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<Self> {
+        let st = l.stride();
+        if st.len() != 4 || st[3] != 1 {
+            candle_core::bail!("attention: expected a 4-d view with contiguous rows");
+        }
+        let data = match s {
+            candle_core::CpuStorage::F32(v) => Data::F32(v),
+            candle_core::CpuStorage::BF16(v) => Data::Bf16(v),
+            _ => candle_core::bail!("attention: unsupported dtype"),
+        };
+        Ok(Self {
+            data,
+            start: l.start_offset(),
+            stride: [st[0], st[1], st[2], st[3]],
+        })
+    }
+
+    /// Row (i0, i1, i2) of length `n`, widened into `out`.
+    fn row(&self, i0: usize, i1: usize, i2: usize, out: &mut [f32]) {
+        let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
+        let n = out.len();
+        match self.data {
+            Data::F32(v) => out.copy_from_slice(&v[at..at + n]),
+            Data::Bf16(v) => out
+                .iter_mut()
+                .zip(&v[at..at + n])
+                .for_each(|(o, x)| *o = x.to_f32()),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for InferAttention {
+    fn name(&self) -> &'static str {
+        "infer-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (q, k, v) = (View::new(s1, l1)?, View::new(s2, l2)?, View::new(s3, l3)?);
+        let (h, t, s, d) = (self.h, self.t, self.s, self.d);
+        let mut out = vec![0f32; self.b * h * t * d];
+        out.par_chunks_mut(d).enumerate().for_each_init(
+            || (vec![0f32; d], vec![0f32; d], vec![0f32; s]),
+            |(qr, kr, p), (row, o)| {
+                let (bi, hi, ti) = (row / (h * t), (row / t) % h, row % t);
+                let kv = hi / self.n_rep;
+                q.row(bi, hi, ti, qr);
+                let bias = self
+                    .bias
+                    .as_ref()
+                    .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
+                let mut max = f32::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate() {
+                    k.row(bi, kv, j, kr);
+                    let dot: f32 = qr.iter().zip(kr.iter()).map(|(a, b)| a * b).sum();
+                    *pj = dot * self.scale + bias.map_or(0.0, |b| b[j]);
+                    max = max.max(*pj);
+                }
+                let mut sum = 0f32;
+                for pj in p.iter_mut() {
+                    *pj = (*pj - max).exp();
+                    sum += *pj;
+                }
+                let inv = 1.0 / sum;
+                for (j, &pj) in p.iter().enumerate() {
+                    let w = pj * inv;
+                    if w == 0.0 {
+                        continue;
+                    }
+                    v.row(bi, kv, j, kr);
+                    o.iter_mut().zip(kr.iter()).for_each(|(x, y)| *x += w * y);
+                }
+            },
+        );
+        let shape = candle_core::Shape::from((self.b, h, t, d));
+        let storage = match s1 {
+            candle_core::CpuStorage::BF16(_) => candle_core::CpuStorage::BF16(
+                out.into_iter().map(half::bf16::from_f32).collect(),
+            ),
+            _ => candle_core::CpuStorage::F32(out),
+        };
+        Ok((storage, shape))
+    }
+}
+
 /// Scaled dot-product attention. q: [B, H, T, D], k/v: [B, H, S, D], bias: [B, 1, T, S] additive.
 /// On the CPU in f32/bf16 this is one op whose backward recomputes the probabilities, so no
 /// [B, H, T, S] intermediate is kept between forward and backward (and the softmax runs on all
@@ -575,6 +731,49 @@ mod tests {
                 assert!(e < 1e-5, "gradient {e}");
             }
         }
+    }
+
+    /// The inference kernel reads grouped K/V heads in place (strided views included) and
+    /// equals repeating the heads and running the composite; with gradients it falls back.
+    #[test]
+    fn gqa_inference_attention_matches_composite() {
+        let dev = Device::Cpu;
+        let (b, kv, n_rep, t, s, d) = (2, 2, 3, 3, 9, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, kv * n_rep, t, d), &dev).unwrap();
+        // k/v as narrow views of a longer buffer, as a KV cache with spare room would hand out.
+        let kb = Tensor::randn(0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
+        let vb = Tensor::randn(0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
+        let (k, v) = (kb.narrow(2, 1, s).unwrap(), vb.narrow(2, 1, s).unwrap());
+        let bias: Vec<f32> = (0..b * t * s)
+            .map(|i| if (i * 7) % 5 == 0 { -1e30 } else { 0.1 })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, t, s), &dev).unwrap();
+        for bias in [None, Some(&bias)] {
+            let want = attention_composite(
+                &q,
+                &repeat_kv(&k, n_rep).unwrap().contiguous().unwrap(),
+                &repeat_kv(&v, n_rep).unwrap().contiguous().unwrap(),
+                0.3,
+                bias,
+            )
+            .unwrap();
+            let got = gqa_attention(&q, &k, &v, n_rep, 0.3, bias).unwrap();
+            assert!(max_abs_diff(&got, &want).unwrap() < 1e-5);
+            let (qb, kb, vb) = (
+                q.to_dtype(DType::BF16).unwrap(),
+                k.to_dtype(DType::BF16).unwrap(),
+                v.to_dtype(DType::BF16).unwrap(),
+            );
+            let got = gqa_attention(&qb, &kb, &vb, n_rep, 0.3, bias).unwrap();
+            assert_eq!(got.dtype(), DType::BF16);
+            let e = max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want).unwrap();
+            assert!(e < 5e-2, "bf16 {e}");
+        }
+        // Tracked inputs take the differentiable path.
+        let qv = Var::from_tensor(&q).unwrap();
+        let y = gqa_attention(qv.as_tensor(), &k, &v, n_rep, 0.3, None).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(qv.as_tensor()).is_some());
     }
 
     #[test]
