@@ -11,13 +11,43 @@ const MASKED: f32 = -1e30;
 /// One layer's cached keys/values, [B, KV, S, D] each.
 pub type Slot = (Tensor, Tensor);
 
-#[derive(Debug, Clone, Default)]
+/// Room added when an inference cache grows (positions), so decoding appends in place.
+const GROW: usize = 256;
+
+/// One layer's keys/values: the valid part, and (inference only) the buffer it is a view of,
+/// with spare room for the next positions.
+#[derive(Debug, Default)]
+pub(crate) struct LayerKv {
+    kv: Option<Slot>,
+    buf: Option<Slot>,
+}
+
+#[derive(Debug, Default)]
 pub struct KvCache {
-    slots: Vec<Option<Slot>>,
+    slots: Vec<LayerKv>,
     /// Number of cached positions (same for every row: batches are padded).
     pub len: usize,
     /// The 0/1 key mask for the cached positions, one row per batch element.
     pub mask: Vec<Vec<u8>>,
+}
+
+impl Clone for KvCache {
+    /// A clone shares the cached tensors but not the spare room: its first append copies, so
+    /// neither cache ever writes where the other reads.
+    fn clone(&self) -> Self {
+        Self {
+            slots: self
+                .slots
+                .iter()
+                .map(|l| LayerKv {
+                    kv: l.kv.clone(),
+                    buf: None,
+                })
+                .collect(),
+            len: self.len,
+            mask: self.mask.clone(),
+        }
+    }
 }
 
 impl KvCache {
@@ -33,21 +63,23 @@ impl KvCache {
             None => (0, 0),
         };
         Ok(Self {
-            slots: slots.into_iter().map(Some).collect(),
+            slots: slots
+                .into_iter()
+                .map(|s| LayerKv {
+                    kv: Some(s),
+                    buf: None,
+                })
+                .collect(),
             len: n,
             mask: vec![vec![1u8; n]; b],
         })
     }
 
-    pub(crate) fn slot(&mut self, layer: usize) -> &mut (Tensor, Tensor) {
+    pub(crate) fn slot(&mut self, layer: usize) -> &mut LayerKv {
         if self.slots.len() <= layer {
-            self.slots.resize(layer + 1, None);
+            self.slots.resize_with(layer + 1, LayerKv::default);
         }
-        // An empty slot is filled by `append` on first use.
-        self.slots[layer].get_or_insert_with(|| {
-            let z = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
-            (z.clone(), z)
-        })
+        &mut self.slots[layer]
     }
 
     /// Keeps only the given batch rows (finished rows leave a batched generation).
@@ -58,7 +90,7 @@ impl KvCache {
         let dev = self
             .slots
             .iter()
-            .flatten()
+            .filter_map(|l| l.kv.as_ref())
             .next()
             .map(|(k, _)| k.device().clone());
         if let Some(dev) = dev {
@@ -67,9 +99,12 @@ impl KvCache {
                 rows.len(),
                 &dev,
             )?;
-            for (k, v) in self.slots.iter_mut().flatten() {
-                *k = k.index_select(&idx, 0)?;
-                *v = v.index_select(&idx, 0)?;
+            for l in self.slots.iter_mut() {
+                if let Some((k, v)) = &mut l.kv {
+                    *k = k.contiguous()?.index_select(&idx, 0)?;
+                    *v = v.contiguous()?.index_select(&idx, 0)?;
+                }
+                l.buf = None;
             }
         }
         self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
@@ -78,21 +113,48 @@ impl KvCache {
 }
 
 /// Appends new keys/values to a cache slot and returns the full keys/values to attend to.
-pub(crate) fn append(slot: Option<&mut Slot>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-    match slot {
-        None => Ok((k, v)),
-        Some(slot) => {
-            if slot.0.rank() == 1 {
-                *slot = (k.contiguous()?, v.contiguous()?);
-            } else {
-                *slot = (
-                    Tensor::cat(&[&slot.0, &k], 2)?,
-                    Tensor::cat(&[&slot.1, &v], 2)?,
-                );
-            }
-            Ok(slot.clone())
+/// Without gradients they are written into the slot's buffer (grown by `GROW` positions when
+/// full), so a decoding step copies only its own token's keys and values.
+pub(crate) fn append(slot: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    let Some(slot) = slot else {
+        return Ok((k, v));
+    };
+    let old = slot.kv.take();
+    let tracked = k.track_op()
+        || v.track_op()
+        || old
+            .as_ref()
+            .is_some_and(|(a, b)| a.track_op() || b.track_op());
+    let new = if tracked {
+        slot.buf = None;
+        match old {
+            None => (k.contiguous()?, v.contiguous()?),
+            Some((ok, ov)) => (Tensor::cat(&[&ok, &k], 2)?, Tensor::cat(&[&ov, &v], 2)?),
         }
-    }
+    } else {
+        let have = old.as_ref().map_or(Ok(0), |(ok, _)| ok.dim(2))?;
+        let need = have + k.dim(2)?;
+        let fits = slot.buf.as_ref().is_some_and(|(bk, _)| {
+            bk.dim(2).is_ok_and(|c| c >= need) && bk.dims()[..2] == k.dims()[..2]
+        });
+        if !fits {
+            let (b, h, _, d) = k.dims4()?;
+            let cap = need + GROW;
+            let bk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+            let bv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
+            if let Some((ok, ov)) = &old {
+                bk.slice_set(&ok.contiguous()?, 2, 0)?;
+                bv.slice_set(&ov.contiguous()?, 2, 0)?;
+            }
+            slot.buf = Some((bk, bv));
+        }
+        let (bk, bv) = slot.buf.as_ref().expect("allocated above");
+        bk.slice_set(&k.contiguous()?, 2, have)?;
+        bv.slice_set(&v.contiguous()?, 2, have)?;
+        (bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?)
+    };
+    slot.kv = Some(new.clone());
+    Ok(new)
 }
 
 /// Everything a layer needs besides its input.

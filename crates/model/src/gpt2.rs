@@ -49,7 +49,7 @@ impl Attention {
         &self,
         x: &Tensor,
         ctx: &Ctx,
-        cache: Option<&mut (Tensor, Tensor)>,
+        cache: Option<&mut crate::cache::LayerKv>,
     ) -> CResult<Tensor> {
         let (b, t, h) = x.dims3()?;
         let d = h / self.num_heads;
@@ -62,7 +62,7 @@ impl Attention {
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let (k, v) = crate::cache::append(cache, k, v)?;
-        let y = ops::attention(&q, &k, &v, self.scale, ctx.bias.as_ref())?;
+        let y = ops::gqa_attention(&q, &k, &v, 1, self.scale, ctx.bias.as_ref())?;
         let y = y.transpose(1, 2)?.reshape((b, t, h))?;
         self.c_proj.forward(&y)
     }
@@ -121,7 +121,7 @@ impl Block {
         &self,
         x: &Tensor,
         ctx: &Ctx,
-        cache: Option<&mut (Tensor, Tensor)>,
+        cache: Option<&mut crate::cache::LayerKv>,
     ) -> CResult<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, ctx, cache)?)?;
         let m = self.mlp.c_proj.forward(&ops::gelu_new(

@@ -50,7 +50,7 @@ impl Attention {
         &self,
         x: &Tensor,
         ctx: &Ctx,
-        cache: Option<&mut (Tensor, Tensor)>,
+        cache: Option<&mut crate::cache::LayerKv>,
     ) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
@@ -130,7 +130,7 @@ impl Block {
         &self,
         x: &Tensor,
         ctx: &Ctx,
-        cache: Option<&mut (Tensor, Tensor)>,
+        cache: Option<&mut crate::cache::LayerKv>,
     ) -> CResult<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
         let x = (x + self.self_attn.forward(&h, ctx, cache)?)?;

@@ -100,7 +100,9 @@ pub fn gqa_attention(
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
-    if !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
+    // Decoding steps (few new tokens); a long prefill is better served by matmuls.
+    let few = q.dim(2)? <= 16;
+    if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
         let (b, h, t, d) = q.dims4()?;
         let s = k.dim(2)?;
         let bias = match bias {
@@ -123,7 +125,13 @@ pub fn gqa_attention(
     }
     let k = repeat_kv(k, n_rep)?;
     let v = repeat_kv(v, n_rep)?;
-    attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale, bias)
+    attention(
+        &q.contiguous()?,
+        &k.contiguous()?,
+        &v.contiguous()?,
+        scale,
+        bias,
+    )
 }
 
 struct InferAttention {
@@ -181,6 +189,24 @@ impl<'a> View<'a> {
     }
 }
 
+/// Dot product in 16 independent lanes (a sequential f32 sum would not vectorize).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 impl candle_core::CustomOp3 for InferAttention {
     fn name(&self) -> &'static str {
         "infer-attention"
@@ -212,7 +238,7 @@ impl candle_core::CustomOp3 for InferAttention {
                 let mut max = f32::NEG_INFINITY;
                 for (j, pj) in p.iter_mut().enumerate() {
                     k.row(bi, kv, j, kr);
-                    let dot: f32 = qr.iter().zip(kr.iter()).map(|(a, b)| a * b).sum();
+                    let dot = dot(qr, kr);
                     *pj = dot * self.scale + bias.map_or(0.0, |b| b[j]);
                     max = max.max(*pj);
                 }
@@ -234,9 +260,9 @@ impl candle_core::CustomOp3 for InferAttention {
         );
         let shape = candle_core::Shape::from((self.b, h, t, d));
         let storage = match s1 {
-            candle_core::CpuStorage::BF16(_) => candle_core::CpuStorage::BF16(
-                out.into_iter().map(half::bf16::from_f32).collect(),
-            ),
+            candle_core::CpuStorage::BF16(_) => {
+                candle_core::CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+            }
             _ => candle_core::CpuStorage::F32(out),
         };
         Ok((storage, shape))

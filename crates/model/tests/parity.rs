@@ -165,6 +165,45 @@ fn generation_after_shared_prefix_equals_whole_prompts() {
     }
 }
 
+/// Clones of a cache continue independently (decoding writes into spare room in place, so a
+/// clone must never see another cache's appends), each equal to a fresh forward.
+#[test]
+fn cache_clones_continue_independently() {
+    for dir in subdirs_with(&["config.json", "forward.json"]) {
+        let model = CausalLm::load(&dir, LoadOptions::default()).unwrap().model;
+        let dev = &model.device;
+        let ids = |v: &[u32]| Tensor::new(v, dev).unwrap().unsqueeze(0).unwrap();
+        let last = |h: &Tensor| {
+            let t = h.dim(1).unwrap();
+            model.logits(&h.narrow(1, t - 1, 1).unwrap()).unwrap()
+        };
+        let mut base = fedllm_model::prefix_cache(&model, &[5, 6, 7, 8]).unwrap();
+        // Grow the original once so it owns spare room, then clone it twice.
+        model
+            .forward_hidden(&ids(&[9]), None, Some(&mut base))
+            .unwrap();
+        let (mut c1, mut c2) = (base.clone(), base.clone());
+        let h1 = model
+            .forward_hidden(&ids(&[20, 21]), None, Some(&mut c1))
+            .unwrap();
+        let h0 = model
+            .forward_hidden(&ids(&[40]), None, Some(&mut base))
+            .unwrap();
+        let h2 = model
+            .forward_hidden(&ids(&[30]), None, Some(&mut c2))
+            .unwrap();
+        for (h, whole) in [
+            (h1, vec![5u32, 6, 7, 8, 9, 20, 21]),
+            (h0, vec![5, 6, 7, 8, 9, 40]),
+            (h2, vec![5, 6, 7, 8, 9, 30]),
+        ] {
+            let fresh = model.forward_hidden(&ids(&whole), None, None).unwrap();
+            let e = fedllm_model::testing::max_abs_diff(&last(&h), &last(&fresh)).unwrap();
+            assert!(e < 1e-4, "{}: {whole:?}: {e}", dir.display());
+        }
+    }
+}
+
 /// Batched generation with left padding must give each prompt what it gets alone.
 #[test]
 fn batched_generation_equals_single() {
