@@ -512,3 +512,52 @@ fn garbage_and_malformed_uploads_do_not_stop_the_server() {
     }
     assert!(s.text().contains("rejected upload"), "{}", s.text());
 }
+
+#[test]
+fn a_client_with_its_own_data_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 1, "");
+    let own = d.join("own.jsonl");
+    let lines: Vec<String> = (0..40)
+        .map(|i| serde_json::json!({"instruction": format!("Count to {}\n", i % 7), "input": "", "output": "1 2 3"}).to_string())
+        .collect();
+    std::fs::write(&own, lines.join("\n")).unwrap();
+    let mut s = server(
+        d,
+        &cfg,
+        &["federate.client_num=2", "federate.sample_client_num=2"],
+    );
+    let mut c0 = client(
+        d,
+        &cfg,
+        0,
+        &["federate.client_num=2", "federate.sample_client_num=2"],
+    );
+    let mut c1 = Proc::start(
+        &[
+            "client",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data",
+            own.to_str().unwrap(),
+            "--id",
+            "1",
+        ],
+        d.join("own-client.log"),
+    );
+    assert!(s.wait(120), "{}", s.text());
+    assert!(c0.wait(30), "{}", c0.text());
+    assert!(c1.wait(30), "{}", c1.text());
+    assert!(
+        c1.text().contains("client 1: 36 training records"),
+        "{}",
+        c1.text()
+    );
+    let recs = records(d);
+    assert!(
+        recs[1]["client_train_loss"].get("1").is_some(),
+        "{:?}",
+        recs[1]
+    );
+}

@@ -117,7 +117,9 @@ async fn connect(d: &DistributedCfg, o: &ClientOptions) -> Result<Conn> {
         .map_err(|e| TransportError::Config(format!("distributed.server `{}`: {e}", d.server)))?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20));
     if let Some(t) = crate::tls::client_config(&d.tls)? {
         ep = ep
             .tls_config(t)

@@ -479,6 +479,9 @@ pub fn serve(d: &DistributedCfg, o: ServeOptions) -> Result<GrpcRemote> {
     );
     let mut builder = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(16)
+        // Large flow-control windows: updates are megabytes, HTTP/2's 64 KiB default throttles.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(30)));
     if let Some(t) = tls {

@@ -70,7 +70,16 @@ pub fn encoded_len(enc: Encoding, n: usize) -> usize {
 pub fn encode_values(v: &[f32], enc: Encoding) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded_len(enc, v.len()));
     match enc {
-        Encoding::F32 => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        Encoding::F32 => {
+            if cfg!(target_endian = "little") {
+                // SAFETY: f32 has no padding and u8 no alignment; the bytes are the LE encoding.
+                out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v))
+                });
+            } else {
+                v.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+        }
         Encoding::F16 => v
             .iter()
             .for_each(|x| out.extend(half::f16::from_f32(*x).to_le_bytes())),
