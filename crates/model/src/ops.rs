@@ -105,12 +105,7 @@ pub fn gqa_attention(
     if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
         let (b, h, t, d) = q.dims4()?;
         let s = k.dim(2)?;
-        let bias = match bias {
-            Some(x) => Some(std::sync::Arc::new(
-                x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            )),
-            None => None,
-        };
+        let bias = host_bias(bias)?;
         let op = InferAttention {
             scale: scale as f32,
             bias,
@@ -132,6 +127,16 @@ pub fn gqa_attention(
         scale,
         bias,
     )
+}
+
+/// The additive attention bias as host f32 values, shared by the op and its backward.
+fn host_bias(bias: Option<&Tensor>) -> Result<Option<std::sync::Arc<Vec<f32>>>> {
+    bias.map(|x| {
+        Ok(std::sync::Arc::new(
+            x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        ))
+    })
+    .transpose()
 }
 
 struct InferAttention {
@@ -283,12 +288,7 @@ pub fn attention(
     if q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
         let (b, h, t, _) = q.dims4()?;
         let s = k.dim(2)?;
-        let bias = match bias {
-            Some(x) => Some(std::sync::Arc::new(
-                x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-            )),
-            None => None,
-        };
+        let bias = host_bias(bias)?;
         let op = FusedAttention {
             scale: scale as f32,
             bias,

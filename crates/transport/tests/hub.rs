@@ -17,6 +17,28 @@ use fedllm_transport::pb::{
 use fedllm_transport::server::{serve, ServeOptions};
 use fedllm_transport::wire::{tensor_frames, WireOpts};
 
+type Client = FederationClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+>;
+
+/// A raw gRPC client speaking as client 0.
+async fn connect(url: String) -> Client {
+    let ch = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    fn as_client_0(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut()
+            .insert("x-fedllm-client", "0".parse().unwrap());
+        Ok(r)
+    }
+    FederationClient::with_interceptor(ch, as_client_0 as fn(_) -> _)
+}
+
 #[test]
 fn retried_upload_counts_once_and_late_upload_is_refused() {
     let params: ParamSet = BTreeMap::from([(
@@ -45,16 +67,7 @@ fn retried_upload_counts_once_and_late_upload_is_refused() {
     let client = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut c = FederationClient::with_interceptor(ch, |mut r: tonic::Request<()>| {
-                r.metadata_mut()
-                    .insert("x-fedllm-client", "0".parse().unwrap());
-                Ok(r)
-            });
+            let mut c = connect(url).await;
             c.join(JoinRequest {
                 client: 0,
                 run: String::new(),
@@ -147,16 +160,7 @@ fn retried_upload_counts_once_and_late_upload_is_refused() {
     // Round 1's result again, now that round 2 has been opened: refused as late.
     let url = format!("http://{}", remote.addr);
     let reply = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut c = FederationClient::with_interceptor(ch, |mut r: tonic::Request<()>| {
-            r.metadata_mut()
-                .insert("x-fedllm-client", "0".parse().unwrap());
-            Ok(r)
-        });
+        let mut c = connect(url).await;
         let frames = vec![Frame {
             body: Some(Body::Result(ResultHeader {
                 run: "r1".into(),
