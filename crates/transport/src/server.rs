@@ -254,16 +254,6 @@ impl Federation for Svc {
         } else {
             ParamSet::new()
         };
-        for (k, t) in &params {
-            let finite = t
-                .flatten_all()
-                .and_then(|x| x.to_vec1::<f32>())
-                .map(|v| v.iter().all(|x| x.is_finite()))
-                .unwrap_or(false);
-            if !finite {
-                return Err(reject(format!("tensor `{k}` holds non-finite values")));
-            }
-        }
         let msg = to_server(&head, params).map_err(|e| reject(e.to_string()))?;
         let round = head.round as usize;
         let mut st = hub.lock();

@@ -289,6 +289,10 @@ impl Assembler {
         };
         let v = decode_values(&buf, enc, n)
             .map_err(|e| WireError::Malformed(format!("tensor `{}`: {e}", h.name)))?;
+        // A NaN or infinity would poison every aggregate it enters.
+        if v.iter().any(|x| !x.is_finite()) {
+            return bad(format!("tensor `{}` holds non-finite values", h.name));
+        }
         let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)
             .or_else(|e| bad(format!("tensor `{}`: {e}", h.name)))?;
         self.done.insert(h.name, t);
@@ -470,6 +474,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("more bytes"));
+        let mut nan = frames("a");
+        if let Some(Body::Chunk(c)) = &mut nan[1].body {
+            c[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        nan.extend(frames("b"));
+        assert!(run(nan, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("non-finite"));
         let mut bomb = all;
         if let Some(Body::Tensor(h)) = &mut bomb[0].body {
             h.bytes = u64::MAX;
