@@ -109,14 +109,21 @@ pub fn cmd_server(a: ServerArgs) -> Result<()> {
     if let Some(l) = &a.listen {
         overrides.push(format!("distributed.listen={l}"));
     }
-    let mut sim = match (&a.resume, &a.config) {
-        (Some(dir), _) => Simulation::resume_as(dir, &overrides, Role::Server)?,
-        (None, Some(c)) => {
-            Simulation::with_role(RunConfig::from_file(c, &overrides)?, Role::Server)?
-        }
+    // Config mistakes surface before the model is loaded.
+    let cfg = match (&a.resume, &a.config) {
+        (Some(dir), _) => RunConfig::from_file(&dir.join("config.yaml"), &overrides)?,
+        (None, Some(c)) => RunConfig::from_file(c, &overrides)?,
         (None, None) => bail!("give --config or --resume"),
     };
-    need_distributed(&sim.cfg)?;
+    need_distributed(&cfg)?;
+    fedllm_transport::tls::server_config(&cfg.distributed.tls)?;
+    if let Some(p) = &cfg.distributed.tokens_file {
+        fedllm_transport::server::load_tokens(p)?;
+    }
+    let mut sim = match &a.resume {
+        Some(dir) => Simulation::resume_as(dir, &overrides, Role::Server)?,
+        None => Simulation::with_role(cfg, Role::Server)?,
+    };
     let run = run_id(&sim.cfg.outdir, a.resume.is_some())?;
     let log: fedllm_transport::server::Log = Arc::new(|l: &str| stamp("server", l));
     let remote = serve(

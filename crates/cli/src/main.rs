@@ -382,15 +382,20 @@ fn cmd_run(
 ) -> Result<()> {
     use fedllm_fl::{RunConfig, Simulation};
     let t0 = Instant::now();
-    let mut sim = match (&resume, &config) {
-        (Some(dir), _) => Simulation::resume(dir, overrides)?,
-        (None, Some(c)) => Simulation::new(RunConfig::from_file(c, overrides)?)?,
+    // Config mistakes surface before the model is loaded.
+    let cfg = match (&resume, &config) {
+        (Some(dir), _) => RunConfig::from_file(&dir.join("config.yaml"), overrides)?,
+        (None, Some(c)) => RunConfig::from_file(c, overrides)?,
         (None, None) => bail!("give --config or --resume"),
     };
-    let c = &sim.cfg;
-    if c.federate.mode == "distributed" {
+    if cfg.federate.mode == "distributed" {
         bail!("federate.mode is `distributed`: start `fedllm server` and one `fedllm client` per organisation (or set federate.mode=standalone)");
     }
+    let mut sim = match &resume {
+        Some(dir) => Simulation::resume(dir, overrides)?,
+        None => Simulation::new(cfg)?,
+    };
+    let c = &sim.cfg;
     eprintln!(
         "run: {} clients ({} per round), {} rounds, strategy {:?}, baseline {:?}, adapter {} ({} trainable), data {} → {}",
         c.federate.client_num,
