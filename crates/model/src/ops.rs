@@ -744,16 +744,11 @@ mod tests {
             let gf = (f * &coef).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (c * &coef).unwrap().sum_all().unwrap().backward().unwrap();
             for x in [&q, &k, &v] {
-                let d = (gf.get(x.as_tensor()).unwrap() - gc.get(x.as_tensor()).unwrap()).unwrap();
-                let e = d
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let e = max_abs_diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gc.get(x.as_tensor()).unwrap(),
+                )
+                .unwrap();
                 assert!(e < 1e-5, "gradient {e}");
             }
         }

@@ -72,18 +72,19 @@ fn fatal(s: &Status) -> bool {
     )
 }
 
+/// An error and its sources, joined by ": " (tonic hides the cause of a transport failure there).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut m = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        m += &format!(": {c}");
+        cur = c.source();
+    }
+    m
+}
+
 fn describe(s: &Status) -> String {
-    let src = std::error::Error::source(s)
-        .map(|e| {
-            let mut m = e.to_string();
-            let mut cur = e.source();
-            while let Some(c) = cur {
-                m += &format!(": {c}");
-                cur = c.source();
-            }
-            m
-        })
-        .unwrap_or_default();
+    let src = std::error::Error::source(s).map(chain).unwrap_or_default();
     format!("{:?}: {} {src}", s.code(), s.message())
         .trim()
         .to_string()
@@ -125,15 +126,10 @@ async fn connect(d: &DistributedCfg, o: &ClientOptions) -> Result<Conn> {
             .tls_config(t)
             .map_err(|e| TransportError::Config(format!("distributed.tls: {e}")))?;
     }
-    let ch = ep.connect().await.map_err(|e| {
-        let mut m = e.to_string();
-        let mut cur = std::error::Error::source(&e);
-        while let Some(c) = cur {
-            m += &format!(": {c}");
-            cur = c.source();
-        }
-        TransportError::Net(format!("cannot reach {}: {m}", d.server))
-    })?;
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| TransportError::Net(format!("cannot reach {}: {}", d.server, chain(&e))))?;
     let auth = Auth {
         client: MetadataValue::try_from(o.client.to_string()).expect("digits"),
         token: match &o.token {
