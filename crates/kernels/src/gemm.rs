@@ -1,0 +1,552 @@
+//! C[m, n] = A[m, k] · B[k, n] with bf16 operands and f32 accumulation.
+//!
+//! A (activations or output gradients) is rounded to bf16 once, padded to whole 32×32 tiles.
+//! B (a frozen weight) is never held in a packed copy: the driver walks 32-column panels, and
+//! each thread writes the panel it needs into a small buffer in the pair-interleaved ("VNNI")
+//! layout both `tdpbf16ps` and `vdpbf16ps` read, dequantizing GGUF blocks on the way. So a
+//! quantized base model stays quantized in memory: the weight's bf16 form exists one panel
+//! (≤ k·64 bytes) per thread at a time. Panels run in parallel (rayon), each over all rows of A.
+
+use candle_core::quantized::{k_quants, GgmlDType, GgmlType};
+use rayon::prelude::*;
+
+use crate::bf16;
+use crate::isa::Isa;
+use crate::micro;
+
+/// Panel width (columns of B per task) and row block of A: two 16×16 AMX tiles each way.
+pub const NB: usize = 32;
+pub const MB: usize = 32;
+/// Reduction step of one AMX tile (32 bf16 = 64 bytes per row).
+pub const KB: usize = 32;
+
+pub fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// The left operand, row-major [m, k].
+#[derive(Clone, Copy)]
+pub enum ASrc<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+}
+
+/// The right operand B [k, n], as stored by its owner.
+#[derive(Clone, Copy)]
+pub enum BSrc<'a> {
+    /// Dense row-major matrix `data` [rows, cols]; `t` = B is its transpose (B = Mᵀ, so
+    /// k = cols, n = rows: a Linear's forward, where M = W [out, in]).
+    F32 {
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        t: bool,
+    },
+    Bf16 {
+        data: &'a [u16],
+        rows: usize,
+        cols: usize,
+        t: bool,
+    },
+    /// GGUF-quantized matrix [rows, cols], each row a run of blocks along `cols`.
+    Quant {
+        dtype: GgmlDType,
+        data: &'a [u8],
+        rows: usize,
+        cols: usize,
+        t: bool,
+    },
+}
+
+impl BSrc<'_> {
+    /// (k, n) of B.
+    pub fn kn(&self) -> (usize, usize) {
+        let (r, c, t) = match *self {
+            BSrc::F32 { rows, cols, t, .. } => (rows, cols, t),
+            BSrc::Bf16 { rows, cols, t, .. } => (rows, cols, t),
+            BSrc::Quant { rows, cols, t, .. } => (rows, cols, t),
+        };
+        if t {
+            (c, r)
+        } else {
+            (r, c)
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (len, r, c, what) = match *self {
+            BSrc::F32 {
+                data, rows, cols, ..
+            } => (data.len(), rows, cols, rows * cols),
+            BSrc::Bf16 {
+                data, rows, cols, ..
+            } => (data.len(), rows, cols, rows * cols),
+            BSrc::Quant {
+                dtype,
+                data,
+                rows,
+                cols,
+                ..
+            } => {
+                let bs = dtype.block_size();
+                if !quant_supported(dtype) || cols % bs != 0 {
+                    return Err(format!(
+                        "unsupported quantized weight {dtype:?} [{rows}, {cols}]"
+                    ));
+                }
+                (data.len(), rows, cols, rows * cols / bs * dtype.type_size())
+            }
+        };
+        if len < what {
+            return Err(format!(
+                "weight [{r}, {c}] needs {what} elements/bytes, has {len}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Calls `put(kk - k0, j - j0, B[kk][j])` for kk in k0..k0+kc, j in j0..j0+cols (all within
+    /// B), dequantizing GGUF blocks on the way.
+    fn visit(
+        &self,
+        (j0, cols): (usize, usize),
+        (k0, kc): (usize, usize),
+        scratch: &mut Vec<f32>,
+        mut put: impl FnMut(usize, usize, f32),
+    ) {
+        match *self {
+            BSrc::F32 {
+                data, cols: mc, t, ..
+            } => {
+                if t {
+                    // Column j of B is row j of M: contiguous.
+                    for c in 0..cols {
+                        let at = (j0 + c) * mc + k0;
+                        for (kk, &v) in data[at..at + kc].iter().enumerate() {
+                            put(kk, c, v);
+                        }
+                    }
+                } else {
+                    for kk in 0..kc {
+                        let at = (k0 + kk) * mc + j0;
+                        for (c, &v) in data[at..at + cols].iter().enumerate() {
+                            put(kk, c, v);
+                        }
+                    }
+                }
+            }
+            BSrc::Bf16 {
+                data, cols: mc, t, ..
+            } => {
+                if t {
+                    for c in 0..cols {
+                        let at = (j0 + c) * mc + k0;
+                        for (kk, &v) in data[at..at + kc].iter().enumerate() {
+                            put(kk, c, bf16::to_f32(v));
+                        }
+                    }
+                } else {
+                    for kk in 0..kc {
+                        let at = (k0 + kk) * mc + j0;
+                        for (c, &v) in data[at..at + cols].iter().enumerate() {
+                            put(kk, c, bf16::to_f32(v));
+                        }
+                    }
+                }
+            }
+            BSrc::Quant {
+                dtype,
+                data,
+                cols: mc,
+                t,
+                ..
+            } => {
+                let (bs, ts) = (dtype.block_size(), dtype.type_size());
+                let row_bytes = mc / bs * ts;
+                // Rows of M hold blocks along its columns: dequantize the blocks covering the
+                // wanted column range [lo, lo + len) of each wanted row.
+                let (rows, lo, len) = if t {
+                    ((j0, cols), k0, kc)
+                } else {
+                    ((k0, kc), j0, cols)
+                };
+                let (b0, b1) = (lo / bs, (lo + len).div_ceil(bs));
+                let off = lo - b0 * bs;
+                scratch.resize((b1 - b0) * bs, 0.0);
+                for r in 0..rows.1 {
+                    let at = (rows.0 + r) * row_bytes;
+                    dequant(dtype, &data[at + b0 * ts..at + b1 * ts], scratch);
+                    for (i, &v) in scratch[off..off + len].iter().enumerate() {
+                        if t {
+                            put(i, r, v)
+                        } else {
+                            put(r, i, v)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Columns j0..j0+NB of B as bf16 pairs: `out` [2][kp/2][16][2], zeros past n and k.
+    fn fill_vnni(&self, j0: usize, kp: usize, scratch: &mut Vec<f32>, out: &mut [u16]) {
+        let (k, n) = self.kn();
+        out.fill(0);
+        self.visit((j0, NB.min(n - j0)), (0, k), scratch, |kk, c, v| {
+            out[(c / 16) * (kp * 16) + (kk / 2) * 32 + (c % 16) * 2 + (kk % 2)] = bf16::from_f32(v)
+        });
+    }
+
+    /// Rows k0..k0+kc, columns j0..j0+NR of B as f32 [kc][NR], zeros past n.
+    fn fill_f32(&self, j0: usize, k0: usize, kc: usize, scratch: &mut Vec<f32>, out: &mut [f32]) {
+        let (_, n) = self.kn();
+        out[..kc * NR].fill(0.0);
+        self.visit((j0, NR.min(n - j0)), (k0, kc), scratch, |kk, c, v| {
+            out[kk * NR + c] = v
+        });
+    }
+}
+
+pub fn quant_supported(t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(
+        t,
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+    )
+}
+
+fn dequant_as<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    let n = bytes.len() / std::mem::size_of::<T>();
+    let out = &mut out[..n * T::BLCK_SIZE];
+    if (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+        // SAFETY: the blocks are plain data (f16/u8 fields), the slice is aligned and holds n
+        // whole blocks.
+        let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) };
+        T::to_float(blocks, out);
+    } else {
+        let mut v = vec![T::zeros(); n];
+        // SAFETY: as above; the destination is a fresh, aligned buffer of n blocks.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len())
+        };
+        T::to_float(&v, out);
+    }
+}
+
+fn dequant(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    use k_quants::*;
+    match t {
+        GgmlDType::Q4_0 => dequant_as::<BlockQ4_0>(bytes, out),
+        GgmlDType::Q4_1 => dequant_as::<BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => dequant_as::<BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => dequant_as::<BlockQ5_1>(bytes, out),
+        GgmlDType::Q8_0 => dequant_as::<BlockQ8_0>(bytes, out),
+        GgmlDType::Q2K => dequant_as::<BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => dequant_as::<BlockQ3K>(bytes, out),
+        GgmlDType::Q4K => dequant_as::<BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => dequant_as::<BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => dequant_as::<BlockQ6K>(bytes, out),
+        _ => unreachable!("checked by quant_supported"),
+    }
+}
+
+/// A rounded to bf16 and zero-padded to [round_up(m, MB), round_up(k, KB)].
+fn pack_a(a: ASrc, m: usize, k: usize, mp: usize, kp: usize) -> Vec<u16> {
+    let mut out = vec![0u16; mp * kp];
+    out[..m * kp]
+        .par_chunks_mut(kp)
+        .enumerate()
+        .for_each(|(i, row)| match a {
+            ASrc::F32(x) => bf16::convert_slice(&x[i * k..(i + 1) * k], &mut row[..k]),
+            ASrc::Bf16(x) => row[..k].copy_from_slice(&x[i * k..(i + 1) * k]),
+        });
+    out
+}
+
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// Panel width, row block and reduction chunk of the f32 FMA path.
+pub const NR: usize = 64;
+pub const MR: usize = 6;
+pub const KC: usize = 256;
+
+/// C [m, n] (row-major, overwritten) = A [m, k] · B, on `isa` (or the best path below it that
+/// this machine runs).
+pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Result<(), String> {
+    let (k, n) = b.kn();
+    b.check()?;
+    let alen = match a {
+        ASrc::F32(x) => x.len(),
+        ASrc::Bf16(x) => x.len(),
+    };
+    if alen < m * k || c.len() < m * n {
+        return Err(format!(
+            "matmul_bf16: A [{m}, {k}] or C [{m}, {n}] too short"
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return Ok(());
+    }
+    let isa = crate::isa::usable(isa);
+    let cp = SyncPtr(c.as_mut_ptr());
+    if isa == Isa::Avx512 {
+        let af;
+        let a = match a {
+            ASrc::F32(x) => x,
+            ASrc::Bf16(x) => {
+                af = x[..m * k]
+                    .iter()
+                    .map(|&v| bf16::to_f32(v))
+                    .collect::<Vec<_>>();
+                &af
+            }
+        };
+        return f32_path(a, m, k, n, b, &cp);
+    }
+    let (mp, kp) = (round_up(m, MB), round_up(k, KB));
+    let ap = pack_a(a, m, k, mp, kp);
+    let panels = n.div_ceil(NB);
+    let cp = &cp;
+    (0..panels).into_par_iter().for_each_init(
+        || (vec![0u16; kp * NB], Vec::new(), vec![0f32; MB * NB]),
+        |(panel, scratch, tile), p| {
+            let j0 = p * NB;
+            b.fill_vnni(j0, kp, scratch, panel);
+            let cols = NB.min(n - j0);
+            micro::panel(isa, &ap, mp, kp, panel, tile, |i0, tile: &[f32]| {
+                for r in 0..MB.min(m - i0) {
+                    // SAFETY: each task writes only its own columns j0..j0+cols of C.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(cp.0.add((i0 + r) * n + j0), cols)
+                    };
+                    dst.copy_from_slice(&tile[r * NB..r * NB + cols]);
+                }
+            });
+        },
+    );
+    Ok(())
+}
+
+/// f32 FMA: tasks are (64-column panel, row chunk) pairs; each walks k in chunks of KC with the
+/// widened B chunk (64 KiB) in cache and 6×64 blocks of C in registers.
+fn f32_path(a: &[f32], m: usize, k: usize, n: usize, b: BSrc, cp: &SyncPtr) -> Result<(), String> {
+    let panels = n.div_ceil(NR);
+    // Enough row chunks to keep every thread busy when n is narrow.
+    let want = (4 * rayon::current_num_threads()).div_ceil(panels).max(1);
+    let rows_per = round_up(m.div_ceil(want), MR).max(MR * 8);
+    let chunks = m.div_ceil(rows_per);
+    (0..panels * chunks).into_par_iter().for_each_init(
+        || (vec![0f32; KC * NR], Vec::new()),
+        |(bp, scratch), task| {
+            let (p, ch) = (task / chunks, task % chunks);
+            let j0 = p * NR;
+            let cols = NR.min(n - j0);
+            let (r0, r1) = (ch * rows_per, ((ch + 1) * rows_per).min(m));
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                b.fill_f32(j0, k0, kc, scratch, bp);
+                for i0 in (r0..r1).step_by(MR) {
+                    let rows = MR.min(r1 - i0);
+                    // SAFETY: rows i0..i0+rows and columns j0..j0+cols of C belong to this task.
+                    unsafe {
+                        micro::f32_block(
+                            a.as_ptr().add(i0 * k + k0),
+                            k,
+                            rows,
+                            bp.as_ptr(),
+                            kc,
+                            cp.0.add(i0 * n + j0),
+                            n,
+                            cols,
+                            k0 > 0,
+                        )
+                    }
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    fn data(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
+            .collect()
+    }
+
+    /// f64 reference over the operands as `isa` sees them (bf16-rounded on the bf16 paths, as
+    /// given on the f32 one): only the summation order differs.
+    fn reference(
+        isa: Isa,
+        a: &[f32],
+        m: usize,
+        k: usize,
+        b: &dyn Fn(usize, usize) -> f32,
+        n: usize,
+    ) -> Vec<f32> {
+        let r = |x: f32| {
+            if isa == Isa::Avx512 {
+                x
+            } else {
+                bf16::round(x)
+            }
+        };
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for kk in 0..k {
+                    s += r(a[i * k + kk]) as f64 * r(b(kk, j)) as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn close(got: &[f32], want: &[f32], k: usize, what: &str) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let tol = 1e-5 * (k as f32).sqrt() * (1.0 + w.abs());
+            assert!((g - w).abs() <= tol, "{what}: c[{i}] = {g}, want {w}");
+        }
+    }
+
+    /// Dense f32 weights in both orientations, shapes off the tile grid, every ISA this machine
+    /// has, run from several threads at once (AMX keeps per-thread tile state).
+    #[test]
+    fn dense_matches_reference_on_every_isa() {
+        let shapes = [
+            (1, 1, 1),
+            (5, 33, 17),
+            (37, 70, 45),
+            (64, 64, 64),
+            (33, 129, 100),
+        ];
+        for &(m, k, n) in &shapes {
+            let a = data(m * k, 1);
+            let w = data(n * k, 2); // W [n, k]: B = Wᵀ
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // [k, n]
+            for isa in crate::isa::available() {
+                let want = reference(isa, &a, m, k, &|kk, j| w[j * k + kk], n);
+                let runs: Vec<Vec<f32>> = (0..4)
+                    .into_par_iter()
+                    .map(|r| {
+                        let mut c = vec![f32::NAN; m * n];
+                        let b = if r % 2 == 0 {
+                            BSrc::F32 {
+                                data: &w,
+                                rows: n,
+                                cols: k,
+                                t: true,
+                            }
+                        } else {
+                            BSrc::F32 {
+                                data: &wt,
+                                rows: k,
+                                cols: n,
+                                t: false,
+                            }
+                        };
+                        matmul_bf16(ASrc::F32(&a), m, b, &mut c, isa).unwrap();
+                        c
+                    })
+                    .collect();
+                for c in &runs {
+                    close(c, &want, k, &format!("{isa:?} {m}x{k}x{n}"));
+                }
+            }
+        }
+    }
+
+    /// Quantized weights: the GEMM equals the reference over the dequantized matrix, forward
+    /// (B = Wᵀ) and backward (B = W) orientation, for 32- and 256-element blocks.
+    #[test]
+    fn quantized_matches_dequantized_reference() {
+        let dev = Device::Cpu;
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q6K,
+        ] {
+            let (n, k, m) = (40, 256, 19);
+            let w = Tensor::from_vec(data(n * k, 3), (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let wd: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let bytes = q.data().unwrap();
+            let a = data(m * k, 4);
+            for isa in crate::isa::available() {
+                let mut c = vec![0f32; m * n];
+                let b = BSrc::Quant {
+                    dtype,
+                    data: &bytes,
+                    rows: n,
+                    cols: k,
+                    t: true,
+                };
+                matmul_bf16(ASrc::F32(&a), m, b, &mut c, isa).unwrap();
+                let want = reference(isa, &a, m, k, &|kk, j| wd[j * k + kk], n);
+                close(&c, &want, k, &format!("{isa:?} {dtype:?} fwd"));
+                // Backward orientation: dX [m, k] = dY [m, n] · W [n, k].
+                let g = data(m * n, 5);
+                let mut dx = vec![0f32; m * k];
+                let b = BSrc::Quant {
+                    dtype,
+                    data: &bytes,
+                    rows: n,
+                    cols: k,
+                    t: false,
+                };
+                matmul_bf16(ASrc::F32(&g), m, b, &mut dx, isa).unwrap();
+                let want = reference(isa, &g, m, n, &|kk, j| wd[kk * k + j], k);
+                close(&dx, &want, n, &format!("{isa:?} {dtype:?} bwd"));
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_operands_and_bad_shapes() {
+        let (m, k, n) = (3, 40, 9);
+        let a: Vec<u16> = data(m * k, 6).iter().map(|&x| bf16::from_f32(x)).collect();
+        let af: Vec<f32> = a.iter().map(|&x| bf16::to_f32(x)).collect();
+        let w: Vec<u16> = data(n * k, 7).iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut c = vec![0f32; m * n];
+        let b = BSrc::Bf16 {
+            data: &w,
+            rows: n,
+            cols: k,
+            t: true,
+        };
+        for isa in crate::isa::available() {
+            matmul_bf16(ASrc::Bf16(&a), m, b, &mut c, isa).unwrap();
+            let want = reference(isa, &af, m, k, &|kk, j| bf16::to_f32(w[j * k + kk]), n);
+            close(&c, &want, k, "bf16");
+        }
+        let short = BSrc::F32 {
+            data: &[0.0; 10],
+            rows: n,
+            cols: k,
+            t: true,
+        };
+        assert!(matmul_bf16(ASrc::F32(&af), m, short, &mut c, Isa::Portable).is_err());
+    }
+}
