@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 use fedllm_data::{record::Format, template::Template};
-use fedllm_model::{bench::peak_rss_bytes, CausalLm, LoadOptions, QuantMode};
+use fedllm_model::{bench::peak_rss_bytes, CausalLm, LoadOptions, MatmulPrecision, QuantMode};
 use fedllm_peft::full::FullConfig;
 use fedllm_peft::lora::LoraConfig;
 use fedllm_peft::prefix::PrefixConfig;
@@ -333,7 +333,10 @@ pub fn cmd_bench_train(
                 "--seq",
                 &seq.to_string(),
             ]);
-            if !m.keep_quantized {
+            if m.keep_quantized {
+                cmd.arg("--keep-quantized");
+            }
+            if m.dequantize {
                 cmd.arg("--dequantize");
             }
             let st = cmd.status()?;
@@ -343,30 +346,37 @@ pub fn cmd_bench_train(
         }
         return Ok(());
     }
-    let dt = if dtype == BenchDtype::Bf16 {
-        DType::BF16
-    } else {
-        DType::F32
-    };
-    let quant = if m.keep_quantized {
-        QuantMode::Keep
-    } else {
-        QuantMode::Dequantize
-    };
+    // Activations stay f32 either way; bf16 is the arithmetic of the frozen products (torch
+    // autocast's split). f32 dequantizes the base like the PyTorch reference; bf16 keeps it
+    // quantized, the kernels widening it panel by panel. --keep-quantized/--dequantize override.
+    let bf16 = dtype == BenchDtype::Bf16;
+    let keep = m.keep_quantized || (bf16 && !m.dequantize);
     let opts = LoadOptions {
-        dtype: dt,
-        quant,
+        dtype: DType::F32,
+        quant: if keep {
+            QuantMode::Keep
+        } else {
+            QuantMode::Dequantize
+        },
         ..m.options()
     };
     let mut model = CausalLm::load(&m.model, opts)
         .context("loading model")?
         .model;
+    let precision = if bf16 {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    };
+    model.set_matmul_precision(precision);
+    let path = fedllm_model::linear::kernel_path(precision).unwrap_or("candle");
+    eprintln!("bench train: frozen products on the {path} path");
     let r = fedllm_train::bench::bench_train(&mut model, batch, seq, steps)?;
     let rss = peak_rss_bytes().map(|b| b as f64 / 1e6).unwrap_or(f64::NAN);
     println!(
-        "RESULT fedllm dtype={} base={} tokens_per_s={:.1} step_s={:.3} peak_rss_mb={rss:.0} threads={}",
-        if dt == DType::BF16 { "bf16" } else { "fp32" },
-        if m.keep_quantized { "quantized" } else { "dequantized" },
+        "RESULT fedllm dtype={} base={} kernels={path} tokens_per_s={:.1} step_s={:.3} peak_rss_mb={rss:.0} threads={}",
+        if bf16 { "bf16" } else { "fp32" },
+        if keep { "quantized" } else { "dequantized" },
         r.tokens_per_s,
         r.median_step_s,
         candle_core::utils::get_num_threads()

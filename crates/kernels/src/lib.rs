@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod bf16;
+pub mod fused;
 pub mod gemm;
 pub mod isa;
 mod micro;

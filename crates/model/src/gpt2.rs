@@ -137,7 +137,7 @@ pub struct Gpt2 {
     pub wpe: Tensor,
     pub layers: Vec<(usize, Block)>,
     pub ln_f: LayerNorm,
-    lm_head: Linear,
+    pub lm_head: Linear,
     pub config: Gpt2Config,
     /// "transformer." in transformers' `GPT2LMHeadModel` checkpoints, "" in bare `GPT2Model` ones.
     pub prefix: String,

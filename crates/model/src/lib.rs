@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod model;
@@ -29,6 +30,7 @@ pub use generate::{
     generate, generate_after, prefix_cache, strip_prefix, Finish, GenerateConfig, Generation,
     Sampling,
 };
+pub use linear::MatmulPrecision;
 pub use model::{CausalLm, Loaded};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{LoadOptions, QuantMode, Weight};

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor,
+};
+use fedllm_kernels::{ASrc, BSrc, Isa};
 
 use crate::weights::Weight;
 
@@ -24,6 +27,17 @@ pub struct LoraHook {
     pub dropout: Option<(f32, Arc<std::sync::Mutex<crate::rng::Rng>>)>,
 }
 
+/// Arithmetic of products with frozen weights on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// f32 operands (our AVX-512 kernel where the CPU has it, candle's otherwise).
+    #[default]
+    F32,
+    /// bf16 operands, f32 sums (torch autocast's numerics): AMX where the OS grants it, else the
+    /// fastest path `fedllm_kernels::isa::selected` names.
+    Bf16,
+}
+
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Weight,
@@ -31,6 +45,7 @@ pub struct Linear {
     /// GPT-2's Conv1D stores the weight [in, out].
     in_out: bool,
     pub lora: Option<LoraHook>,
+    pub precision: MatmulPrecision,
 }
 
 impl Linear {
@@ -40,6 +55,7 @@ impl Linear {
             bias,
             in_out: false,
             lora: None,
+            precision: MatmulPrecision::F32,
         })
     }
 
@@ -50,6 +66,7 @@ impl Linear {
             bias,
             in_out: true,
             lora: None,
+            precision: MatmulPrecision::F32,
         })
     }
 
@@ -126,90 +143,145 @@ impl Linear {
         y.reshape(out)
     }
 
-    fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+    /// The kernel path for this layer, if its product goes through `fedllm_kernels`.
+    fn kernel_isa(&self, x: &Tensor) -> Option<Isa> {
+        if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::BF16) {
+            return None;
+        }
         match &self.weight {
-            Weight::Dense(w) if w.is_variable() || !x.device().is_cpu() || !x.track_op() => {
-                // Trainable weight (full fine-tuning), non-CPU device, or no gradient needed:
-                // plain candle ops (the custom op only pays off when a backward follows).
-                let w = w.to_dtype(x.dtype())?;
-                x.matmul(&if self.in_out { w } else { w.t()? })
+            Weight::Dense(w) if w.track_op() => return None,
+            Weight::Dense(w) if !matches!(w.dtype(), DType::F32 | DType::BF16) => return None,
+            Weight::Quant(q) if !fedllm_kernels::gemm::quant_supported(q.dtype()) => return None,
+            _ => {}
+        }
+        kernel_isa(self.precision)
+    }
+
+    fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        if let Weight::Quant(q) = &self.weight {
+            if x.device().is_cpu() && !x.track_op() && !self.in_out && rows <= QMATVEC_MAX_ROWS {
+                if crate::qmatvec::supported(q.dtype()) {
+                    // Our block kernel: f32 activations, all cores, AVX-512 where available.
+                    let (n, k) = q.shape().dims2()?;
+                    let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    let y = crate::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows);
+                    return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype());
+                }
+                if rows <= QMATMUL_MAX_ROWS {
+                    // Quantized vec-dot kernels take f32 activations (inference only: no backward).
+                    let mm = QMatMul::from_arc(q.clone())?;
+                    return mm
+                        .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                        .to_dtype(x.dtype());
+                }
             }
-            Weight::Quant(q)
-                if !x.device().is_cpu() || (!x.track_op() && rows > QMATVEC_MAX_ROWS) =>
-            {
-                let w = q.dequantize(&q.device())?.to_dtype(x.dtype())?;
-                x.matmul(&if self.in_out { w } else { w.t()? })
-            }
-            Weight::Quant(q)
-                if rows <= QMATVEC_MAX_ROWS
-                    && !x.track_op()
-                    && !self.in_out
-                    && crate::qmatvec::supported(q.dtype()) =>
-            {
-                // Our block kernel: f32 activations, all cores, AVX-512 where available.
-                let (n, k) = q.shape().dims2()?;
-                let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let y = crate::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows);
-                Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype())
-            }
-            Weight::Quant(q) if rows <= QMATMUL_MAX_ROWS && !x.track_op() && !self.in_out => {
-                // Quantized vec-dot kernels take f32 activations (inference only: no backward).
-                let mm = QMatMul::from_arc(q.clone())?;
-                mm.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
-                    .to_dtype(x.dtype())
-            }
-            _ => x.contiguous()?.apply_op1(FrozenLinear {
+        }
+        if let Some(isa) = self.kernel_isa(x) {
+            let op = FrozenLinear {
                 weight: self.weight.clone(),
                 in_out: self.in_out,
-            }),
+                isa,
+            };
+            return x.contiguous()?.apply_op1(op);
         }
+        // Trainable weight (full fine-tuning), another device, or no kernel for this CPU or
+        // dtype: plain candle ops, a quantized weight dequantized for the product.
+        let w = match &self.weight {
+            Weight::Dense(w) => w.to_dtype(x.dtype())?,
+            Weight::Quant(q) => q.dequantize(&q.device())?.to_dtype(x.dtype())?,
+        };
+        x.matmul(&if self.in_out { w } else { w.t()? })
     }
 }
 
-/// y = x·Wᵀ for a frozen W (dense or quantized). The backward returns only dL/dx, so no weight
-/// gradient is computed and a quantized W is dequantized transiently in both passes.
+/// The kernel path frozen products take on this machine at `p` (None = candle's matmul).
+fn kernel_isa(p: MatmulPrecision) -> Option<Isa> {
+    let sel = fedllm_kernels::isa::selected();
+    match p {
+        MatmulPrecision::Bf16 => Some(sel),
+        // Exact f32 products only on the f32 FMA path (never rounding through bf16).
+        MatmulPrecision::F32 if sel >= Isa::Avx512 && fedllm_kernels::isa::supports(Isa::Avx512) => {
+            Some(Isa::Avx512)
+        }
+        MatmulPrecision::F32 => None,
+    }
+}
+
+/// Name of the kernel path at `p`, for reports.
+pub fn kernel_path(p: MatmulPrecision) -> Option<&'static str> {
+    kernel_isa(p).map(Isa::name)
+}
+
+/// y = x·Wᵀ for a frozen W (dense or quantized) through `fedllm_kernels`: a quantized W is
+/// dequantized panel by panel inside the GEMM, never as a whole. The backward returns only
+/// dL/dx (dX = dY·W, the same kernel with B transposed): no weight gradient.
 struct FrozenLinear {
     weight: Weight,
     in_out: bool,
+    isa: Isa,
 }
 
-impl FrozenLinear {
-    /// W as [in, out] in `dtype` (a fresh tensor outside any graph).
-    fn w_in_out(&self, dtype: DType) -> Result<Tensor> {
-        let w = match &self.weight {
-            Weight::Dense(w) => w.detach().to_dtype(dtype)?,
-            Weight::Quant(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
-        };
-        if self.in_out {
-            Ok(w)
-        } else {
-            w.t()
+/// Runs `f` on the weight as a `BSrc` (B = Wᵀ when `fwd`, B = W for the input gradient).
+fn with_weight<R>(w: &Weight, in_out: bool, fwd: bool, f: impl FnOnce(BSrc) -> R) -> Result<R> {
+    let t = fwd != in_out;
+    match w {
+        Weight::Dense(w) => {
+            let (rows, cols) = w.dims2()?;
+            let (st, l) = w.storage_and_layout();
+            let (a, z) = l
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("frozen linear: weight not contiguous".into()))?;
+            match &*st {
+                Storage::Cpu(CpuStorage::F32(v)) => Ok(f(BSrc::F32 { data: &v[a..z], rows, cols, t })),
+                Storage::Cpu(CpuStorage::BF16(v)) => {
+                    // SAFETY: half::bf16 is a transparent u16.
+                    let d = unsafe { std::slice::from_raw_parts(v[a..z].as_ptr() as *const u16, z - a) };
+                    Ok(f(BSrc::Bf16 { data: d, rows, cols, t }))
+                }
+                _ => candle_core::bail!("frozen linear: weight must be f32 or bf16 on the CPU"),
+            }
+        }
+        Weight::Quant(q) => {
+            let (rows, cols) = q.shape().dims2()?;
+            let data = q.data()?;
+            Ok(f(BSrc::Quant { dtype: q.dtype(), data: &data, rows, cols, t }))
         }
     }
 }
 
-fn storage_to_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("frozen linear: input is not contiguous".into()))?;
-    let dev = &Device::Cpu;
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), dev),
-        CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], l.shape(), dev),
-        CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], l.shape(), dev),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], l.shape(), dev),
-        _ => candle_core::bail!("frozen linear: unsupported input dtype"),
-    }
-}
-
-fn tensor_to_storage(t: &Tensor) -> Result<CpuStorage> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => CpuStorage::F32(t.to_vec1()?),
-        DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
-        DType::F16 => CpuStorage::F16(t.to_vec1()?),
-        DType::F64 => CpuStorage::F64(t.to_vec1()?),
-        d => candle_core::bail!("frozen linear: unsupported dtype {d:?}"),
+/// C = A · B for A in CPU storage (f32 or bf16, contiguous), result in A's dtype.
+fn kernel_matmul(
+    a: &CpuStorage,
+    (start, m, k): (usize, usize, usize),
+    w: &Weight,
+    in_out: bool,
+    fwd: bool,
+    isa: Isa,
+) -> Result<CpuStorage> {
+    let n = {
+        let s = w.shape();
+        let (r, c) = (s[0], s[1]);
+        if fwd != in_out { r } else { c }
+    };
+    let mut out = vec![0f32; m * n];
+    let res = match a {
+        CpuStorage::F32(v) => with_weight(w, in_out, fwd, |b| {
+            fedllm_kernels::matmul_bf16(ASrc::F32(&v[start..start + m * k]), m, b, &mut out, isa)
+        })?,
+        CpuStorage::BF16(v) => {
+            let v = &v[start..start + m * k];
+            // SAFETY: half::bf16 is a transparent u16.
+            let a = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) };
+            with_weight(w, in_out, fwd, |b| {
+                fedllm_kernels::matmul_bf16(ASrc::Bf16(a), m, b, &mut out, isa)
+            })?
+        }
+        _ => candle_core::bail!("frozen linear: input must be f32 or bf16"),
+    };
+    res.map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
+    Ok(match a {
+        CpuStorage::BF16(_) => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
+        _ => CpuStorage::F32(out),
     })
 }
 
@@ -219,14 +291,36 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = storage_to_tensor(s, l)?;
-        let y = x.matmul(&self.w_in_out(x.dtype())?)?;
-        Ok((tensor_to_storage(&y)?, y.shape().clone()))
+        let (start, _) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen linear: input is not contiguous".into()))?;
+        let (m, k) = l.shape().dims2()?;
+        let out = kernel_matmul(s, (start, m, k), &self.weight, self.in_out, true, self.isa)?;
+        let n = match &out {
+            CpuStorage::F32(v) => v.len() / m.max(1),
+            CpuStorage::BF16(v) => v.len() / m.max(1),
+            _ => 0,
+        };
+        Ok((out, Shape::from((m, n))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.w_in_out(grad.dtype())?;
-        Ok(Some(grad.matmul(&w.t()?)?.to_dtype(arg.dtype())?))
+        let g = grad.to_dtype(arg.dtype())?.contiguous()?;
+        let (m, n) = g.dims2()?;
+        let k = arg.dim(1)?;
+        let (st, l) = g.storage_and_layout();
+        let Storage::Cpu(cs) = &*st else {
+            candle_core::bail!("frozen linear: gradient not on the CPU")
+        };
+        let at = (l.start_offset(), m, n);
+        let dx = kernel_matmul(cs, at, &self.weight, self.in_out, false, self.isa)?;
+        drop(st);
+        let t = match dx {
+            CpuStorage::F32(v) => Tensor::from_vec(v, (m, k), arg.device())?,
+            CpuStorage::BF16(v) => Tensor::from_vec(v, (m, k), arg.device())?,
+            _ => candle_core::bail!("frozen linear: unexpected gradient dtype"),
+        };
+        Ok(Some(t))
     }
 }
 
@@ -265,6 +359,7 @@ impl Embedding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use candle_core::Var;
 
     /// FrozenLinear's backward (input gradient only) against plain candle ops.

@@ -98,8 +98,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let g = ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let g = ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&g)
     }
 }
 

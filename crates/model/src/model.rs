@@ -321,6 +321,17 @@ impl CausalLm {
         out
     }
 
+    /// Sets how every frozen product (LM head included) multiplies on the CPU.
+    pub fn set_matmul_precision(&mut self, p: crate::linear::MatmulPrecision) {
+        for (_, l) in self.linears_mut() {
+            l.precision = p;
+        }
+        match &mut self.arch {
+            Arch::Llama(m) => m.lm_head.precision = p,
+            Arch::Gpt2(m) => m.lm_head.precision = p,
+        }
+    }
+
     /// Every linear layer under its HF module name (without `.weight`), for attaching LoRA.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

@@ -12,8 +12,21 @@ fn wide(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether the fused CPU kernels take these tensors.
+fn fused_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
 /// LLaMA RMSNorm, computed in f32 as transformers does, then cast back before the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_f32(&[x, weight]) {
+        let op = crate::fused::RmsNorm { eps: eps as f32 };
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, op);
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = wide(x)?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -60,6 +73,24 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
 /// Non-interleaved rotary embedding (transformers' `rotate_half` form).
 /// x: [B, H, T, D]; cos, sin: [B, 1, T, D].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_f32(&[x, cos, sin]) {
+        let (b, h, t, d) = x.dims4()?;
+        if cos.dims4()? == (b, 1, t, d) && sin.dims4()? == (b, 1, t, d) {
+            let host = |c: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
+                Ok(std::sync::Arc::new(c.flatten_all()?.to_vec1()?))
+            };
+            let op = crate::fused::Rope {
+                cos: host(cos)?,
+                sin: host(sin)?,
+                dims: (b, h, t, d),
+            };
+            return x.contiguous()?.apply_op1(op);
+        }
+    }
+    rope_composite(x, cos, sin)
+}
+
+pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -69,6 +100,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
+}
+
+/// silu(gate) · up, LLaMA's MLP gate.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_f32(&[gate, up]) && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, crate::fused::SwiGlu);
+    }
+    silu(gate)? * up
 }
 
 /// GPT-2's `gelu_new` (tanh approximation); candle's `gelu` is exactly that form.
@@ -685,6 +724,51 @@ mod tests {
         check_grad(&data(16), &[1, 2, 2, 4], |x| {
             weighted(&rope(x, &cos, &sin)?)
         });
+    }
+
+    /// The fused RMSNorm, SwiGLU and RoPE ops equal their composites, values and gradients.
+    #[test]
+    fn fused_row_ops_match_composites() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], s: f64| {
+            Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * s).unwrap()).unwrap()
+        };
+        let check = |what: &str, vars: &[&Var], f: &dyn Fn() -> Tensor, c: &dyn Fn() -> Tensor| {
+            let (yf, yc) = (f(), c());
+            let coef = Tensor::randn(0f32, 1.0, yf.shape(), &dev).unwrap();
+            assert!(max_abs_diff(&yf, &yc).unwrap() < 1e-5, "{what} forward");
+            let gf = (yf * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in vars {
+                let (a, b) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                let e = max_abs_diff(a, b).unwrap();
+                assert!(e < 1e-4, "{what} gradient {e}");
+            }
+        };
+        // 37 rows of 50: not a multiple of the kernels' row blocks.
+        let (x, w) = (var(&[37, 50], 2.0), var(&[50], 1.0));
+        check(
+            "rms_norm",
+            &[&x, &w],
+            &|| rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+            &|| rms_norm_composite(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+        );
+        let (g, u) = (var(&[3, 5001], 3.0), var(&[3, 5001], 1.0));
+        check(
+            "swiglu",
+            &[&g, &u],
+            &|| swiglu(g.as_tensor(), u.as_tensor()).unwrap(),
+            &|| (silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap(),
+        );
+        let x = var(&[2, 3, 5, 8], 1.0);
+        let cos = Tensor::randn(0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        check(
+            "rope",
+            &[&x],
+            &|| rope(x.as_tensor(), &cos, &sin).unwrap(),
+            &|| rope_composite(x.as_tensor(), &cos, &sin).unwrap(),
+        );
     }
 
     /// The fused cross-entropy op equals the composite loss, value and gradient.

@@ -1,0 +1,119 @@
+//! Row-wise training ops fused into one pass each (forward and backward), so a layer keeps
+//! only its inputs alive instead of every intermediate of a composite. f32, all cores.
+
+use rayon::prelude::*;
+
+const ROWS_PER_TASK: usize = 16;
+
+/// y = x / sqrt(mean(x²) + eps) · w over rows of `h`.
+pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let h = w.len();
+    y.par_chunks_mut(h * ROWS_PER_TASK)
+        .zip(x.par_chunks(h * ROWS_PER_TASK))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+                let r = rstd(x, eps);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * r * w;
+                }
+            }
+        });
+}
+
+fn rstd(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|&v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+/// dx and dw of `rms_norm_fwd` given dy. dx = r·(g·w − x̂·mean(g·w·x̂)), dw = Σ_rows g·x̂.
+pub fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) -> Vec<f32> {
+    let h = w.len();
+    dx.par_chunks_mut(h * ROWS_PER_TASK)
+        .zip(x.par_chunks(h * ROWS_PER_TASK))
+        .zip(g.par_chunks(h * ROWS_PER_TASK))
+        .map(|((dx, x), g)| {
+            let mut dw = vec![0f32; h];
+            for ((dx, x), g) in dx.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
+                let r = rstd(x, eps);
+                let mut dot = 0f32;
+                for i in 0..h {
+                    let xh = x[i] * r;
+                    dot += g[i] * w[i] * xh;
+                    dw[i] += g[i] * xh;
+                }
+                let mean = dot / h as f32;
+                for i in 0..h {
+                    dx[i] = r * (g[i] * w[i] - x[i] * r * mean);
+                }
+            }
+            dw
+        })
+        .reduce(
+            || vec![0f32; h],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// y = silu(gate) · up.
+pub fn swiglu_fwd(gate: &[f32], up: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(4096)
+        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
+        .for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+}
+
+/// (d gate, d up) of `swiglu_fwd` given dy.
+pub fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)).zip(dy.par_chunks(4096)))
+        .for_each(|((dg, du), ((g, u), dy))| {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                du[i] = dy[i] * g[i] * s;
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        });
+}
+
+/// Rotary embedding (rotate-half form) over x [B, H, T, D] with cos/sin [B, T, D];
+/// `inverse` applies the transpose (the backward: rotation by −θ).
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], (b, h, t, d): (usize, usize, usize, usize), inverse: bool, y: &mut [f32]) {
+    let half = d / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    y.par_chunks_mut(t * d)
+        .zip(x.par_chunks(t * d))
+        .enumerate()
+        .for_each(|(bh, (y, x))| {
+            let bi = bh / h;
+            debug_assert!(bi < b);
+            for ti in 0..t {
+                let at = (bi * t + ti) * d;
+                let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
+                let (xr, yr) = (&x[ti * d..(ti + 1) * d], &mut y[ti * d..(ti + 1) * d]);
+                for i in 0..half {
+                    // forward: y1 = x1 c1 − x2 s1, y2 = x2 c2 + x1 s2;
+                    // transpose: y1 = x1 c1 + x2 s2, y2 = x2 c2 − x1 s1.
+                    let (x1, x2) = (xr[i], xr[i + half]);
+                    if inverse {
+                        yr[i] = x1 * c[i] + x2 * s[i + half];
+                        yr[i + half] = x2 * c[i + half] - x1 * s[i];
+                    } else {
+                        yr[i] = x1 * c[i] - sign * x2 * s[i];
+                        yr[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                    }
+                }
+            }
+        });
+}
