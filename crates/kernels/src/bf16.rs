@@ -33,7 +33,15 @@ mod tests {
     #[test]
     fn rounds_to_nearest_even_like_half() {
         for &x in &[
-            0.0f32, -0.0, 1.0, 1.00390625, 1.01171875, 3.14159, -2.5e-30, 3.3e38, 1e-40,
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            2.71,
+            -2.5e-30,
+            3.3e38,
+            1e-40,
         ] {
             assert_eq!(from_f32(x), half::bf16::from_f32(x).to_bits(), "{x}");
         }

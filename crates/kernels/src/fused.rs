@@ -33,7 +33,11 @@ pub fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) -
         .zip(g.par_chunks(h * ROWS_PER_TASK))
         .map(|((dx, x), g)| {
             let mut dw = vec![0f32; h];
-            for ((dx, x), g) in dx.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(g.chunks_exact(h)) {
+            for ((dx, x), g) in dx
+                .chunks_exact_mut(h)
+                .zip(x.chunks_exact(h))
+                .zip(g.chunks_exact(h))
+            {
                 let r = rstd(x, eps);
                 let mut dot = 0f32;
                 for i in 0..h {
@@ -77,7 +81,11 @@ pub fn swiglu_fwd(gate: &[f32], up: &[f32], y: &mut [f32]) {
 pub fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
     dg.par_chunks_mut(4096)
         .zip(du.par_chunks_mut(4096))
-        .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)).zip(dy.par_chunks(4096)))
+        .zip(
+            gate.par_chunks(4096)
+                .zip(up.par_chunks(4096))
+                .zip(dy.par_chunks(4096)),
+        )
         .for_each(|((dg, du), ((g, u), dy))| {
             for i in 0..g.len() {
                 let s = sigmoid(g[i]);
@@ -89,9 +97,15 @@ pub fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32], dg: &mut [f32], du: &mut
 
 /// Rotary embedding (rotate-half form) over x [B, H, T, D] with cos/sin [B, T, D];
 /// `inverse` applies the transpose (the backward: rotation by −θ).
-pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], (b, h, t, d): (usize, usize, usize, usize), inverse: bool, y: &mut [f32]) {
+pub fn rope(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    (b, h, t, d): (usize, usize, usize, usize),
+    inverse: bool,
+    y: &mut [f32],
+) {
     let half = d / 2;
-    let sign = if inverse { -1.0 } else { 1.0 };
     y.par_chunks_mut(t * d)
         .zip(x.par_chunks(t * d))
         .enumerate()
@@ -110,7 +124,7 @@ pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], (b, h, t, d): (usize, usize, us
                         yr[i] = x1 * c[i] + x2 * s[i + half];
                         yr[i + half] = x2 * c[i + half] - x1 * s[i];
                     } else {
-                        yr[i] = x1 * c[i] - sign * x2 * s[i];
+                        yr[i] = x1 * c[i] - x2 * s[i];
                         yr[i + half] = x2 * c[i + half] + x1 * s[i + half];
                     }
                 }

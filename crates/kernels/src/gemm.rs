@@ -219,7 +219,7 @@ pub fn quant_supported(t: GgmlDType) -> bool {
 fn dequant_as<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
     let n = bytes.len() / std::mem::size_of::<T>();
     let out = &mut out[..n * T::BLCK_SIZE];
-    if (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0 {
+    if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         // SAFETY: the blocks are plain data (f16/u8 fields), the slice is aligned and holds n
         // whole blocks.
         let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) };

@@ -153,3 +153,21 @@ pub fn available() -> Vec<Isa> {
         .filter(|&i| supports(i))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_fallbacks_stay_supported() {
+        for isa in [Isa::Portable, Isa::Avx512Bf16, Isa::Avx512, Isa::Amx] {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+            let u = usable(isa);
+            assert!(u <= isa && supports(u), "{isa:?} -> {u:?}");
+        }
+        assert_eq!(Isa::parse("AMX "), Some(Isa::Amx));
+        assert_eq!(Isa::parse("sse2"), None);
+        assert!(available().contains(&Isa::Portable));
+        assert!(supports(selected()));
+    }
+}

@@ -188,7 +188,7 @@ mod amx {
 /// values, C holds `rows` rows of `cols` values at stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub(crate) unsafe fn f32_block(
     a: *const f32,
     lda: usize,

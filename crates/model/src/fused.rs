@@ -40,18 +40,32 @@ impl CustomOp2 for RmsNorm {
         "fused-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, "rms_norm")?, slice(s2, l2, "rms_norm")?);
         let mut y = vec![0f32; x.len()];
         k::rms_norm_fwd(x, w, self.eps, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let mut dx = vec![0f32; x.elem_count()];
         let dw = with_f32(x, "rms_norm", |xs| {
             with_f32(w, "rms_norm", |ws| {
-                with_f32(g, "rms_norm", |gs| k::rms_norm_bwd(xs, ws, gs, self.eps, &mut dx))
+                with_f32(g, "rms_norm", |gs| {
+                    k::rms_norm_bwd(xs, ws, gs, self.eps, &mut dx)
+                })
             })
         })???;
         Ok((Some(out(dx, x)?), Some(out(dw, w)?)))
@@ -65,18 +79,32 @@ impl CustomOp2 for SwiGlu {
         "fused-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
         let mut y = vec![0f32; g.len()];
         k::swiglu_fwd(g, u, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
         with_f32(gate, "swiglu", |g| {
-            with_f32(up, "swiglu", |u| with_f32(dy, "swiglu", |d| k::swiglu_bwd(g, u, d, &mut dg, &mut du)))
+            with_f32(up, "swiglu", |u| {
+                with_f32(dy, "swiglu", |d| k::swiglu_bwd(g, u, d, &mut dg, &mut du))
+            })
         })???;
         Ok((Some(out(dg, gate)?), Some(out(du, up)?)))
     }
@@ -103,7 +131,9 @@ impl CustomOp1 for Rope {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let mut dx = vec![0f32; x.elem_count()];
-        with_f32(g, "rope", |gs| k::rope(gs, &self.cos, &self.sin, self.dims, true, &mut dx))?;
+        with_f32(g, "rope", |gs| {
+            k::rope(gs, &self.cos, &self.sin, self.dims, true, &mut dx)
+        })?;
         Ok(Some(out(dx, x)?))
     }
 }

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{
-    CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
 use fedllm_kernels::{ASrc, BSrc, Isa};
 
 use crate::weights::Weight;
@@ -143,6 +141,31 @@ impl Linear {
         y.reshape(out)
     }
 
+    /// Per-row cross-entropy of `x·Wᵀ` [N, vocab] against `targets`, never holding the logits:
+    /// rows go through in chunks, and when `x` tracks gradients the forward also computes each
+    /// row's dLoss/dx (softmax − onehot, times W), so the backward only scales it. None when
+    /// this layer has no kernel path (bias, LoRA, another device or dtype).
+    pub fn fused_cross_entropy(&self, x: &Tensor, targets: &[u32]) -> Option<Result<Tensor>> {
+        if self.bias.is_some() || self.lora.is_some() || x.rank() != 2 || x.dtype() != DType::F32 {
+            return None;
+        }
+        let isa = self.kernel_isa(x)?;
+        let (n, _) = x.dims2().ok()?;
+        let vocab = self.out_in().0;
+        if targets.len() != n || targets.iter().any(|&t| t as usize >= vocab) {
+            return None;
+        }
+        let op = HeadCrossEntropy {
+            weight: self.weight.clone(),
+            in_out: self.in_out,
+            isa,
+            targets: targets.to_vec(),
+            want_grad: x.track_op(),
+            dx: std::sync::Mutex::new(None),
+        };
+        Some(x.contiguous().and_then(|x| x.apply_op1(op)))
+    }
+
     /// The kernel path for this layer, if its product goes through `fedllm_kernels`.
     fn kernel_isa(&self, x: &Tensor) -> Option<Isa> {
         if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::BF16) {
@@ -200,7 +223,9 @@ fn kernel_isa(p: MatmulPrecision) -> Option<Isa> {
     match p {
         MatmulPrecision::Bf16 => Some(sel),
         // Exact f32 products only on the f32 FMA path (never rounding through bf16).
-        MatmulPrecision::F32 if sel >= Isa::Avx512 && fedllm_kernels::isa::supports(Isa::Avx512) => {
+        MatmulPrecision::F32
+            if sel >= Isa::Avx512 && fedllm_kernels::isa::supports(Isa::Avx512) =>
+        {
             Some(Isa::Avx512)
         }
         MatmulPrecision::F32 => None,
@@ -228,15 +253,27 @@ fn with_weight<R>(w: &Weight, in_out: bool, fwd: bool, f: impl FnOnce(BSrc) -> R
         Weight::Dense(w) => {
             let (rows, cols) = w.dims2()?;
             let (st, l) = w.storage_and_layout();
-            let (a, z) = l
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("frozen linear: weight not contiguous".into()))?;
+            let (a, z) = l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("frozen linear: weight not contiguous".into())
+            })?;
             match &*st {
-                Storage::Cpu(CpuStorage::F32(v)) => Ok(f(BSrc::F32 { data: &v[a..z], rows, cols, t })),
+                Storage::Cpu(CpuStorage::F32(v)) => Ok(f(BSrc::F32 {
+                    data: &v[a..z],
+                    rows,
+                    cols,
+                    t,
+                })),
                 Storage::Cpu(CpuStorage::BF16(v)) => {
                     // SAFETY: half::bf16 is a transparent u16.
-                    let d = unsafe { std::slice::from_raw_parts(v[a..z].as_ptr() as *const u16, z - a) };
-                    Ok(f(BSrc::Bf16 { data: d, rows, cols, t }))
+                    let d = unsafe {
+                        std::slice::from_raw_parts(v[a..z].as_ptr() as *const u16, z - a)
+                    };
+                    Ok(f(BSrc::Bf16 {
+                        data: d,
+                        rows,
+                        cols,
+                        t,
+                    }))
                 }
                 _ => candle_core::bail!("frozen linear: weight must be f32 or bf16 on the CPU"),
             }
@@ -244,7 +281,13 @@ fn with_weight<R>(w: &Weight, in_out: bool, fwd: bool, f: impl FnOnce(BSrc) -> R
         Weight::Quant(q) => {
             let (rows, cols) = q.shape().dims2()?;
             let data = q.data()?;
-            Ok(f(BSrc::Quant { dtype: q.dtype(), data: &data, rows, cols, t }))
+            Ok(f(BSrc::Quant {
+                dtype: q.dtype(),
+                data: &data,
+                rows,
+                cols,
+                t,
+            }))
         }
     }
 }
@@ -261,7 +304,11 @@ fn kernel_matmul(
     let n = {
         let s = w.shape();
         let (r, c) = (s[0], s[1]);
-        if fwd != in_out { r } else { c }
+        if fwd != in_out {
+            r
+        } else {
+            c
+        }
     };
     let mut out = vec![0f32; m * n];
     let res = match a {
@@ -280,9 +327,113 @@ fn kernel_matmul(
     };
     res.map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
     Ok(match a {
-        CpuStorage::BF16(_) => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
+        CpuStorage::BF16(_) => {
+            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+        }
         _ => CpuStorage::F32(out),
     })
+}
+
+/// Rows per chunk of the fused head: 128 × 49k-vocabulary logits = 25 MB at a time.
+const HEAD_CHUNK: usize = 512;
+
+struct HeadCrossEntropy {
+    weight: Weight,
+    in_out: bool,
+    isa: Isa,
+    targets: Vec<u32>,
+    want_grad: bool,
+    /// dLoss_i/dx_i per row [N, H], filled by the forward for the backward.
+    dx: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp1 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("head cross-entropy: expects f32")
+        };
+        let (a, z) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("head cross-entropy: not contiguous".into()))?;
+        let x = &v[a..z];
+        let (n, h) = l.shape().dims2()?;
+        let vocab = {
+            let s = self.weight.shape();
+            if self.in_out {
+                s[1]
+            } else {
+                s[0]
+            }
+        };
+        let mut loss = vec![0f32; n];
+        let mut dx = if self.want_grad {
+            vec![0f32; n * h]
+        } else {
+            Vec::new()
+        };
+        let mut logits = vec![0f32; HEAD_CHUNK.min(n) * vocab];
+        let kerr = |e: String| candle_core::Error::Msg(format!("head cross-entropy: {e}"));
+        for r0 in (0..n).step_by(HEAD_CHUNK) {
+            let m = HEAD_CHUNK.min(n - r0);
+            let lg = &mut logits[..m * vocab];
+            let xa = ASrc::F32(&x[r0 * h..(r0 + m) * h]);
+            with_weight(&self.weight, self.in_out, true, |b| {
+                fedllm_kernels::matmul_bf16(xa, m, b, lg, self.isa)
+            })?
+            .map_err(kerr)?;
+            let tg = &self.targets[r0..r0 + m];
+            let want = self.want_grad;
+            loss[r0..r0 + m]
+                .par_iter_mut()
+                .zip(lg.par_chunks_mut(vocab))
+                .zip(tg.par_iter())
+                .for_each(|((li, row), &t)| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                    let lse = max + sum.ln();
+                    *li = lse - row[t as usize];
+                    if want {
+                        row.iter_mut().for_each(|x| *x = (*x - lse).exp());
+                        row[t as usize] -= 1.0;
+                    }
+                });
+            if want {
+                let d = &mut dx[r0 * h..(r0 + m) * h];
+                with_weight(&self.weight, self.in_out, false, |b| {
+                    fedllm_kernels::matmul_bf16(ASrc::F32(lg), m, b, d, self.isa)
+                })?
+                .map_err(kerr)?;
+            }
+        }
+        if self.want_grad {
+            *self.dx.lock().unwrap_or_else(|e| e.into_inner()) = Some(dx);
+        }
+        Ok((CpuStorage::F32(loss), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, h) = arg.dims2()?;
+        let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
+        let mut dx = self
+            .dx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "head cross-entropy: backward ran twice or without a tracked forward".into(),
+                )
+            })?;
+        for (row, &gi) in dx.chunks_exact_mut(h).zip(&g) {
+            row.iter_mut().for_each(|x| *x *= gi);
+        }
+        Ok(Some(Tensor::from_vec(dx, (n, h), arg.device())?))
+    }
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -291,9 +442,9 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, _) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen linear: input is not contiguous".into()))?;
+        let (start, _) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen linear: input is not contiguous".into())
+        })?;
         let (m, k) = l.shape().dims2()?;
         let out = kernel_matmul(s, (start, m, k), &self.weight, self.in_out, true, self.isa)?;
         let n = match &out {

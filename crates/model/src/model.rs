@@ -231,6 +231,13 @@ impl CausalLm {
         }
         let idx = Tensor::from_vec(rows, targets.len(), hidden.device())?;
         let picked = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
+        let head = match &self.arch {
+            Arch::Llama(m) => &m.lm_head,
+            Arch::Gpt2(m) => &m.lm_head,
+        };
+        if let Some(per_row) = head.fused_cross_entropy(&picked, &targets) {
+            return Ok(((per_row?.sum_all()? / targets.len() as f64)?, targets.len()));
+        }
         let logits = self.logits(&picked)?;
         Ok((crate::ops::cross_entropy(&logits, &targets)?, targets.len()))
     }

@@ -14,7 +14,8 @@ fn wide(x: &Tensor) -> Result<Tensor> {
 
 /// Whether the fused CPU kernels take these tensors.
 fn fused_f32(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// LLaMA RMSNorm, computed in f32 as transformers does, then cast back before the weight.
@@ -105,7 +106,9 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// silu(gate) · up, LLaMA's MLP gate.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if fused_f32(&[gate, up]) && gate.shape() == up.shape() {
-        return gate.contiguous()?.apply_op2(&up.contiguous()?, crate::fused::SwiGlu);
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, crate::fused::SwiGlu);
     }
     silu(gate)? * up
 }
@@ -731,7 +734,8 @@ mod tests {
     fn fused_row_ops_match_composites() {
         let dev = Device::Cpu;
         let var = |shape: &[usize], s: f64| {
-            Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * s).unwrap()).unwrap()
+            Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * s).unwrap())
+                .unwrap()
         };
         let check = |what: &str, vars: &[&Var], f: &dyn Fn() -> Tensor, c: &dyn Fn() -> Tensor| {
             let (yf, yc) = (f(), c());
@@ -740,7 +744,10 @@ mod tests {
             let gf = (yf * &coef).unwrap().sum_all().unwrap().backward().unwrap();
             let gc = (yc * &coef).unwrap().sum_all().unwrap().backward().unwrap();
             for v in vars {
-                let (a, b) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                let (a, b) = (
+                    gf.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                );
                 let e = max_abs_diff(a, b).unwrap();
                 assert!(e < 1e-4, "{what} gradient {e}");
             }
