@@ -34,6 +34,8 @@ pub enum MatmulPrecision {
     /// bf16 operands, f32 sums (torch autocast's numerics): AMX where the OS grants it, else the
     /// fastest path `fedllm_kernels::isa::selected` names.
     Bf16,
+    /// Exactly this kernel path (or the best below it this CPU runs): tests and benchmarks.
+    Kernel(Isa),
 }
 
 #[derive(Clone, Debug)]
@@ -222,6 +224,7 @@ fn kernel_isa(p: MatmulPrecision) -> Option<Isa> {
     let sel = fedllm_kernels::isa::selected();
     match p {
         MatmulPrecision::Bf16 => Some(sel),
+        MatmulPrecision::Kernel(isa) => Some(fedllm_kernels::isa::usable(isa)),
         // Exact f32 products only on the f32 FMA path (never rounding through bf16).
         MatmulPrecision::F32
             if sel >= Isa::Avx512 && fedllm_kernels::isa::supports(Isa::Avx512) =>

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use fedllm_model::{Batch, CausalLm, LoadOptions};
+use fedllm_kernels::Isa;
+use fedllm_model::{Batch, CausalLm, LoadOptions, MatmulPrecision};
 use fedllm_peft::full::FullConfig;
 use fedllm_peft::lora::LoraConfig;
 use fedllm_peft::prefix::PrefixConfig;
@@ -108,11 +109,32 @@ fn max_abs(t: &Tensor) -> f32 {
 }
 
 fn check_case(dir: &Path, case: &str) {
+    check_case_at(dir, case, MatmulPrecision::F32)
+}
+
+/// Tolerances (loss, gradients, logits) of a matmul precision: f32 paths are held to f32
+/// parity, bf16 operands (8 mantissa bits) to what that rounding allows.
+fn tolerances(p: MatmulPrecision) -> (f64, f32, f32) {
+    let bf16 = match p {
+        MatmulPrecision::F32 => false,
+        MatmulPrecision::Kernel(isa) => fedllm_kernels::isa::usable(isa) != Isa::Avx512,
+        MatmulPrecision::Bf16 => fedllm_kernels::isa::selected() != Isa::Avx512,
+    };
+    if bf16 {
+        (1e-2, 5e-2, 5e-2)
+    } else {
+        (1e-5, 1e-3, 1e-4)
+    }
+}
+
+fn check_case_at(dir: &Path, case: &str, precision: MatmulPrecision) {
+    let (loss_tol, grad_tol, logit_tol) = tolerances(precision);
     let meta = json(&dir.join(format!("{case}.json")));
     let data =
         candle_core::safetensors::load(dir.join(format!("{case}.safetensors")), &Device::Cpu)
             .unwrap();
     let mut model = CausalLm::load(dir, LoadOptions::default()).unwrap().model;
+    model.set_matmul_precision(precision);
     let config = case_config(dir, case, &meta);
     let init = with_prefix(&data, "init.");
     let adapter = if init.is_empty() {
@@ -142,7 +164,11 @@ fn check_case(dir: &Path, case: &str) {
             .logits(&model, &batch.input_ids, Some(&mask))
             .unwrap();
         let e = fedllm_model::testing::masked_max_abs_diff(&got, want, &mask).unwrap();
-        assert!(e <= 1e-4, "{}/{case}: logits differ by {e}", dir.display());
+        assert!(
+            e <= logit_tol,
+            "{}/{case}: logits differ by {e}",
+            dir.display()
+        );
     }
 
     let trainer = fedllm_train::Trainer::new(Default::default()).unwrap();
@@ -152,7 +178,7 @@ fn check_case(dir: &Path, case: &str) {
     let want_loss = data["loss"].to_vec1::<f32>().unwrap()[0] as f64;
     let rel = ((loss - want_loss) / want_loss).abs();
     assert!(
-        rel <= 1e-5,
+        rel <= loss_tol,
         "{}/{case}: loss {loss} vs {want_loss}",
         dir.display()
     );
@@ -167,7 +193,7 @@ fn check_case(dir: &Path, case: &str) {
         let err = max_abs(&(got - want).unwrap()) / max_abs(want).max(1e-12);
         worst = worst.max(err);
         assert!(
-            err <= 1e-3,
+            err <= grad_tol,
             "{}/{case}: gradient of {name} off by {err} (relative to its max)",
             dir.display()
         );
@@ -184,7 +210,7 @@ fn check_case(dir: &Path, case: &str) {
 
     let after = with_prefix(&data, "after_step.");
     let mut step_err = 0f32;
-    if !after.is_empty() {
+    if !after.is_empty() && precision == MatmulPrecision::F32 {
         adamw_step(&meta, &adapter, &grads);
         for (name, want) in &after {
             let got = adapter.var(name).unwrap().as_tensor();
@@ -198,7 +224,7 @@ fn check_case(dir: &Path, case: &str) {
         }
     }
     println!(
-        "{}/{case}: loss {loss:.6} (rel {rel:.1e}), {} gradients ≤ {worst:.1e} rel, after_step ≤ {step_err:.1e}",
+        "{}/{case} [{precision:?}]: loss {loss:.6} (rel {rel:.1e}), {} gradients ≤ {worst:.1e} rel, after_step ≤ {step_err:.1e}",
         dir.file_name().unwrap().to_string_lossy(),
         want_grads.len()
     );
@@ -287,6 +313,27 @@ fn golden_training_cases() {
     assert!(
         n >= 10,
         "only {n} cases found in {}",
+        golden_dir().display()
+    );
+}
+
+/// LoRA through every kernel path this machine has (bf16 ones included), against the same
+/// transformers + PEFT gradients at the tolerance of each path's arithmetic.
+#[test]
+fn golden_lora_on_every_kernel_path() {
+    let mut n = 0;
+    for dir in model_dirs() {
+        if !dir.join("lora.json").exists() || model_dropout(&dir) > 0.0 {
+            continue;
+        }
+        for isa in fedllm_kernels::isa::available() {
+            check_case_at(&dir, "lora", MatmulPrecision::Kernel(isa));
+            n += 1;
+        }
+    }
+    assert!(
+        n > 0,
+        "no dropout-free LoRA case in {}",
         golden_dir().display()
     );
 }
