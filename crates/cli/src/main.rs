@@ -205,6 +205,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// GFLOP/s of the frozen-weight GEMM on W1's shapes, per kernel path, next to candle f32
+    Gemm {
+        /// Rows (batch × sequence)
+        #[arg(long, default_value_t = 1024)]
+        rows: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Server aggregation speed: FedAvg (and robust rules) over many client updates
     Aggregate {
         #[arg(long, default_value_t = 100)]
@@ -232,6 +240,10 @@ fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option before any worker thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
+    if let Err(e) = fedllm_kernels::isa::env_cap() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -265,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => train_cmd::cmd_merge(&model, &adapter, &out),
         Cmd::Bench(BenchCmd::Aggregate { clients, params }) => cmd_bench_aggregate(clients, params),
+        Cmd::Bench(BenchCmd::Gemm { rows, reps }) => cmd_bench_gemm(rows, reps),
         Cmd::Bench(BenchCmd::Transport {
             mb,
             tensors,
@@ -469,6 +482,34 @@ fn cmd_bench_transport(
             r.wire_up as f64 / 1e6,
             r.wire_up as f64 / r.raw_bytes as f64,
             bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+fn cmd_bench_gemm(rows: usize, reps: usize) -> Result<()> {
+    use fedllm_kernels::isa;
+    let paths = isa::available();
+    println!(
+        "bench gemm: {rows} rows, {} threads, paths {:?} (default: {})",
+        candle_core::utils::get_num_threads(),
+        paths.iter().map(|i| i.name()).collect::<Vec<_>>(),
+        isa::selected().name()
+    );
+    for r in fedllm_kernels::bench::bench_gemm(rows, &paths, reps.max(1))? {
+        let cols: Vec<String> = r
+            .gflops
+            .iter()
+            .map(|(p, g)| format!("{p} {g:.0}"))
+            .collect();
+        println!(
+            "{:13} [{}x{}]x[{}x{}]  GFLOP/s: {}",
+            r.what,
+            r.m,
+            r.k,
+            r.k,
+            r.n,
+            cols.join(", ")
         );
     }
     Ok(())
