@@ -5,6 +5,7 @@
 //! and kernel allow, capped by `FEDLLM_KERNELS=amx|avx512bf16|portable` so every path can be
 //! forced (tests run all of them; a machine where AMX misbehaves can opt out).
 
+pub mod attention;
 pub mod bench;
 pub mod bf16;
 pub mod fused;

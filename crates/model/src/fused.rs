@@ -137,3 +137,94 @@ impl CustomOp1 for Rope {
         Ok(Some(out(dx, x)?))
     }
 }
+
+/// Causal self-attention on the projections' layout (see `fedllm_kernels::attention`):
+/// inputs q [B, T, H·D], k/v [B, T, KV·D]; RoPE applied inside.
+pub(crate) struct TrainAttention {
+    pub shape: fedllm_kernels::attention::Shape,
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    /// [B, T, T] additive (causal and padding), None = nothing masked.
+    pub bias: Option<Arc<Vec<f32>>>,
+    pub scale: f32,
+    /// Per-row softmax (max, 1/sum) [B, H, T, 2], written by the forward for the backward.
+    pub lse: std::sync::Mutex<Vec<f32>>,
+}
+
+impl candle_core::CustomOp3 for TrainAttention {
+    fn name(&self) -> &'static str {
+        "train-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            slice(s1, l1, "attention")?,
+            slice(s2, l2, "attention")?,
+            slice(s3, l3, "attention")?,
+        );
+        let sh = self.shape;
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; 2 * sh.b * sh.h * sh.t];
+        fedllm_kernels::attention::forward(
+            sh,
+            q,
+            k,
+            v,
+            &self.cos,
+            &self.sin,
+            self.bias.as_deref().map(|b| b.as_slice()),
+            self.scale,
+            &mut out,
+            &mut lse,
+        );
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.elem_count()],
+            vec![0f32; k.elem_count()],
+            vec![0f32; v.elem_count()],
+        );
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        with_f32(q, "attention", |qs| {
+            with_f32(k, "attention", |ks| {
+                with_f32(v, "attention", |vs| {
+                    with_f32(o, "attention", |os| {
+                        with_f32(g, "attention", |gs| {
+                            fedllm_kernels::attention::backward(
+                                self.shape,
+                                (qs, ks, vs),
+                                &self.cos,
+                                &self.sin,
+                                self.bias.as_deref().map(|b| b.as_slice()),
+                                self.scale,
+                                os,
+                                &lse,
+                                gs,
+                                (&mut dq, &mut dk, &mut dv),
+                            )
+                        })
+                    })
+                })
+            })
+        })?????;
+        Ok((Some(out(dq, q)?), Some(out(dk, k)?), Some(out(dv, v)?)))
+    }
+}

@@ -53,6 +53,21 @@ impl Attention {
         cache: Option<&mut crate::cache::LayerKv>,
     ) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if cache.is_none() {
+            // Whole sequences (training, scoring): one op on the projections' own layout.
+            let (cos, sin) = ctx.rope.as_ref().expect("llama needs rotary tables");
+            let y = ops::self_attention(
+                &self.q_proj.forward(x)?,
+                &self.k_proj.forward(x)?,
+                &self.v_proj.forward(x)?,
+                (cos, sin),
+                ctx.bias.as_ref(),
+                (self.num_heads, self.num_kv_heads, self.head_dim),
+                scale,
+            )?;
+            return self.o_proj.forward(&y);
+        }
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
@@ -62,7 +77,6 @@ impl Attention {
         let k = ops::rope(&k, cos, sin)?;
         let (k, v) = crate::cache::append(cache, k, v)?;
         let n_rep = self.num_heads / self.num_kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = ops::gqa_attention(&q, &k, &v, n_rep, scale, ctx.bias.as_ref())?;
         let y = y
             .transpose(1, 2)?

@@ -12,6 +12,45 @@ fn wide(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Causal self-attention for full sequences (no KV cache) on the projections' own layout:
+/// q [B, T, H·D], k/v [B, T, KV·D], cos/sin [B, 1, T, D], bias [B, 1, T, T]; returns
+/// [B, T, H·D]. On the CPU in f32 one op (RoPE inside, grouped heads read in place, no
+/// transposes); elsewhere the composite: heads split, rotated, repeated, `attention`.
+#[allow(clippy::too_many_arguments)]
+pub fn self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    bias: Option<&Tensor>,
+    (h, kv, d): (usize, usize, usize),
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, _) = q.dims3()?;
+    if fused_f32(&[q, k, v, cos, sin]) && h % kv == 0 && d % 2 == 0 {
+        let host = |c: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
+            Ok(std::sync::Arc::new(c.flatten_all()?.to_vec1()?))
+        };
+        let op = crate::fused::TrainAttention {
+            shape: fedllm_kernels::attention::Shape { b, t, h, kv, d },
+            cos: host(cos)?,
+            sin: host(sin)?,
+            bias: host_bias(bias)?,
+            scale: scale as f32,
+            lse: std::sync::Mutex::new(Vec::new()),
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    let heads = |y: &Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2);
+    let qh = rope(&heads(q, h)?, cos, sin)?;
+    let kh = rope(&heads(k, kv)?, cos, sin)?;
+    let vh = heads(v, kv)?.contiguous()?;
+    let y = gqa_attention(&qh, &kh, &vh, h / kv, scale, bias)?;
+    y.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
 /// Whether the fused CPU kernels take these tensors.
 fn fused_f32(ts: &[&Tensor]) -> bool {
     ts.iter()
@@ -776,6 +815,80 @@ mod tests {
             &|| rope(x.as_tensor(), &cos, &sin).unwrap(),
             &|| rope_composite(x.as_tensor(), &cos, &sin).unwrap(),
         );
+    }
+
+    /// The one-op self-attention equals split heads + RoPE + repeated K/V + the composite,
+    /// value and all three gradients, with causal and padding masks and grouped heads.
+    #[test]
+    fn self_attention_matches_composite() {
+        let dev = Device::Cpu;
+        let (b, t, h, kv, d) = (2, 7, 6, 2, 8);
+        let var = |n: usize| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, n * d), &dev).unwrap()).unwrap()
+        };
+        let (q, k, v) = (var(h), var(kv), var(kv));
+        let cos = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+        // Causal, and batch 1 left-padded by 2.
+        let mut bias = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || (bi == 1 && j < 2) {
+                        bias[(bi * t + i) * t + j] = -1e30;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(bias, (b, 1, t, t), &dev).unwrap();
+        let coef = Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap();
+        let fused = self_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            (&cos, &sin),
+            Some(&bias),
+            (h, kv, d),
+            0.35,
+        )
+        .unwrap();
+        let heads =
+            |y: &Tensor, n: usize| y.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap();
+        let qh = rope_composite(&heads(q.as_tensor(), h), &cos, &sin).unwrap();
+        let kh = rope_composite(&heads(k.as_tensor(), kv), &cos, &sin).unwrap();
+        let kh = repeat_kv(&kh, h / kv).unwrap().contiguous().unwrap();
+        let vh = repeat_kv(&heads(v.as_tensor(), kv), h / kv)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let comp = attention_composite(&qh, &kh, &vh, 0.35, Some(&bias))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, h * d))
+            .unwrap();
+        let e = max_abs_diff(&fused, &comp).unwrap();
+        assert!(e < 1e-5, "forward {e}");
+        let gf = (fused * &coef)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (comp * &coef)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for x in [&q, &k, &v] {
+            let e = max_abs_diff(
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+            )
+            .unwrap();
+            assert!(e < 1e-4, "gradient {e}");
+        }
     }
 
     /// The fused cross-entropy op equals the composite loss, value and gradient.
