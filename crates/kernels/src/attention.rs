@@ -5,7 +5,7 @@
 //! recomputes the probabilities (flash-attention's trade). Products run on `gemm` with strides,
 //! one (batch, head) or (batch, KV group) per task.
 
-use gemm::{gemm, Parallelism};
+use crate::strided::mm;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -43,42 +43,6 @@ pub fn rope_bthd(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, d: usize
 struct Ptr(*mut f32);
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
-
-/// dst[m, n] (= or +=) beta · lhs[m, k] · rhs[k, n], every operand by (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (drs, dcs): (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    (lrs, lcs): (usize, usize),
-    rhs: *const f32,
-    (rrs, rcs): (usize, usize),
-    beta: f32,
-) {
-    gemm(
-        m,
-        n,
-        k,
-        dst,
-        dcs as isize,
-        drs as isize,
-        accumulate,
-        lhs,
-        lcs as isize,
-        lrs as isize,
-        rhs,
-        rcs as isize,
-        rrs as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
-}
 
 /// scale · Q_bh · K_bgᵀ + bias_b into `s` [T, T].
 #[allow(clippy::too_many_arguments)]

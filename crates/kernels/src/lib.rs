@@ -12,6 +12,7 @@ pub mod fused;
 pub mod gemm;
 pub mod isa;
 mod micro;
+pub mod strided;
 
 pub use gemm::{matmul_bf16, ASrc, BSrc};
 pub use isa::Isa;

@@ -105,6 +105,11 @@ impl Linear {
         let k = dims[dims.len() - 1];
         let rows = x.elem_count() / k;
         let x2 = x.reshape((rows, k))?;
+        if let Some(y) = self.fused_lora(&x2)? {
+            let mut out = dims;
+            *out.last_mut().unwrap() = y.dim(1)?;
+            return y.reshape(out);
+        }
         let y = self.base(&x2, rows)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
@@ -166,6 +171,31 @@ impl Linear {
             dx: std::sync::Mutex::new(None),
         };
         Some(x.contiguous().and_then(|x| x.apply_op1(op)))
+    }
+
+    /// Base product, bias and LoRA branch as one op (no dropout, f32, kernel path): the graph
+    /// keeps x only, instead of four [rows, out] intermediates per adapted layer.
+    fn fused_lora(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(l) = &self.lora else { return Ok(None) };
+        let no_dropout = l.dropout.as_ref().is_none_or(|(p, _)| *p <= 0.0);
+        let f32s = [x, &l.a, &l.b].iter().all(|t| t.dtype() == DType::F32);
+        let Some(isa) = self.kernel_isa(x) else { return Ok(None) };
+        if !no_dropout || !f32s || self.bias.as_ref().is_some_and(|b| b.track_op()) {
+            return Ok(None);
+        }
+        let bias = match &self.bias {
+            Some(b) => Some(std::sync::Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            None => None,
+        };
+        let op = LoraLinear {
+            weight: self.weight.clone(),
+            in_out: self.in_out,
+            isa,
+            scale: l.scale as f32,
+            bias,
+        };
+        let (a, b) = (l.a.contiguous()?, l.b.contiguous()?);
+        Ok(Some(x.contiguous()?.apply_op3(&a, &b, op)?))
     }
 
     /// The kernel path for this layer, if its product goes through `fedllm_kernels`.
@@ -347,6 +377,107 @@ fn kernel_matmul(
         }
         _ => CpuStorage::F32(out),
     })
+}
+
+/// y = x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ for a frozen W and trainable A [r, in], B [out, r].
+/// The backward recomputes x·Aᵀ (r columns: cheap) and returns dx, dA, dB.
+struct LoraLinear {
+    weight: Weight,
+    in_out: bool,
+    isa: Isa,
+    scale: f32,
+    bias: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("lora linear: expects contiguous f32"),
+    }
+}
+
+fn into_vec(s: CpuStorage) -> Result<Vec<f32>> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("lora linear: expects f32"),
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use fedllm_kernels::strided::sgemm;
+        let (m, k) = l1.shape().dims2()?;
+        let (r, n) = (l2.shape().dims2()?.0, l3.shape().dims2()?.0);
+        let (a, b) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let start = l1.start_offset();
+        let mut y = into_vec(kernel_matmul(s1, (start, m, k), &self.weight, self.in_out, true, self.isa)?)?;
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(n) {
+                row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b);
+            }
+        }
+        let x = f32_slice(s1, l1)?;
+        let mut xa = vec![0f32; m * r];
+        sgemm((m, r, k), x, false, a, true, &mut xa, false, 1.0);
+        sgemm((m, n, r), &xa, false, b, true, &mut y, true, self.scale);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use fedllm_kernels::strided::sgemm;
+        let (m, k) = x.dims2()?;
+        let (r, n) = (a.dim(0)?, b.dim(0)?);
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let candle_core::Storage::Cpu(gc) = &*gs else {
+            candle_core::bail!("lora linear: gradient not on the CPU")
+        };
+        let gv = f32_slice(gc, gl)?;
+        let (xs, xl) = x.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(ac), candle_core::Storage::Cpu(bc)) =
+            (&*xs, &*as_, &*bs)
+        else {
+            candle_core::bail!("lora linear: inputs not on the CPU")
+        };
+        let (xv, av, bv) = (f32_slice(xc, xl)?, f32_slice(ac, al)?, f32_slice(bc, bl)?);
+        let mut xa = vec![0f32; m * r];
+        sgemm((m, r, k), xv, false, av, true, &mut xa, false, 1.0);
+        let mut gb = vec![0f32; m * r];
+        sgemm((m, r, n), gv, false, bv, false, &mut gb, false, 1.0);
+        let mut dx = into_vec(kernel_matmul(gc, (gl.start_offset(), m, n), &self.weight, self.in_out, false, self.isa)?)?;
+        sgemm((m, k, r), &gb, false, av, false, &mut dx, true, self.scale);
+        let mut da = vec![0f32; r * k];
+        sgemm((r, k, m), &gb, true, xv, false, &mut da, false, self.scale);
+        let mut db = vec![0f32; n * r];
+        sgemm((n, r, m), gv, true, &xa, false, &mut db, false, self.scale);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
 }
 
 /// Rows per chunk of the fused head: 128 × 49k-vocabulary logits = 25 MB at a time.
@@ -578,6 +709,48 @@ mod tests {
                     .unwrap()
                     < 1e-5
             );
+        }
+    }
+
+    /// The one-op LoRA linear (base, bias, scaled B·A branch) equals the composite, value and
+    /// gradients of x, A and B, for both weight layouts.
+    #[test]
+    fn fused_lora_matches_composite() {
+        let dev = Device::Cpu;
+        let (m, k, n, r) = (7, 13, 9, 3);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap()).unwrap();
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, k), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, r), &dev).unwrap()).unwrap();
+        let coef = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
+        for in_out in [false, true] {
+            let mut lin = if in_out {
+                let wio = w.t().unwrap().contiguous().unwrap();
+                Linear::conv1d(Weight::Dense(wio), Some(bias.clone())).unwrap()
+            } else {
+                Linear::new(Weight::Dense(w.clone()), Some(bias.clone())).unwrap()
+            };
+            lin.precision = MatmulPrecision::Kernel(Isa::Avx512);
+            lin.lora = Some(LoraHook {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: 0.7,
+                dropout: None,
+            });
+            let fused = lin.forward(x.as_tensor()).unwrap();
+            assert!(lin.fused_lora(x.as_tensor()).unwrap().is_some() || lin.kernel_isa(x.as_tensor()).is_none());
+            let xt = x.as_tensor();
+            let comp = (xt.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap()
+                + (xt.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap() * 0.7).unwrap())
+            .unwrap();
+            assert!(crate::testing::max_abs_diff(&fused, &comp).unwrap() < 1e-4);
+            let gf = (fused * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (comp * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &a, &b] {
+                let e = crate::testing::max_abs_diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap()).unwrap();
+                assert!(e < 1e-4, "in_out {in_out}: gradient {e}");
+            }
         }
     }
 }
