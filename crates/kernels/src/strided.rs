@@ -20,7 +20,18 @@ pub unsafe fn mm(
     (rrs, rcs): (usize, usize),
     beta: f32,
 ) {
-    mm_par((m, n, k), dst, (drs, dcs), accumulate, lhs, (lrs, lcs), rhs, (rrs, rcs), beta, Parallelism::None)
+    mm_par(
+        (m, n, k),
+        dst,
+        (drs, dcs),
+        accumulate,
+        lhs,
+        (lrs, lcs),
+        rhs,
+        (rrs, rcs),
+        beta,
+        Parallelism::None,
+    )
 }
 
 /// `mm` with a choice of threading.
@@ -63,7 +74,6 @@ pub unsafe fn mm_par(
     )
 }
 
-
 /// C [m, n] (= or +=) beta · op(A) · op(B) on contiguous row-major buffers, all threads:
 /// A is [m, k] (or [k, m] with `ta`), B is [k, n] (or [n, k] with `tb`).
 #[allow(clippy::too_many_arguments)]
@@ -77,14 +87,33 @@ pub fn sgemm(
     accumulate: bool,
     beta: f32,
 ) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm: buffers too short");
-    let (ls, rs) = (if ta { (1, m) } else { (k, 1) }, if tb { (1, k) } else { (n, 1) });
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "sgemm: buffers too short"
+    );
+    let (ls, rs) = (
+        if ta { (1, m) } else { (k, 1) },
+        if tb { (1, k) } else { (n, 1) },
+    );
     let par = match rayon::current_num_threads() {
         1 => Parallelism::None,
         n => Parallelism::Rayon(n),
     };
     // SAFETY: the lengths were checked against the shapes above.
-    unsafe { mm_par((m, n, k), c.as_mut_ptr(), (n, 1), accumulate, a.as_ptr(), ls, b.as_ptr(), rs, beta, par) }
+    unsafe {
+        mm_par(
+            (m, n, k),
+            c.as_mut_ptr(),
+            (n, 1),
+            accumulate,
+            a.as_ptr(),
+            ls,
+            b.as_ptr(),
+            rs,
+            beta,
+            par,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -109,7 +138,11 @@ mod tests {
             let (aa, bb) = (if ta { &at } else { &a }, if tb { &bt } else { &b });
             sgemm((m, n, k), aa, ta, bb, tb, &mut c, true, 2.0);
             for (g, w) in c.iter().zip(&want) {
-                assert!((g - (w + 1.0)).abs() < 1e-4, "{ta} {tb}: {g} vs {}", w + 1.0);
+                assert!(
+                    (g - (w + 1.0)).abs() < 1e-4,
+                    "{ta} {tb}: {g} vs {}",
+                    w + 1.0
+                );
             }
         }
     }

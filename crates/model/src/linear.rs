@@ -173,18 +173,86 @@ impl Linear {
         Some(x.contiguous().and_then(|x| x.apply_op1(op)))
     }
 
+    /// `res + self(h)` as one op when this layer has no adapter and a kernel path: the graph
+    /// keeps h and res only, not the product before the add.
+    pub fn forward_residual(&self, h: &Tensor, res: &Tensor) -> Result<Tensor> {
+        match self.residual_op(h)? {
+            Some((op, shape)) => {
+                let k = h.dim(candle_core::D::Minus1)?;
+                let h2 = h.reshape((h.elem_count() / k, k))?.contiguous()?;
+                let r2 = res
+                    .reshape((h2.dim(0)?, res.elem_count() / h2.dim(0)?))?
+                    .contiguous()?;
+                h2.apply_op2(&r2, op)?.reshape(shape)
+            }
+            None => res + self.forward(h)?,
+        }
+    }
+
+    /// `res + self(silu(gate) · up)` as one op (LLaMA's MLP down projection with its residual):
+    /// the graph keeps gate, up and res; the SwiGLU product is recomputed in the backward.
+    pub fn forward_swiglu_residual(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        res: &Tensor,
+    ) -> Result<Tensor> {
+        match self.residual_op(gate)? {
+            Some((op, shape)) if gate.shape() == up.shape() && up.dtype() == DType::F32 => {
+                let k = gate.dim(candle_core::D::Minus1)?;
+                let rows = gate.elem_count() / k;
+                let g2 = gate.reshape((rows, k))?.contiguous()?;
+                let u2 = up.reshape((rows, k))?.contiguous()?;
+                let r2 = res.reshape((rows, res.elem_count() / rows))?.contiguous()?;
+                g2.apply_op3(&u2, &r2, op)?.reshape(shape)
+            }
+            _ => res + self.forward(&crate::ops::swiglu(gate, up)?)?,
+        }
+    }
+
+    fn residual_op(&self, h: &Tensor) -> Result<Option<(ResidualProduct, Vec<usize>)>> {
+        if self.lora.is_some()
+            || h.dtype() != DType::F32
+            || self.bias.as_ref().is_some_and(|b| b.track_op())
+        {
+            return Ok(None);
+        }
+        let Some(isa) = self.kernel_isa(h) else {
+            return Ok(None);
+        };
+        let bias = match &self.bias {
+            Some(b) => Some(std::sync::Arc::new(
+                b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            )),
+            None => None,
+        };
+        let mut shape = h.dims().to_vec();
+        *shape.last_mut().unwrap() = self.out_in().0;
+        let op = ResidualProduct {
+            weight: self.weight.clone(),
+            in_out: self.in_out,
+            isa,
+            bias,
+        };
+        Ok(Some((op, shape)))
+    }
+
     /// Base product, bias and LoRA branch as one op (no dropout, f32, kernel path): the graph
     /// keeps x only, instead of four [rows, out] intermediates per adapted layer.
     fn fused_lora(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(l) = &self.lora else { return Ok(None) };
         let no_dropout = l.dropout.as_ref().is_none_or(|(p, _)| *p <= 0.0);
         let f32s = [x, &l.a, &l.b].iter().all(|t| t.dtype() == DType::F32);
-        let Some(isa) = self.kernel_isa(x) else { return Ok(None) };
+        let Some(isa) = self.kernel_isa(x) else {
+            return Ok(None);
+        };
         if !no_dropout || !f32s || self.bias.as_ref().is_some_and(|b| b.track_op()) {
             return Ok(None);
         }
         let bias = match &self.bias {
-            Some(b) => Some(std::sync::Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            Some(b) => Some(std::sync::Arc::new(
+                b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            )),
             None => None,
         };
         let op = LoraLinear {
@@ -379,6 +447,144 @@ fn kernel_matmul(
     })
 }
 
+/// y = res + x·Wᵀ (+ bias) for a frozen W (two inputs), or res + swiglu(gate, up)·Wᵀ (three).
+struct ResidualProduct {
+    weight: Weight,
+    in_out: bool,
+    isa: Isa,
+    bias: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+impl ResidualProduct {
+    /// res + x·Wᵀ + bias, x [m, k] f32.
+    fn fwd(&self, x: Vec<f32>, m: usize, k: usize, res: &[f32]) -> Result<(CpuStorage, Shape)> {
+        let xs = CpuStorage::F32(x);
+        let mut y = into_vec(kernel_matmul(
+            &xs,
+            (0, m, k),
+            &self.weight,
+            self.in_out,
+            true,
+            self.isa,
+        )?)?;
+        let n = y.len() / m.max(1);
+        if res.len() != y.len() {
+            candle_core::bail!(
+                "residual product: residual has {} values, product {}",
+                res.len(),
+                y.len()
+            );
+        }
+        y.iter_mut().zip(res).for_each(|(y, r)| *y += r);
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(n) {
+                row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b);
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    /// dL/dx = g·W for the product's input x [m, k].
+    fn dx(&self, g: &Tensor, m: usize) -> Result<Vec<f32>> {
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let n = g.dim(1)?;
+        let (gs, gl) = g.storage_and_layout();
+        let candle_core::Storage::Cpu(gc) = &*gs else {
+            candle_core::bail!("residual product: gradient not on the CPU")
+        };
+        into_vec(kernel_matmul(
+            gc,
+            (gl.start_offset(), m, n),
+            &self.weight,
+            self.in_out,
+            false,
+            self.isa,
+        )?)
+    }
+}
+
+impl candle_core::CustomOp2 for ResidualProduct {
+    fn name(&self) -> &'static str {
+        "residual-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        self.fwd(f32_slice(s1, l1)?.to_vec(), m, k, f32_slice(s2, l2)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _res: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let dx = Tensor::from_vec(self.dx(g, m)?, (m, k), x.device())?;
+        Ok((Some(dx), Some(g.clone())))
+    }
+}
+
+impl candle_core::CustomOp3 for ResidualProduct {
+    fn name(&self) -> &'static str {
+        "swiglu-residual-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (g, u) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let mut s = vec![0f32; g.len()];
+        fedllm_kernels::fused::swiglu_fwd(g, u, &mut s);
+        self.fwd(s, m, k, f32_slice(s3, l3)?)
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = gate.dims2()?;
+        let ds = self.dx(g, m)?;
+        let (mut dg, mut du) = (vec![0f32; m * k], vec![0f32; m * k]);
+        let (gs, gl) = gate.storage_and_layout();
+        let (us, ul) = up.storage_and_layout();
+        let (candle_core::Storage::Cpu(gc), candle_core::Storage::Cpu(uc)) = (&*gs, &*us) else {
+            candle_core::bail!("swiglu product: inputs not on the CPU")
+        };
+        fedllm_kernels::fused::swiglu_bwd(
+            f32_slice(gc, gl)?,
+            f32_slice(uc, ul)?,
+            &ds,
+            &mut dg,
+            &mut du,
+        );
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(dg, (m, k), dev)?),
+            Some(Tensor::from_vec(du, (m, k), dev)?),
+            Some(g.clone()),
+        ))
+    }
+}
+
 /// y = x·Wᵀ (+ bias) + scale·(x·Aᵀ)·Bᵀ for a frozen W and trainable A [r, in], B [out, r].
 /// The backward recomputes x·Aᵀ (r columns: cheap) and returns dx, dA, dB.
 struct LoraLinear {
@@ -422,7 +628,14 @@ impl candle_core::CustomOp3 for LoraLinear {
         let (r, n) = (l2.shape().dims2()?.0, l3.shape().dims2()?.0);
         let (a, b) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let start = l1.start_offset();
-        let mut y = into_vec(kernel_matmul(s1, (start, m, k), &self.weight, self.in_out, true, self.isa)?)?;
+        let mut y = into_vec(kernel_matmul(
+            s1,
+            (start, m, k),
+            &self.weight,
+            self.in_out,
+            true,
+            self.isa,
+        )?)?;
         if let Some(bias) = &self.bias {
             for row in y.chunks_exact_mut(n) {
                 row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b);
@@ -455,8 +668,11 @@ impl candle_core::CustomOp3 for LoraLinear {
         let (xs, xl) = x.storage_and_layout();
         let (as_, al) = a.storage_and_layout();
         let (bs, bl) = b.storage_and_layout();
-        let (candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(ac), candle_core::Storage::Cpu(bc)) =
-            (&*xs, &*as_, &*bs)
+        let (
+            candle_core::Storage::Cpu(xc),
+            candle_core::Storage::Cpu(ac),
+            candle_core::Storage::Cpu(bc),
+        ) = (&*xs, &*as_, &*bs)
         else {
             candle_core::bail!("lora linear: inputs not on the CPU")
         };
@@ -465,7 +681,14 @@ impl candle_core::CustomOp3 for LoraLinear {
         sgemm((m, r, k), xv, false, av, true, &mut xa, false, 1.0);
         let mut gb = vec![0f32; m * r];
         sgemm((m, r, n), gv, false, bv, false, &mut gb, false, 1.0);
-        let mut dx = into_vec(kernel_matmul(gc, (gl.start_offset(), m, n), &self.weight, self.in_out, false, self.isa)?)?;
+        let mut dx = into_vec(kernel_matmul(
+            gc,
+            (gl.start_offset(), m, n),
+            &self.weight,
+            self.in_out,
+            false,
+            self.isa,
+        )?)?;
         sgemm((m, k, r), &gb, false, av, false, &mut dx, true, self.scale);
         let mut da = vec![0f32; r * k];
         sgemm((r, k, m), &gb, true, xv, false, &mut da, false, self.scale);
@@ -739,17 +962,109 @@ mod tests {
                 dropout: None,
             });
             let fused = lin.forward(x.as_tensor()).unwrap();
-            assert!(lin.fused_lora(x.as_tensor()).unwrap().is_some() || lin.kernel_isa(x.as_tensor()).is_none());
+            assert!(
+                lin.fused_lora(x.as_tensor()).unwrap().is_some()
+                    || lin.kernel_isa(x.as_tensor()).is_none()
+            );
             let xt = x.as_tensor();
-            let comp = (xt.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap()
-                + (xt.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap() * 0.7).unwrap())
+            let comp = (xt
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap()
+                + (xt
+                    .matmul(&a.as_tensor().t().unwrap())
+                    .unwrap()
+                    .matmul(&b.as_tensor().t().unwrap())
+                    .unwrap()
+                    * 0.7)
+                    .unwrap())
             .unwrap();
             assert!(crate::testing::max_abs_diff(&fused, &comp).unwrap() < 1e-4);
-            let gf = (fused * &coef).unwrap().sum_all().unwrap().backward().unwrap();
-            let gc = (comp * &coef).unwrap().sum_all().unwrap().backward().unwrap();
+            let gf = (fused * &coef)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (comp * &coef)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for v in [&x, &a, &b] {
-                let e = crate::testing::max_abs_diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap()).unwrap();
+                let e = crate::testing::max_abs_diff(
+                    gf.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                )
+                .unwrap();
                 assert!(e < 1e-4, "in_out {in_out}: gradient {e}");
+            }
+        }
+    }
+
+    /// The residual products (plain and SwiGLU) equal their composites, values and gradients.
+    #[test]
+    fn residual_products_match_composites() {
+        let dev = Device::Cpu;
+        let (b, t, k, n) = (2, 3, 11, 6);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let mut lin = Linear::new(Weight::Dense(w.clone()), Some(bias.clone())).unwrap();
+        lin.precision = MatmulPrecision::Kernel(Isa::Avx512);
+        let var = |d: usize| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap()).unwrap()
+        };
+        let (h, g, u, r) = (var(k), var(k), var(k), var(n));
+        let coef = Tensor::randn(0f32, 1.0, (b, t, n), &dev).unwrap();
+        let plain = |x: &Tensor| {
+            x.broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap()
+        };
+        let cases: [(&str, Tensor, Tensor, Vec<&Var>); 2] = [
+            (
+                "plain",
+                lin.forward_residual(h.as_tensor(), r.as_tensor()).unwrap(),
+                (r.as_tensor() + plain(h.as_tensor())).unwrap(),
+                vec![&h, &r],
+            ),
+            (
+                "swiglu",
+                lin.forward_swiglu_residual(g.as_tensor(), u.as_tensor(), r.as_tensor())
+                    .unwrap(),
+                (r.as_tensor()
+                    + plain(&(crate::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap()))
+                .unwrap(),
+                vec![&g, &u, &r],
+            ),
+        ];
+        for (what, fused, comp, vars) in cases {
+            assert!(
+                crate::testing::max_abs_diff(&fused, &comp).unwrap() < 1e-4,
+                "{what}"
+            );
+            let gf = (fused * &coef)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (comp * &coef)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in vars {
+                let e = crate::testing::max_abs_diff(
+                    gf.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                )
+                .unwrap();
+                assert!(e < 1e-4, "{what}: gradient {e}");
             }
         }
     }

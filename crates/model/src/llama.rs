@@ -46,11 +46,13 @@ impl Attention {
         })
     }
 
+    /// `res + attention(x)` (the residual add fused into o_proj where a kernel path exists).
     fn forward(
         &self,
         x: &Tensor,
         ctx: &Ctx,
         cache: Option<&mut crate::cache::LayerKv>,
+        res: &Tensor,
     ) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -66,7 +68,7 @@ impl Attention {
                 (self.num_heads, self.num_kv_heads, self.head_dim),
                 scale,
             )?;
-            return self.o_proj.forward(&y);
+            return self.o_proj.forward_residual(&y, res);
         }
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
@@ -81,7 +83,7 @@ impl Attention {
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&y)
+        self.o_proj.forward_residual(&y, res)
     }
 }
 
@@ -111,9 +113,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let g = ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&g)
+    /// `res + mlp(x)`.
+    fn forward(&self, x: &Tensor, res: &Tensor) -> CResult<Tensor> {
+        let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        self.down_proj.forward_swiglu_residual(&g, &u, res)
     }
 }
 
@@ -147,9 +150,9 @@ impl Block {
         cache: Option<&mut crate::cache::LayerKv>,
     ) -> CResult<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
-        let x = (x + self.self_attn.forward(&h, ctx, cache)?)?;
+        let x = self.self_attn.forward(&h, ctx, cache, x)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
-        x.clone() + self.mlp.forward(&h)?
+        self.mlp.forward(&h, &x)
     }
 }
 
