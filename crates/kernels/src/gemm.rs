@@ -271,7 +271,16 @@ unsafe impl Sync for SyncPtr {}
 /// Panel width, row block and reduction chunk of the f32 FMA path.
 pub const NR: usize = 64;
 pub const MR: usize = 6;
-pub const KC: usize = 256;
+/// Reduction chunk: 128 keeps the widened B chunk (32 KiB) in L1 for the model's own shapes;
+/// long reductions (the LM head's input gradient, k = vocabulary) take 512 so the C blocks are
+/// reloaded less often.
+fn kc_for(k: usize) -> usize {
+    if k > 4096 {
+        512
+    } else {
+        128
+    }
+}
 
 /// C [m, n] (row-major, overwritten) = A [m, k] · B, on `isa` (or the best path below it that
 /// this machine runs).
@@ -334,23 +343,24 @@ pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Resul
     Ok(())
 }
 
-/// f32 FMA: tasks are (64-column panel, row chunk) pairs; each walks k in chunks of KC with the
-/// widened B chunk (64 KiB) in cache and 6×64 blocks of C in registers.
+/// f32 FMA: tasks are (64-column panel, row chunk) pairs; each walks k in chunks with the
+/// widened B chunk in cache and 6×64 blocks of C in registers.
 fn f32_path(a: &[f32], m: usize, k: usize, n: usize, b: BSrc, cp: &SyncPtr) -> Result<(), String> {
     let panels = n.div_ceil(NR);
     // Enough row chunks to keep every thread busy when n is narrow.
     let want = (4 * rayon::current_num_threads()).div_ceil(panels).max(1);
     let rows_per = round_up(m.div_ceil(want), MR).max(MR * 8);
     let chunks = m.div_ceil(rows_per);
+    let kcb = kc_for(k);
     (0..panels * chunks).into_par_iter().for_each_init(
-        || (vec![0f32; KC * NR], Vec::new()),
+        || (vec![0f32; kcb * NR], Vec::new()),
         |(bp, scratch), task| {
             let (p, ch) = (task / chunks, task % chunks);
             let j0 = p * NR;
             let cols = NR.min(n - j0);
             let (r0, r1) = (ch * rows_per, ((ch + 1) * rows_per).min(m));
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
+            for k0 in (0..k).step_by(kcb) {
+                let kc = kcb.min(k - k0);
                 b.fill_f32(j0, k0, kc, scratch, bp);
                 for i0 in (r0..r1).step_by(MR) {
                     let rows = MR.min(r1 - i0);
