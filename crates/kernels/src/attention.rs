@@ -107,13 +107,8 @@ pub fn forward(
             unsafe { scores(sh, &qr, &kr, bias, scale, bi, hi, s) };
             for (row, l) in s.chunks_exact_mut(t).zip(st.chunks_exact_mut(2)) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
+                let inv = 1.0 / crate::vexp::sum_exp(row, max);
+                crate::vexp::exp_sub(row, max, inv);
                 l[0] = max;
                 l[1] = inv;
             }
@@ -175,7 +170,7 @@ pub fn backward(
                     scores(sh, &qr, &kr, bias, scale, bi, hi, p);
                     let st = &stats[2 * (bi * h + hi) * t..2 * (bi * h + hi + 1) * t];
                     for (row, l) in p.chunks_exact_mut(t).zip(st.chunks_exact(2)) {
-                        row.iter_mut().for_each(|x| *x = (*x - l[0]).exp() * l[1]);
+                        crate::vexp::exp_sub(row, l[0], l[1]);
                     }
                     let at_h = bi * t * h * d + hi * d;
                     let at_g = bi * t * kv * d + g * d;

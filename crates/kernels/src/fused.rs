@@ -61,18 +61,14 @@ pub fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) -
         )
 }
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// y = silu(gate) · up.
 pub fn swiglu_fwd(gate: &[f32], up: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(4096)
         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
         .for_each(|(y, (g, u))| {
+            crate::vexp::sigmoid(g, y);
             for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(g) * u;
+                *y *= g * u;
             }
         });
 }
@@ -87,8 +83,10 @@ pub fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32], dg: &mut [f32], du: &mut
                 .zip(dy.par_chunks(4096)),
         )
         .for_each(|((dg, du), ((g, u), dy))| {
+            let mut sig = [0f32; 4096];
+            crate::vexp::sigmoid(g, &mut sig);
             for i in 0..g.len() {
-                let s = sigmoid(g[i]);
+                let s = sig[i];
                 du[i] = dy[i] * g[i] * s;
                 dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
             }

@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod isa;
 mod micro;
 pub mod strided;
+pub mod vexp;
 
 pub use gemm::{matmul_bf16, ASrc, BSrc};
 pub use isa::Isa;

@@ -763,11 +763,10 @@ impl CustomOp1 for HeadCrossEntropy {
                 .zip(tg.par_iter())
                 .for_each(|((li, row), &t)| {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-                    let lse = max + sum.ln();
-                    *li = lse - row[t as usize];
+                    let sum = fedllm_kernels::vexp::sum_exp(row, max);
+                    *li = max + sum.ln() - row[t as usize];
                     if want {
-                        row.iter_mut().for_each(|x| *x = (*x - lse).exp());
+                        fedllm_kernels::vexp::exp_sub(row, max, 1.0 / sum);
                         row[t as usize] -= 1.0;
                     }
                 });
