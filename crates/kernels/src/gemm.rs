@@ -347,8 +347,10 @@ pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Resul
 /// widened B chunk in cache and 6×64 blocks of C in registers.
 fn f32_path(a: &[f32], m: usize, k: usize, n: usize, b: BSrc, cp: &SyncPtr) -> Result<(), String> {
     let panels = n.div_ceil(NR);
-    // Enough row chunks to keep every thread busy when n is narrow.
-    let want = (4 * rayon::current_num_threads()).div_ceil(panels).max(1);
+    // Enough tasks (≥ 8 per thread) that an odd panel count cannot leave a thread idle for a
+    // task's length (9 panels on 2 threads ran 5:4); each extra row chunk refills its panel,
+    // which costs k·64 values against rows·k·64 products.
+    let want = (8 * rayon::current_num_threads()).div_ceil(panels).max(1);
     let rows_per = round_up(m.div_ceil(want), MR).max(MR * 8);
     let chunks = m.div_ceil(rows_per);
     let kcb = kc_for(k);
