@@ -44,7 +44,36 @@ struct Ptr(*mut f32);
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
 
-/// scale · Q_bh · K_bgᵀ + bias_b into `s` [T, T].
+/// Query rows per block; under a causal mask block [r0, r1) needs key columns [0, r1) only.
+const RB: usize = 64;
+
+/// Per batch element, its row blocks (r0, r1, c1): rows r0..r1 read key columns 0..c1.
+/// Columns are cut at r1 only when the bias masks everything above the diagonal (causal) and no
+/// row of the block is masked whole (such a row's softmax is uniform over all T columns, as the
+/// composite computes it, so it keeps them all).
+fn blocks(sh: Shape, bias: Option<&[f32]>) -> Vec<Vec<(usize, usize, usize)>> {
+    let t = sh.t;
+    (0..sh.b)
+        .map(|bi| {
+            let bb = bias.map(|x| &x[bi * t * t..(bi + 1) * t * t]);
+            let causal = bb.is_some_and(|x| {
+                (0..t).all(|i| x[i * t + i + 1..(i + 1) * t].iter().all(|&v| v <= -1e29))
+            });
+            let whole =
+                |i: usize| bb.is_some_and(|x| x[i * t..(i + 1) * t].iter().all(|&v| v <= -1e29));
+            (0..t)
+                .step_by(RB)
+                .map(|r0| {
+                    let r1 = (r0 + RB).min(t);
+                    let cut = causal && !(r0..r1).any(whole);
+                    (r0, r1, if cut { r1 } else { t })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Rows r0..r1, columns 0..c1 of scale · Q_bh · K_bgᵀ + bias_b into `s` (row stride T).
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores(
     sh: Shape,
@@ -52,17 +81,17 @@ unsafe fn scores(
     kr: &[f32],
     bias: Option<&[f32]>,
     scale: f32,
-    bi: usize,
-    hi: usize,
+    (bi, hi): (usize, usize),
+    (r0, r1, c1): (usize, usize, usize),
     s: &mut [f32],
 ) {
     let Shape { t, h, kv, d, .. } = sh;
     let g = hi / (h / kv);
-    let q = qr.as_ptr().add(bi * t * h * d + hi * d);
+    let q = qr.as_ptr().add(bi * t * h * d + r0 * h * d + hi * d);
     let k = kr.as_ptr().add(bi * t * kv * d + g * d);
     mm(
-        (t, t, d),
-        s.as_mut_ptr(),
+        (r1 - r0, c1, d),
+        s.as_mut_ptr().add(r0 * t),
         (t, 1),
         false,
         q,
@@ -72,8 +101,11 @@ unsafe fn scores(
         scale,
     );
     if let Some(bias) = bias {
-        for (x, &b) in s.iter_mut().zip(&bias[bi * t * t..(bi + 1) * t * t]) {
-            *x += b;
+        for i in r0..r1 {
+            let at = (bi * t + i) * t;
+            for (x, &b) in s[i * t..i * t + c1].iter_mut().zip(&bias[at..at + c1]) {
+                *x += b;
+            }
         }
     }
 }
@@ -97,6 +129,7 @@ pub fn forward(
     let (mut qr, mut kr) = (q.to_vec(), k.to_vec());
     rope_bthd(&mut qr, cos, sin, h, d, false);
     rope_bthd(&mut kr, cos, sin, kv, d, false);
+    let blk = blocks(sh, bias);
     let op = Ptr(out.as_mut_ptr());
     let op = &op;
     stats.par_chunks_mut(2 * t).enumerate().for_each_init(
@@ -104,29 +137,32 @@ pub fn forward(
         |s, (bh, st)| {
             let (bi, hi) = (bh / h, bh % h);
             let g = hi / (h / kv);
-            unsafe { scores(sh, &qr, &kr, bias, scale, bi, hi, s) };
-            for (row, l) in s.chunks_exact_mut(t).zip(st.chunks_exact_mut(2)) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let inv = 1.0 / crate::vexp::sum_exp(row, max);
-                crate::vexp::exp_sub(row, max, inv);
-                l[0] = max;
-                l[1] = inv;
-            }
-            // SAFETY: each task writes only head hi of batch bi in `out`.
-            unsafe {
-                let o = op.0.add(bi * t * h * d + hi * d);
-                let vp = v.as_ptr().add(bi * t * kv * d + g * d);
-                mm(
-                    (t, d, t),
-                    o,
-                    (h * d, 1),
-                    false,
-                    s.as_ptr(),
-                    (t, 1),
-                    vp,
-                    (kv * d, 1),
-                    1.0,
-                );
+            for &(r0, r1, c1) in &blk[bi] {
+                // SAFETY: each task writes only head hi of batch bi in `out`.
+                unsafe {
+                    scores(sh, &qr, &kr, bias, scale, (bi, hi), (r0, r1, c1), s);
+                    for i in r0..r1 {
+                        let row = &mut s[i * t..i * t + c1];
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let inv = 1.0 / crate::vexp::sum_exp(row, max);
+                        crate::vexp::exp_sub(row, max, inv);
+                        st[2 * i] = max;
+                        st[2 * i + 1] = inv;
+                    }
+                    let o = op.0.add(bi * t * h * d + r0 * h * d + hi * d);
+                    let vp = v.as_ptr().add(bi * t * kv * d + g * d);
+                    mm(
+                        (r1 - r0, d, c1),
+                        o,
+                        (h * d, 1),
+                        false,
+                        s.as_ptr().add(r0 * t),
+                        (t, 1),
+                        vp,
+                        (kv * d, 1),
+                        1.0,
+                    );
+                }
             }
         },
     );
@@ -152,6 +188,7 @@ pub fn backward(
     let (mut qr, mut kr) = (q.to_vec(), k.to_vec());
     rope_bthd(&mut qr, cos, sin, h, d, false);
     rope_bthd(&mut kr, cos, sin, kv, d, false);
+    let blk = blocks(sh, bias);
     dk.fill(0.0);
     dv.fill(0.0);
     let (pq, pk, pv) = (
@@ -161,75 +198,84 @@ pub fn backward(
     );
     let (pq, pk, pv) = (&pq, &pk, &pv);
     (0..b * kv).into_par_iter().for_each_init(
-        || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t]),
-        |(p, dp, di), bg| {
+        || (vec![0f32; t * t], vec![0f32; t * t]),
+        |(p, dp), bg| {
             let (bi, g) = (bg / kv, bg % kv);
+            let at_g = bi * t * kv * d + g * d;
             for hi in g * n_rep..(g + 1) * n_rep {
-                // SAFETY: this task owns group g of batch bi in dk/dv and its heads in dq.
-                unsafe {
-                    scores(sh, &qr, &kr, bias, scale, bi, hi, p);
-                    let st = &stats[2 * (bi * h + hi) * t..2 * (bi * h + hi + 1) * t];
-                    for (row, l) in p.chunks_exact_mut(t).zip(st.chunks_exact(2)) {
-                        crate::vexp::exp_sub(row, l[0], l[1]);
+                let at_h = bi * t * h * d + hi * d;
+                let st = &stats[2 * (bi * h + hi) * t..2 * (bi * h + hi + 1) * t];
+                for &(r0, r1, c1) in &blk[bi] {
+                    let rows = r1 - r0;
+                    // SAFETY: this task owns group g of batch bi in dk/dv and its heads in dq.
+                    unsafe {
+                        scores(sh, &qr, &kr, bias, scale, (bi, hi), (r0, r1, c1), p);
+                        for i in r0..r1 {
+                            crate::vexp::exp_sub(
+                                &mut p[i * t..i * t + c1],
+                                st[2 * i],
+                                st[2 * i + 1],
+                            );
+                        }
+                        let go = dout.as_ptr().add(at_h + r0 * h * d);
+                        let pr = p.as_ptr().add(r0 * t);
+                        // dV_g[0..c1] += P[r0..r1, 0..c1]ᵀ · dO_h[r0..r1]
+                        mm(
+                            (c1, d, rows),
+                            pv.0.add(at_g),
+                            (kv * d, 1),
+                            true,
+                            pr,
+                            (1, t),
+                            go,
+                            (h * d, 1),
+                            1.0,
+                        );
+                        // dP = dO_h · V_gᵀ
+                        mm(
+                            (rows, c1, d),
+                            dp.as_mut_ptr().add(r0 * t),
+                            (t, 1),
+                            false,
+                            go,
+                            (h * d, 1),
+                            v.as_ptr().add(at_g),
+                            (1, kv * d),
+                            1.0,
+                        );
+                        for i in r0..r1 {
+                            let r = at_h + i * h * d;
+                            let di: f32 = (0..d).map(|j| dout[r + j] * o[r + j]).sum();
+                            let (pp, ds) = (&p[i * t..i * t + c1], &mut dp[i * t..i * t + c1]);
+                            for (ds, &pp) in ds.iter_mut().zip(pp) {
+                                *ds = pp * (*ds - di) * scale;
+                            }
+                        }
+                        let dpr = dp.as_ptr().add(r0 * t);
+                        // dQr_h[r0..r1] = dS · K_g[0..c1] ; dKr_g[0..c1] += dSᵀ · Qr_h[r0..r1]
+                        mm(
+                            (rows, d, c1),
+                            pq.0.add(at_h + r0 * h * d),
+                            (h * d, 1),
+                            false,
+                            dpr,
+                            (t, 1),
+                            kr.as_ptr().add(at_g),
+                            (kv * d, 1),
+                            1.0,
+                        );
+                        mm(
+                            (c1, d, rows),
+                            pk.0.add(at_g),
+                            (kv * d, 1),
+                            true,
+                            dpr,
+                            (1, t),
+                            qr.as_ptr().add(at_h + r0 * h * d),
+                            (h * d, 1),
+                            1.0,
+                        );
                     }
-                    let at_h = bi * t * h * d + hi * d;
-                    let at_g = bi * t * kv * d + g * d;
-                    let go = dout.as_ptr().add(at_h);
-                    // dV_g += Pᵀ · dO_h
-                    mm(
-                        (t, d, t),
-                        pv.0.add(at_g),
-                        (kv * d, 1),
-                        true,
-                        p.as_ptr(),
-                        (1, t),
-                        go,
-                        (h * d, 1),
-                        1.0,
-                    );
-                    // dP = dO_h · V_gᵀ
-                    mm(
-                        (t, t, d),
-                        dp.as_mut_ptr(),
-                        (t, 1),
-                        false,
-                        go,
-                        (h * d, 1),
-                        v.as_ptr().add(at_g),
-                        (1, kv * d),
-                        1.0,
-                    );
-                    for (i, x) in di.iter_mut().enumerate() {
-                        let r = at_h + i * h * d;
-                        *x = (0..d).map(|j| dout[r + j] * o[r + j]).sum();
-                    }
-                    for ((ds, &pp), i) in dp.iter_mut().zip(p.iter()).zip((0..t * t).map(|x| x / t))
-                    {
-                        *ds = pp * (*ds - di[i]) * scale;
-                    }
-                    // dQr_h = dS · K_g ; dKr_g += dSᵀ · Qr_h
-                    mm(
-                        (t, d, t),
-                        pq.0.add(at_h),
-                        (h * d, 1),
-                        false,
-                        dp.as_ptr(),
-                        (t, 1),
-                        kr.as_ptr().add(at_g),
-                        (kv * d, 1),
-                        1.0,
-                    );
-                    mm(
-                        (t, d, t),
-                        pk.0.add(at_g),
-                        (kv * d, 1),
-                        true,
-                        dp.as_ptr(),
-                        (1, t),
-                        qr.as_ptr().add(at_h),
-                        (h * d, 1),
-                        1.0,
-                    );
                 }
             }
         },

@@ -822,72 +822,75 @@ mod tests {
     #[test]
     fn self_attention_matches_composite() {
         let dev = Device::Cpu;
-        let (b, t, h, kv, d) = (2, 7, 6, 2, 8);
-        let var = |n: usize| {
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, n * d), &dev).unwrap()).unwrap()
-        };
-        let (q, k, v) = (var(h), var(kv), var(kv));
-        let cos = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
-        let sin = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
-        // Causal, and batch 1 left-padded by 2.
-        let mut bias = vec![0f32; b * t * t];
-        for bi in 0..b {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || (bi == 1 && j < 2) {
-                        bias[(bi * t + i) * t + j] = -1e30;
+        for t in [7, 150] {
+            // 150 rows: three 64-row blocks, the causal ones reading fewer key columns.
+            let (b, h, kv, d) = (2, 6, 2, 8);
+            let var = |n: usize| {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, n * d), &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (var(h), var(kv), var(kv));
+            let cos = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            let sin = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            // Causal, and batch 1 left-padded by 2.
+            let mut bias = vec![0f32; b * t * t];
+            for bi in 0..b {
+                for i in 0..t {
+                    for j in 0..t {
+                        if j > i || (bi == 1 && j < 2) {
+                            bias[(bi * t + i) * t + j] = -1e30;
+                        }
                     }
                 }
             }
-        }
-        let bias = Tensor::from_vec(bias, (b, 1, t, t), &dev).unwrap();
-        let coef = Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap();
-        let fused = self_attention(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            (&cos, &sin),
-            Some(&bias),
-            (h, kv, d),
-            0.35,
-        )
-        .unwrap();
-        let heads =
-            |y: &Tensor, n: usize| y.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap();
-        let qh = rope_composite(&heads(q.as_tensor(), h), &cos, &sin).unwrap();
-        let kh = rope_composite(&heads(k.as_tensor(), kv), &cos, &sin).unwrap();
-        let kh = repeat_kv(&kh, h / kv).unwrap().contiguous().unwrap();
-        let vh = repeat_kv(&heads(v.as_tensor(), kv), h / kv)
-            .unwrap()
-            .contiguous()
-            .unwrap();
-        let comp = attention_composite(&qh, &kh, &vh, 0.35, Some(&bias))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, t, h * d))
-            .unwrap();
-        let e = max_abs_diff(&fused, &comp).unwrap();
-        assert!(e < 1e-5, "forward {e}");
-        let gf = (fused * &coef)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (comp * &coef)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for x in [&q, &k, &v] {
-            let e = max_abs_diff(
-                gf.get(x.as_tensor()).unwrap(),
-                gc.get(x.as_tensor()).unwrap(),
+            let bias = Tensor::from_vec(bias, (b, 1, t, t), &dev).unwrap();
+            let coef = Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap();
+            let fused = self_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                (&cos, &sin),
+                Some(&bias),
+                (h, kv, d),
+                0.35,
             )
             .unwrap();
-            assert!(e < 1e-4, "gradient {e}");
+            let heads =
+                |y: &Tensor, n: usize| y.reshape((b, t, n, d)).unwrap().transpose(1, 2).unwrap();
+            let qh = rope_composite(&heads(q.as_tensor(), h), &cos, &sin).unwrap();
+            let kh = rope_composite(&heads(k.as_tensor(), kv), &cos, &sin).unwrap();
+            let kh = repeat_kv(&kh, h / kv).unwrap().contiguous().unwrap();
+            let vh = repeat_kv(&heads(v.as_tensor(), kv), h / kv)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let comp = attention_composite(&qh, &kh, &vh, 0.35, Some(&bias))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap();
+            let e = max_abs_diff(&fused, &comp).unwrap();
+            assert!(e < 1e-5, "forward {e}");
+            let gf = (fused * &coef)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (comp * &coef)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for x in [&q, &k, &v] {
+                let e = max_abs_diff(
+                    gf.get(x.as_tensor()).unwrap(),
+                    gc.get(x.as_tensor()).unwrap(),
+                )
+                .unwrap();
+                assert!(e < 1e-4, "gradient {e}");
+            }
         }
     }
 
