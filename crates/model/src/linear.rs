@@ -596,10 +596,7 @@ struct LoraLinear {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
-        _ => candle_core::bail!("lora linear: expects contiguous f32"),
-    }
+    crate::fused::slice(s, l, "frozen product")
 }
 
 fn into_vec(s: CpuStorage) -> Result<Vec<f32>> {
@@ -945,7 +942,6 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap()).unwrap();
         let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, k), &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, r), &dev).unwrap()).unwrap();
-        let coef = Tensor::randn(0f32, 1.0, (m, n), &dev).unwrap();
         for in_out in [false, true] {
             let mut lin = if in_out {
                 let wio = w.t().unwrap().contiguous().unwrap();
@@ -979,27 +975,13 @@ mod tests {
                     * 0.7)
                     .unwrap())
             .unwrap();
-            assert!(crate::testing::max_abs_diff(&fused, &comp).unwrap() < 1e-4);
-            let gf = (fused * &coef)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (comp * &coef)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &a, &b] {
-                let e = crate::testing::max_abs_diff(
-                    gf.get(v.as_tensor()).unwrap(),
-                    gc.get(v.as_tensor()).unwrap(),
-                )
-                .unwrap();
-                assert!(e < 1e-4, "in_out {in_out}: gradient {e}");
-            }
+            crate::testing::assert_same_op(
+                &fused,
+                &comp,
+                &[&x, &a, &b],
+                (1e-4, 1e-4),
+                &format!("lora in_out {in_out}"),
+            );
         }
     }
 
@@ -1016,7 +998,6 @@ mod tests {
             Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap()).unwrap()
         };
         let (h, g, u, r) = (var(k), var(k), var(k), var(n));
-        let coef = Tensor::randn(0f32, 1.0, (b, t, n), &dev).unwrap();
         let plain = |x: &Tensor| {
             x.broadcast_matmul(&w.t().unwrap())
                 .unwrap()
@@ -1041,30 +1022,7 @@ mod tests {
             ),
         ];
         for (what, fused, comp, vars) in cases {
-            assert!(
-                crate::testing::max_abs_diff(&fused, &comp).unwrap() < 1e-4,
-                "{what}"
-            );
-            let gf = (fused * &coef)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (comp * &coef)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in vars {
-                let e = crate::testing::max_abs_diff(
-                    gf.get(v.as_tensor()).unwrap(),
-                    gc.get(v.as_tensor()).unwrap(),
-                )
-                .unwrap();
-                assert!(e < 1e-4, "{what}: gradient {e}");
-            }
+            crate::testing::assert_same_op(&fused, &comp, &vars, (1e-4, 1e-4), what);
         }
     }
 }

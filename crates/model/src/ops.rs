@@ -777,19 +777,7 @@ mod tests {
                 .unwrap()
         };
         let check = |what: &str, vars: &[&Var], f: &dyn Fn() -> Tensor, c: &dyn Fn() -> Tensor| {
-            let (yf, yc) = (f(), c());
-            let coef = Tensor::randn(0f32, 1.0, yf.shape(), &dev).unwrap();
-            assert!(max_abs_diff(&yf, &yc).unwrap() < 1e-5, "{what} forward");
-            let gf = (yf * &coef).unwrap().sum_all().unwrap().backward().unwrap();
-            let gc = (yc * &coef).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in vars {
-                let (a, b) = (
-                    gf.get(v.as_tensor()).unwrap(),
-                    gc.get(v.as_tensor()).unwrap(),
-                );
-                let e = max_abs_diff(a, b).unwrap();
-                assert!(e < 1e-4, "{what} gradient {e}");
-            }
+            crate::testing::assert_same_op(&f(), &c(), vars, (1e-5, 1e-4), what)
         };
         // 37 rows of 50: not a multiple of the kernels' row blocks.
         let (x, w) = (var(&[37, 50], 2.0), var(&[50], 1.0));
@@ -843,7 +831,6 @@ mod tests {
                 }
             }
             let bias = Tensor::from_vec(bias, (b, 1, t, t), &dev).unwrap();
-            let coef = Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap();
             let fused = self_attention(
                 q.as_tensor(),
                 k.as_tensor(),
@@ -869,28 +856,13 @@ mod tests {
                 .unwrap()
                 .reshape((b, t, h * d))
                 .unwrap();
-            let e = max_abs_diff(&fused, &comp).unwrap();
-            assert!(e < 1e-5, "forward {e}");
-            let gf = (fused * &coef)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (comp * &coef)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for x in [&q, &k, &v] {
-                let e = max_abs_diff(
-                    gf.get(x.as_tensor()).unwrap(),
-                    gc.get(x.as_tensor()).unwrap(),
-                )
-                .unwrap();
-                assert!(e < 1e-4, "gradient {e}");
-            }
+            crate::testing::assert_same_op(
+                &fused,
+                &comp,
+                &[&q, &k, &v],
+                (1e-5, 1e-4),
+                "self_attention",
+            );
         }
     }
 

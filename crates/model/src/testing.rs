@@ -42,3 +42,32 @@ pub fn masked_max_abs_diff(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> Res
     }
     Ok(e)
 }
+
+/// A fused op against the composite it replaces: `fused` and `composite` (computed from the same
+/// `vars`) agree within `tol.0`, and the gradients of Σ coef·y within `tol.1` for every var.
+pub fn assert_same_op(
+    fused: &Tensor,
+    composite: &Tensor,
+    vars: &[&candle_core::Var],
+    tol: (f32, f32),
+    what: &str,
+) {
+    let e = max_abs_diff(fused, composite).expect("comparable outputs");
+    assert!(e < tol.0, "{what}: forward differs by {e}");
+    let coef = Tensor::randn(0f32, 1.0, fused.shape(), fused.device()).expect("coefficients");
+    let grads = |y: &Tensor| {
+        (y * &coef)
+            .and_then(|p| p.sum_all())
+            .and_then(|s| s.backward())
+            .expect("backward")
+    };
+    let (gf, gc) = (grads(fused), grads(composite));
+    for (i, v) in vars.iter().enumerate() {
+        let (a, b) = (gf.get(v.as_tensor()), gc.get(v.as_tensor()));
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("{what}: input {i} has no gradient on one side")
+        };
+        let e = max_abs_diff(a, b).expect("comparable gradients");
+        assert!(e < tol.1, "{what}: gradient of input {i} differs by {e}");
+    }
+}
