@@ -410,16 +410,36 @@ fn f32_path(a: &[f32], m: usize, k: usize, n: usize, b: BSrc, cp: &SyncPtr) -> R
     let rows_per = round_up(m.div_ceil(want), MR).max(MR * 8);
     let chunks = m.div_ceil(rows_per);
     let kcb = kc_for(k);
+    // When several row chunks share a panel, widen every panel once up front (≤ 16 MiB: the
+    // model's own layers) instead of once per task; otherwise each task widens its own.
+    let shared: Option<Vec<f32>> = (chunks > 1 && k * panels * NR <= 4 << 20).then(|| {
+        let mut all = vec![0f32; panels * k * NR];
+        all.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (p, dst)| {
+                for k0 in (0..k).step_by(kcb) {
+                    let kc = kcb.min(k - k0);
+                    b.fill_f32(p * NR, k0, kc, scratch, &mut dst[k0 * NR..(k0 + kc) * NR]);
+                }
+            });
+        all
+    });
     (0..panels * chunks).into_par_iter().for_each_init(
         || (vec![0f32; kcb * NR], Vec::new()),
-        |(bp, scratch), task| {
+        |(own, scratch), task| {
             let (p, ch) = (task / chunks, task % chunks);
             let j0 = p * NR;
             let cols = NR.min(n - j0);
             let (r0, r1) = (ch * rows_per, ((ch + 1) * rows_per).min(m));
             for k0 in (0..k).step_by(kcb) {
                 let kc = kcb.min(k - k0);
-                b.fill_f32(j0, k0, kc, scratch, bp);
+                let bp: &[f32] = match &shared {
+                    Some(all) => &all[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR],
+                    None => {
+                        b.fill_f32(j0, k0, kc, scratch, own);
+                        own
+                    }
+                };
                 for i0 in (r0..r1).step_by(MR) {
                     let rows = MR.min(r1 - i0);
                     // SAFETY: rows i0..i0+rows and columns j0..j0+cols of C belong to this task.
