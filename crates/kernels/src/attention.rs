@@ -6,6 +6,10 @@
 //! one (batch, head) or (batch, KV group) per task.
 
 use crate::strided::mm;
+use gemm::Parallelism;
+
+/// Products inside attention run one per task: the tasks are the parallelism.
+const SEQ: Parallelism = Parallelism::None;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -20,22 +24,12 @@ pub struct Shape {
 /// Rows of `heads` vectors of D per (b, t), with cos/sin [B, T, D] (rotate-half form);
 /// `inverse` applies the transpose (rotation by −θ).
 pub fn rope_bthd(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, d: usize, inverse: bool) {
-    let half = d / 2;
     x.par_chunks_mut(heads * d)
         .enumerate()
         .for_each(|(bt, row)| {
             let (c, s) = (&cos[bt * d..(bt + 1) * d], &sin[bt * d..(bt + 1) * d]);
             for v in row.chunks_exact_mut(d) {
-                for i in 0..half {
-                    let (x1, x2) = (v[i], v[i + half]);
-                    if inverse {
-                        v[i] = x1 * c[i] + x2 * s[i + half];
-                        v[i + half] = x2 * c[i + half] - x1 * s[i];
-                    } else {
-                        v[i] = x1 * c[i] - x2 * s[i];
-                        v[i + half] = x2 * c[i + half] + x1 * s[i + half];
-                    }
-                }
+                crate::fused::rotate(v, c, s, inverse);
             }
         });
 }
@@ -99,6 +93,7 @@ unsafe fn scores(
         k,
         (1, kv * d),
         scale,
+        SEQ,
     );
     if let Some(bias) = bias {
         for i in r0..r1 {
@@ -161,6 +156,7 @@ pub fn forward(
                         vp,
                         (kv * d, 1),
                         1.0,
+                        SEQ,
                     );
                 }
             }
@@ -230,6 +226,7 @@ pub fn backward(
                             go,
                             (h * d, 1),
                             1.0,
+                            SEQ,
                         );
                         // dP = dO_h · V_gᵀ
                         mm(
@@ -242,6 +239,7 @@ pub fn backward(
                             v.as_ptr().add(at_g),
                             (1, kv * d),
                             1.0,
+                            SEQ,
                         );
                         for i in r0..r1 {
                             let r = at_h + i * h * d;
@@ -263,6 +261,7 @@ pub fn backward(
                             kr.as_ptr().add(at_g),
                             (kv * d, 1),
                             1.0,
+                            SEQ,
                         );
                         mm(
                             (c1, d, rows),
@@ -274,6 +273,7 @@ pub fn backward(
                             qr.as_ptr().add(at_h + r0 * h * d),
                             (h * d, 1),
                             1.0,
+                            SEQ,
                         );
                     }
                 }
@@ -288,11 +288,7 @@ pub fn backward(
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
-            .collect()
-    }
+    use crate::test_data as data;
 
     /// The backward against central differences of the forward (f32, so loose but telling).
     #[test]

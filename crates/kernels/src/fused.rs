@@ -93,6 +93,24 @@ pub fn swiglu_bwd(gate: &[f32], up: &[f32], dy: &[f32], dg: &mut [f32], du: &mut
         });
 }
 
+/// One head vector rotated in place (rotate-half form) by cos/sin rows of its length;
+/// `inverse` applies the transpose (rotation by −θ, the backward).
+pub fn rotate(v: &mut [f32], c: &[f32], s: &[f32], inverse: bool) {
+    let half = v.len() / 2;
+    for i in 0..half {
+        // forward: y1 = x1 c1 − x2 s1, y2 = x2 c2 + x1 s2;
+        // transpose: y1 = x1 c1 + x2 s2, y2 = x2 c2 − x1 s1.
+        let (x1, x2) = (v[i], v[i + half]);
+        if inverse {
+            v[i] = x1 * c[i] + x2 * s[i + half];
+            v[i + half] = x2 * c[i + half] - x1 * s[i];
+        } else {
+            v[i] = x1 * c[i] - x2 * s[i];
+            v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+    }
+}
+
 /// Rotary embedding (rotate-half form) over x [B, H, T, D] with cos/sin [B, T, D];
 /// `inverse` applies the transpose (the backward: rotation by −θ).
 pub fn rope(
@@ -103,7 +121,6 @@ pub fn rope(
     inverse: bool,
     y: &mut [f32],
 ) {
-    let half = d / 2;
     y.par_chunks_mut(t * d)
         .zip(x.par_chunks(t * d))
         .enumerate()
@@ -113,19 +130,8 @@ pub fn rope(
             for ti in 0..t {
                 let at = (bi * t + ti) * d;
                 let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
-                let (xr, yr) = (&x[ti * d..(ti + 1) * d], &mut y[ti * d..(ti + 1) * d]);
-                for i in 0..half {
-                    // forward: y1 = x1 c1 − x2 s1, y2 = x2 c2 + x1 s2;
-                    // transpose: y1 = x1 c1 + x2 s2, y2 = x2 c2 − x1 s1.
-                    let (x1, x2) = (xr[i], xr[i + half]);
-                    if inverse {
-                        yr[i] = x1 * c[i] + x2 * s[i + half];
-                        yr[i + half] = x2 * c[i + half] - x1 * s[i];
-                    } else {
-                        yr[i] = x1 * c[i] - x2 * s[i];
-                        yr[i + half] = x2 * c[i + half] + x1 * s[i + half];
-                    }
-                }
+                y[ti * d..(ti + 1) * d].copy_from_slice(&x[ti * d..(ti + 1) * d]);
+                rotate(&mut y[ti * d..(ti + 1) * d], c, s, inverse);
             }
         });
 }

@@ -469,11 +469,7 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    fn data(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
-            .collect()
-    }
+    use crate::test_data as data;
 
     /// f64 reference over the operands as `isa` sees them (bf16-rounded on the bf16 paths, as
     /// given on the f32 one): only the summation order differs.

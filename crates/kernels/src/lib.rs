@@ -17,3 +17,11 @@ pub mod vexp;
 
 pub use gemm::{matmul_bf16, ASrc, BSrc};
 pub use isa::Isa;
+
+/// Deterministic values in [-1, 1) for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
+        .collect()
+}

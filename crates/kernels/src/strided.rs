@@ -3,43 +3,13 @@
 
 use gemm::{gemm, Parallelism};
 
-/// dst[m, n] (= or +=) beta · lhs[m, k] · rhs[k, n], every operand by (row, column) strides;
-/// single-threaded (callers parallelise over independent products).
+/// dst[m, n] (= or +=) beta · lhs[m, k] · rhs[k, n], every operand by (row, column) strides,
+/// threaded as `par` says (attention runs one product per task with `Parallelism::None`).
 ///
 /// # Safety
 /// Every pointer addresses all elements its shape and strides reach.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (drs, dcs): (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    (lrs, lcs): (usize, usize),
-    rhs: *const f32,
-    (rrs, rcs): (usize, usize),
-    beta: f32,
-) {
-    mm_par(
-        (m, n, k),
-        dst,
-        (drs, dcs),
-        accumulate,
-        lhs,
-        (lrs, lcs),
-        rhs,
-        (rrs, rcs),
-        beta,
-        Parallelism::None,
-    )
-}
-
-/// `mm` with a choice of threading.
-///
-/// # Safety
-/// As `mm`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn mm_par(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     (drs, dcs): (usize, usize),
@@ -101,7 +71,7 @@ pub fn sgemm(
     };
     // SAFETY: the lengths were checked against the shapes above.
     unsafe {
-        mm_par(
+        mm(
             (m, n, k),
             c.as_mut_ptr(),
             (n, 1),
