@@ -341,6 +341,19 @@ fn kc_for(k: usize) -> usize {
 /// C [m, n] (row-major, overwritten) = A [m, k] · B, on `isa` (or the best path below it that
 /// this machine runs).
 pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Result<(), String> {
+    matmul_into(a, m, b, c, isa, false)
+}
+
+/// C [m, n] (+)= A [m, k] · B: `matmul_bf16`, adding to C when `accumulate` (a backward summing
+/// several products into one input gradient writes them in place).
+pub fn matmul_into(
+    a: ASrc,
+    m: usize,
+    b: BSrc,
+    c: &mut [f32],
+    isa: Isa,
+    accumulate: bool,
+) -> Result<(), String> {
     let (k, n) = b.kn();
     b.check()?;
     let alen = match a {
@@ -356,7 +369,9 @@ pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Resul
         return Ok(());
     }
     if k == 0 {
-        c[..m * n].fill(0.0);
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
         return Ok(());
     }
     let isa = crate::isa::usable(isa);
@@ -373,7 +388,7 @@ pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Resul
                 &af
             }
         };
-        return f32_path(a, m, k, n, b, &cp);
+        return f32_path(a, m, k, n, b, &cp, accumulate);
     }
     let (mp, kp) = (round_up(m, MB), round_up(k, KB));
     let ap = pack_a(a, m, k, mp, kp);
@@ -391,7 +406,12 @@ pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Resul
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(cp.0.add((i0 + r) * n + j0), cols)
                     };
-                    dst.copy_from_slice(&tile[r * NB..r * NB + cols]);
+                    let src = &tile[r * NB..r * NB + cols];
+                    if accumulate {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
                 }
             });
         },
@@ -401,7 +421,15 @@ pub fn matmul_bf16(a: ASrc, m: usize, b: BSrc, c: &mut [f32], isa: Isa) -> Resul
 
 /// f32 FMA: tasks are (64-column panel, row chunk) pairs; each walks k in chunks with the
 /// widened B chunk in cache and 6×64 blocks of C in registers.
-fn f32_path(a: &[f32], m: usize, k: usize, n: usize, b: BSrc, cp: &SyncPtr) -> Result<(), String> {
+fn f32_path(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b: BSrc,
+    cp: &SyncPtr,
+    accumulate: bool,
+) -> Result<(), String> {
     let panels = n.div_ceil(NR);
     // Enough tasks (≥ 8 per thread) that an odd panel count cannot leave a thread idle for a
     // task's length (9 panels on 2 threads ran 5:4); each extra row chunk refills its panel,
@@ -453,7 +481,7 @@ fn f32_path(a: &[f32], m: usize, k: usize, n: usize, b: BSrc, cp: &SyncPtr) -> R
                             cp.0.add(i0 * n + j0),
                             n,
                             cols,
-                            k0 > 0,
+                            accumulate || k0 > 0,
                         )
                     }
                 }
@@ -552,6 +580,28 @@ mod tests {
                     close(c, &want, k, &format!("{isa:?} {m}x{k}x{n}"));
                 }
             }
+        }
+    }
+
+    /// Accumulating into C adds the product to what C holds, on every path.
+    #[test]
+    fn accumulate_adds_to_c() {
+        let (m, k, n) = (37, 70, 45);
+        let a = data(m * k, 4);
+        let w = data(n * k, 5);
+        let prior = data(m * n, 6);
+        for isa in crate::isa::available() {
+            let want = reference(isa, &a, m, k, &|kk, j| w[j * k + kk], n);
+            let b = BSrc::F32 {
+                data: &w,
+                rows: n,
+                cols: k,
+                t: true,
+            };
+            let mut c = prior.clone();
+            matmul_into(ASrc::F32(&a), m, b, &mut c, isa, true).unwrap();
+            let got: Vec<f32> = c.iter().zip(&prior).map(|(c, p)| c - p).collect();
+            close(&got, &want, k, &format!("{isa:?} accumulate"));
         }
     }
 

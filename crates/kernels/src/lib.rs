@@ -15,7 +15,7 @@ mod micro;
 pub mod strided;
 pub mod vexp;
 
-pub use gemm::{matmul_bf16, ASrc, BSrc};
+pub use gemm::{matmul_bf16, matmul_into, ASrc, BSrc};
 pub use isa::Isa;
 
 /// Deterministic values in [-1, 1) for the kernels' tests.

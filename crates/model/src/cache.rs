@@ -2,6 +2,8 @@
 //! Masks and positions are built on the host from the 0/1 attention mask, then uploaded: they
 //! are tiny next to the activations and this keeps the model code device-generic.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Additive mask value: finite so a fully masked row (a left-pad query) gives a uniform
@@ -166,6 +168,38 @@ pub struct Ctx {
     pub rope: Option<(Tensor, Tensor)>,
     /// Additive attention bias [B, 1, T, past + T] (f32), None when nothing is masked.
     pub bias: Option<Tensor>,
+    /// Host f32 copies of the rotary tables and bias, made once per forward for the CPU kernels
+    /// (every layer reads the same ones).
+    host: std::sync::OnceLock<Arc<HostCtx>>,
+}
+
+/// `Ctx`'s tables as host f32 rows: cos/sin [B, T, D], bias [B, T, past + T].
+#[derive(Debug)]
+pub struct HostCtx {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub bias: Option<Arc<Vec<f32>>>,
+}
+
+impl Ctx {
+    /// The host tables (None without rotary tables), computed on first use.
+    pub fn host(&self) -> Result<Option<Arc<HostCtx>>> {
+        let Some((cos, sin)) = &self.rope else {
+            return Ok(None);
+        };
+        if let Some(h) = self.host.get() {
+            return Ok(Some(h.clone()));
+        }
+        let host = |t: &Tensor| -> Result<Arc<Vec<f32>>> {
+            Ok(Arc::new(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+        };
+        let h = Arc::new(HostCtx {
+            cos: host(cos)?,
+            sin: host(sin)?,
+            bias: self.bias.as_ref().map(host).transpose()?,
+        });
+        Ok(Some(self.host.get_or_init(|| h).clone()))
+    }
 }
 
 /// Positions and mask for `t` new tokens after `past` cached ones. `key_mask` holds one 0/1 row
@@ -259,6 +293,7 @@ pub fn build_ctx(
         positions,
         rope,
         bias,
+        host: Default::default(),
     })
 }
 

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod bench;
+mod block;
 pub mod cache;
 pub mod chat;
 pub mod config;

@@ -267,7 +267,7 @@ impl Linear {
     }
 
     /// The kernel path for this layer, if its product goes through `fedllm_kernels`.
-    fn kernel_isa(&self, x: &Tensor) -> Option<Isa> {
+    pub(crate) fn kernel_isa(&self, x: &Tensor) -> Option<Isa> {
         if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::BF16) {
             return None;
         }
@@ -391,6 +391,46 @@ fn with_weight<R>(w: &Weight, in_out: bool, fwd: bool, f: impl FnOnce(BSrc) -> R
             }))
         }
     }
+}
+
+/// C [m, ·] (+)= A [m, ·] · op(W) on host f32 rows, W [out, in] frozen: the forward product
+/// A·Wᵀ when `fwd`, the input gradient A·W otherwise.
+pub(crate) fn frozen_product(
+    w: &Weight,
+    fwd: bool,
+    a: &[f32],
+    m: usize,
+    c: &mut [f32],
+    accumulate: bool,
+    isa: Isa,
+) -> Result<()> {
+    if let (Weight::Dense(wt), Isa::Avx512) = (w, isa) {
+        if wt.dtype() == DType::F32 {
+            // Dense f32 on the f32 path: candle's gemm is the faster f32 GEMM here.
+            let (rows, cols) = wt.dims2()?;
+            let (st, l) = wt.storage_and_layout();
+            if let (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) = (&*st, l.contiguous_offsets())
+            {
+                let (k, n) = if fwd { (cols, rows) } else { (rows, cols) };
+                let c = &mut c[..m * n];
+                fedllm_kernels::strided::sgemm(
+                    (m, n, k),
+                    &a[..m * k],
+                    false,
+                    &v[s..e],
+                    fwd,
+                    c,
+                    accumulate,
+                    1.0,
+                );
+                return Ok(());
+            }
+        }
+    }
+    with_weight(w, false, fwd, |b| {
+        fedllm_kernels::matmul_into(ASrc::F32(a), m, b, c, isa, accumulate)
+    })?
+    .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))
 }
 
 /// C = A · B for A in CPU storage (f32 or bf16, contiguous), result in A's dtype.

@@ -18,9 +18,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Attention {
@@ -149,6 +149,35 @@ impl Block {
         ctx: &Ctx,
         cache: Option<&mut crate::cache::LayerKv>,
     ) -> CResult<Tensor> {
+        if cache.is_none() {
+            // Whole sequences on the CPU kernels: each half-layer as one op.
+            let a = &self.self_attn;
+            let x2 = crate::block::attention_half(
+                x,
+                &self.input_layernorm,
+                self.eps,
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj],
+                (a.num_heads, a.num_kv_heads, a.head_dim),
+                1.0 / (a.head_dim as f64).sqrt(),
+                ctx,
+            )?;
+            if let Some(x2) = x2 {
+                let m = &self.mlp;
+                let out = crate::block::mlp_half(
+                    &x2,
+                    &self.post_attention_layernorm,
+                    self.eps,
+                    [&m.gate_proj, &m.up_proj, &m.down_proj],
+                )?;
+                return match out {
+                    Some(out) => Ok(out),
+                    None => {
+                        let h = ops::rms_norm(&x2, &self.post_attention_layernorm, self.eps)?;
+                        self.mlp.forward(&h, &x2)
+                    }
+                };
+            }
+        }
         let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
         let x = self.self_attn.forward(&h, ctx, cache, x)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
