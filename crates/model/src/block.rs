@@ -294,6 +294,13 @@ fn with_host<R>(ts: [&Tensor; 3], what: &str, f: impl FnOnce([&[f32]; 3]) -> R) 
     Ok(f([sl[0], sl[1], sl[2]]))
 }
 
+/// A buffer for the kernel call it is handed to next, which writes every element before
+/// anything reads it (every use in this file): no zeroing pass over activation-sized memory.
+fn written_later(n: usize) -> Vec<f32> {
+    // SAFETY: per the contract above, no element is read before the kernel writes it.
+    unsafe { fedllm_kernels::uninit(n) }
+}
+
 fn taken<T>(m: &Mutex<Option<T>>, what: &str) -> Result<T> {
     m.lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -308,7 +315,7 @@ fn taken<T>(m: &Mutex<Option<T>>, what: &str) -> Result<T> {
 /// dx = g + RMSNorm'(x)ᵀ·dh.
 fn norm_backward(x: &[f32], w: &[f32], eps: f32, dh: &[f32], g: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = written_later(x.len());
     k::rms_norm_bwd(x, w, dh, eps, &mut dx);
     dx.par_chunks_mut(4096)
         .zip(g.par_chunks(4096))
@@ -330,17 +337,17 @@ impl CustomOp2 for AttnHalf {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, pack) = (host(s1, l1, "attention")?, host(s2, l2, "attention")?);
         let (m, isa, p) = (l1.dims()[0], self.isa, &self.projs);
-        let mut h = vec![0f32; x.len()];
+        let mut h = written_later(x.len());
         k::rms_norm_fwd(x, &self.norm, self.eps, &mut h);
-        let mut qkv: [Vec<f32>; 3] = std::array::from_fn(|i| vec![0f32; m * p[i].n]);
+        let mut qkv: [Vec<f32>; 3] = std::array::from_fn(|i| written_later(m * p[i].n));
         for (pi, y) in p.iter().zip(qkv.iter_mut()) {
             pi.forward(&h, m, pack, y, false, isa)?;
         }
         drop(h);
         let [q, kk, v] = qkv;
         let sh = self.shape;
-        let mut y = vec![0f32; q.len()];
-        let mut stats = vec![0f32; 2 * sh.b * sh.h * sh.t];
+        let mut y = written_later(q.len());
+        let mut stats = written_later(2 * sh.b * sh.h * sh.t);
         let bias = self.bias.as_deref().map(|b| b.as_slice());
         attn::forward(
             sh, &q, &kk, &v, &self.cos, &self.sin, bias, self.scale, &mut y, &mut stats,
@@ -366,12 +373,12 @@ impl CustomOp2 for AttnHalf {
         let m = x.dim(0)?;
         let mut dpack = vec![0f32; pack.elem_count()];
         let dx = with_host([x, pack, g], "attention half", |[xs, ps, gs]| {
-            let mut dy = vec![0f32; y.len()];
+            let mut dy = written_later(y.len());
             p[3].backward(&y, gs, m, ps, &mut dpack, Some((&mut dy, false)), isa)?;
             let (mut dq, mut dk, mut dv) = (
-                vec![0f32; q.len()],
-                vec![0f32; kk.len()],
-                vec![0f32; v.len()],
+                written_later(q.len()),
+                written_later(kk.len()),
+                written_later(v.len()),
             );
             let bias = self.bias.as_deref().map(|b| b.as_slice());
             attn::backward(
@@ -387,9 +394,9 @@ impl CustomOp2 for AttnHalf {
                 (&mut dq, &mut dk, &mut dv),
             );
             drop((y, dy));
-            let mut h = vec![0f32; xs.len()];
+            let mut h = written_later(xs.len());
             k::rms_norm_fwd(xs, &self.norm, self.eps, &mut h);
-            let mut dh = want_dx.then(|| vec![0f32; xs.len()]);
+            let mut dh = want_dx.then(|| written_later(xs.len()));
             for (i, gi) in [&dq, &dk, &dv].into_iter().enumerate() {
                 let dx = dh.as_deref_mut().map(|d| (d, i > 0));
                 p[i].backward(&h, gi, m, ps, &mut dpack, dx, isa)?;
@@ -423,14 +430,14 @@ impl CustomOp2 for MlpHalf {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, pack) = (host(s1, l1, "mlp")?, host(s2, l2, "mlp")?);
         let (m, isa, p) = (l1.dims()[0], self.isa, &self.projs);
-        let mut h = vec![0f32; x.len()];
+        let mut h = written_later(x.len());
         k::rms_norm_fwd(x, &self.norm, self.eps, &mut h);
         let inter = p[0].n;
-        let (mut gt, mut up) = (vec![0f32; m * inter], vec![0f32; m * inter]);
+        let (mut gt, mut up) = (written_later(m * inter), written_later(m * inter));
         p[0].forward(&h, m, pack, &mut gt, false, isa)?;
         p[1].forward(&h, m, pack, &mut up, false, isa)?;
         drop(h);
-        let mut a = vec![0f32; m * inter];
+        let mut a = written_later(m * inter);
         k::swiglu_fwd(&gt, &up, &mut a);
         let mut out = x.to_vec();
         p[2].forward(&a, m, pack, &mut out, true, isa)?;
@@ -455,21 +462,21 @@ impl CustomOp2 for MlpHalf {
         let dx = with_host([x, pack, g], "mlp half", |[xs, ps, gs]| {
             // The down projection's input is needed only for its own adapter's gradients.
             let a = if p[2].lora.is_some() {
-                let mut a = vec![0f32; gt.len()];
+                let mut a = written_later(gt.len());
                 k::swiglu_fwd(&gt, &up, &mut a);
                 a
             } else {
                 Vec::new()
             };
-            let mut da = vec![0f32; gt.len()];
+            let mut da = written_later(gt.len());
             p[2].backward(&a, gs, m, ps, &mut dpack, Some((&mut da, false)), isa)?;
             drop(a);
-            let (mut dg, mut du) = (vec![0f32; gt.len()], vec![0f32; gt.len()]);
+            let (mut dg, mut du) = (written_later(gt.len()), written_later(gt.len()));
             k::swiglu_bwd(&gt, &up, &da, &mut dg, &mut du);
             drop(da);
-            let mut h = vec![0f32; xs.len()];
+            let mut h = written_later(xs.len());
             k::rms_norm_fwd(xs, &self.norm, self.eps, &mut h);
-            let mut dh = want_dx.then(|| vec![0f32; xs.len()]);
+            let mut dh = want_dx.then(|| written_later(xs.len()));
             for (i, gi) in [&dg, &du].into_iter().enumerate() {
                 let dx = dh.as_deref_mut().map(|d| (d, i > 0));
                 p[i].backward(&h, gi, m, ps, &mut dpack, dx, isa)?;

@@ -463,7 +463,8 @@ fn kernel_matmul(
             return Ok(CpuStorage::F32(y.flatten_all()?.to_vec1()?));
         }
     }
-    let mut out = vec![0f32; m * n];
+    // SAFETY: the GEMM below writes every element (it does not accumulate).
+    let mut out = unsafe { fedllm_kernels::uninit(m * n) };
     let res = match a {
         CpuStorage::F32(v) => with_weight(w, in_out, fwd, |b| {
             fedllm_kernels::matmul_bf16(ASrc::F32(&v[start..start + m * k]), m, b, &mut out, isa)
@@ -778,11 +779,13 @@ impl CustomOp1 for HeadCrossEntropy {
         };
         let mut loss = vec![0f32; n];
         let mut dx = if self.want_grad {
-            vec![0f32; n * h]
+            // SAFETY: each chunk's input-gradient GEMM writes its rows whole.
+            unsafe { fedllm_kernels::uninit(n * h) }
         } else {
             Vec::new()
         };
-        let mut logits = vec![0f32; HEAD_CHUNK.min(n) * vocab];
+        // SAFETY: each chunk's GEMM writes the rows it uses before the softmax reads them.
+        let mut logits = unsafe { fedllm_kernels::uninit(HEAD_CHUNK.min(n) * vocab) };
         let kerr = |e: String| candle_core::Error::Msg(format!("head cross-entropy: {e}"));
         for r0 in (0..n).step_by(HEAD_CHUNK) {
             let m = HEAD_CHUNK.min(n - r0);
