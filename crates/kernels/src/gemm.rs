@@ -268,14 +268,13 @@ fn avx512() -> bool {
 #[target_feature(enable = "avx512f")]
 unsafe fn dequant_avx512(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    // The block scales in hardware (vcvtph2ps): `half`'s portable conversion cost as much as
+    // the rest of the block.
+    let f16 = |b: &[u8]| _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes([b[0], b[1]])));
     match t {
         GgmlDType::Q4_1 => {
             for (blk, o) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
-                let (d, m) = (
-                    _mm512_set1_ps(f16(&blk[0..2])),
-                    _mm512_set1_ps(f16(&blk[2..4])),
-                );
+                let (d, m) = (f16(&blk[0..2]), f16(&blk[2..4]));
                 let q =
                     _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i));
                 let lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0f));
@@ -292,7 +291,7 @@ unsafe fn dequant_avx512(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
         }
         _ => {
             for (blk, o) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
-                let d = _mm512_set1_ps(f16(&blk[0..2]));
+                let d = f16(&blk[0..2]);
                 for h in 0..2 {
                     let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(
                         blk.as_ptr().add(2 + 16 * h) as *const __m128i
@@ -420,7 +419,13 @@ pub fn matmul_into(
 }
 
 /// f32 FMA: tasks are (64-column panel, row chunk) pairs; each walks k in chunks with the
-/// widened B chunk in cache and 6×64 blocks of C in registers.
+/// widened B chunk in cache and 6×64 blocks of C in registers. B is widened in one of three ways:
+/// - whole, once, shared by all tasks (the model's own layers: ≤ 16 MiB widened);
+/// - one k-slab of every panel at a time, shared, slab after slab (long reductions, the LM
+///   head's input gradient: its whole widened form would be 113 MiB);
+/// - per task, one k chunk at a time (wide B, the LM head's forward; widening a task's whole
+///   panel up front measured 10% slower).
+#[allow(clippy::too_many_arguments)]
 fn f32_path(
     a: &[f32],
     m: usize,
@@ -438,60 +443,87 @@ fn f32_path(
     let rows_per = round_up(m.div_ceil(want), MR).max(MR * 8);
     let chunks = m.div_ceil(rows_per);
     let kcb = kc_for(k);
-    // When several row chunks share a panel, widen every panel once up front (≤ 16 MiB: the
-    // model's own layers) instead of once per task; otherwise each task widens its own.
-    let shared: Option<Vec<f32>> = (chunks > 1 && k * panels * NR <= 4 << 20).then(|| {
-        let mut all = vec![0f32; panels * k * NR];
-        all.par_chunks_mut(k * NR)
+    let widen = |k0: usize, kc: usize, dst: &mut [f32]| {
+        // dst [panels][kc][NR]: rows k0..k0+kc of every panel.
+        dst.par_chunks_mut(kc * NR)
             .enumerate()
-            .for_each_init(Vec::new, |scratch, (p, dst)| {
-                for k0 in (0..k).step_by(kcb) {
-                    let kc = kcb.min(k - k0);
-                    b.fill_f32(p * NR, k0, kc, scratch, &mut dst[k0 * NR..(k0 + kc) * NR]);
-                }
+            .for_each_init(Vec::new, |scratch, (p, d)| {
+                b.fill_f32(p * NR, k0, kc, scratch, d)
             });
-        all
-    });
-    (0..panels * chunks).into_par_iter().for_each_init(
-        || (vec![0f32; kcb * NR], Vec::new()),
-        |(own, scratch), task| {
-            // Neighbouring tasks share a row chunk, so each thread's slab of A stays in its L2
-            // across panels (chunk-major order measured 142 → 250 GFLOP/s on k/v_proj).
-            let (p, ch) = (task % panels, task / panels);
-            let j0 = p * NR;
-            let cols = NR.min(n - j0);
-            let (r0, r1) = (ch * rows_per, ((ch + 1) * rows_per).min(m));
-            for k0 in (0..k).step_by(kcb) {
-                let kc = kcb.min(k - k0);
-                let bp: &[f32] = match &shared {
-                    Some(all) => &all[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR],
-                    None => {
-                        b.fill_f32(j0, k0, kc, scratch, own);
-                        own
-                    }
-                };
-                for i0 in (r0..r1).step_by(MR) {
-                    let rows = MR.min(r1 - i0);
-                    // SAFETY: rows i0..i0+rows and columns j0..j0+cols of C belong to this task.
-                    unsafe {
-                        micro::f32_block(
-                            a.as_ptr().add(i0 * k + k0),
-                            k,
-                            rows,
-                            bp.as_ptr(),
-                            kc,
-                            cp.0.add(i0 * n + j0),
-                            n,
-                            cols,
-                            accumulate || k0 > 0,
-                            a.as_ptr()
-                                .add(if i0 + MR < r1 { i0 + MR } else { i0 } * k + k0),
-                        )
+    };
+    // Rows k0..k0+span of the reduction into C (added to it when `acc`), B from `slab` (all
+    // panels' rows k0..k0+span, or all rows when `whole`) or else widened per task.
+    let run = |k0: usize, span: usize, slab: Option<&[f32]>, whole: bool, acc: bool| {
+        (0..panels * chunks).into_par_iter().for_each_init(
+            || (Vec::<f32>::new(), Vec::<f32>::new()),
+            |(own, scratch), task| {
+                // Neighbouring tasks share a row chunk, so each thread's slab of A stays in its
+                // L2 across panels (chunk-major order measured 142 → 250 GFLOP/s on k/v_proj).
+                let (p, ch) = (task % panels, task / panels);
+                let j0 = p * NR;
+                let cols = NR.min(n - j0);
+                let (r0, r1) = (ch * rows_per, ((ch + 1) * rows_per).min(m));
+                for kk0 in (k0..k0 + span).step_by(kcb) {
+                    let kc = kcb.min(k0 + span - kk0);
+                    let bp: &[f32] = match slab {
+                        Some(s) => {
+                            let at = if whole {
+                                p * k + kk0
+                            } else {
+                                p * span + kk0 - k0
+                            };
+                            &s[at * NR..(at + kc) * NR]
+                        }
+                        None => {
+                            own.resize(kcb * NR, 0.0);
+                            b.fill_f32(j0, kk0, kc, scratch, own);
+                            own
+                        }
+                    };
+                    for i0 in (r0..r1).step_by(MR) {
+                        let rows = MR.min(r1 - i0);
+                        let next = if i0 + MR < r1 { i0 + MR } else { i0 };
+                        // SAFETY: rows i0..i0+rows and columns j0..j0+cols of C belong to this
+                        // task.
+                        unsafe {
+                            micro::f32_block(
+                                a.as_ptr().add(i0 * k + kk0),
+                                k,
+                                rows,
+                                bp.as_ptr(),
+                                kc,
+                                cp.0.add(i0 * n + j0),
+                                n,
+                                cols,
+                                acc || kk0 > k0,
+                                a.as_ptr().add(next * k + kk0),
+                            )
+                        }
                     }
                 }
-            }
-        },
-    );
+            },
+        )
+    };
+    if chunks > 1 && k * panels * NR <= 4 << 20 {
+        let mut all = vec![0f32; panels * k * NR];
+        widen(0, k, &mut all);
+        run(0, k, Some(&all), true, accumulate);
+    } else if k > 4096 && kcb * panels * NR <= 1 << 20 {
+        let mut slab = vec![0f32; panels * kcb * NR];
+        for k0 in (0..k).step_by(kcb) {
+            let kc = kcb.min(k - k0);
+            widen(k0, kc, &mut slab[..panels * kc * NR]);
+            run(
+                k0,
+                kc,
+                Some(&slab[..panels * kc * NR]),
+                false,
+                accumulate || k0 > 0,
+            );
+        }
+    } else {
+        run(0, k, None, false, accumulate);
+    }
     Ok(())
 }
 
@@ -606,6 +638,62 @@ mod tests {
             matmul_into(ASrc::F32(&a), m, b, &mut c, isa, true).unwrap();
             let got: Vec<f32> = c.iter().zip(&prior).map(|(c, p)| c - p).collect();
             close(&got, &want, k, &format!("{isa:?} accumulate"));
+        }
+    }
+
+    /// A reduction longer than 4096 (the LM head's input gradient) widens B one k-slab of all
+    /// panels at a time: still the reference product, overwriting or accumulating.
+    #[test]
+    fn long_reduction_by_slabs_matches_reference() {
+        let (m, k, n) = (13, 4096 + 320, 70);
+        let w = Tensor::from_vec(data(k * n, 7), (k, n), &Device::Cpu).unwrap();
+        let n2 = 96; // a multiple of Q8_0's 32-value blocks
+        let wq = Tensor::from_vec(data(k * n2, 8), (k, n2), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&wq, GgmlDType::Q8_0).unwrap();
+        let wd: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let a = data(m * k, 9);
+        let qdata = q.data().unwrap();
+        let cases: [(BSrc, &dyn Fn(usize, usize) -> f32, usize); 2] = [
+            (
+                BSrc::F32 {
+                    data: &wv,
+                    rows: k,
+                    cols: n,
+                    t: false,
+                },
+                &|kk, j| wv[kk * n + j],
+                n,
+            ),
+            (
+                BSrc::Quant {
+                    dtype: GgmlDType::Q8_0,
+                    data: &qdata,
+                    rows: k,
+                    cols: n2,
+                    t: false,
+                },
+                &|kk, j| wd[kk * n2 + j],
+                n2,
+            ),
+        ];
+        // The f32 path where this CPU has it (the slabs are its), else the best path it has.
+        let isa = crate::isa::usable(Isa::Avx512);
+        for (b, at, nn) in cases {
+            let want = reference(isa, &a, m, k, at, nn);
+            let mut c = vec![f32::NAN; m * nn];
+            matmul_into(ASrc::F32(&a), m, b, &mut c, isa, false).unwrap();
+            close(&c, &want, k, "slabs");
+            let mut c2 = vec![1f32; m * nn];
+            matmul_into(ASrc::F32(&a), m, b, &mut c2, isa, true).unwrap();
+            let got: Vec<f32> = c2.iter().map(|v| v - 1.0).collect();
+            close(&got, &want, k, "slabs, accumulating");
         }
     }
 
