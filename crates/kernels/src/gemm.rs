@@ -660,7 +660,8 @@ mod tests {
         let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         let a = data(m * k, 9);
         let qdata = q.data().unwrap();
-        let cases: [(BSrc, &dyn Fn(usize, usize) -> f32, usize); 2] = [
+        type Case<'a> = (BSrc<'a>, &'a dyn Fn(usize, usize) -> f32, usize);
+        let cases: [Case; 2] = [
             (
                 BSrc::F32 {
                     data: &wv,
