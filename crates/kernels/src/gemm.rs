@@ -198,6 +198,31 @@ impl BSrc<'_> {
         });
     }
 
+    /// Whether B's rows are stored contiguously (B is the stored matrix, not its transpose).
+    fn row_major(&self) -> bool {
+        match *self {
+            BSrc::F32 { t, .. } | BSrc::Bf16 { t, .. } | BSrc::Quant { t, .. } => !t,
+        }
+    }
+
+    /// Row `kk` of a row-major B (all n values) into `out`.
+    fn row(&self, kk: usize, out: &mut [f32]) {
+        match *self {
+            BSrc::F32 { data, cols, .. } => out.copy_from_slice(&data[kk * cols..(kk + 1) * cols]),
+            BSrc::Bf16 { data, cols, .. } => {
+                for (o, &v) in out.iter_mut().zip(&data[kk * cols..(kk + 1) * cols]) {
+                    *o = bf16::to_f32(v);
+                }
+            }
+            BSrc::Quant {
+                dtype, data, cols, ..
+            } => {
+                let rb = cols / dtype.block_size() * dtype.type_size();
+                dequant(dtype, &data[kk * rb..(kk + 1) * rb], out);
+            }
+        }
+    }
+
     /// Rows k0..k0+kc, columns j0..j0+NR of B as f32 [kc][NR], zeros past n.
     fn fill_f32(&self, j0: usize, k0: usize, kc: usize, scratch: &mut Vec<f32>, out: &mut [f32]) {
         let (_, n) = self.kn();
@@ -444,12 +469,35 @@ fn f32_path(
     let chunks = m.div_ceil(rows_per);
     let kcb = kc_for(k);
     let widen = |k0: usize, kc: usize, dst: &mut [f32]| {
-        // dst [panels][kc][NR]: rows k0..k0+kc of every panel.
-        dst.par_chunks_mut(kc * NR)
-            .enumerate()
-            .for_each_init(Vec::new, |scratch, (p, d)| {
-                b.fill_f32(p * NR, k0, kc, scratch, d)
-            });
+        // dst [panels][kc][NR] (zeroed): rows k0..k0+kc of every panel.
+        if b.row_major() {
+            // B's rows are stored whole: decode each once and deal it out to the panels,
+            // instead of each panel decoding its 64 columns of every row.
+            let dp = SyncPtr(dst.as_mut_ptr());
+            let dp = &dp;
+            (k0..k0 + kc)
+                .into_par_iter()
+                .with_min_len(16)
+                .for_each_init(
+                    || vec![0f32; n],
+                    |row, kk| {
+                        b.row(kk, row);
+                        for (p, piece) in row.chunks(NR).enumerate() {
+                            // SAFETY: row kk of panel p is this task's alone, inside dst.
+                            unsafe {
+                                let d = dp.0.add((p * kc + kk - k0) * NR);
+                                std::ptr::copy_nonoverlapping(piece.as_ptr(), d, piece.len());
+                            }
+                        }
+                    },
+                );
+        } else {
+            dst.par_chunks_mut(kc * NR)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (p, d)| {
+                    b.fill_f32(p * NR, k0, kc, scratch, d)
+                });
+        }
     };
     // Rows k0..k0+span of the reduction into C (added to it when `acc`), B from `slab` (all
     // panels' rows k0..k0+span, or all rows when `whole`) or else widened per task.
