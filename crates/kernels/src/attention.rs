@@ -139,8 +139,8 @@ pub fn forward(
                     for i in r0..r1 {
                         let row = &mut s[i * t..i * t + c1];
                         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let inv = 1.0 / crate::vexp::sum_exp(row, max);
-                        crate::vexp::exp_sub(row, max, inv);
+                        let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
+                        row.iter_mut().for_each(|x| *x *= inv);
                         st[2 * i] = max;
                         st[2 * i + 1] = inv;
                     }

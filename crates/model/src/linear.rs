@@ -803,12 +803,18 @@ impl CustomOp1 for HeadCrossEntropy {
                 .zip(tg.par_iter())
                 .for_each(|((li, row), &t)| {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum = fedllm_kernels::vexp::sum_exp(row, max);
-                    *li = max + sum.ln() - row[t as usize];
-                    if want {
-                        fedllm_kernels::vexp::exp_sub(row, max, 1.0 / sum);
+                    let target = row[t as usize];
+                    let sum = if want {
+                        // One exp pass: store exp(x − max), then scale to the softmax.
+                        let sum = fedllm_kernels::vexp::exp_sub(row, max, 1.0);
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(|x| *x *= inv);
                         row[t as usize] -= 1.0;
-                    }
+                        sum
+                    } else {
+                        fedllm_kernels::vexp::sum_exp(row, max)
+                    };
+                    *li = max + sum.ln() - target;
                 });
             if want {
                 let d = &mut dx[r0 * h..(r0 + m) * h];
@@ -1067,5 +1073,33 @@ mod tests {
         for (what, fused, comp, vars) in cases {
             crate::testing::assert_same_op(&fused, &comp, &vars, (1e-4, 1e-4), what);
         }
+    }
+
+    /// The LM-head cross-entropy (rows in chunks, dLoss/dx made in the forward) equals
+    /// log-softmax of the full logits, per-row loss and input gradient, across two row chunks.
+    #[test]
+    fn head_cross_entropy_matches_composite() {
+        let dev = Device::Cpu;
+        let (n, h, vocab) = (HEAD_CHUNK + 19, 8, 50);
+        let w = Tensor::randn(0f32, 1.0, (vocab, h), &dev).unwrap();
+        let mut lin = Linear::new(Weight::Dense(w.clone()), None).unwrap();
+        lin.precision = MatmulPrecision::Kernel(Isa::Avx512);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap()).unwrap();
+        let targets: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
+        let Some(fused) = lin.fused_cross_entropy(x.as_tensor(), &targets) else {
+            return; // no kernel path on this CPU: the composite is what runs
+        };
+        let fused = fused.unwrap();
+        let logits = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let idx = Tensor::from_vec(targets, (n, 1), &dev).unwrap();
+        let comp = crate::ops::log_softmax_last(&logits)
+            .unwrap()
+            .gather(&idx, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        crate::testing::assert_same_op(&fused, &comp, &[&x], (1e-4, 1e-4), "head cross-entropy");
     }
 }
