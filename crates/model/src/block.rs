@@ -312,6 +312,56 @@ fn taken<T>(m: &Mutex<Option<T>>, what: &str) -> Result<T> {
         })
 }
 
+/// A half-layer's input side: x, h = RMSNorm(x) and the projections reading h.
+struct Input<'a> {
+    norm: &'a [f32],
+    eps: f32,
+    isa: Isa,
+    xs: &'a [f32],
+    pack: &'a [f32],
+    want_dx: bool,
+}
+
+impl Input<'_> {
+    /// dL/dx of `x + f(h)` (None when x tracks no gradient), given dL/dout `g` and the
+    /// gradients `dys` of the projections `projs` reading h; their adapters' gradients go to
+    /// `dpack` on the way. h is recomputed from x.
+    fn backward<const N: usize>(
+        &self,
+        projs: &[Proj],
+        dys: [&[f32]; N],
+        g: &[f32],
+        dpack: &mut [f32],
+    ) -> Result<Option<Vec<f32>>> {
+        let m = self.xs.len() / self.norm.len();
+        let mut h = written_later(self.xs.len());
+        k::rms_norm_fwd(self.xs, self.norm, self.eps, &mut h);
+        let mut dh = self.want_dx.then(|| written_later(self.xs.len()));
+        for (i, (p, dy)) in projs.iter().zip(dys).enumerate() {
+            let dx = dh.as_deref_mut().map(|d| (d, i > 0));
+            p.backward(&h, dy, m, self.pack, dpack, dx, self.isa)?;
+        }
+        Ok(dh.map(|dh| norm_backward(self.xs, self.norm, self.eps, &dh, g)))
+    }
+}
+
+/// The op's gradients as tensors: dx where x tracks, the adapters' where they do.
+fn grads_out(
+    x: &Tensor,
+    pack: &Tensor,
+    dx: Option<Vec<f32>>,
+    dpack: Vec<f32>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = dx
+        .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+        .transpose()?;
+    let dp = pack
+        .track_op()
+        .then(|| Tensor::from_vec(dpack, pack.shape(), pack.device()))
+        .transpose()?;
+    Ok((dx, dp))
+}
+
 /// dx = g + RMSNorm'(x)ᵀ·dh.
 fn norm_backward(x: &[f32], w: &[f32], eps: f32, dh: &[f32], g: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
@@ -394,25 +444,17 @@ impl CustomOp2 for AttnHalf {
                 (&mut dq, &mut dk, &mut dv),
             );
             drop((y, dy));
-            let mut h = written_later(xs.len());
-            k::rms_norm_fwd(xs, &self.norm, self.eps, &mut h);
-            let mut dh = want_dx.then(|| written_later(xs.len()));
-            for (i, gi) in [&dq, &dk, &dv].into_iter().enumerate() {
-                let dx = dh.as_deref_mut().map(|d| (d, i > 0));
-                p[i].backward(&h, gi, m, ps, &mut dpack, dx, isa)?;
-            }
-            Ok::<_, candle_core::Error>(
-                dh.map(|dh| norm_backward(xs, &self.norm, self.eps, &dh, gs)),
-            )
+            let input = Input {
+                norm: &self.norm,
+                eps: self.eps,
+                isa,
+                xs,
+                pack: ps,
+                want_dx,
+            };
+            input.backward(&p[..3], [&dq[..], &dk, &dv], gs, &mut dpack)
         })??;
-        let dx = dx
-            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
-            .transpose()?;
-        let dp = pack
-            .track_op()
-            .then(|| Tensor::from_vec(dpack, pack.shape(), pack.device()))
-            .transpose()?;
-        Ok((dx, dp))
+        grads_out(x, pack, dx, dpack)
     }
 }
 
@@ -474,25 +516,17 @@ impl CustomOp2 for MlpHalf {
             let (mut dg, mut du) = (written_later(gt.len()), written_later(gt.len()));
             k::swiglu_bwd(&gt, &up, &da, &mut dg, &mut du);
             drop(da);
-            let mut h = written_later(xs.len());
-            k::rms_norm_fwd(xs, &self.norm, self.eps, &mut h);
-            let mut dh = want_dx.then(|| written_later(xs.len()));
-            for (i, gi) in [&dg, &du].into_iter().enumerate() {
-                let dx = dh.as_deref_mut().map(|d| (d, i > 0));
-                p[i].backward(&h, gi, m, ps, &mut dpack, dx, isa)?;
-            }
-            Ok::<_, candle_core::Error>(
-                dh.map(|dh| norm_backward(xs, &self.norm, self.eps, &dh, gs)),
-            )
+            let input = Input {
+                norm: &self.norm,
+                eps: self.eps,
+                isa,
+                xs,
+                pack: ps,
+                want_dx,
+            };
+            input.backward(&p[..2], [&dg[..], &du], gs, &mut dpack)
         })??;
-        let dx = dx
-            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
-            .transpose()?;
-        let dp = pack
-            .track_op()
-            .then(|| Tensor::from_vec(dpack, pack.shape(), pack.device()))
-            .transpose()?;
-        Ok((dx, dp))
+        grads_out(x, pack, dx, dpack)
     }
 }
 
