@@ -52,7 +52,7 @@ impl Proj {
         acc: bool,
         isa: Isa,
     ) -> Result<()> {
-        frozen_product(&self.weight, true, x, m, y, acc, isa)?;
+        frozen_product(&self.weight, false, true, x, m, y, acc, isa)?;
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.n) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
@@ -93,7 +93,7 @@ impl Proj {
             gb
         });
         if let Some((dx, acc)) = dx {
-            frozen_product(&self.weight, false, g, m, dx, acc, isa)?;
+            frozen_product(&self.weight, false, false, g, m, dx, acc, isa)?;
             if let (Some(s), Some(gb)) = (self.lora, gb) {
                 let (a, _) = self.ab(s, pack);
                 sgemm((m, self.k, s.r), &gb, false, a, false, dx, true, s.scale);
