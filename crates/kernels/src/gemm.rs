@@ -583,6 +583,19 @@ mod tests {
 
     use crate::test_data as data;
 
+    /// `w` quantized to `dtype`, and its dequantized values as candle computes them.
+    fn quantized(w: &Tensor, dtype: GgmlDType) -> (QTensor, Vec<f32>) {
+        let q = QTensor::quantize(w, dtype).unwrap();
+        let wd = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (q, wd)
+    }
+
     /// f64 reference over the operands as `isa` sees them (bf16-rounded on the bf16 paths, as
     /// given on the f32 one): only the summation order differs.
     fn reference(
@@ -697,14 +710,7 @@ mod tests {
         let w = Tensor::from_vec(data(k * n, 7), (k, n), &Device::Cpu).unwrap();
         let n2 = 96; // a multiple of Q8_0's 32-value blocks
         let wq = Tensor::from_vec(data(k * n2, 8), (k, n2), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&wq, GgmlDType::Q8_0).unwrap();
-        let wd: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let (q, wd) = quantized(&wq, GgmlDType::Q8_0);
         let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         let a = data(m * k, 9);
         let qdata = q.data().unwrap();
@@ -759,14 +765,7 @@ mod tests {
         ] {
             let (n, k, m) = (40, 256, 19);
             let w = Tensor::from_vec(data(n * k, 3), (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let wd: Vec<f32> = q
-                .dequantize(&dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let (q, wd) = quantized(&w, dtype);
             let bytes = q.data().unwrap();
             let a = data(m * k, 4);
             for isa in crate::isa::available() {
@@ -804,14 +803,7 @@ mod tests {
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = Tensor::from_vec(data(8 * 64, 9), (8, 64), &dev).unwrap();
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let want: Vec<f32> = q
-                .dequantize(&dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let (q, want) = quantized(&w, dtype);
             let mut got = vec![0f32; want.len()];
             dequant(dtype, &q.data().unwrap(), &mut got);
             assert_eq!(got, want, "{dtype:?}");

@@ -301,6 +301,11 @@ fn written_later(n: usize) -> Vec<f32> {
     unsafe { fedllm_kernels::uninit(n) }
 }
 
+/// What a forward keeps for its backward.
+fn keep<T>(m: &Mutex<Option<T>>, v: T) {
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+}
+
 fn taken<T>(m: &Mutex<Option<T>>, what: &str) -> Result<T> {
     m.lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -323,6 +328,10 @@ struct Input<'a> {
 }
 
 impl Input<'_> {
+    fn rows(&self) -> usize {
+        self.xs.len() / self.norm.len()
+    }
+
     /// dL/dx of `x + f(h)` (None when x tracks no gradient), given dL/dout `g` and the
     /// gradients `dys` of the projections `projs` reading h; their adapters' gradients go to
     /// `dpack` on the way. h is recomputed from x.
@@ -333,7 +342,7 @@ impl Input<'_> {
         g: &[f32],
         dpack: &mut [f32],
     ) -> Result<Option<Vec<f32>>> {
-        let m = self.xs.len() / self.norm.len();
+        let m = self.rows();
         let mut h = written_later(self.xs.len());
         k::rms_norm_fwd(self.xs, self.norm, self.eps, &mut h);
         let mut dh = self.want_dx.then(|| written_later(self.xs.len()));
@@ -345,13 +354,29 @@ impl Input<'_> {
     }
 }
 
-/// The op's gradients as tensors: dx where x tracks, the adapters' where they do.
-fn grads_out(
-    x: &Tensor,
-    pack: &Tensor,
-    dx: Option<Vec<f32>>,
-    dpack: Vec<f32>,
+/// The frame both backwards share: host views of x, the adapters and dL/dout, the adapters'
+/// gradient vector, and the gradients as tensors (dx where x tracks, the adapters' where they
+/// do). `body(input, g, dpack)` returns dL/dx.
+fn half_backward(
+    norm: &[f32],
+    eps: f32,
+    isa: Isa,
+    [x, pack, g]: [&Tensor; 3],
+    what: &str,
+    body: impl FnOnce(&Input, &[f32], &mut [f32]) -> Result<Option<Vec<f32>>>,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let mut dpack = vec![0f32; pack.elem_count()];
+    let dx = with_host([x, pack, g], what, |[xs, ps, gs]| {
+        let input = Input {
+            norm,
+            eps,
+            isa,
+            xs,
+            pack: ps,
+            want_dx: x.track_op(),
+        };
+        body(&input, gs, &mut dpack)
+    })??;
     let dx = dx
         .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
         .transpose()?;
@@ -405,7 +430,7 @@ impl CustomOp2 for AttnHalf {
         let mut out = x.to_vec();
         p[3].forward(&y, m, pack, &mut out, true, isa)?;
         if self.want_grad {
-            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some([q, kk, v, y, stats]);
+            keep(&self.saved, [q, kk, v, y, stats]);
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -418,43 +443,40 @@ impl CustomOp2 for AttnHalf {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let [q, kk, v, y, stats] = taken(&self.saved, "attention half")?;
-        let want_dx = x.track_op();
         let (isa, p, sh) = (self.isa, &self.projs, self.shape);
-        let m = x.dim(0)?;
-        let mut dpack = vec![0f32; pack.elem_count()];
-        let dx = with_host([x, pack, g], "attention half", |[xs, ps, gs]| {
-            let mut dy = written_later(y.len());
-            p[3].backward(&y, gs, m, ps, &mut dpack, Some((&mut dy, false)), isa)?;
-            let (mut dq, mut dk, mut dv) = (
-                written_later(q.len()),
-                written_later(kk.len()),
-                written_later(v.len()),
-            );
-            let bias = self.bias.as_deref().map(|b| b.as_slice());
-            attn::backward(
-                sh,
-                (&q, &kk, &v),
-                &self.cos,
-                &self.sin,
-                bias,
-                self.scale,
-                &y,
-                &stats,
-                &dy,
-                (&mut dq, &mut dk, &mut dv),
-            );
-            drop((y, dy));
-            let input = Input {
-                norm: &self.norm,
-                eps: self.eps,
-                isa,
-                xs,
-                pack: ps,
-                want_dx,
-            };
-            input.backward(&p[..3], [&dq[..], &dk, &dv], gs, &mut dpack)
-        })??;
-        grads_out(x, pack, dx, dpack)
+        let what = "attention half";
+        half_backward(
+            &self.norm,
+            self.eps,
+            isa,
+            [x, pack, g],
+            what,
+            |input, gs, dpack| {
+                let (m, ps) = (input.rows(), input.pack);
+                let mut dy = written_later(y.len());
+                p[3].backward(&y, gs, m, ps, dpack, Some((&mut dy, false)), isa)?;
+                let (mut dq, mut dk, mut dv) = (
+                    written_later(q.len()),
+                    written_later(kk.len()),
+                    written_later(v.len()),
+                );
+                let bias = self.bias.as_deref().map(|b| b.as_slice());
+                attn::backward(
+                    sh,
+                    (&q, &kk, &v),
+                    &self.cos,
+                    &self.sin,
+                    bias,
+                    self.scale,
+                    &y,
+                    &stats,
+                    &dy,
+                    (&mut dq, &mut dk, &mut dv),
+                );
+                drop((y, dy));
+                input.backward(&p[..3], [&dq[..], &dk, &dv], gs, dpack)
+            },
+        )
     }
 }
 
@@ -484,7 +506,7 @@ impl CustomOp2 for MlpHalf {
         let mut out = x.to_vec();
         p[2].forward(&a, m, pack, &mut out, true, isa)?;
         if self.want_grad {
-            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some([gt, up]);
+            keep(&self.saved, [gt, up]);
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -497,36 +519,32 @@ impl CustomOp2 for MlpHalf {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let [gt, up] = taken(&self.saved, "mlp half")?;
-        let want_dx = x.track_op();
         let (isa, p) = (self.isa, &self.projs);
-        let m = x.dim(0)?;
-        let mut dpack = vec![0f32; pack.elem_count()];
-        let dx = with_host([x, pack, g], "mlp half", |[xs, ps, gs]| {
-            // The down projection's input is needed only for its own adapter's gradients.
-            let a = if p[2].lora.is_some() {
-                let mut a = written_later(gt.len());
-                k::swiglu_fwd(&gt, &up, &mut a);
-                a
-            } else {
-                Vec::new()
-            };
-            let mut da = written_later(gt.len());
-            p[2].backward(&a, gs, m, ps, &mut dpack, Some((&mut da, false)), isa)?;
-            drop(a);
-            let (mut dg, mut du) = (written_later(gt.len()), written_later(gt.len()));
-            k::swiglu_bwd(&gt, &up, &da, &mut dg, &mut du);
-            drop(da);
-            let input = Input {
-                norm: &self.norm,
-                eps: self.eps,
-                isa,
-                xs,
-                pack: ps,
-                want_dx,
-            };
-            input.backward(&p[..2], [&dg[..], &du], gs, &mut dpack)
-        })??;
-        grads_out(x, pack, dx, dpack)
+        half_backward(
+            &self.norm,
+            self.eps,
+            isa,
+            [x, pack, g],
+            "mlp half",
+            |input, gs, dpack| {
+                let (m, ps) = (input.rows(), input.pack);
+                // The down projection's input is needed only for its own adapter's gradients.
+                let a = if p[2].lora.is_some() {
+                    let mut a = written_later(gt.len());
+                    k::swiglu_fwd(&gt, &up, &mut a);
+                    a
+                } else {
+                    Vec::new()
+                };
+                let mut da = written_later(gt.len());
+                p[2].backward(&a, gs, m, ps, dpack, Some((&mut da, false)), isa)?;
+                drop(a);
+                let (mut dg, mut du) = (written_later(gt.len()), written_later(gt.len()));
+                k::swiglu_bwd(&gt, &up, &da, &mut dg, &mut du);
+                drop(da);
+                input.backward(&p[..2], [&dg[..], &du], gs, dpack)
+            },
+        )
     }
 }
 
@@ -538,8 +556,17 @@ mod tests {
     use crate::ops;
     use candle_core::{Device, Var};
 
+    /// Deterministic values of spread `std`: the n-th call of a test (each test runs on its own
+    /// thread) always draws the same ones, so a tolerance that passes once passes every run.
     fn randn(shape: &[usize], std: f32) -> Tensor {
-        Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()
+        thread_local!(static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(1) });
+        let seed = CALLS.with(|c| c.replace(c.get() + 1));
+        let mut rng = crate::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| std * 1.732 * (2.0 * rng.next_f64() as f32 - 1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     /// A frozen linear [out, in] with an optional frozen bias and LoRA branch of rank 3.
