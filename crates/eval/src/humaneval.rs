@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EvalError, Result};
 use crate::passk::pass_at_k;
 use crate::results::{append, done_keys};
-use crate::sandbox::{run_python, Limits, Outcome};
+use crate::sandbox::{run_check, Limits, Outcome};
 
 pub const STOPS: [&str; 6] = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\nassert"];
 
@@ -77,11 +77,9 @@ pub fn truncate(completion: &str) -> String {
     completion[..cut].to_string()
 }
 
-pub fn program(p: &Problem, completion: &str) -> String {
-    format!(
-        "{}{}\n\n{}\n\ncheck({})\n",
-        p.prompt, completion, p.test, p.entry_point
-    )
+/// The untrusted half of a program: the prompt and the completion (the sandbox adds the test).
+pub fn solution(p: &Problem, completion: &str) -> String {
+    format!("{}{}\n", p.prompt, completion)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,8 +156,11 @@ pub fn score(
                 let (lock, bar) = (&lock, &bar);
                 s.spawn(move || -> Result<()> {
                     for (key, p, completion) in chunk {
-                        let (outcome, error) = run_python(&program(p, completion), limits)
-                            .map_err(|e| EvalError::Config(format!("cannot run python3: {e}")))?;
+                        let (outcome, error) =
+                            run_check(&solution(p, completion), &p.test, &p.entry_point, limits)
+                                .map_err(|e| {
+                                    EvalError::Config(format!("cannot run python3: {e}"))
+                                })?;
                         let passed = outcome == Outcome::Passed;
                         let mut g = lock.lock().unwrap();
                         if let Some(o) = g.1 {

@@ -340,6 +340,11 @@ impl Simulation {
         Ok(sim)
     }
 
+    /// The adapter's parameters before any training (what every client starts from).
+    pub fn initial(&self) -> &ParamSet {
+        &self.initial
+    }
+
     fn shared(&self) -> Shared<'_> {
         let t = &self.cfg.train;
         Shared {

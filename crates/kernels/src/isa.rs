@@ -146,12 +146,25 @@ pub fn usable(want: Isa) -> Isa {
         .unwrap_or(Isa::Portable)
 }
 
-/// Every path this machine can run (what the tests iterate over).
+/// Every path this machine can run (what the tests iterate over). The paths it cannot run are
+/// said once per process on stderr, so a run never looks as if it had exercised them.
 pub fn available() -> Vec<Isa> {
-    [Isa::Portable, Isa::Avx512Bf16, Isa::Avx512, Isa::Amx]
-        .into_iter()
-        .filter(|&i| supports(i))
-        .collect()
+    let all = [Isa::Portable, Isa::Avx512Bf16, Isa::Avx512, Isa::Amx];
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        let missing: Vec<&str> = all
+            .iter()
+            .filter(|&&i| !supports(i))
+            .map(|i| i.name())
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "note: kernel paths this machine cannot run, not exercised: {}",
+                missing.join(", ")
+            );
+        }
+    });
+    all.into_iter().filter(|&i| supports(i)).collect()
 }
 
 #[cfg(test)]

