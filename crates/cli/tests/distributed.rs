@@ -247,9 +247,8 @@ fn killed_client_misses_the_round_then_rejoins() {
     let mut c1 = client(d, &cfg, 1, &[]);
     // Client 2 answers slowly, so it is mid-round when it dies.
     let mut c2 = client(d, &cfg, 2, &["--straggle-ms", "2500"]);
-    s.wait_for("round   0:", 60);
-    c2.wait_for("evaluate done", 30);
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed once it holds round 1's task (its 2.5 s straggle keeps it from answering first).
+    c2.wait_for("round 1: fit received", 60);
     c2.kill9();
     s.wait_for("round   1:", 30);
     let t = s.text();
@@ -283,8 +282,8 @@ fn killed_server_resumes_to_the_uninterrupted_result() {
     let mut cs: Vec<Proc> = (0..3)
         .map(|i| client(d, &cfg, i, &["--straggle-ms", "300"]))
         .collect();
-    s.wait_for("round   2:", 60);
-    std::thread::sleep(Duration::from_millis(200)); // into round 3
+    // Killed in round 3: a client holds that round's task (and straggles 300 ms on it).
+    cs[0].wait_for("round 3: fit received", 60);
     s.kill9();
     let run = d.join("run");
     let mut s2 = server(d, &cfg, &["--resume", run.to_str().unwrap()]);

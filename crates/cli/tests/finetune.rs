@@ -127,6 +127,36 @@ fn merge_writes_a_loadable_folder() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Every LoRA target is W + (alpha / r)·B·A (computed here with candle's matmul from the PEFT
+    // file), every other tensor is the base's, bit for bit.
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let base = load(&golden("llama-tiny").join("model.safetensors"));
+    let merged = load(&out.join("model.safetensors"));
+    let peft_dir = golden("llama-tiny").join("lora_peft");
+    let lora = load(&peft_dir.join("adapter_model.safetensors"));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let scale = cfg["lora_alpha"].as_f64().unwrap() / cfg["r"].as_f64().unwrap();
+    assert_eq!(merged.len(), base.len());
+    let mut changed = 0;
+    for (name, w) in &base {
+        let module = name.trim_end_matches(".weight");
+        let a_key = format!("base_model.model.{module}.lora_A.weight");
+        let want = match lora.get(&a_key) {
+            Some(a) => {
+                let b = &lora[&a_key.replace("lora_A", "lora_B")];
+                changed += 1;
+                (w + (b.matmul(a).unwrap() * scale).unwrap()).unwrap()
+            }
+            None => w.clone(),
+        };
+        let d = fedllm_model::testing::max_abs_diff(&merged[name], &want).unwrap();
+        // f32: W + s·BA summed in another order differs by a few ulps of |W| (≤ ~1).
+        assert!(d < 1e-6, "{name}: merged differs by {d}");
+    }
+    assert!(changed > 0, "no LoRA target found in the merged model");
     let o = fedllm(&[
         "generate",
         "--model",

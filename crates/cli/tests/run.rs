@@ -42,6 +42,16 @@ fn smollm2_federated_round_on_fed_gsm8k_3() {
     assert!(o.status.success(), "{stderr}");
     println!("{stderr}\n{stdout}");
     assert!(stdout.contains("held-out loss before → after"), "{stdout}");
+    let held: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            r["server_test_loss"].as_f64().unwrap()
+        })
+        .collect();
+    assert_eq!(held.len(), 3, "round 0 and two rounds evaluated");
+    assert!(held[2] < held[0], "held-out loss did not fall: {held:?}");
     assert!(out.join("adapter/adapter_model.safetensors").exists());
     // Resuming a finished run has nothing left to do but must work and keep the metrics.
     let o = run(&["--resume", out.to_str().unwrap()]);

@@ -135,3 +135,86 @@ pub fn rope(
             }
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_data as data;
+
+    /// Checks an analytic gradient `grad` of L(x) = Σ coef·f(x) against central differences.
+    /// f runs in f32: with step h = 1e-2 the truncation error is h²/6·|f'''| ≈ 2e-5 and the
+    /// rounding error ε·Σ|coef·y|/h ≈ 6e-8·(elements)/1e-2 ≈ 1e-4 for these sizes (|y|, |coef| ≤ 1
+    /// scale); 2e-3·(1 + |fd|) keeps a margin of 10x above both and is far below any real error
+    /// (a wrong term moves a gradient by O(1)).
+    fn check(what: &str, x: &[f32], grad: &[f32], loss: impl Fn(&[f32]) -> f64) {
+        let h = 1e-2f32;
+        for i in 0..x.len() {
+            let mut p = x.to_vec();
+            p[i] += h;
+            let fp = loss(&p);
+            p[i] -= 2.0 * h;
+            let fm = loss(&p);
+            let fd = (fp - fm) / (2.0 * h as f64);
+            assert!(
+                (fd - grad[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "{what}[{i}]: finite difference {fd} vs analytic {}",
+                grad[i]
+            );
+        }
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum()
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_finite_differences() {
+        let (rows, h, eps) = (3, 8, 1e-5);
+        let (x, w, coef) = (data(rows * h, 1), data(h, 2), data(rows * h, 3));
+        let y_of = |x: &[f32], w: &[f32]| {
+            let mut y = vec![0f32; rows * h];
+            rms_norm_fwd(x, w, eps, &mut y);
+            y
+        };
+        let mut dx = vec![0f32; rows * h];
+        let dw = rms_norm_bwd(&x, &w, &coef, eps, &mut dx);
+        check("dx", &x, &dx, |x| dot(&y_of(x, &w), &coef));
+        check("dw", &w, &dw, |w| dot(&y_of(&x, w), &coef));
+    }
+
+    #[test]
+    fn swiglu_backward_matches_finite_differences() {
+        let n = 24;
+        let (g, u, coef) = (data(n, 4), data(n, 5), data(n, 6));
+        // Gate values up to ±3 exercise sigmoid's curved part, not just its linear middle.
+        let g: Vec<f32> = g.iter().map(|v| v * 3.0).collect();
+        let y_of = |g: &[f32], u: &[f32]| {
+            let mut y = vec![0f32; n];
+            swiglu_fwd(g, u, &mut y);
+            y
+        };
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        swiglu_bwd(&g, &u, &coef, &mut dg, &mut du);
+        check("dgate", &g, &dg, |g| dot(&y_of(g, &u), &coef));
+        check("dup", &u, &du, |u| dot(&y_of(&g, u), &coef));
+    }
+
+    /// RoPE's backward is the inverse rotation applied to dy (a rotation's transpose).
+    #[test]
+    fn rope_backward_matches_finite_differences() {
+        let (b, h, t, d) = (2, 2, 3, 4);
+        let n = b * h * t * d;
+        let (x, coef) = (data(n, 7), data(n, 8));
+        let theta = data(b * t * d, 9);
+        let cos: Vec<f32> = theta.iter().map(|a| (a * 3.0).cos()).collect();
+        let sin: Vec<f32> = theta.iter().map(|a| (a * 3.0).sin()).collect();
+        let y_of = |x: &[f32]| {
+            let mut y = vec![0f32; n];
+            rope(x, &cos, &sin, (b, h, t, d), false, &mut y);
+            y
+        };
+        let mut dx = vec![0f32; n];
+        rope(&coef, &cos, &sin, (b, h, t, d), true, &mut dx);
+        check("dx", &x, &dx, |x| dot(&y_of(x), &coef));
+    }
+}

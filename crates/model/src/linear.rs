@@ -926,9 +926,10 @@ mod tests {
     #[test]
     fn frozen_linear_grad_matches_plain_matmul() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap()).unwrap();
-        let coef = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let w = crate::testing::randn(101, 0f32, 1.0, (5, 3), &dev).unwrap();
+        let x = Var::from_tensor(&crate::testing::randn(102, 0f32, 1.0, (4, 3), &dev).unwrap())
+            .unwrap();
+        let coef = crate::testing::randn(103, 0f32, 1.0, (4, 5), &dev).unwrap();
         for in_out in [false, true] {
             let (wt, lin) = if in_out {
                 let wio = w.t().unwrap().contiguous().unwrap();
@@ -981,11 +982,14 @@ mod tests {
     fn fused_lora_matches_composite() {
         let dev = Device::Cpu;
         let (m, k, n, r) = (7, 13, 9, 3);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap()).unwrap();
-        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (r, k), &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, r), &dev).unwrap()).unwrap();
+        let w = crate::testing::randn(104, 0f32, 1.0, (n, k), &dev).unwrap();
+        let bias = crate::testing::randn(105, 0f32, 1.0, n, &dev).unwrap();
+        let x = Var::from_tensor(&crate::testing::randn(106, 0f32, 1.0, (m, k), &dev).unwrap())
+            .unwrap();
+        let a = Var::from_tensor(&crate::testing::randn(107, 0f32, 1.0, (r, k), &dev).unwrap())
+            .unwrap();
+        let b = Var::from_tensor(&crate::testing::randn(108, 0f32, 1.0, (n, r), &dev).unwrap())
+            .unwrap();
         for in_out in [false, true] {
             let mut lin = if in_out {
                 let wio = w.t().unwrap().contiguous().unwrap();
@@ -1034,12 +1038,13 @@ mod tests {
     fn residual_products_match_composites() {
         let dev = Device::Cpu;
         let (b, t, k, n) = (2, 3, 11, 6);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let w = crate::testing::randn(109, 0f32, 1.0, (n, k), &dev).unwrap();
+        let bias = crate::testing::randn(110, 0f32, 1.0, n, &dev).unwrap();
         let mut lin = Linear::new(Weight::Dense(w.clone()), Some(bias.clone())).unwrap();
         lin.precision = MatmulPrecision::Kernel(Isa::Avx512);
         let var = |d: usize| {
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap()).unwrap()
+            Var::from_tensor(&crate::testing::randn(111, 0f32, 1.0, (b, t, d), &dev).unwrap())
+                .unwrap()
         };
         let (h, g, u, r) = (var(k), var(k), var(k), var(n));
         let plain = |x: &Tensor| {
@@ -1076,10 +1081,11 @@ mod tests {
     fn head_cross_entropy_matches_composite() {
         let dev = Device::Cpu;
         let (n, h, vocab) = (HEAD_CHUNK + 19, 8, 50);
-        let w = Tensor::randn(0f32, 1.0, (vocab, h), &dev).unwrap();
+        let w = crate::testing::randn(112, 0f32, 1.0, (vocab, h), &dev).unwrap();
         let mut lin = Linear::new(Weight::Dense(w.clone()), None).unwrap();
         lin.precision = MatmulPrecision::Kernel(Isa::Avx512);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&crate::testing::randn(113, 0f32, 1.0, (n, h), &dev).unwrap())
+            .unwrap();
         let targets: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
         let Some(fused) = lin.fused_cross_entropy(x.as_tensor(), &targets) else {
             return; // no kernel path on this CPU: the composite is what runs

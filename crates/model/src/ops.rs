@@ -773,8 +773,10 @@ mod tests {
     fn fused_row_ops_match_composites() {
         let dev = Device::Cpu;
         let var = |shape: &[usize], s: f64| {
-            Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * s).unwrap())
-                .unwrap()
+            Var::from_tensor(
+                &(crate::testing::randn(201, 0f32, 1.0, shape, &dev).unwrap() * s).unwrap(),
+            )
+            .unwrap()
         };
         let check = |what: &str, vars: &[&Var], f: &dyn Fn() -> Tensor, c: &dyn Fn() -> Tensor| {
             crate::testing::assert_same_op(&f(), &c(), vars, (1e-5, 1e-4), what)
@@ -795,8 +797,8 @@ mod tests {
             &|| (silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap(),
         );
         let x = var(&[2, 3, 5, 8], 1.0);
-        let cos = Tensor::randn(0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
-        let sin = Tensor::randn(0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        let cos = crate::testing::randn(202, 0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        let sin = crate::testing::randn(203, 0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
         check(
             "rope",
             &[&x],
@@ -814,11 +816,14 @@ mod tests {
             // 150 rows: three 64-row blocks, the causal ones reading fewer key columns.
             let (b, h, kv, d) = (2, 6, 2, 8);
             let var = |n: usize| {
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, n * d), &dev).unwrap()).unwrap()
+                Var::from_tensor(
+                    &crate::testing::randn(204, 0f32, 1.0, (b, t, n * d), &dev).unwrap(),
+                )
+                .unwrap()
             };
             let (q, k, v) = (var(h), var(kv), var(kv));
-            let cos = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
-            let sin = Tensor::randn(0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            let cos = crate::testing::randn(205, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            let sin = crate::testing::randn(206, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
             // Causal, and batch 1 left-padded by 2.
             let mut bias = vec![0f32; b * t * t];
             for bi in 0..b {
@@ -871,7 +876,8 @@ mod tests {
     fn fused_cross_entropy_matches_composite() {
         let dev = Device::Cpu;
         let (n, v) = (70, 33);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (n, v), &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&crate::testing::randn(207, 0f32, 3.0, (n, v), &dev).unwrap())
+            .unwrap();
         let targets: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
         let fused = cross_entropy(x.as_tensor(), &targets).unwrap();
         let idx = Tensor::from_vec(targets.clone(), (n, 1), &dev).unwrap();
@@ -906,14 +912,20 @@ mod tests {
     fn fused_attention_matches_composite() {
         let dev = Device::Cpu;
         let (b, h, t, s, d) = (2, 3, 5, 7, 4);
-        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap()).unwrap();
-        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap()).unwrap();
-        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap()).unwrap();
+        let q =
+            Var::from_tensor(&crate::testing::randn(208, 0f32, 1.0, (b, h, t, d), &dev).unwrap())
+                .unwrap();
+        let k =
+            Var::from_tensor(&crate::testing::randn(209, 0f32, 1.0, (b, h, s, d), &dev).unwrap())
+                .unwrap();
+        let v =
+            Var::from_tensor(&crate::testing::randn(210, 0f32, 1.0, (b, h, s, d), &dev).unwrap())
+                .unwrap();
         let bias: Vec<f32> = (0..b * t * s)
             .map(|i| if (i * 7) % 5 == 0 { -1e30 } else { 0.0 })
             .collect();
         let bias = Tensor::from_vec(bias, (b, 1, t, s), &dev).unwrap();
-        let coef = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let coef = crate::testing::randn(211, 0f32, 1.0, (b, h, t, d), &dev).unwrap();
         for bias in [None, Some(&bias)] {
             let f = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias).unwrap();
             let c = attention_composite(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias)
@@ -939,10 +951,10 @@ mod tests {
     fn gqa_inference_attention_matches_composite() {
         let dev = Device::Cpu;
         let (b, kv, n_rep, t, s, d) = (2, 2, 3, 3, 9, 8);
-        let q = Tensor::randn(0f32, 1.0, (b, kv * n_rep, t, d), &dev).unwrap();
+        let q = crate::testing::randn(212, 0f32, 1.0, (b, kv * n_rep, t, d), &dev).unwrap();
         // k/v as narrow views of a longer buffer, as a KV cache with spare room would hand out.
-        let kb = Tensor::randn(0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
-        let vb = Tensor::randn(0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
+        let kb = crate::testing::randn(213, 0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
+        let vb = crate::testing::randn(214, 0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
         let (k, v) = (kb.narrow(2, 1, s).unwrap(), vb.narrow(2, 1, s).unwrap());
         let bias: Vec<f32> = (0..b * t * s)
             .map(|i| if (i * 7) % 5 == 0 { -1e30 } else { 0.1 })

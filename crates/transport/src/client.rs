@@ -305,14 +305,15 @@ pub fn run_with(
                     r.clone()
                 }
                 _ => {
-                    if !o.straggle.is_zero() {
-                        tokio::time::sleep(o.straggle).await;
-                    }
                     let (round, what) = match &task {
                         ToClient::Fit { round, .. } => (*round, "fit"),
                         ToClient::Evaluate { round, .. } => (*round, "evaluate"),
                         ToClient::Finish => (0, ""),
                     };
+                    log(&format!("round {round}: {what} received"));
+                    if !o.straggle.is_zero() {
+                        tokio::time::sleep(o.straggle).await;
+                    }
                     let t0 = Instant::now();
                     let r = tokio::task::block_in_place(|| work(task));
                     let r = match r {

@@ -320,9 +320,13 @@ struct Limiter {
 
 impl Limiter {
     fn allow(&self, id: usize) -> bool {
+        self.allow_at(id, Instant::now())
+    }
+
+    /// `allow` at a given time (tests drive the clock instead of sleeping).
+    fn allow_at(&self, id: usize, now: Instant) -> bool {
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let cap = 4.0 * self.rate;
-        let now = Instant::now();
         let (tokens, at) = b.entry(id).or_insert((cap, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(cap);
         *at = now;
@@ -636,11 +640,16 @@ mod tests {
             rate: 2.0,
             buckets: Mutex::new(BTreeMap::new()),
         };
-        let allowed = (0..20).filter(|_| l.allow(3)).count();
+        let t0 = Instant::now();
+        let allowed = (0..20).filter(|_| l.allow_at(3, t0)).count();
         assert_eq!(allowed, 8, "burst of 4x the rate");
-        assert!(l.allow(4), "clients have separate buckets");
-        std::thread::sleep(Duration::from_millis(600));
-        assert!(l.allow(3), "refills at the rate");
+        assert!(l.allow_at(4, t0), "clients have separate buckets");
+        // At 2 per second, 0.4 s refills 0.8 of a token (refused), 0.6 s more than one.
+        assert!(!l.allow_at(3, t0 + Duration::from_millis(400)));
+        assert!(
+            l.allow_at(3, t0 + Duration::from_millis(600)),
+            "refills at the rate"
+        );
     }
 
     #[test]
