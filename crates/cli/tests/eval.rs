@@ -83,7 +83,8 @@ fn reference_loss(tiny: &Path, data: &Path, full_text: bool) -> (f64, usize) {
             .unwrap()
             .to_vec2()
             .unwrap();
-        for t in 0..s.ids.len() - 1 {
+        // Position t predicts token t + 1.
+        for (t, row) in logits.iter().enumerate().take(s.ids.len() - 1) {
             let target = if full_text {
                 s.ids[t + 1] as i64
             } else {
@@ -92,7 +93,6 @@ fn reference_loss(tiny: &Path, data: &Path, full_text: bool) -> (f64, usize) {
             if target < 0 {
                 continue;
             }
-            let row = &logits[t];
             let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
             let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
             sum += lse - row[target as usize] as f64;
