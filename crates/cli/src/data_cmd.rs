@@ -39,10 +39,13 @@ pub struct SplitArgs {
     /// A separate test file (split across clients too; also the server's test set)
     #[arg(long)]
     test_data: Option<PathBuf>,
+    /// Data file layout (auto detects it from the first record)
     #[arg(long, default_value = "auto")]
     format: String,
+    /// How records are dealt to clients [default: the preset's, else iid]
     #[arg(long, value_enum)]
     splitter: Option<SplitterKind>,
+    /// Number of clients [default: the preset's]
     #[arg(long)]
     clients: Option<usize>,
     /// Dirichlet concentration (smaller = more skewed)
@@ -60,32 +63,41 @@ pub struct SplitArgs {
     /// Derive categories from code (programming language) when records have none
     #[arg(long)]
     derive_code_category: bool,
+    /// Seed for the split (same seed, same split)
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Count tokens with this model's tokenizer
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Prompt template used to count tokens (alpaca, chat, raw)
     #[arg(long, default_value = "alpaca")]
     template: String,
+    /// Output folder: one JSONL per client and split, plus manifest.json
     #[arg(long)]
     out: PathBuf,
 }
 
 #[derive(Args)]
 pub struct ShowArgs {
+    /// A data file, or a preset name (see `fedllm data presets`; its training file is shown)
     #[arg(long)]
-    data: PathBuf,
+    data: String,
+    /// Data file layout (auto detects it from the first record)
     #[arg(long, default_value = "auto")]
     format: String,
+    /// Prompt template (alpaca, chat, raw)
     #[arg(long, default_value = "alpaca")]
     template: String,
     /// The model whose tokenizer (and chat template) renders the samples
     #[arg(long)]
     model: PathBuf,
+    /// Records to show
     #[arg(long, default_value_t = 3)]
     n: usize,
+    /// Index of the first record shown
     #[arg(long, default_value_t = 0)]
     offset: usize,
+    /// Tokens per sample (prompt + response); longer samples are truncated
     #[arg(long, default_value_t = 512)]
     tok_len: usize,
 }
@@ -272,9 +284,16 @@ fn split(a: SplitArgs) -> Result<()> {
 }
 
 fn show(a: ShowArgs) -> Result<()> {
-    let format: Format = a.format.parse()?;
+    let (path, format) = match preset(&a.data) {
+        Some(p) => {
+            let src = p.source(&data_root())?;
+            let f = src.format.unwrap_or(Format::Auto);
+            (src.train, f)
+        }
+        None => (PathBuf::from(&a.data), a.format.parse()?),
+    };
     let template: Template = a.template.parse()?;
-    let (recs, _) = fedllm_data::load(&a.data, &format)?;
+    let (recs, _) = fedllm_data::load(&path, &format)?;
     let tok = tokenizer(&a.model)?;
     for (i, r) in recs.iter().enumerate().skip(a.offset).take(a.n) {
         println!("──── record {i} ────");

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use fedllm_fl::config::{Mode, SplitterName};
 use fedllm_fl::{Role, RunConfig, Simulation};
 use fedllm_transport::client::{run_client, ClientOptions};
 use fedllm_transport::server::{serve, ServeOptions};
@@ -21,6 +22,9 @@ pub struct ServerArgs {
     /// Address to listen on [default: distributed.listen]
     #[arg(long)]
     pub listen: Option<String>,
+    /// Replace the run already in the config's outdir (only its run files are removed)
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Overrides as key.sub=value
     pub overrides: Vec<String>,
 }
@@ -74,7 +78,7 @@ fn stamp(who: &str, line: &str) {
 }
 
 fn need_distributed(cfg: &RunConfig) -> Result<()> {
-    if cfg.federate.mode != "distributed" {
+    if cfg.federate.mode != Mode::Distributed {
         bail!(
             "federate.mode is `{}`: set federate.mode: distributed for `fedllm server`/`client` (or use `fedllm run`)",
             cfg.federate.mode
@@ -119,6 +123,9 @@ pub fn cmd_server(a: ServerArgs) -> Result<()> {
     fedllm_transport::tls::server_config(&cfg.distributed.tls)?;
     if let Some(p) = &cfg.distributed.tokens_file {
         fedllm_transport::server::load_tokens(p)?;
+    }
+    if a.resume.is_none() {
+        fedllm_fl::manifest::claim(&cfg.outdir, a.overwrite)?;
     }
     let mut sim = match &a.resume {
         Some(dir) => Simulation::resume_as(dir, &overrides, Role::Server)?,
@@ -180,7 +187,7 @@ pub fn cmd_client(a: ClientArgs) -> Result<()> {
         Some(file) => {
             // The client's own file: all of it is this client's (90/5/5 train/val/test).
             cfg.data.source = file.display().to_string();
-            cfg.data.splitter = Some("iid".into());
+            cfg.data.splitter = Some(SplitterName::Iid);
             cfg.outdir = cfg.outdir.join(format!("client-{id}"));
             cfg.federate.client_num = 1;
             cfg.federate.sample_client_num = 1;

@@ -4,31 +4,22 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use fedllm_eval::{gsm8k, humaneval, mmlu, sandbox::Limits};
 use fedllm_model::{CausalLm, LoadOptions};
 use fedllm_peft::{Adapter, AdapterConfig};
 use serde_json::json;
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-pub enum Task {
-    Humaneval,
-    Gsm8k,
-    Mmlu,
-    Loss,
-}
-
+/// What every evaluation shares: the model, an adapter, the data, a limit and the result file.
 #[derive(Args)]
-pub struct EvalArgs {
-    #[arg(value_enum)]
-    task: Task,
-    /// Model (HF folder or GGUF); not needed with `humaneval --completions`
+pub struct Common {
+    /// Hugging Face folder (config.json + safetensors) or .gguf file
     #[arg(long)]
     model: Option<PathBuf>,
     /// Adapter folder (PEFT files) applied to the model
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Data file [default: $FEDLLM_DATA/{humaneval/HumanEval.jsonl.gz, gsm8k/test.jsonl, mmlu/mmlu.jsonl}]
+    /// Data file [default: the task's file under $FEDLLM_DATA, else data/]
     #[arg(long)]
     data: Option<PathBuf>,
     /// Evaluate only the first N items
@@ -37,45 +28,100 @@ pub struct EvalArgs {
     /// Result JSON; per-sample rows go to <out>.samples.jsonl (a re-run skips finished samples)
     #[arg(long)]
     out: Option<PathBuf>,
-    /// HumanEval: score this completions file ({task_id, completion} lines) without a model
-    #[arg(long)]
-    completions: Option<PathBuf>,
-    /// HumanEval: samples per task
-    #[arg(long, default_value_t = 5)]
-    n: usize,
-    /// New tokens (HumanEval 128, GSM8K 256)
-    #[arg(long)]
-    max_new_tokens: Option<usize>,
-    /// MMLU shots
-    #[arg(long, default_value_t = 5)]
-    shots: usize,
-    /// MMLU: evaluate every N-th question (a sample across all topics)
-    #[arg(long, default_value_t = 1)]
-    every: usize,
-    /// MMLU prompt budget in tokens (shots shrink to fit)
-    #[arg(long, default_value_t = 1024)]
-    max_len: usize,
-    /// GSM8K generation batch
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    /// Loss: template (alpaca, chat, raw) and whether the prompt counts too
-    #[arg(long, default_value = "alpaca")]
-    template: String,
-    #[arg(long)]
-    full_text: bool,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Keep GGUF weights quantized (faster decoding, approximate)
-    #[arg(long)]
+    /// Keep GGUF weights quantized (faster, approximate; evaluation dequantizes by default)
+    #[arg(long, conflicts_with = "dequantize")]
     keep_quantized: bool,
+    /// Dequantize GGUF weights to f32 as transformers does (the default for evaluation)
+    #[arg(long)]
+    dequantize: bool,
+}
+
+#[derive(Subcommand)]
+pub enum EvalCmd {
+    /// HumanEval pass@k: sample completions (FS-LLM's settings) and run each in the sandbox
+    Humaneval {
+        #[command(flatten)]
+        common: Common,
+        /// Score this completions file ({task_id, completion} lines) instead of generating
+        #[arg(long)]
+        completions: Option<PathBuf>,
+        /// Samples per task
+        #[arg(long, default_value_t = 5)]
+        n: usize,
+        /// New tokens per completion
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sampling seed (problem i uses seed + i)
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// GSM8K 8-shot chain of thought, greedy, FS-LLM's answer extraction
+    Gsm8k {
+        #[command(flatten)]
+        common: Common,
+        /// New tokens per answer
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Questions decoded together
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+    },
+    /// MMLU k-shot accuracy (shots from the same topic), per topic
+    Mmlu {
+        #[command(flatten)]
+        common: Common,
+        /// Shots per question (fewer when the prompt would exceed --max-len)
+        #[arg(long, default_value_t = 5)]
+        shots: usize,
+        /// Evaluate every N-th question (a sample across all topics)
+        #[arg(long, default_value_t = 1)]
+        every: usize,
+        /// Prompt budget in tokens
+        #[arg(long, default_value_t = 1024)]
+        max_len: usize,
+    },
+    /// Held-out loss and perplexity: mean NLL of the response tokens within --tok-len
+    Loss {
+        #[command(flatten)]
+        common: Common,
+        /// Prompt template
+        #[arg(long, value_enum, default_value = "alpaca")]
+        template: TemplateArg,
+        /// Count the prompt's tokens too (language-model loss over the whole text)
+        #[arg(long)]
+        full_text: bool,
+        /// Tokens per sample (prompt + response); longer samples are truncated, as in training
+        /// [default: the model's context length]
+        #[arg(long)]
+        tok_len: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TemplateArg {
+    /// FS-LLM's Alpaca prompts
+    Alpaca,
+    /// The model's chat template
+    Chat,
+    /// The instruction as is
+    Raw,
+}
+
+impl From<TemplateArg> for fedllm_data::Template {
+    fn from(t: TemplateArg) -> Self {
+        match t {
+            TemplateArg::Alpaca => Self::Alpaca,
+            TemplateArg::Chat => Self::Chat,
+            TemplateArg::Raw => Self::Raw,
+        }
+    }
 }
 
 fn default_data(rel: &str) -> PathBuf {
-    let root = fedllm_data::federated::data_root();
-    root.join(rel)
+    fedllm_data::federated::data_root().join(rel)
 }
 
-fn load(a: &EvalArgs) -> Result<(CausalLm, fedllm_model::Tokenizer, Option<Adapter>)> {
+fn load(a: &Common) -> Result<(CausalLm, fedllm_model::Tokenizer, Option<Adapter>)> {
     let path = a.model.as_ref().context("--model is required")?;
     let quant = if a.keep_quantized {
         fedllm_model::QuantMode::Keep
@@ -125,36 +171,49 @@ fn generation_adapter_ok(a: &Option<Adapter>) -> Result<()> {
     Ok(())
 }
 
-pub fn run(a: EvalArgs) -> Result<()> {
+pub fn run(cmd: EvalCmd) -> Result<()> {
     let t0 = Instant::now();
+    let a = match &cmd {
+        EvalCmd::Humaneval { common, .. }
+        | EvalCmd::Gsm8k { common, .. }
+        | EvalCmd::Mmlu { common, .. }
+        | EvalCmd::Loss { common, .. } => common,
+    };
     let samples = samples_path(&a.out);
-    let config = json!({"model": a.model, "adapter": a.adapter, "limit": a.limit, "seed": a.seed});
-    match a.task {
-        Task::Humaneval => {
+    let config = json!({"model": a.model, "adapter": a.adapter, "limit": a.limit});
+    match &cmd {
+        EvalCmd::Humaneval {
+            completions,
+            n,
+            max_new_tokens,
+            seed,
+            ..
+        } => {
+            let (n, seed) = (*n, *seed);
             let data = a
                 .data
                 .clone()
                 .unwrap_or_else(|| default_data("humaneval/HumanEval.jsonl.gz"));
             let mut problems: Vec<humaneval::Problem> = humaneval::read_jsonl(&data)?;
             problems.truncate(a.limit.unwrap_or(usize::MAX));
-            let comps = match &a.completions {
+            let comps = match completions {
                 Some(c) => humaneval::read_jsonl(c)?,
                 None => {
-                    let (model, tok, ad) = load(&a)?;
+                    let (model, tok, ad) = load(a)?;
                     generation_adapter_ok(&ad)?;
                     humaneval::generate_completions(
                         &model,
                         &tok,
                         &problems,
-                        a.n,
-                        a.max_new_tokens.unwrap_or(128),
-                        a.seed,
+                        n,
+                        *max_new_tokens,
+                        seed,
                     )?
                 }
             };
             let ks: Vec<usize> = [1, 5, 10, 100]
                 .into_iter()
-                .filter(|&k| k <= a.n.max(1))
+                .filter(|&k| k <= n.max(1))
                 .collect();
             let s = humaneval::score(
                 &problems,
@@ -173,24 +232,28 @@ pub fn run(a: EvalArgs) -> Result<()> {
             println!("  wall time {:.1} s", t0.elapsed().as_secs_f64());
             finish(
                 &a.out,
-                json!({"metric": "pass@k", "pass_at": s.pass_at, "count": s.tasks, "samples": s.samples, "config": config, "seconds": t0.elapsed().as_secs_f64()}),
+                json!({"metric": "pass@k", "pass_at": s.pass_at, "count": s.tasks, "samples": s.samples, "config": config, "seed": seed, "seconds": t0.elapsed().as_secs_f64()}),
             )
         }
-        Task::Gsm8k => {
+        EvalCmd::Gsm8k {
+            max_new_tokens,
+            batch,
+            ..
+        } => {
             let data = a
                 .data
                 .clone()
                 .unwrap_or_else(|| default_data("gsm8k/test.jsonl"));
             let mut qs: Vec<gsm8k::Question> = humaneval::read_jsonl(&data)?;
             qs.truncate(a.limit.unwrap_or(usize::MAX));
-            let (model, tok, ad) = load(&a)?;
+            let (model, tok, ad) = load(a)?;
             generation_adapter_ok(&ad)?;
             let s = gsm8k::evaluate(
                 &model,
                 &tok,
                 &qs,
-                a.max_new_tokens.unwrap_or(256),
-                a.batch,
+                *max_new_tokens,
+                *batch,
                 samples.as_deref(),
             )?;
             println!(
@@ -207,18 +270,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 json!({"metric": "accuracy", "value": s.accuracy, "ci95": s.ci95, "count": s.count, "config": config, "seconds": t0.elapsed().as_secs_f64()}),
             )
         }
-        Task::Mmlu => {
+        EvalCmd::Mmlu {
+            shots,
+            every,
+            max_len,
+            ..
+        } => {
             let data = a
                 .data
                 .clone()
                 .unwrap_or_else(|| default_data("mmlu/mmlu.jsonl"));
             let qs = mmlu::load(&data)?;
-            let (model, tok, ad) = load(&a)?;
+            let (model, tok, ad) = load(a)?;
             let o = mmlu::Options {
                 limit: a.limit,
-                every: a.every,
-                shots: a.shots,
-                max_len: a.max_len,
+                every: *every,
+                shots: *shots,
+                max_len: *max_len,
             };
             let s = mmlu::evaluate(&model, ad.as_ref(), &tok, &qs, &o, samples.as_deref())?;
             println!(
@@ -246,14 +314,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 json!({"metric": "accuracy", "value": s.accuracy, "ci95": s.ci95, "count": s.count, "per_topic": topics, "config": config, "seconds": t0.elapsed().as_secs_f64()}),
             )
         }
-        Task::Loss => {
+        EvalCmd::Loss {
+            template,
+            full_text,
+            tok_len,
+            ..
+        } => {
             let data = a.data.clone().context("--data is required for loss")?;
             let (recs, _) = fedllm_data::load(&data, &fedllm_data::record::Format::Auto)?;
-            let (model, tok, ad) = load(&a)?;
-            let template: fedllm_data::Template = a.template.parse()?;
-            let (mut samples, rep) = fedllm_data::tokenize_all(&recs, template, &tok, usize::MAX)?;
+            let (model, tok, ad) = load(a)?;
+            let tok_len = tok_len.unwrap_or(model.config.context_length());
+            let (mut samples, rep) =
+                fedllm_data::tokenize_all(&recs, (*template).into(), &tok, tok_len)?;
             samples.truncate(a.limit.unwrap_or(usize::MAX));
-            if a.full_text {
+            if *full_text {
                 for s in &mut samples {
                     s.labels = s.ids.iter().map(|&i| i as i64).collect();
                 }
@@ -262,24 +336,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 .pad_token_id
                 .or(tok.eos_token_ids.first().copied())
                 .unwrap_or(0);
-            let batches = fedllm_train::finetune::eval_batches(&samples, 4, pad, &model.device)?;
-            let (loss, n) = match &ad {
-                Some(adapter) => fedllm_train::finetune::eval_loss(&model, adapter, &batches)?,
-                None => {
-                    let (mut sum, mut n) = (0f64, 0usize);
-                    for b in &batches {
-                        let h = model.forward_hidden(&b.input_ids, Some(&b.mask), None)?;
-                        let (l, c) = model.loss_from_hidden(&h, &b.labels)?;
-                        sum += l.to_scalar::<f32>()? as f64 * c as f64;
-                        n += c;
-                    }
-                    (sum / n.max(1) as f64, n)
-                }
-            };
-            println!("loss {loss:.4}, perplexity {:.3} over {n} tokens ({} samples, {} dropped), {:.1} s", loss.exp(), samples.len(), rep.dropped_no_target, t0.elapsed().as_secs_f64());
+            let (loss, n) =
+                fedllm_train::finetune::heldout_loss(&model, ad.as_ref(), &samples, 4, pad)?;
+            println!(
+                "loss {loss:.4}, perplexity {:.3} over {n} tokens ({} samples; tok_len {tok_len}: {} truncated, {} dropped with no response token inside), {:.1} s",
+                loss.exp(),
+                samples.len(),
+                rep.truncated,
+                rep.dropped_no_target,
+                t0.elapsed().as_secs_f64()
+            );
             finish(
                 &a.out,
-                json!({"metric": "loss", "value": loss, "perplexity": loss.exp(), "tokens": n, "count": samples.len(), "config": config}),
+                json!({"metric": "loss", "value": loss, "perplexity": loss.exp(), "tokens": n, "count": samples.len(), "tok_len": tok_len, "truncated": rep.truncated, "dropped": rep.dropped_no_target, "config": config}),
             )
         }
     }

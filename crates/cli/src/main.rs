@@ -42,6 +42,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate text from a prompt
+    #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
     /// Print a model's architecture, size, storage and vocabulary
     Info {
@@ -49,6 +50,7 @@ enum Cmd {
         model: ModelArgs,
     },
     /// Run a federated fine-tuning (standalone simulation) from a YAML config
+    #[command(allow_negative_numbers = true)]
     Run {
         /// Run config (YAML, FS-LLM-like sections); optional with --resume
         #[arg(long, required_unless_present = "resume")]
@@ -56,19 +58,25 @@ enum Cmd {
         /// Continue the run in this output folder from its last checkpoint
         #[arg(long)]
         resume: Option<PathBuf>,
-        /// Hide the per-round progress bar
+        /// Hide progress (the per-round bar, or the periodic lines when not on a terminal)
         #[arg(long)]
         no_progress: bool,
+        /// Replace the run already in the config's outdir (only its run files are removed)
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
         /// Overrides as key.sub=value, e.g. federate.total_round_num=5 train.lr=1e-3
         overrides: Vec<String>,
     },
     /// Distributed mode: the gRPC server (aggregation, evaluation, checkpoints)
+    #[command(allow_negative_numbers = true)]
     Server(Box<dist_cmd::ServerArgs>),
     /// Distributed mode: one organisation's client (trains on its own data)
+    #[command(allow_negative_numbers = true)]
     Client(Box<dist_cmd::ClientArgs>),
     /// Make a CA and server/client certificates for trying TLS and mTLS
     Certs(dist_cmd::CertsArgs),
     /// Fine-tune an adapter on local data; writes PEFT files and a metrics log
+    #[command(allow_negative_numbers = true)]
     Finetune(Box<train_cmd::FinetuneArgs>),
     /// Fold a LoRA adapter into the base and write a Hugging Face folder
     Merge {
@@ -77,11 +85,13 @@ enum Cmd {
         /// Adapter folder (PEFT files)
         #[arg(long)]
         adapter: PathBuf,
+        /// Output folder: a Hugging Face folder (config.json, model.safetensors, tokenizer)
         #[arg(long)]
         out: PathBuf,
     },
     /// Evaluate a model (+ adapter): HumanEval pass@k, GSM8K, MMLU, loss/perplexity
-    Eval(Box<eval_cmd::EvalArgs>),
+    #[command(subcommand)]
+    Eval(Box<eval_cmd::EvalCmd>),
     /// Federated datasets: split across clients, preview prompts, list presets
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
@@ -95,11 +105,13 @@ pub struct ModelArgs {
     /// Hugging Face folder (config.json + safetensors) or .gguf file
     #[arg(long)]
     pub model: PathBuf,
-    /// Dequantize GGUF weights to the compute dtype (as transformers does) instead of keeping them quantized
+    /// Dequantize GGUF weights to the compute dtype, as transformers does (default: keep them
+    /// quantized, except for `eval` and `bench train --dtype f32`)
     #[arg(long, conflicts_with = "keep_quantized")]
     pub dequantize: bool,
-    /// Keep GGUF weights quantized (bench train dequantizes by default, like the PyTorch reference)
-    #[arg(long, hide = true)]
+    /// Keep GGUF weights quantized in memory (the default, except for `eval` and `bench train
+    /// --dtype f32`)
+    #[arg(long)]
     pub keep_quantized: bool,
     /// Compute in bf16 (fp32 master weights for what is trained)
     #[arg(long)]
@@ -145,17 +157,22 @@ struct GenerateArgs {
     /// System message for --chat
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Tokens to generate at most
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// Greedy decoding (the default when no temperature is given)
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
+    /// Sampling temperature (> 0 samples; 0 or absent decodes greedily)
     #[arg(long)]
     temperature: Option<f64>,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P
     #[arg(long)]
     top_p: Option<f64>,
+    /// Sample only among the K most likely tokens
     #[arg(long)]
     top_k: Option<usize>,
+    /// Random seed for sampling
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop when the generated text contains this string (repeatable)
@@ -175,15 +192,19 @@ enum BenchCmd {
     Generate {
         #[command(flatten)]
         model: ModelArgs,
+        /// Prompt tokens for the prefill measurement
         #[arg(long, default_value_t = 256)]
         prompt_len: usize,
+        /// Tokens decoded per measurement
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
         /// Context length before decoding starts
         #[arg(long, default_value_t = 16)]
         decode_ctx: usize,
+        /// Batch sizes to measure (comma-separated)
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         batch: Vec<usize>,
+        /// Repetitions per measurement (the best is reported)
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
@@ -202,6 +223,7 @@ enum BenchCmd {
             default_value = "none,fp16,int8,int8+zstd"
         )]
         compression: Vec<String>,
+        /// Exchanges per encoding
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
@@ -210,11 +232,13 @@ enum BenchCmd {
         /// Rows (batch × sequence)
         #[arg(long, default_value_t = 1024)]
         rows: usize,
+        /// Repetitions per shape
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
     /// Server aggregation speed: FedAvg (and robust rules) over many client updates
     Aggregate {
+        /// Client updates aggregated
         #[arg(long, default_value_t = 100)]
         clients: usize,
         /// Parameters per update (default: LLaMA-7B LoRA r=8 on q,v)
@@ -225,12 +249,16 @@ enum BenchCmd {
     Train {
         #[command(flatten)]
         model: ModelArgs,
+        /// Compute dtype(s) to measure
         #[arg(long, value_enum, default_value = "both")]
         dtype: train_cmd::BenchDtype,
+        /// Optimizer steps measured
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Sequences per step
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Tokens per sequence
         #[arg(long, default_value_t = 256)]
         seq: usize,
     },
@@ -264,8 +292,9 @@ fn run(cli: Cli) -> Result<()> {
             config,
             resume,
             no_progress,
+            overwrite,
             overrides,
-        } => cmd_run(config, resume, no_progress, &overrides),
+        } => cmd_run(config, resume, no_progress, overwrite, &overrides),
         Cmd::Data(d) => data_cmd::run(d),
         Cmd::Server(a) => dist_cmd::cmd_server(*a),
         Cmd::Client(a) => dist_cmd::cmd_client(*a),
@@ -391,6 +420,7 @@ fn cmd_run(
     config: Option<PathBuf>,
     resume: Option<PathBuf>,
     no_progress: bool,
+    overwrite: bool,
     overrides: &[String],
 ) -> Result<()> {
     use fedllm_fl::{RunConfig, Simulation};
@@ -401,8 +431,11 @@ fn cmd_run(
         (None, Some(c)) => RunConfig::from_file(c, overrides)?,
         (None, None) => bail!("give --config or --resume"),
     };
-    if cfg.federate.mode == "distributed" {
+    if cfg.federate.mode == fedllm_fl::config::Mode::Distributed {
         bail!("federate.mode is `distributed`: start `fedllm server` and one `fedllm client` per organisation (or set federate.mode=standalone)");
+    }
+    if resume.is_none() {
+        fedllm_fl::manifest::claim(&cfg.outdir, overwrite)?;
     }
     let mut sim = match &resume {
         Some(dir) => Simulation::resume(dir, overrides)?,
@@ -410,12 +443,12 @@ fn cmd_run(
     };
     let c = &sim.cfg;
     eprintln!(
-        "run: {} clients ({} per round), {} rounds, strategy {:?}, baseline {:?}, adapter {} ({} trainable), data {} → {}",
+        "run: {} clients ({} per round), {} rounds, strategy {}, baseline {}, adapter {} ({} trainable), data {} → {}",
         c.federate.client_num,
         c.clients_per_round(),
         c.federate.total_round_num,
-        c.federate.strategy,
-        c.federate.baseline,
+        c.federate.strategy.as_str(),
+        c.federate.baseline.as_str(),
         sim.adapter.config.name(),
         sim.adapter.num_trainable(),
         c.data.source,
@@ -442,7 +475,8 @@ fn cmd_run(
         println!("held-out loss before → after: {a:.4} → {b:.4}");
     }
     println!(
-        "adapter: {}; metrics: {}/metrics.{{jsonl,csv}}, plot: {}/loss.svg; {:.1} s, peak RSS {:.0} MB",
+        "adapter (final round {}): {}; metrics: {}/metrics.{{jsonl,csv}}, plot: {}/loss.svg, run.json; {:.1} s, peak RSS {:.0} MB",
+        sim.server.round,
         s.adapter_dir.display(),
         sim.cfg.outdir.display(),
         sim.cfg.outdir.display(),
@@ -470,7 +504,9 @@ fn cmd_bench_transport(
             Some(e) => (e, true),
             None => (c.as_str(), false),
         };
-        d.compression = enc.to_string();
+        d.compression = enc
+            .parse()
+            .with_context(|| format!("--compression `{c}`"))?;
         d.zstd = zstd;
         let r = roundtrip(&d, params.clone(), rounds)?;
         println!(
@@ -576,7 +612,17 @@ fn cmd_info(m: &ModelArgs) -> Result<()> {
                 "hidden:       {} (heads {}, kv heads {}, head dim {}, mlp {})",
                 l.hidden_size, l.num_heads, l.num_kv_heads, l.head_dim, l.intermediate_size
             );
-            println!("rope:         theta {} {:?}", l.rope_theta, l.rope_scaling);
+            let scaling = match l.rope_scaling {
+                fedllm_model::config::RopeScaling::None => "no scaling".to_string(),
+                fedllm_model::config::RopeScaling::Linear(f) => format!("linear scaling ×{f}"),
+                fedllm_model::config::RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max,
+                } => format!("llama3 scaling ×{factor} (low {low_freq_factor}, high {high_freq_factor}, original context {original_max})"),
+            };
+            println!("rope:         theta {}, {scaling}", l.rope_theta);
             println!("tied head:    {}", l.tie_word_embeddings);
         }
         fedllm_model::ModelConfig::Gpt2(g) => {
@@ -600,16 +646,24 @@ fn cmd_info(m: &ModelArgs) -> Result<()> {
         .filter(|(_, w)| matches!(w, Weight::Quant(_)))
         .count();
     println!(
-        "in memory:    {:?} compute, {quant} quantized matrices, {:.1} MiB of weights",
-        model.dtype,
+        "in memory:    {} compute, {quant} quantized matrices, {:.1} MiB of weights",
+        model.dtype.as_str(),
         model.weight_bytes() as f64 / (1 << 20) as f64
     );
     match &loaded.tokenizer {
         Some(t) => println!(
-            "tokenizer:    {} tokens, bos {:?}, eos {:?}, chat template: {}",
+            "tokenizer:    {} tokens, bos {}, eos {}, chat template: {}",
             t.vocab_size(),
-            t.bos_token_id,
-            t.eos_token_ids,
+            t.bos_token_id.map_or("none".into(), |b| b.to_string()),
+            if t.eos_token_ids.is_empty() {
+                "none".to_string()
+            } else {
+                t.eos_token_ids
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
             if t.chat_template.is_some() {
                 "yes"
             } else {

@@ -13,7 +13,7 @@ use fedllm_peft::prefix::PrefixConfig;
 use fedllm_peft::prompt::PromptConfig;
 use fedllm_peft::ptuning::PtuningConfig;
 use fedllm_peft::{io, merge, Adapter, AdapterConfig};
-use fedllm_train::finetune::{eval_batches, eval_loss, train_loop, Budget, LoopOptions};
+use fedllm_train::finetune::{heldout_loss, train_loop, Budget, LoopOptions};
 use fedllm_train::{OptimizerConfig, Schedule, ScheduleKind, TrainConfig, Trainer};
 
 use crate::ModelArgs;
@@ -42,12 +42,16 @@ pub enum SchedKind {
 
 #[derive(Args)]
 pub struct AdapterArgs {
+    /// Adapter type
     #[arg(long, value_enum, default_value = "lora")]
     pub adapter: AdapterKind,
+    /// LoRA rank r
     #[arg(long, default_value_t = 8)]
     pub lora_r: usize,
+    /// LoRA alpha (the update is scaled by alpha / r)
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
+    /// LoRA dropout probability on the adapter's input
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
     /// Comma-separated module names (or suffixes) LoRA attaches to [default: PEFT's per
@@ -63,6 +67,7 @@ pub struct AdapterArgs {
     /// P-tuning MLP / prefix projection hidden size
     #[arg(long, default_value_t = 128)]
     pub encoder_hidden: usize,
+    /// Prefix tuning: reparametrise the prefix through an MLP (hidden size --encoder-hidden)
     #[arg(long)]
     pub prefix_projection: bool,
     /// Full fine-tuning: glob patterns over HF names (default: every parameter)
@@ -126,31 +131,43 @@ pub struct FinetuneArgs {
     pub eval_data: Option<PathBuf>,
     #[command(flatten)]
     pub adapter: AdapterArgs,
+    /// Optimizer steps to train
     #[arg(long, required_unless_present = "epochs", conflicts_with = "epochs")]
     pub steps: Option<usize>,
+    /// Passes over the training data (instead of --steps)
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Samples per micro-batch
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Learning rate
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
+    /// Micro-batches accumulated per optimizer step
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Optimizer
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptKind,
+    /// Weight decay (decoupled for AdamW)
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// SGD momentum
     #[arg(long, default_value_t = 0.0)]
     pub momentum: f64,
+    /// Learning-rate schedule over the run
     #[arg(long, value_enum, default_value = "constant")]
     pub schedule: SchedKind,
+    /// Linear warm-up steps before the schedule
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
+    /// Clip the global gradient norm to this value
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// Maximum tokens per sample (prompt + target)
     #[arg(long, default_value_t = 256)]
     pub tok_len: usize,
+    /// Seed for adapter initialisation, shuffling and dropout
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output folder: PEFT adapter files + metrics.jsonl
@@ -183,11 +200,21 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         .pad_token_id
         .or(tok.eos_token_ids.first().copied())
         .unwrap_or(0);
+    // Held-out samples are cut at the same tok_len as training (the loss `fedllm eval loss
+    // --tok-len` reports for the same file and length).
     let eval = match &a.eval_data {
         Some(p) => {
             let (r, _) = fedllm_data::load(p, &format)?;
-            let (s, _) = fedllm_data::tokenize_all(&r, template, &tok, a.tok_len)?;
-            Some(eval_batches(&s, a.batch_size, pad, &model.device)?)
+            let (s, rep) = fedllm_data::tokenize_all(&r, template, &tok, a.tok_len)?;
+            eprintln!(
+                "held-out: {} samples, {} dropped (no target token within tok_len {}), {} truncated ({})",
+                rep.kept,
+                rep.dropped_no_target,
+                a.tok_len,
+                rep.truncated,
+                p.display()
+            );
+            Some(s)
         }
         None => None,
     };
@@ -227,7 +254,7 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     };
     let mut trainer = Trainer::new(cfg)?;
     if let Some(ev) = &eval {
-        let (l, n) = eval_loss(&model, &adapter, ev)?;
+        let (l, n) = heldout_loss(&model, Some(&adapter), ev, a.batch_size, pad)?;
         eprintln!("held-out loss before: {l:.4} ({n} tokens)");
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -261,7 +288,7 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         )
     })?;
     if let Some(ev) = &eval {
-        let (l, n) = eval_loss(&model, &adapter, ev)?;
+        let (l, n) = heldout_loss(&model, Some(&adapter), ev, a.batch_size, pad)?;
         eprintln!("held-out loss after:  {l:.4} ({n} tokens)");
     }
     let base = a

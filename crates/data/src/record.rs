@@ -218,6 +218,12 @@ pub fn load(path: &Path, format: &Format) -> Result<(Vec<Record>, LoadReport)> {
             objs.push((i + 1, v));
         }
     }
+    if objs.is_empty() {
+        return Err(DataError::File {
+            path: path.into(),
+            msg: "the file is empty: no records".into(),
+        });
+    }
     let is_array = trimmed.starts_with('[');
     let mut report = LoadReport::default();
     let mut out = Vec::with_capacity(objs.len());

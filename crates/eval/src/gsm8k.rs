@@ -161,8 +161,7 @@ pub fn evaluate(
         .collect();
     let shot_ids = fedllm_model::generate::prefix_ids(tok, &few_shot())?;
     let shot_cache = prefix_cache(model, &shot_ids)?;
-    let bar = indicatif::ProgressBar::new(qs.len() as u64);
-    bar.set_position(count as u64);
+    let bar = fedllm_train::Progress::new("gsm8k", "questions", todo.len() as u64, true);
     for chunk in todo.chunks(batch.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk
             .iter()
@@ -200,7 +199,7 @@ pub fn evaluate(
             bar.inc(1);
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(Score {
         accuracy: correct as f64 / count.max(1) as f64,
         ci95: wilson95(correct, count),

@@ -125,13 +125,9 @@ pub fn score(
         Some(o) => done_keys(o)?,
         None => BTreeMap::new(),
     };
-    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("humaneval exec [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("template"),
-    );
     let todo: Vec<&(String, &Problem, String)> =
         jobs.iter().filter(|j| !done.contains_key(&j.0)).collect();
+    let bar = fedllm_train::Progress::new("humaneval exec", "programs", todo.len() as u64, true);
     let mut results: BTreeMap<String, (String, bool, Outcome)> = done
         .into_iter()
         .map(|(k, v)| {
@@ -187,7 +183,7 @@ pub fn score(
         }
         Ok(())
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     let mut per_task: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let keys: BTreeSet<&String> = jobs.iter().map(|j| &j.0).collect();
     let mut timed_out = 0;
@@ -239,7 +235,12 @@ pub fn generate_completions(
     seed: u64,
 ) -> Result<Vec<Completion>> {
     let mut out = Vec::new();
-    let bar = indicatif::ProgressBar::new(problems.len() as u64);
+    let bar = fedllm_train::Progress::new(
+        "humaneval generate",
+        "problems",
+        problems.len() as u64,
+        true,
+    );
     for (i, p) in problems.iter().enumerate() {
         let ids = tok.encode(&p.prompt, true)?;
         let cfg = GenerateConfig {
@@ -257,6 +258,6 @@ pub fn generate_completions(
         }
         bar.inc(1);
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(out)
 }

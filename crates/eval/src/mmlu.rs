@@ -131,7 +131,8 @@ pub fn evaluate(
     let (n_shots, max_len) = (o.shots, o.max_len);
     let n = o.limit.unwrap_or(qs.len()).min(qs.len());
     let mut per_topic: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    let bar = indicatif::ProgressBar::new(n.div_ceil(o.every.max(1)) as u64);
+    let bar =
+        fedllm_train::Progress::new("mmlu", "questions", n.div_ceil(o.every.max(1)) as u64, true);
     // (shots text, its tokens, its cache): LoRA/full adapters live in the weights, so the
     // shots' keys and values are shared by the topic's questions.
     let mut shared: Option<(String, Vec<u32>, fedllm_model::KvCache)> = None;
@@ -191,7 +192,7 @@ pub fn evaluate(
         e.1 += ok as usize;
         bar.inc(1);
     }
-    bar.finish_and_clear();
+    bar.finish();
     let count: usize = per_topic.values().map(|x| x.0).sum();
     let correct: usize = per_topic.values().map(|x| x.1).sum();
     Ok(Score {

@@ -36,11 +36,102 @@ pub enum Baseline {
     Local,
 }
 
+impl Baseline {
+    /// The name as the config spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Fl => "fl",
+            Self::Global => "global",
+            Self::Local => "local",
+        }
+    }
+}
+
+/// Closed sets of values are enums: serde refuses anything else and names the allowed values.
+macro_rules! choice {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name { $($(#[$vm])* #[serde(rename = $s)] $v),+ }
+        impl $name {
+            pub fn as_str(&self) -> &'static str {
+                match self { $(Self::$v => $s),+ }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl std::str::FromStr for $name {
+            type Err = FlError;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($s => Ok(Self::$v),)+
+                    _ => Err(FlError::Config(format!(
+                        "`{s}` is not one of {}",
+                        [$($s),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+choice!(
+    /// Where the clients run.
+    Mode { Standalone = "standalone", Distributed = "distributed" }
+);
+choice!(
+    /// The data file's layout (`auto`: from the first record's fields).
+    DataFormat {
+        Auto = "auto",
+        Alpaca = "alpaca",
+        CodeAlpaca = "codealpaca",
+        Dolly = "dolly",
+        Gsm8k = "gsm8k",
+        HumanEval = "humaneval",
+        Mmlu = "mmlu",
+    }
+);
+choice!(
+    /// How records become a prompt.
+    TemplateName { Alpaca = "alpaca", Chat = "chat", Raw = "raw" }
+);
+choice!(
+    /// How records are dealt to clients.
+    SplitterName { Iid = "iid", Dirichlet = "dirichlet", Meta = "meta", SizeSkew = "size-skew" }
+);
+choice!(
+    /// The dtype the model computes in (adapters stay f32).
+    ComputeDtype { F32 = "f32", Bf16 = "bf16" }
+);
+choice!(
+    /// Whether a quantized GGUF base stays quantized in memory.
+    QuantPolicy { Keep = "keep", Dequantize = "dequantize" }
+);
+choice!(
+    /// The adapter trained and exchanged.
+    AdapterKind { Lora = "lora", Prefix = "prefix", Prompt = "prompt", Ptuning = "ptuning" }
+);
+choice!(
+    /// `batch`: `local_update_steps` optimizer steps; `epoch`: that many passes over the data.
+    LocalBudget { Batch = "batch", Epoch = "epoch" }
+);
+choice!(
+    /// The clients' optimizer.
+    OptimizerKind { Sgd = "sgd", Adamw = "adamw" }
+);
+choice!(
+    /// Tensor encoding on the wire.
+    Compression { None = "none", Fp16 = "fp16", Bf16 = "bf16", Int8 = "int8" }
+);
+
 // No `deny_unknown_fields` here: serde does not support it with `flatten`; `check_keys` covers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Federate {
-    pub mode: String,
+    pub mode: Mode,
     pub client_num: usize,
     /// Clients per round; `sample_client_rate` takes precedence when set.
     pub sample_client_num: usize,
@@ -53,6 +144,9 @@ pub struct Federate {
     /// Checkpoint every this many rounds (0 = never).
     pub save_freq: usize,
     pub seed: u64,
+    /// Stop with an error after this many consecutive rounds in which no client succeeded
+    /// (0 = never stop; default 1 in standalone, where nothing can recover, 3 in distributed).
+    pub max_failed_rounds: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,11 +154,13 @@ pub struct Federate {
 pub struct DataCfg {
     /// A preset name (fed-gsm8k-3, fed-mmlu, ...) or a data file.
     pub source: String,
+    /// The folder presets' files live in (default `data/`; `FEDLLM_DATA` overrides it).
+    pub root: Option<PathBuf>,
     pub test_source: Option<PathBuf>,
-    pub format: String,
-    pub template: String,
-    /// Overrides the preset's splitter: iid, dirichlet, meta, size-skew.
-    pub splitter: Option<String>,
+    pub format: DataFormat,
+    pub template: TemplateName,
+    /// Overrides the preset's splitter.
+    pub splitter: Option<SplitterName>,
     pub alpha: f64,
     pub splits: Option<[f64; 3]>,
     pub tok_len: usize,
@@ -76,18 +172,15 @@ pub struct DataCfg {
 #[serde(default, deny_unknown_fields)]
 pub struct ModelCfg {
     pub path: PathBuf,
-    /// f32 or bf16
-    pub dtype: String,
-    /// keep (quantized frozen base) or dequantize
-    pub quant: String,
+    pub dtype: ComputeDtype,
+    pub quant: QuantPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdapterCfg {
-    /// lora, prefix, prompt, ptuning
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: AdapterKind,
     pub r: usize,
     pub alpha: f64,
     pub dropout: f32,
@@ -100,12 +193,10 @@ pub struct AdapterCfg {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainCfg {
     pub local_update_steps: usize,
-    /// batch: local_update_steps optimizer steps; epoch: that many passes over the local data.
-    pub batch_or_epoch: String,
+    pub batch_or_epoch: LocalBudget,
     pub batch_size: usize,
     pub grad_accum: usize,
-    /// sgd or adamw
-    pub optimizer: String,
+    pub optimizer: OptimizerKind,
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
@@ -138,7 +229,7 @@ pub struct DistributedCfg {
     /// ... or as soon as this many fit results arrived (default: every asked client).
     pub min_received: Option<usize>,
     /// Tensor encoding on the wire: none (fp32), fp16, bf16, int8 (blockwise absmax).
-    pub compression: String,
+    pub compression: Compression,
     /// zstd over the encoded tensor bytes.
     pub zstd: bool,
     /// Bytes per streamed chunk.
@@ -177,7 +268,7 @@ impl Default for DistributedCfg {
             join_timeout_s: 600.0,
             round_timeout_s: 3600.0,
             min_received: None,
-            compression: "none".into(),
+            compression: Compression::None,
             zstd: false,
             chunk_bytes: 1 << 20,
             max_message_bytes: 4 << 20,
@@ -208,7 +299,7 @@ impl Default for RunConfig {
 impl Default for Federate {
     fn default() -> Self {
         Self {
-            mode: "standalone".into(),
+            mode: Mode::Standalone,
             client_num: 3,
             sample_client_num: 3,
             sample_client_rate: None,
@@ -218,6 +309,7 @@ impl Default for Federate {
             strategy_params: StrategyParams::default(),
             save_freq: 1,
             seed: 0,
+            max_failed_rounds: None,
         }
     }
 }
@@ -226,9 +318,10 @@ impl Default for DataCfg {
     fn default() -> Self {
         Self {
             source: "fed-gsm8k-3".into(),
+            root: None,
             test_source: None,
-            format: "auto".into(),
-            template: "alpaca".into(),
+            format: DataFormat::Auto,
+            template: TemplateName::Alpaca,
             splitter: None,
             alpha: 0.5,
             splits: None,
@@ -242,8 +335,8 @@ impl Default for ModelCfg {
     fn default() -> Self {
         Self {
             path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            dtype: "f32".into(),
-            quant: "keep".into(),
+            dtype: ComputeDtype::F32,
+            quant: QuantPolicy::Keep,
         }
     }
 }
@@ -251,7 +344,7 @@ impl Default for ModelCfg {
 impl Default for AdapterCfg {
     fn default() -> Self {
         Self {
-            kind: "lora".into(),
+            kind: AdapterKind::Lora,
             r: 8,
             alpha: 16.0,
             dropout: 0.0,
@@ -266,10 +359,10 @@ impl Default for TrainCfg {
     fn default() -> Self {
         Self {
             local_update_steps: 10,
-            batch_or_epoch: "batch".into(),
+            batch_or_epoch: LocalBudget::Batch,
             batch_size: 4,
             grad_accum: 1,
-            optimizer: "sgd".into(),
+            optimizer: OptimizerKind::Sgd,
             lr: 1e-4,
             momentum: 0.0,
             weight_decay: 0.0,
@@ -360,13 +453,18 @@ fn check_keys(v: &Value, prefix: &str, schema: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Applies `a.b.c=value` (value parsed as YAML) to a config tree.
-fn apply_override(root: &mut Value, item: &str) -> Result<()> {
+/// Splits `a.b.c=value` (value parsed as YAML).
+fn parse_override(item: &str) -> Result<(&str, Value)> {
     let (key, val) = item
         .split_once('=')
         .ok_or_else(|| FlError::Config(format!("override `{item}` is not key.sub=value")))?;
     let value: Value = serde_yaml::from_str(val)
         .map_err(|e| FlError::Config(format!("override `{item}`: {e}")))?;
+    Ok((key, value))
+}
+
+/// Sets `key` (dotted) to `value` in a config tree.
+fn set(root: &mut Value, key: &str, value: Value) {
     let mut node = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, p) in parts.iter().enumerate() {
@@ -379,135 +477,372 @@ fn apply_override(root: &mut Value, item: &str) -> Result<()> {
         let k = Value::String(p.to_string());
         if i + 1 == parts.len() {
             m.insert(k, value);
-            return Ok(());
+            return;
         }
         node = m.entry(k).or_insert(Value::Mapping(Default::default()));
     }
-    Ok(())
+}
+
+/// Config keys holding paths: relative ones written in a config file mean "next to this file".
+const PATH_KEYS: [&str; 10] = [
+    "model.path",
+    "data.source",
+    "data.test_source",
+    "data.root",
+    "outdir",
+    "distributed.tokens_file",
+    "distributed.token_file",
+    "distributed.tls.ca",
+    "distributed.tls.cert",
+    "distributed.tls.key",
+];
+
+/// Rewrites the relative paths under PATH_KEYS against `base` (a preset name in `data.source`
+/// is not a path and stays).
+fn resolve_paths(v: &mut Value, base: &Path) {
+    fn at<'a>(v: &'a mut Value, parts: &[&str]) -> Option<&'a mut Value> {
+        match parts.split_first() {
+            None => Some(v),
+            Some((first, rest)) => match v {
+                Value::Mapping(m) => at(m.get_mut(*first)?, rest),
+                _ => None,
+            },
+        }
+    }
+    for key in PATH_KEYS {
+        let parts: Vec<&str> = key.split('.').collect();
+        if let Some(Value::String(s)) = at(v, &parts) {
+            let p = Path::new(s.as_str());
+            let is_preset = key == "data.source" && fedllm_data::federated::preset(s).is_some();
+            if !s.is_empty() && p.is_relative() && !is_preset {
+                *s = base.join(p).to_string_lossy().into_owned();
+            }
+        }
+    }
+}
+
+/// The override that set `path` (or a key above or below it), if any.
+fn overridden(path: &str, overrides: &[String]) -> Option<String> {
+    overrides
+        .iter()
+        .find(|o| {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+            path == key
+                || path.starts_with(&format!("{key}."))
+                || key.starts_with(&format!("{path}."))
+        })
+        .cloned()
+}
+
+/// A config error and whether the file (rather than a command-line override) is at fault.
+struct Blamed {
+    msg: String,
+    on_file: bool,
 }
 
 impl RunConfig {
     /// YAML text (possibly empty) plus overrides → a validated config.
     pub fn from_yaml(text: &str, overrides: &[String]) -> Result<Self> {
+        Self::parse(text, None, overrides).map_err(|b| FlError::Config(b.msg))
+    }
+
+    fn parse(
+        text: &str,
+        base: Option<&Path>,
+        overrides: &[String],
+    ) -> std::result::Result<Self, Blamed> {
+        let file = |msg: String| Blamed { msg, on_file: true };
+        let cli = |msg: String| Blamed {
+            msg,
+            on_file: false,
+        };
         let mut v: Value = if text.trim().is_empty() {
             Value::Mapping(Default::default())
         } else {
-            serde_yaml::from_str(text).map_err(|e| FlError::Config(format!("invalid YAML: {e}")))?
+            serde_yaml::from_str(text).map_err(|e| file(format!("invalid YAML: {e}")))?
         };
-        for o in overrides {
-            apply_override(&mut v, o)?;
+        let schema = schema_keys();
+        check_keys(&v, "", &schema).map_err(|e| file(e.to_string()))?;
+        if let Some(base) = base {
+            resolve_paths(&mut v, base);
         }
-        check_keys(&v, "", &schema_keys())?;
+        let cwd = std::env::current_dir().unwrap_or_default();
+        for o in overrides {
+            let (key, value) = parse_override(o).map_err(|e| cli(e.to_string()))?;
+            let mut alone = Value::Mapping(Default::default());
+            set(&mut alone, key, value);
+            check_keys(&alone, "", &schema).map_err(|e| cli(format!("override `{o}`: {e}")))?;
+            // Paths typed on the command line mean the current directory; made absolute when
+            // a file is involved, so the saved config resumes from anywhere.
+            if base.is_some() {
+                resolve_paths(&mut alone, &cwd);
+            }
+            let mut node = &alone;
+            for part in key.split('.') {
+                node = &node[part];
+            }
+            set(&mut v, key, node.clone());
+        }
         let cfg: RunConfig =
             // The path names the key at fault ("federate.client_num: invalid type ...").
             serde_path_to_error::deserialize(v).map_err(|e| {
-                let inner = e.inner().to_string();
-                FlError::Config(format!("`{}`: {inner}", e.path()))
+                let path = e.path().to_string();
+                let msg = format!("`{path}`: {}", e.inner());
+                match overridden(&path, overrides) {
+                    Some(o) => cli(format!("override `{o}`: {msg}")),
+                    None => file(msg),
+                }
             })?;
-        cfg.validate()?;
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            // Blame the file only when no problem names a key the command line set.
+            let on_file = problems.iter().all(|p| {
+                let key = p.split_whitespace().next().unwrap_or_default();
+                overridden(key, overrides).is_none()
+            });
+            return Err(Blamed {
+                msg: problems.join("; "),
+                on_file,
+            });
+        }
         Ok(cfg)
     }
 
+    /// A config file plus overrides. Relative paths in the file resolve against the file's
+    /// folder (so a config works from any directory); those on the command line against the
+    /// current directory.
     pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| FlError::File {
             path: path.into(),
             msg: e.to_string(),
         })?;
-        Self::from_yaml(&text, overrides).map_err(|e| match e {
-            FlError::Config(m) => FlError::File {
-                path: path.into(),
-                msg: m,
-            },
-            e => e,
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        Self::parse(&text, Some(&base), overrides).map_err(|b| {
+            if b.on_file {
+                FlError::File {
+                    path: path.into(),
+                    msg: b.msg,
+                }
+            } else {
+                FlError::Config(b.msg)
+            }
         })
+    }
+
+    /// Where presets' files live: `FEDLLM_DATA` when set, else `data.root`, else `data/`.
+    pub fn data_root(&self) -> PathBuf {
+        std::env::var_os("FEDLLM_DATA")
+            .map(PathBuf::from)
+            .or_else(|| self.data.root.clone())
+            .unwrap_or_else(|| PathBuf::from("data"))
     }
 
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("yaml")
     }
 
+    /// Checks every field's range and every cross-field rule, and reports all that fail at
+    /// once (each naming the key, the value and what is allowed). Runs before any model loads.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(FlError::Config(m));
-        let f = &self.federate;
-        match f.mode.as_str() {
-            "standalone" => {}
-            "distributed" => {
-                if f.baseline == Baseline::Global {
-                    return bad(
-                        "federate.baseline `global` pools all data in one place: standalone only"
-                            .into(),
-                    );
-                }
-                let d = &self.distributed;
-                if !matches!(d.compression.as_str(), "none" | "fp16" | "bf16" | "int8") {
-                    return bad(format!(
-                        "distributed.compression must be none, fp16, bf16 or int8, got `{}`",
-                        d.compression
-                    ));
-                }
-                if d.chunk_bytes == 0 || d.chunk_bytes + 1024 > d.max_message_bytes {
-                    return bad("distributed.chunk_bytes must be at least 1 and 1 KiB below distributed.max_message_bytes".into());
-                }
-                if d.round_timeout_s <= 0.0 || d.join_timeout_s <= 0.0 || d.rate_limit <= 0.0 {
-                    return bad("distributed.round_timeout_s, join_timeout_s and rate_limit must be positive".into());
-                }
+        let errors = self.problems();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(FlError::Config(errors.join("; ")))
+        }
+    }
+
+    /// What `validate` reports, one line per problem.
+    pub fn problems(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        let mut at_least = |key: &str, v: usize, min: usize| {
+            if v < min {
+                e.push(format!("{key} must be at least {min}, got {v}"));
             }
-            m => {
-                return bad(format!(
-                    "federate.mode must be `standalone` or `distributed`, got `{m}`"
-                ))
+        };
+        let (f, t, a, d, ev, dist) = (
+            &self.federate,
+            &self.train,
+            &self.adapter,
+            &self.data,
+            &self.eval,
+            &self.distributed,
+        );
+        at_least("federate.client_num", f.client_num, 1);
+        at_least("federate.total_round_num", f.total_round_num, 1);
+        at_least("train.local_update_steps", t.local_update_steps, 1);
+        at_least("train.batch_size", t.batch_size, 1);
+        at_least("train.grad_accum", t.grad_accum, 1);
+        at_least("adapter.r", a.r, 1);
+        at_least("adapter.virtual_tokens", a.virtual_tokens, 1);
+        at_least("adapter.encoder_hidden", a.encoder_hidden, 1);
+        at_least("data.tok_len", d.tok_len, 2);
+        at_least("eval.batch_size", ev.batch_size, 1);
+        at_least("federate.krum_select", f.strategy_params.krum_select, 1);
+        for (key, v) in [
+            ("data.max_train_per_client", d.max_train_per_client),
+            ("eval.max_samples", ev.max_samples),
+        ] {
+            if let Some(v) = v {
+                at_least(key, v, 1);
             }
         }
-        if f.client_num == 0 || f.total_round_num == 0 {
-            return bad(
-                "federate.client_num and federate.total_round_num must be at least 1".into(),
-            );
-        }
+        // (key, value, lower, lower inclusive, upper, upper inclusive)
+        let sp = &f.strategy_params;
+        let inf = f64::INFINITY;
+        let mut ranges: Vec<(&str, f64, f64, bool, f64, bool)> = vec![
+            ("train.lr", t.lr, 0.0, false, inf, false),
+            ("train.momentum", t.momentum, 0.0, true, 1.0, false),
+            ("train.weight_decay", t.weight_decay, 0.0, true, inf, false),
+            ("adapter.alpha", a.alpha, 0.0, false, inf, false),
+            ("adapter.dropout", a.dropout as f64, 0.0, true, 1.0, false),
+            ("data.alpha", d.alpha, 0.0, false, inf, false),
+            ("federate.server_lr", sp.server_lr, 0.0, false, inf, false),
+            (
+                "federate.server_momentum",
+                sp.server_momentum,
+                0.0,
+                true,
+                1.0,
+                false,
+            ),
+            ("federate.beta1", sp.beta1, 0.0, true, 1.0, false),
+            ("federate.beta2", sp.beta2, 0.0, true, 1.0, false),
+            ("federate.tau", sp.tau, 0.0, false, inf, false),
+            (
+                "federate.proximal_mu",
+                sp.proximal_mu,
+                0.0,
+                true,
+                inf,
+                false,
+            ),
+            ("federate.trim_ratio", sp.trim_ratio, 0.0, true, 0.5, false),
+        ];
         if let Some(r) = f.sample_client_rate {
-            if !(r > 0.0 && r <= 1.0) {
-                return bad(format!(
-                    "federate.sample_client_rate must be in (0, 1], got {r}"
-                ));
+            ranges.push(("federate.sample_client_rate", r, 0.0, false, 1.0, true));
+        }
+        if let Some(n) = t.max_grad_norm {
+            ranges.push(("train.max_grad_norm", n, 0.0, false, inf, false));
+        }
+        if f.mode == Mode::Distributed {
+            ranges.extend([
+                (
+                    "distributed.join_timeout_s",
+                    dist.join_timeout_s,
+                    0.0,
+                    false,
+                    inf,
+                    false,
+                ),
+                (
+                    "distributed.round_timeout_s",
+                    dist.round_timeout_s,
+                    0.0,
+                    false,
+                    inf,
+                    false,
+                ),
+                (
+                    "distributed.connect_timeout_s",
+                    dist.connect_timeout_s,
+                    0.0,
+                    false,
+                    inf,
+                    false,
+                ),
+                (
+                    "distributed.rate_limit",
+                    dist.rate_limit,
+                    0.0,
+                    false,
+                    inf,
+                    false,
+                ),
+            ]);
+        }
+        for (key, v, lo, lo_in, hi, hi_in) in ranges {
+            let ok =
+                v.is_finite() && (v > lo || (lo_in && v == lo)) && (v < hi || (hi_in && v == hi));
+            if !ok {
+                let (l, h) = (if lo_in { "[" } else { "(" }, if hi_in { "]" } else { ")" });
+                let hi = if hi.is_infinite() {
+                    "∞".to_string()
+                } else {
+                    hi.to_string()
+                };
+                e.push(format!("{key} must be in {l}{lo}, {hi}{h}, got {v}"));
             }
-        } else if f.sample_client_num == 0 || f.sample_client_num > f.client_num {
-            return bad(format!(
+        }
+        if f.sample_client_rate.is_none()
+            && (f.sample_client_num == 0 || f.sample_client_num > f.client_num)
+        {
+            e.push(format!(
                 "federate.sample_client_num must be in 1..={}, got {}",
                 f.client_num, f.sample_client_num
             ));
         }
-        if !matches!(self.train.batch_or_epoch.as_str(), "batch" | "epoch") {
-            return bad(format!(
-                "train.batch_or_epoch must be `batch` or `epoch`, got `{}`",
-                self.train.batch_or_epoch
+        if sp.krum_byzantine >= f.client_num.max(1) {
+            e.push(format!(
+                "federate.krum_byzantine must be below federate.client_num ({}), got {}",
+                f.client_num, sp.krum_byzantine
             ));
         }
-        if !matches!(self.train.optimizer.as_str(), "sgd" | "adamw") {
-            return bad(format!(
-                "train.optimizer must be `sgd` or `adamw`, got `{}`",
-                self.train.optimizer
-            ));
+        if let Some(s) = d.splits {
+            let sum: f64 = s.iter().sum();
+            if s.iter().any(|x| !(x.is_finite() && *x >= 0.0)) || (sum - 1.0).abs() > 1e-6 {
+                e.push(format!(
+                    "data.splits must be three non-negative fractions (train, val, test) summing to 1, got {s:?}"
+                ));
+            }
         }
-        if self.train.local_update_steps == 0
-            || self.train.batch_size == 0
-            || self.train.grad_accum == 0
-        {
-            return bad("train.local_update_steps, train.batch_size and train.grad_accum must be at least 1".into());
+        if matches!(&a.targets, Some(t) if t.is_empty()) {
+            e.push("adapter.targets must name at least one module (or be left out for the model's defaults)".into());
         }
-        if !matches!(
-            self.adapter.kind.as_str(),
-            "lora" | "prefix" | "prompt" | "ptuning"
-        ) {
-            return bad(format!(
-                "adapter.type must be lora, prefix, prompt or ptuning, got `{}`",
-                self.adapter.kind
-            ));
+        if self.outdir.as_os_str().is_empty() {
+            e.push("outdir must not be empty".into());
         }
-        if !matches!(self.model.dtype.as_str(), "f32" | "bf16")
-            || !matches!(self.model.quant.as_str(), "keep" | "dequantize")
-        {
-            return bad("model.dtype must be f32|bf16 and model.quant keep|dequantize".into());
+        if f.mode == Mode::Distributed {
+            if f.baseline == Baseline::Global {
+                e.push(
+                    "federate.baseline `global` pools all data in one place: standalone only"
+                        .into(),
+                );
+            }
+            if dist.chunk_bytes == 0 || dist.chunk_bytes + 1024 > dist.max_message_bytes {
+                e.push(format!("distributed.chunk_bytes must be at least 1 and 1 KiB below distributed.max_message_bytes ({}), got {}", dist.max_message_bytes, dist.chunk_bytes));
+            }
+            for (key, v) in [
+                ("distributed.min_clients", dist.min_clients),
+                ("distributed.min_received", dist.min_received),
+            ] {
+                if let Some(v) = v {
+                    if v == 0 || v > f.client_num {
+                        e.push(format!(
+                            "{key} must be in 1..={} (federate.client_num), got {v}",
+                            f.client_num
+                        ));
+                    }
+                }
+            }
         }
-        Ok(())
+        e
+    }
+
+    /// Consecutive rounds without a successful client after which the run stops.
+    pub fn max_failed_rounds(&self) -> usize {
+        self.federate
+            .max_failed_rounds
+            .unwrap_or(match self.federate.mode {
+                Mode::Standalone => 1,
+                Mode::Distributed => 3,
+            })
     }
 
     /// Clients trained per round.

@@ -9,6 +9,9 @@ pub enum FlError {
     },
     #[error("protocol: {0}")]
     Protocol(String),
+    /// Rounds in which no client succeeded, past `federate.max_failed_rounds`.
+    #[error("{0}")]
+    RoundsFailed(String),
     #[error(transparent)]
     Train(#[from] fedllm_train::TrainError),
     #[error(transparent)]

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod manifest;
 pub mod message;
 pub mod metrics;
 pub mod params;

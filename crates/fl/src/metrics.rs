@@ -101,6 +101,14 @@ fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
                 .filter_map(|r| r.client_val_loss.map(|l| (r.round as f64, l)))
                 .collect(),
         ),
+        (
+            "client test",
+            MAGENTA,
+            records
+                .iter()
+                .filter_map(|r| r.client_test_loss.map(|l| (r.round as f64, l)))
+                .collect(),
+        ),
     ];
     let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
     if pts.is_empty() {
@@ -121,8 +129,20 @@ fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
             .x_label_area_size(32)
             .y_label_area_size(48)
             .build_cartesian_2d(0f64..x1, (y0 - pad)..(y1 + pad))?;
+        // Rounds are integers: one tick per round (at most ~20 labels, then every k-th).
+        let rounds = x1 as usize;
+        let step = rounds.div_ceil(20).max(1);
         chart
             .configure_mesh()
+            .x_labels(rounds / step + 1)
+            .x_label_formatter(&|x| {
+                let r = x.round();
+                if (x - r).abs() < 1e-9 && (r as usize).is_multiple_of(step) {
+                    format!("{}", r as usize)
+                } else {
+                    String::new()
+                }
+            })
             .x_desc("round")
             .y_desc("loss")
             .draw()?;
@@ -131,6 +151,7 @@ fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
                 .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))?
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart.draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
         chart
             .configure_series_labels()

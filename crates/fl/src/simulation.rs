@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::DType;
-use fedllm_data::federated::{build, data_root, preset, Source, SplitConfig};
+use fedllm_data::federated::{build, preset, Source, SplitConfig};
 use fedllm_data::record::{Format, Record};
 use fedllm_data::split::Splitter;
 use fedllm_data::template::Template;
@@ -24,8 +24,12 @@ use fedllm_train::{OptimizerConfig, Schedule, TrainConfig};
 
 use crate::checkpoint;
 use crate::client::{snapshot, Client, Shared};
-use crate::config::{Baseline, RunConfig};
+use crate::config::{
+    AdapterKind, Baseline, ComputeDtype, DataFormat, LocalBudget, OptimizerKind, QuantPolicy,
+    RunConfig, SplitterName, TemplateName,
+};
 use crate::error::{FlError, Result};
+use crate::manifest::{self, Manifest, Status};
 use crate::message::{ToClient, ToServer};
 use crate::metrics::{summary_table, write_all, RoundRecord};
 use crate::params::{bytes, ParamSet};
@@ -54,6 +58,8 @@ pub struct Simulation {
     initial: ParamSet,
     train: TrainConfig,
     pad_id: u32,
+    /// The last round's failures, for the error that stops a run.
+    last_failures: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,21 +73,21 @@ pub struct Summary {
 
 fn adapter_config(cfg: &RunConfig, model: &CausalLm) -> AdapterConfig {
     let a = &cfg.adapter;
-    match a.kind.as_str() {
-        "prefix" => AdapterConfig::Prefix(PrefixConfig {
+    match a.kind {
+        AdapterKind::Prefix => AdapterConfig::Prefix(PrefixConfig {
             num_virtual_tokens: a.virtual_tokens,
             prefix_projection: false,
             encoder_hidden_size: None,
         }),
-        "prompt" => AdapterConfig::Prompt(PromptConfig {
+        AdapterKind::Prompt => AdapterConfig::Prompt(PromptConfig {
             num_virtual_tokens: a.virtual_tokens,
             init_text: None,
         }),
-        "ptuning" => AdapterConfig::Ptuning(PtuningConfig {
+        AdapterKind::Ptuning => AdapterConfig::Ptuning(PtuningConfig {
             num_virtual_tokens: a.virtual_tokens,
             encoder_hidden_size: a.encoder_hidden,
         }),
-        _ => AdapterConfig::Lora(LoraConfig {
+        AdapterKind::Lora => AdapterConfig::Lora(LoraConfig {
             r: a.r,
             alpha: a.alpha,
             dropout: a.dropout,
@@ -96,14 +102,13 @@ fn train_config(cfg: &RunConfig) -> TrainConfig {
     let t = &cfg.train;
     TrainConfig {
         lr: t.lr,
-        optimizer: if t.optimizer == "adamw" {
-            OptimizerConfig::adamw(t.weight_decay)
-        } else {
-            OptimizerConfig::Sgd {
+        optimizer: match t.optimizer {
+            OptimizerKind::Adamw => OptimizerConfig::adamw(t.weight_decay),
+            OptimizerKind::Sgd => OptimizerConfig::Sgd {
                 momentum: t.momentum,
                 weight_decay: t.weight_decay,
                 nesterov: false,
-            }
+            },
         },
         schedule: Schedule::constant(),
         grad_accum: t.grad_accum,
@@ -111,18 +116,33 @@ fn train_config(cfg: &RunConfig) -> TrainConfig {
     }
 }
 
-fn splitter(name: &str, alpha: f64) -> Result<Splitter> {
-    Ok(match name {
-        "iid" => Splitter::Iid,
-        "dirichlet" => Splitter::Dirichlet { alpha, min_size: 1 },
-        "meta" => Splitter::Meta,
-        "size-skew" => Splitter::SizeSkew { gamma: 1.0 },
-        o => {
-            return Err(FlError::Config(format!(
-                "data.splitter `{o}` (iid, dirichlet, meta, size-skew)"
-            )))
-        }
-    })
+fn splitter(name: SplitterName, alpha: f64) -> Splitter {
+    match name {
+        SplitterName::Iid => Splitter::Iid,
+        SplitterName::Dirichlet => Splitter::Dirichlet { alpha, min_size: 1 },
+        SplitterName::Meta => Splitter::Meta,
+        SplitterName::SizeSkew => Splitter::SizeSkew { gamma: 1.0 },
+    }
+}
+
+fn format(f: DataFormat) -> Format {
+    match f {
+        DataFormat::Auto => Format::Auto,
+        DataFormat::Alpaca | DataFormat::CodeAlpaca => Format::Alpaca,
+        DataFormat::Dolly => Format::Dolly,
+        DataFormat::Gsm8k => Format::Gsm8k,
+        DataFormat::HumanEval => Format::HumanEval,
+        DataFormat::Mmlu => Format::Mmlu,
+    }
+}
+
+/// The data crate's template for a config's template name.
+pub fn template(t: TemplateName) -> Template {
+    match t {
+        TemplateName::Alpaca => Template::Alpaca,
+        TemplateName::Chat => Template::Chat,
+        TemplateName::Raw => Template::Raw,
+    }
 }
 
 impl Simulation {
@@ -133,8 +153,17 @@ impl Simulation {
 
     /// As `new`, for one side of a distributed run: the server tokenizes no client data, a
     /// client only its own (and writes under `outdir/client-<i>`).
-    pub fn with_role(mut cfg: RunConfig, role: Role) -> Result<Self> {
+    pub fn with_role(cfg: RunConfig, role: Role) -> Result<Self> {
+        Self::setup(cfg, role, true)
+    }
+
+    /// `fresh`: a new run, which may not reuse another run's folder (see `manifest::claim`).
+    fn setup(mut cfg: RunConfig, role: Role, fresh: bool) -> Result<Self> {
         cfg.validate()?;
+        // A client's folder is its own state, kept across restarts.
+        if fresh && !matches!(role, Role::Client(_)) {
+            manifest::claim(&cfg.outdir, false)?;
+        }
         if let Role::Client(i) = role {
             if i >= cfg.federate.client_num {
                 return Err(FlError::Config(format!(
@@ -146,9 +175,12 @@ impl Simulation {
         }
         let d = &cfg.data;
         let (source, mut split) = match preset(&d.source) {
-            Some(p) => (p.source(&data_root())?, p.split_config(cfg.federate.seed)),
+            Some(p) => (
+                p.source(&cfg.data_root())?,
+                p.split_config(cfg.federate.seed),
+            ),
             None => {
-                let format: Format = d.format.parse()?;
+                let format = format(d.format);
                 let train = PathBuf::from(&d.source);
                 let fr = if d.test_source.is_some() {
                     [1.0, 0.0, 0.0]
@@ -173,8 +205,8 @@ impl Simulation {
             }
         };
         split.clients = cfg.federate.client_num;
-        if let Some(s) = &d.splitter {
-            split.splitter = splitter(s, d.alpha)?;
+        if let Some(s) = d.splitter {
+            split.splitter = splitter(s, d.alpha);
         }
         if let Some(s) = d.splits {
             split.fractions = s;
@@ -182,15 +214,13 @@ impl Simulation {
         let fed = build(&source, &split)?;
 
         let opts = LoadOptions {
-            dtype: if cfg.model.dtype == "bf16" {
-                DType::BF16
-            } else {
-                DType::F32
+            dtype: match cfg.model.dtype {
+                ComputeDtype::Bf16 => DType::BF16,
+                ComputeDtype::F32 => DType::F32,
             },
-            quant: if cfg.model.quant == "keep" {
-                QuantMode::Keep
-            } else {
-                QuantMode::Dequantize
+            quant: match cfg.model.quant {
+                QuantPolicy::Keep => QuantMode::Keep,
+                QuantPolicy::Dequantize => QuantMode::Dequantize,
             },
             ..Default::default()
         };
@@ -199,14 +229,25 @@ impl Simulation {
         let tokenizer = loaded
             .tokenizer
             .ok_or_else(|| FlError::Config("the model has no tokenizer".into()))?;
-        let template: Template = d.template.parse()?;
+        let context = model.config.context_length();
+        if d.tok_len > context {
+            return Err(FlError::Config(format!(
+                "data.tok_len = {} exceeds the model's context length ({context})",
+                d.tok_len
+            )));
+        }
+        let template = template(d.template);
+        // Samples whose prompt alone fills tok_len are dropped; counted to explain an empty client.
+        let dropped = std::cell::Cell::new(0usize);
         let tok = |recs: Vec<&Record>, cap: Option<usize>| -> Result<Vec<Sample>> {
             let owned: Vec<Record> = recs
                 .into_iter()
                 .take(cap.unwrap_or(usize::MAX))
                 .cloned()
                 .collect();
-            Ok(tokenize_all(&owned, template, &tokenizer, d.tok_len)?.0)
+            let (s, rep) = tokenize_all(&owned, template, &tokenizer, d.tok_len)?;
+            dropped.set(dropped.get() + rep.dropped_no_target);
+            Ok(s)
         };
         let eval_cap = cfg.eval.max_samples;
         let mut clients = Vec::with_capacity(cfg.federate.client_num);
@@ -252,9 +293,19 @@ impl Simulation {
             .iter()
             .find(|c| c.train.is_empty() && role != Role::Server)
         {
+            if dropped.get() > 0 {
+                return Err(FlError::Config(format!(
+                    "data.tok_len = {} is too short: the prompt fills it, leaving no response token, in {} samples (client {} has none left); raise data.tok_len",
+                    d.tok_len,
+                    dropped.get(),
+                    c.id
+                )));
+            }
             return Err(FlError::Config(format!(
-                "client {} has no training samples (more data or fewer clients)",
-                c.id
+                "client {} has no training samples: {} holds too few records for {} clients (more data or fewer clients)",
+                c.id,
+                source.train.display(),
+                cfg.federate.client_num
             )));
         }
         let server_test = match role {
@@ -316,6 +367,7 @@ impl Simulation {
             role,
             initial,
             pad_id,
+            last_failures: Vec::new(),
         })
     }
 
@@ -327,7 +379,7 @@ impl Simulation {
     pub fn resume_as(outdir: &Path, overrides: &[String], role: Role) -> Result<Self> {
         let mut cfg = RunConfig::from_file(&outdir.join("config.yaml"), overrides)?;
         cfg.outdir = outdir.to_path_buf();
-        let mut sim = Self::with_role(cfg, role)?;
+        let mut sim = Self::setup(cfg, role, false)?;
         let ck = checkpoint::load(outdir)?;
         sim.server.global = ck.global;
         sim.server.strategy.load_state(&ck.server)?;
@@ -351,10 +403,9 @@ impl Simulation {
             model: &self.model,
             adapter: &self.adapter,
             train: &self.train,
-            budget: if t.batch_or_epoch == "epoch" {
-                Budget::Epochs(t.local_update_steps)
-            } else {
-                Budget::Steps(t.local_update_steps)
+            budget: match t.batch_or_epoch {
+                LocalBudget::Epoch => Budget::Epochs(t.local_update_steps),
+                LocalBudget::Batch => Budget::Steps(t.local_update_steps),
             },
             batch_size: t.batch_size,
             eval_batch_size: self.cfg.eval.batch_size,
@@ -490,6 +541,44 @@ impl Simulation {
         )
     }
 
+    fn write_manifest(&self, status: Status, error: Option<String>) -> Result<()> {
+        if matches!(self.role, Role::Client(_)) {
+            return Ok(());
+        }
+        let finished = status == Status::Finished;
+        manifest::write(
+            &self.cfg.outdir,
+            &Manifest {
+                status,
+                rounds_completed: self.server.round,
+                total_rounds: self.cfg.federate.total_round_num,
+                adapter_round: finished.then_some(self.server.round),
+                adapter_note:
+                    "adapter/ holds the global adapter after the final round (not the best round's)",
+                best_round: self.best.map(|b| b.0),
+                best_loss: self.best.map(|b| b.1),
+                error,
+            },
+        )
+    }
+
+    /// After a round in which no client succeeded: the error that stops the run once
+    /// `max_failed_rounds` such rounds came in a row (0 = never stop).
+    fn failed_rounds_error(&self) -> Option<FlError> {
+        let limit = self.cfg.max_failed_rounds();
+        let failed = |r: &RoundRecord| !r.failed.is_empty() && r.client_train_loss.is_empty();
+        let streak = self.records.iter().rev().take_while(|r| failed(r)).count();
+        if limit == 0 || streak < limit {
+            return None;
+        }
+        let last = self.records.last()?;
+        Some(FlError::RoundsFailed(format!(
+            "round {}: no client succeeded ({}); stopping after {streak} such round(s) in a row (federate.max_failed_rounds = {limit})",
+            last.round,
+            self.last_failures.join("; ")
+        )))
+    }
+
     /// Runs the remaining rounds. `stop_after` ends early after that round (as a crash would;
     /// tests use it), `log` receives one line per round.
     pub fn run(
@@ -508,6 +597,7 @@ impl Simulation {
                 .unwrap_or(self.cfg.federate.client_num);
             r.wait_for_clients(min)?;
         }
+        self.write_manifest(Status::Running, None)?;
         if self.records.is_empty() && freq > 0 {
             let t0 = Instant::now();
             let mut rec = empty_record(0);
@@ -535,19 +625,12 @@ impl Simulation {
                     }
                 }
             }
-            let bar = if progress {
-                let b = indicatif::ProgressBar::new(reqs.len() as u64);
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "round {msg} [{bar:30}] {pos}/{len} clients {elapsed}",
-                    )
-                    .expect("template"),
-                );
-                b.set_message(format!("{round}/{total}"));
-                b
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
+            let bar = fedllm_train::Progress::new(
+                &format!("round {round}/{total}"),
+                "clients",
+                reqs.len() as u64,
+                progress && self.remote.is_none(),
+            );
             let replies = match self.remote.as_mut() {
                 Some(r) => {
                     let min = self
@@ -580,7 +663,7 @@ impl Simulation {
                     log(&format!("round {round}: ignored message: {e}"));
                 }
             }
-            bar.finish_and_clear();
+            bar.finish();
             let outcome = if self.cfg.federate.baseline == Baseline::Local {
                 // No aggregation: every client keeps its own parameters.
                 let o = self.server.close_round_without_aggregation();
@@ -600,6 +683,11 @@ impl Simulation {
                     f.client, f.reason
                 ));
             }
+            self.last_failures = outcome
+                .failures
+                .iter()
+                .map(|f| format!("client {}: {}", f.client, f.reason))
+                .collect();
             let mut tok = 0f64;
             let mut sum = 0f64;
             for r in &outcome.results {
@@ -624,6 +712,11 @@ impl Simulation {
             log(&round_line(&rec));
             self.records.push(rec);
             write_all(&self.cfg.outdir, &self.records)?;
+            if let Some(e) = self.failed_rounds_error() {
+                self.write_manifest(Status::Failed, Some(e.to_string()))?;
+                return Err(e);
+            }
+            self.write_manifest(Status::Running, None)?;
             let sf = self.cfg.federate.save_freq;
             if sf > 0 && (round.is_multiple_of(sf) || round == total) {
                 self.save_checkpoint()?;
@@ -658,6 +751,9 @@ impl Simulation {
                     &base,
                 )?;
             }
+        }
+        if self.server.round >= total {
+            self.write_manifest(Status::Finished, None)?;
         }
         Ok(Summary {
             table: summary_table(&self.records),

@@ -320,7 +320,13 @@ fn global_baseline_pools_all_clients_data() {
     let tmp = tempfile::tempdir().unwrap();
     let d = data(tmp.path(), 90);
     let fed = Simulation::new(config(tmp.path(), &d, &[])).unwrap();
-    let global = Simulation::new(config(tmp.path(), &d, &["federate.baseline=global"])).unwrap();
+    let other = format!("outdir={}", tmp.path().join("global").display());
+    let global = Simulation::new(config(
+        tmp.path(),
+        &d,
+        &["federate.baseline=global", &other],
+    ))
+    .unwrap();
     assert_eq!(fed.clients.len(), 3);
     assert_eq!(global.clients.len(), 1);
     let mut pooled: Vec<Vec<u32>> = fed
@@ -389,4 +395,185 @@ fn config_errors_are_clear() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("key.sub=value"), "{e}");
+}
+
+/// Every enum field refuses an unknown value naming the key and the allowed values, and every
+/// range check names its key; all problems come at once; an override's mistake is not blamed on
+/// the file.
+#[test]
+fn config_values_are_checked_before_anything_loads() {
+    for (item, allowed) in [
+        ("federate.mode=cluster", "standalone"),
+        ("data.format=csv", "gsm8k"),
+        ("data.template=llama", "chat"),
+        ("data.splitter=random", "dirichlet"),
+        ("model.dtype=f16", "bf16"),
+        ("model.quant=q4", "dequantize"),
+        ("adapter.type=dora", "ptuning"),
+        ("train.batch_or_epoch=steps", "epoch"),
+        ("train.optimizer=adam", "adamw"),
+        (
+            "federate.mode=distributed distributed.compression=int4",
+            "int8",
+        ),
+        ("federate.strategy=fedsgd", "fedavg"),
+    ] {
+        let overrides: Vec<String> = item.split(' ').map(String::from).collect();
+        let e = RunConfig::from_yaml("", &overrides)
+            .unwrap_err()
+            .to_string();
+        let key = overrides.last().unwrap().split('=').next().unwrap();
+        assert!(e.contains(key) && e.contains(allowed), "{item}: {e}");
+    }
+    for (item, key) in [
+        ("train.lr=-0.001", "train.lr"),
+        ("train.lr=0", "train.lr"),
+        ("train.momentum=1.5", "train.momentum"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("adapter.r=0", "adapter.r"),
+        ("adapter.alpha=-2", "adapter.alpha"),
+        ("adapter.dropout=1", "adapter.dropout"),
+        ("data.tok_len=1", "data.tok_len"),
+        ("train.batch_size=0", "train.batch_size"),
+        (
+            "federate.sample_client_rate=1.5",
+            "federate.sample_client_rate",
+        ),
+        ("federate.trim_ratio=0.5", "federate.trim_ratio"),
+        ("eval.batch_size=0", "eval.batch_size"),
+        ("data.splits=[0.5,0.5,0.5]", "data.splits"),
+    ] {
+        let e = RunConfig::from_yaml("", &[item.to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{item}: {e}");
+    }
+    let e = RunConfig::from_yaml("", &["train.lr=-1".into(), "adapter.r=0".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.lr") && e.contains("adapter.r"),
+        "all at once: {e}"
+    );
+    let e = RunConfig::from_yaml(
+        "federate:\n  mode: distributed\n",
+        &["distributed.round_timeout_s=0".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("distributed.round_timeout_s"), "{e}");
+    // A typo on the command line is the command line's, not the file's.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("c.yaml");
+    std::fs::write(&p, "train:\n  lr: 0.01\n").unwrap();
+    let e = RunConfig::from_file(&p, &["train.lrr=0.1".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("override `train.lrr=0.1`") && !e.contains("c.yaml"),
+        "{e}"
+    );
+    let e = RunConfig::from_file(&p, &["train.lr=-3".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train.lr") && !e.contains("c.yaml"), "{e}");
+}
+
+/// Relative paths written in a config file resolve against the file's folder.
+#[test]
+fn config_file_paths_resolve_against_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sub");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("c.yaml");
+    std::fs::write(
+        &p,
+        "model:\n  path: ../m.gguf\ndata:\n  source: d.jsonl\n  root: ../data\noutdir: runs/x\n",
+    )
+    .unwrap();
+    let c = RunConfig::from_file(&p, &[]).unwrap();
+    let base = std::fs::canonicalize(&dir).unwrap();
+    assert_eq!(c.model.path, base.join("../m.gguf"));
+    assert_eq!(c.data.source, base.join("d.jsonl").display().to_string());
+    assert_eq!(c.data.root, Some(base.join("../data")));
+    assert_eq!(c.outdir, base.join("runs/x"));
+    // A preset name is not a path.
+    std::fs::write(&p, "data:\n  source: fed-gsm8k-3\n").unwrap();
+    assert_eq!(
+        RunConfig::from_file(&p, &[]).unwrap().data.source,
+        "fed-gsm8k-3"
+    );
+}
+
+/// A round in which every client fails stops a standalone run (default: after one such round)
+/// with an error naming each client and its reason; the metrics of the rounds before and of the
+/// failed round are on disk, and run.json says the run failed.
+#[test]
+fn a_round_without_any_successful_client_fails_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 60);
+    let mut sim = Simulation::new(config(tmp.path(), &d, &[])).unwrap();
+    // Corrupt every client's data: token ids outside the vocabulary make training fail.
+    for c in &mut sim.clients {
+        for s in &mut c.train {
+            s.ids[0] = 1 << 30;
+        }
+    }
+    let e = sim.run(false, None, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("round 1: no client succeeded"), "{e}");
+    for c in 0..3 {
+        assert!(e.contains(&format!("client {c}: ")), "{e}");
+    }
+    let out = tmp.path().join("run");
+    let rows = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        rows.lines().count(),
+        2,
+        "round 0 evaluation and the failed round"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(m["status"], "failed");
+    assert!(
+        !out.join("adapter").exists(),
+        "no adapter from a failed run"
+    );
+
+    // With max_failed_rounds = 0 the run goes on through failures (nothing is trained).
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut sim =
+        Simulation::new(config(tmp2.path(), &d, &["federate.max_failed_rounds=0"])).unwrap();
+    for c in &mut sim.clients {
+        for s in &mut c.train {
+            s.ids[0] = 1 << 30;
+        }
+    }
+    let s = sim.run(false, None, |_| {}).unwrap();
+    assert_eq!(s.records.len(), 4);
+}
+
+/// A fresh run refuses a folder holding another run and leaves that run's files as they were.
+#[test]
+fn a_used_outdir_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 40);
+    let cfg = config(tmp.path(), &d, &["federate.total_round_num=1"]);
+    Simulation::new(cfg.clone())
+        .unwrap()
+        .run(false, None, |_| {})
+        .unwrap();
+    let out = tmp.path().join("run");
+    let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(
+        (m["status"].as_str(), m["adapter_round"].as_u64()),
+        (Some("finished"), Some(1))
+    );
+    let e = Simulation::new(cfg).err().expect("refused").to_string();
+    assert!(
+        e.contains("holds another run") && e.contains("--overwrite"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
 }

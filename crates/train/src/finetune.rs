@@ -50,6 +50,34 @@ pub fn eval_loss(model: &CausalLm, adapter: &Adapter, batches: &[Batch]) -> Resu
     Ok((sum / n as f64, n))
 }
 
+/// The held-out loss every command reports: the token-weighted mean NLL of the samples'
+/// response tokens (as tokenized, i.e. within their `tok_len`), with the adapter when given.
+pub fn heldout_loss(
+    model: &CausalLm,
+    adapter: Option<&Adapter>,
+    samples: &[Sample],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<(f64, usize)> {
+    let batches = eval_batches(samples, batch_size, pad_id, &model.device)?;
+    if let Some(a) = adapter {
+        return eval_loss(model, a, &batches);
+    }
+    let (mut sum, mut n) = (0f64, 0usize);
+    for b in &batches {
+        let h = model.forward_hidden(&b.input_ids, Some(&b.mask), None)?;
+        let (l, c) = model.loss_from_hidden(&h, &b.labels)?;
+        sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * c as f64;
+        n += c;
+    }
+    if n == 0 {
+        return Err(TrainError::Config(
+            "evaluation data has no target tokens".into(),
+        ));
+    }
+    Ok((sum / n as f64, n))
+}
+
 /// Batches of `samples` for evaluation (fixed order).
 pub fn eval_batches(
     samples: &[Sample],

@@ -6,10 +6,12 @@ pub mod bench;
 pub mod error;
 pub mod finetune;
 pub mod optim;
+pub mod progress;
 pub mod schedule;
 pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use optim::{Optimizer, OptimizerConfig};
+pub use progress::Progress;
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{StepStats, TrainConfig, Trainer};

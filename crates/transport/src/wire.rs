@@ -45,12 +45,13 @@ impl WireOpts {
     }
 
     pub fn from_config(d: &fedllm_fl::config::DistributedCfg) -> Self {
+        use fedllm_fl::config::Compression;
         Self {
-            encoding: match d.compression.as_str() {
-                "fp16" => Encoding::F16,
-                "bf16" => Encoding::Bf16,
-                "int8" => Encoding::Int8,
-                _ => Encoding::F32,
+            encoding: match d.compression {
+                Compression::Fp16 => Encoding::F16,
+                Compression::Bf16 => Encoding::Bf16,
+                Compression::Int8 => Encoding::Int8,
+                Compression::None => Encoding::F32,
             },
             zstd: d.zstd,
             chunk: d.chunk_bytes,

@@ -89,6 +89,22 @@ pub enum StrategyKind {
     Krum,
 }
 
+impl StrategyKind {
+    /// The name as the config spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Fedavg => "fedavg",
+            Self::Fedprox => "fedprox",
+            Self::Fedavgm => "fedavgm",
+            Self::Fedadam => "fedadam",
+            Self::Fedyogi => "fedyogi",
+            Self::Median => "median",
+            Self::TrimmedMean => "trimmed_mean",
+            Self::Krum => "krum",
+        }
+    }
+}
+
 /// Strategy parameters from the run config.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
