@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-smollm2.sh >/dev/null
 scripts/fetch-data.sh >/dev/null
-cargo run --release -- run --config configs/quickstart.yaml "$@"
+# --overwrite: each quickstart replaces the previous one in runs/quickstart.
+cargo run --release -- run --config configs/quickstart.yaml --overwrite "$@"

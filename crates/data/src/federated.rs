@@ -303,10 +303,14 @@ impl Preset {
             if !p.exists() {
                 return Err(DataError::File {
                     path: p.clone(),
-                    msg: format!(
-                        "missing data for preset {} (set FEDLLM_DATA or run scripts/fetch-data.sh)",
-                        self.name
-                    ),
+                    msg: if self.name == "fed-dolly" {
+                        "missing data for preset fed-dolly: download databricks-dolly-15k.jsonl from huggingface.co/datasets/databricks/databricks-dolly-15k to this path (or set FEDLLM_DATA / data.root to the folder holding dolly/)".to_string()
+                    } else {
+                        format!(
+                            "missing data for preset {}: run scripts/fetch-data.sh (it installs every preset's file under data/), or set FEDLLM_DATA / data.root to the folder that holds them",
+                            self.name
+                        )
+                    },
                 });
             }
         }
