@@ -67,6 +67,9 @@ enum Cmd {
         /// Overrides as key.sub=value, e.g. federate.total_round_num=5 train.lr=1e-3
         overrides: Vec<String>,
     },
+    /// Check a run config without running it: the resolved config, or every problem at once
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Distributed mode: the gRPC server (aggregation, evaluation, checkpoints)
     #[command(allow_negative_numbers = true)]
     Server(Box<dist_cmd::ServerArgs>),
@@ -98,6 +101,18 @@ enum Cmd {
     /// Benchmarks (throughput and memory)
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a config (and overrides) and print it resolved (paths absolute, defaults filled)
+    #[command(allow_negative_numbers = true)]
+    Check {
+        /// Run config (YAML)
+        config: PathBuf,
+        /// Overrides as key.sub=value
+        overrides: Vec<String>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -296,6 +311,11 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => cmd_run(config, resume, no_progress, overwrite, &overrides),
         Cmd::Data(d) => data_cmd::run(d),
+        Cmd::Config(ConfigCmd::Check { config, overrides }) => {
+            let cfg = fedllm_fl::RunConfig::from_file(&config, &overrides)?;
+            print!("{}", cfg.to_yaml());
+            Ok(())
+        }
         Cmd::Server(a) => dist_cmd::cmd_server(*a),
         Cmd::Client(a) => dist_cmd::cmd_client(*a),
         Cmd::Certs(a) => dist_cmd::cmd_certs(a),

@@ -88,6 +88,41 @@ fn negative_lr_exits_nonzero_before_training() {
     );
 }
 
+/// `fedllm config check` prints the resolved config, or names every problem at once.
+#[test]
+fn config_check_reports_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = project(tmp.path(), "");
+    let c = cfg.to_str().unwrap();
+    let o = fedllm(tmp.path(), &["config", "check", c], &[]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let models = std::fs::canonicalize(tmp.path().join("configs"))
+        .unwrap()
+        .join("../models/tiny");
+    assert!(
+        t.contains(&format!("path: {}", models.display())),
+        "resolved path: {t}"
+    );
+    let o = fedllm(
+        tmp.path(),
+        &[
+            "config",
+            "check",
+            c,
+            "train.lr=-1",
+            "adapter.r=0",
+            "train.momentum=2",
+        ],
+        &[],
+    );
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    for key in ["train.lr", "adapter.r", "train.momentum"] {
+        assert!(t.contains(key), "{key} not named: {t}");
+    }
+}
+
 #[test]
 fn config_from_another_folder_finds_its_files_and_a_used_outdir_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
