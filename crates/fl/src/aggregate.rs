@@ -1,5 +1,6 @@
 //! Aggregation math as pure functions over flat parameter vectors (Flower's `aggregate.py`):
-//! weighted mean, coordinate-wise median, trimmed mean, (multi-)Krum. Parallel over coordinates.
+//! weighted mean, coordinate-wise median, trimmed mean, (multi-)Krum, Bulyan, norm bounding.
+//! Parallel over coordinates.
 
 use rayon::prelude::*;
 
@@ -105,9 +106,123 @@ pub fn krum(updates: &[&[f32]], f: usize, m: usize) -> (Vec<f32>, Vec<usize>) {
     (weighted_mean(&sel, &vec![1.0; sel.len()]), chosen)
 }
 
+/// Bulyan (El Mhamdi et al. 2018) for `f` Byzantine among n ≥ 4f + 3 updates: Krum picks
+/// θ = n − 2f updates one at a time (each pick leaves the pool); per coordinate, the β = θ − 2f
+/// selected values closest to their median are averaged. None when n < 4f + 3.
+pub fn bulyan(updates: &[&[f32]], f: usize) -> Option<Vec<f32>> {
+    let n = updates.len();
+    if n < 4 * f + 3 {
+        return None;
+    }
+    let mut pool: Vec<usize> = (0..n).collect();
+    let mut selected: Vec<&[f32]> = Vec::with_capacity(n - 2 * f);
+    while selected.len() < n - 2 * f {
+        let cands: Vec<&[f32]> = pool.iter().map(|&i| updates[i]).collect();
+        let (_, chosen) = krum(&cands, f, 1);
+        selected.push(cands[chosen[0]]);
+        pool.remove(chosen[0]);
+    }
+    let beta = selected.len() - 2 * f;
+    Some(per_coordinate(&selected, move |col| {
+        col.sort_by(f32::total_cmp);
+        let k = col.len();
+        let med = if k % 2 == 1 {
+            col[k / 2]
+        } else {
+            (col[k / 2 - 1] + col[k / 2]) / 2.0
+        };
+        // The β closest to the median form a contiguous window of the sorted column.
+        let start = (0..=k - beta)
+            .min_by(|&a, &b| {
+                let spread = |s: usize| (col[s] - med).abs().max((col[s + beta - 1] - med).abs());
+                spread(a).total_cmp(&spread(b))
+            })
+            .unwrap_or(0);
+        col[start..start + beta].iter().sum::<f32>() / beta as f32
+    }))
+}
+
+/// Norm bounding (Sun et al. 2019): each client's update Δ = w − global is scaled to norm at most
+/// `bound` (Δ·min(1, bound/‖Δ‖)), then the clipped models are averaged with `weights`.
+pub fn norm_bounded_mean(
+    global: &[f32],
+    updates: &[&[f32]],
+    weights: &[f64],
+    bound: f64,
+) -> Vec<f32> {
+    let clipped: Vec<Vec<f32>> = updates
+        .iter()
+        .map(|u| {
+            let norm = sq_dist(u, global).sqrt();
+            let scale = if norm > bound {
+                (bound / norm) as f32
+            } else {
+                1.0
+            };
+            u.iter()
+                .zip(global)
+                .map(|(x, g)| g + (x - g) * scale)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[f32]> = clipped.iter().map(|v| v.as_slice()).collect();
+    weighted_mean(&refs, weights)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bulyan with f = 1 over 7 one-coordinate updates, by hand: Krum (each scored by its
+    /// n − f − 2 nearest) peels off 5 = n − 2f updates, which drops the two outliers; of those
+    /// five, the β = 3 values nearest their median are averaged.
+    #[test]
+    fn bulyan_hand_computed() {
+        let vals = [1.0f32, 2.0, 3.0, 4.0, 5.0, 100.0, -100.0];
+        let cols: Vec<[f32; 1]> = vals.iter().map(|&v| [v]).collect();
+        let refs: Vec<&[f32]> = cols.iter().map(|c| c.as_slice()).collect();
+        // Selected {1..5}; median 3; nearest three: 2, 3, 4 → mean 3.
+        assert_eq!(bulyan(&refs, 1), Some(vec![3.0]));
+        assert_eq!(bulyan(&refs[..6], 1), None, "needs n ≥ 4f + 3");
+        // Two coordinates: Krum keeps the five honest rows; per coordinate the three values
+        // nearest the median: (10, 11, 12.5) around 11 → 33.5/3, and (1, 2, 3) around 2 → 2.
+        let rows = [
+            [10.0f32, 0.0],
+            [11.0, 1.0],
+            [12.5, 2.0],
+            [20.0, 3.0],
+            [9.0, 4.0],
+            [500.0, 500.0],
+            [-500.0, 500.0],
+        ];
+        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let b = bulyan(&refs, 1).unwrap();
+        assert!(
+            (b[0] - 33.5 / 3.0).abs() < 1e-5 && (b[1] - 2.0).abs() < 1e-6,
+            "{b:?}"
+        );
+    }
+
+    /// Norm bounding by hand: global 0, updates (3, 4) (norm 5) and (0.6, 0.8) (norm 1), bound 2:
+    /// the first is scaled to (1.2, 1.6), the second kept; equal weights average them.
+    #[test]
+    fn norm_bounding_hand_computed() {
+        let g = [0.0f32, 0.0];
+        let (a, b) = ([3.0f32, 4.0], [0.6f32, 0.8]);
+        let m = norm_bounded_mean(&g, &[&a, &b], &[1.0, 1.0], 2.0);
+        assert!(
+            (m[0] - 0.9).abs() < 1e-6 && (m[1] - 1.2).abs() < 1e-6,
+            "{m:?}"
+        );
+        // Around a non-zero global, only the update (the difference) is clipped.
+        let g = [10.0f32, -10.0];
+        let a = [13.0f32, -6.0];
+        let m = norm_bounded_mean(&g, &[&a], &[1.0], 1.0);
+        assert!(
+            (m[0] - 10.6).abs() < 1e-5 && (m[1] + 9.2).abs() < 1e-5,
+            "{m:?}"
+        );
+    }
 
     #[test]
     fn hand_computed() {

@@ -515,10 +515,28 @@ fn resolve_paths(v: &mut Value, base: &Path) {
             let p = Path::new(s.as_str());
             let is_preset = key == "data.source" && fedllm_data::federated::preset(s).is_some();
             if !s.is_empty() && p.is_relative() && !is_preset {
-                *s = base.join(p).to_string_lossy().into_owned();
+                *s = normalize(&base.join(p)).to_string_lossy().into_owned();
             }
         }
     }
+}
+
+/// `a/b/../c` → `a/c`, lexically (the folders need not exist yet).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The override that set `path` (or a key above or below it), if any.
@@ -724,6 +742,7 @@ impl RunConfig {
                 false,
             ),
             ("federate.trim_ratio", sp.trim_ratio, 0.0, true, 0.5, false),
+            ("federate.norm_bound", sp.norm_bound, 0.0, false, inf, false),
         ];
         if let Some(r) = f.sample_client_rate {
             ranges.push(("federate.sample_client_rate", r, 0.0, false, 1.0, true));
@@ -792,6 +811,16 @@ impl RunConfig {
             e.push(format!(
                 "federate.krum_byzantine must be below federate.client_num ({}), got {}",
                 f.client_num, sp.krum_byzantine
+            ));
+        }
+        if f.strategy == crate::strategy::StrategyKind::Bulyan
+            && self.clients_per_round() < 4 * sp.krum_byzantine + 3
+        {
+            e.push(format!(
+                "federate.strategy `bulyan` with federate.krum_byzantine = {} needs at least {} clients per round, got {}",
+                sp.krum_byzantine,
+                4 * sp.krum_byzantine + 3,
+                self.clients_per_round()
             ));
         }
         if let Some(s) = d.splits {

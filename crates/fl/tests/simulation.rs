@@ -249,7 +249,8 @@ fn every_strategy_and_baseline_runs() {
 /// One round from the same initial adapter and seed: the `local` baseline keeps each client's own
 /// trained parameters, and each aggregating strategy's global is what its formula makes of
 /// exactly those parameters (FedAvg: the sample-weighted mean; median: the coordinate median;
-/// trimmed mean with 3 clients and ratio 0.34: the median; Krum: one client's update, unchanged).
+/// trimmed mean with 3 clients and ratio 0.34: the median; norm bounding: the mean of the
+/// clipped updates; Krum: one client's update, unchanged).
 #[test]
 fn strategies_aggregate_what_local_clients_train() {
     let tmp = tempfile::tempdir().unwrap();
@@ -306,6 +307,22 @@ fn strategies_aggregate_what_local_clients_train() {
         &["federate.strategy=trimmed_mean", "federate.trim_ratio=0.34"],
     ));
     assert_eq!(tm, med);
+    let nb = flat(&run(
+        "norm",
+        &[
+            "federate.strategy=norm_bounding",
+            "federate.norm_bound=0.05",
+        ],
+    ));
+    let init = fedllm_fl::params::flatten(local.initial()).unwrap();
+    let want = fedllm_fl::aggregate::norm_bounded_mean(&init, &refs, &samples, 0.05);
+    let worst = nb
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-6, "norm bounding differs by {worst}");
+    assert_ne!(nb, avg, "the bound must bite");
     let krum = flat(&run(
         "krum",
         &["federate.strategy=krum", "federate.krum_byzantine=0"],
@@ -493,9 +510,9 @@ fn config_file_paths_resolve_against_its_folder() {
     .unwrap();
     let c = RunConfig::from_file(&p, &[]).unwrap();
     let base = std::fs::canonicalize(&dir).unwrap();
-    assert_eq!(c.model.path, base.join("../m.gguf"));
+    assert_eq!(c.model.path, base.parent().unwrap().join("m.gguf"));
     assert_eq!(c.data.source, base.join("d.jsonl").display().to_string());
-    assert_eq!(c.data.root, Some(base.join("../data")));
+    assert_eq!(c.data.root, Some(base.parent().unwrap().join("data")));
     assert_eq!(c.outdir, base.join("runs/x"));
     // A preset name is not a path.
     std::fs::write(&p, "data:\n  source: fed-gsm8k-3\n").unwrap();

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::params::ParamSet;
 
+pub mod bulyan;
 pub mod fedadam;
 pub mod fedavg;
 pub mod fedavgm;
@@ -13,6 +14,7 @@ pub mod fedprox;
 pub mod fedyogi;
 pub mod krum;
 pub mod median;
+pub mod norm_bounding;
 pub mod trimmed_mean;
 
 /// One client's answer to a fit request.
@@ -87,6 +89,8 @@ pub enum StrategyKind {
     Median,
     TrimmedMean,
     Krum,
+    Bulyan,
+    NormBounding,
 }
 
 impl StrategyKind {
@@ -101,6 +105,8 @@ impl StrategyKind {
             Self::Median => "median",
             Self::TrimmedMean => "trimmed_mean",
             Self::Krum => "krum",
+            Self::Bulyan => "bulyan",
+            Self::NormBounding => "norm_bounding",
         }
     }
 }
@@ -116,8 +122,11 @@ pub struct StrategyParams {
     pub tau: f64,
     pub proximal_mu: f64,
     pub trim_ratio: f64,
+    /// Krum and Bulyan: assumed number of Byzantine clients f.
     pub krum_byzantine: usize,
     pub krum_select: usize,
+    /// Norm bounding: the largest L2 norm of a client's update kept as is.
+    pub norm_bound: f64,
 }
 
 impl Default for StrategyParams {
@@ -132,6 +141,7 @@ impl Default for StrategyParams {
             trim_ratio: 0.1,
             krum_byzantine: 0,
             krum_select: 1,
+            norm_bound: 1.0,
         }
     }
 }
@@ -152,6 +162,12 @@ pub fn build(kind: &StrategyKind, p: &StrategyParams) -> Box<dyn Strategy> {
         StrategyKind::Krum => Box::new(krum::Krum {
             byzantine: p.krum_byzantine,
             select: p.krum_select,
+        }),
+        StrategyKind::Bulyan => Box::new(bulyan::Bulyan {
+            byzantine: p.krum_byzantine,
+        }),
+        StrategyKind::NormBounding => Box::new(norm_bounding::NormBounding {
+            bound: p.norm_bound,
         }),
     }
 }
