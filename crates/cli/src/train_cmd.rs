@@ -7,14 +7,9 @@ use candle_core::DType;
 use clap::{Args, ValueEnum};
 use fedllm_data::{record::Format, template::Template};
 use fedllm_model::{bench::peak_rss_bytes, CausalLm, LoadOptions, MatmulPrecision, QuantMode};
-use fedllm_peft::full::FullConfig;
-use fedllm_peft::lora::LoraConfig;
-use fedllm_peft::prefix::PrefixConfig;
-use fedllm_peft::prompt::PromptConfig;
-use fedllm_peft::ptuning::PtuningConfig;
 use fedllm_peft::{io, merge, Adapter, AdapterConfig};
 use fedllm_train::finetune::{heldout_loss, train_loop, Budget, LoopOptions};
-use fedllm_train::{OptimizerConfig, Schedule, ScheduleKind, TrainConfig, Trainer};
+use fedllm_train::Trainer;
 
 use crate::ModelArgs;
 
@@ -79,37 +74,32 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
-    pub fn config(&self, model: &CausalLm) -> AdapterConfig {
-        match self.adapter {
-            AdapterKind::Lora => AdapterConfig::Lora(LoraConfig {
-                r: self.lora_r,
-                alpha: self.lora_alpha,
-                dropout: self.lora_dropout,
-                target_modules: self
-                    .lora_targets
-                    .clone()
-                    .unwrap_or_else(|| fedllm_peft::lora::default_targets(model)),
-                use_rslora: false,
-                init: "kaiming".into(),
-            }),
-            AdapterKind::Prefix => AdapterConfig::Prefix(PrefixConfig {
-                num_virtual_tokens: self.virtual_tokens,
-                prefix_projection: self.prefix_projection,
-                encoder_hidden_size: self.prefix_projection.then_some(self.encoder_hidden),
-            }),
-            AdapterKind::Prompt => AdapterConfig::Prompt(PromptConfig {
-                num_virtual_tokens: self.virtual_tokens,
-                init_text: self.prompt_init_text.clone(),
-            }),
-            AdapterKind::Ptuning => AdapterConfig::Ptuning(PtuningConfig {
-                num_virtual_tokens: self.virtual_tokens,
-                encoder_hidden_size: self.encoder_hidden,
-            }),
-            AdapterKind::Full => AdapterConfig::Full(FullConfig {
-                patterns: self.full_patterns.clone(),
-                layers: self.full_layers.clone(),
-            }),
+    /// The run config's adapter section these flags describe (built by the same code as `run`).
+    pub fn section(&self) -> fedllm_fl::config::AdapterCfg {
+        use fedllm_fl::config::AdapterKind as K;
+        fedllm_fl::config::AdapterCfg {
+            kind: match self.adapter {
+                AdapterKind::Lora => K::Lora,
+                AdapterKind::Prefix => K::Prefix,
+                AdapterKind::Prompt => K::Prompt,
+                AdapterKind::Ptuning => K::Ptuning,
+                AdapterKind::Full => K::Full,
+            },
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self.lora_targets.clone(),
+            virtual_tokens: self.virtual_tokens,
+            encoder_hidden: self.encoder_hidden,
+            prefix_projection: self.prefix_projection,
+            init_text: self.prompt_init_text.clone(),
+            full_patterns: self.full_patterns.clone(),
+            full_layers: self.full_layers.clone(),
         }
+    }
+
+    pub fn config(&self, model: &CausalLm) -> AdapterConfig {
+        fedllm_fl::assemble::adapter_config(&self.section(), model)
     }
 }
 
@@ -226,32 +216,32 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
         adapter.num_trainable()
     );
     let total = a.steps.unwrap_or(0);
-    let cfg = TrainConfig {
-        lr: a.lr,
-        optimizer: match a.optimizer {
-            OptKind::Adamw => OptimizerConfig::adamw(a.weight_decay),
-            OptKind::Sgd => OptimizerConfig::Sgd {
-                momentum: a.momentum,
-                weight_decay: a.weight_decay,
-                nesterov: false,
-            },
-        },
-        schedule: Schedule {
-            kind: match a.schedule {
-                SchedKind::Constant => ScheduleKind::Constant,
-                SchedKind::Linear => ScheduleKind::Linear,
-                SchedKind::Cosine => ScheduleKind::Cosine,
-            },
-            warmup_steps: a.warmup_steps,
-            total_steps: if total > 0 {
-                total
-            } else {
-                samples.len().div_ceil(a.batch_size * a.grad_accum) * a.epochs.unwrap_or(1)
-            },
-        },
+    let section = fedllm_fl::config::TrainCfg {
+        local_update_steps: total.max(1),
+        batch_size: a.batch_size,
         grad_accum: a.grad_accum,
+        optimizer: match a.optimizer {
+            OptKind::Adamw => fedllm_fl::config::OptimizerKind::Adamw,
+            OptKind::Sgd => fedllm_fl::config::OptimizerKind::Sgd,
+        },
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
+        schedule: match a.schedule {
+            SchedKind::Constant => fedllm_fl::config::ScheduleName::Constant,
+            SchedKind::Linear => fedllm_fl::config::ScheduleName::Linear,
+            SchedKind::Cosine => fedllm_fl::config::ScheduleName::Cosine,
+        },
+        warmup_steps: a.warmup_steps,
+        ..Default::default()
     };
+    let total_steps = if total > 0 {
+        total
+    } else {
+        samples.len().div_ceil(a.batch_size * a.grad_accum) * a.epochs.unwrap_or(1)
+    };
+    let cfg = fedllm_fl::assemble::train_config(&section, total_steps);
     let mut trainer = Trainer::new(cfg)?;
     if let Some(ev) = &eval {
         let (l, n) = heldout_loss(&model, Some(&adapter), ev, a.batch_size, pad)?;

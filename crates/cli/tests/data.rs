@@ -149,24 +149,32 @@ fn show_marks_the_loss_part_and_presets_list() {
     for p in ["fed-gsm8k-3", "fed-codealpaca", "fed-dolly", "fed-mmlu"] {
         assert!(s.contains(p), "{s}");
     }
-    // A preset without its files names the missing file and the fetch script.
-    let o = Command::new(env!("CARGO_BIN_EXE_fedllm"))
-        .args([
-            "data",
-            "split",
-            "--data",
+    // A preset without its files names the missing file and where to get it: the fetch script
+    // for the presets it installs, Dolly's own page for Dolly (which it does not fetch).
+    for (preset, file, advice) in [
+        ("fed-gsm8k-3", "gsm8k/train.jsonl", "scripts/fetch-data.sh"),
+        (
             "fed-dolly",
-            "--out",
-            tmp.path().join("x").to_str().unwrap(),
-        ])
-        .env("FEDLLM_DATA", tmp.path())
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success()
-            && e.contains("databricks-dolly-15k.jsonl")
-            && e.contains("fetch-data.sh"),
-        "{e}"
-    );
+            "databricks-dolly-15k.jsonl",
+            "huggingface.co/datasets/databricks",
+        ),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_fedllm"))
+            .args([
+                "data",
+                "split",
+                "--data",
+                preset,
+                "--out",
+                tmp.path().join("x").to_str().unwrap(),
+            ])
+            .env("FEDLLM_DATA", tmp.path())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && e.contains(file) && e.contains(advice),
+            "{e}"
+        );
+    }
 }

@@ -52,6 +52,7 @@ impl Client {
                 s.adapter.set_tensors(&params)?;
                 s.adapter.reseed(seed);
                 let mut trainer = Trainer::new(s.train.clone())?;
+                trainer.step = config.start_step;
                 if config.proximal_mu > 0.0 {
                     trainer.proximal = Some((config.proximal_mu, params.clone()));
                 }
@@ -77,6 +78,12 @@ impl Client {
                     ("steps".to_string(), done.len() as f64),
                     ("nan_skipped".to_string(), trainer.nan_skipped as f64),
                 ]);
+                // Where the round sat on the run's learning-rate schedule.
+                let mut metrics = metrics;
+                if let (Some(first), Some(last)) = (stats.first(), stats.last()) {
+                    metrics.insert("lr_first".into(), first.lr);
+                    metrics.insert("lr_last".into(), last.lr);
+                }
                 let result = FitResult {
                     client: self.id,
                     params: snapshot(s.adapter)?,

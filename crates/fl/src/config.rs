@@ -112,7 +112,17 @@ choice!(
 );
 choice!(
     /// The adapter trained and exchanged.
-    AdapterKind { Lora = "lora", Prefix = "prefix", Prompt = "prompt", Ptuning = "ptuning" }
+    AdapterKind {
+        Lora = "lora",
+        Prefix = "prefix",
+        Prompt = "prompt",
+        Ptuning = "ptuning",
+        Full = "full",
+    }
+);
+choice!(
+    /// The learning-rate schedule, one curve over the whole run (rounds × local steps).
+    ScheduleName { Constant = "constant", Linear = "linear", Cosine = "cosine" }
 );
 choice!(
     /// `batch`: `local_update_steps` optimizer steps; `epoch`: that many passes over the data.
@@ -186,7 +196,16 @@ pub struct AdapterCfg {
     pub dropout: f32,
     pub targets: Option<Vec<String>>,
     pub virtual_tokens: usize,
+    /// P-tuning's MLP hidden size, and prefix tuning's with `prefix_projection`.
     pub encoder_hidden: usize,
+    /// Prefix tuning: reparametrise the prefix through an MLP.
+    pub prefix_projection: bool,
+    /// Prompt tuning: initialise the virtual tokens from this text's embeddings.
+    pub init_text: Option<String>,
+    /// Full fine-tuning: glob patterns over HF names (empty = every parameter).
+    pub full_patterns: Vec<String>,
+    /// Full fine-tuning: only these layer indices.
+    pub full_layers: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +220,8 @@ pub struct TrainCfg {
     pub momentum: f64,
     pub weight_decay: f64,
     pub max_grad_norm: Option<f64>,
+    pub schedule: ScheduleName,
+    pub warmup_steps: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -351,6 +372,10 @@ impl Default for AdapterCfg {
             targets: None,
             virtual_tokens: 20,
             encoder_hidden: 128,
+            prefix_projection: false,
+            init_text: None,
+            full_patterns: Vec::new(),
+            full_layers: None,
         }
     }
 }
@@ -367,6 +392,8 @@ impl Default for TrainCfg {
             momentum: 0.0,
             weight_decay: 0.0,
             max_grad_norm: None,
+            schedule: ScheduleName::Constant,
+            warmup_steps: 0,
         }
     }
 }
@@ -821,6 +848,12 @@ impl RunConfig {
                 sp.krum_byzantine,
                 4 * sp.krum_byzantine + 3,
                 self.clients_per_round()
+            ));
+        }
+        if t.schedule != ScheduleName::Constant && t.batch_or_epoch == LocalBudget::Epoch {
+            e.push(format!(
+                "train.schedule `{}` runs over rounds × local steps, so it needs train.batch_or_epoch: batch",
+                t.schedule
             ));
         }
         if let Some(s) = d.splits {

@@ -3,6 +3,7 @@
 //! share one frozen base model); the distributed mode carries the same messages over gRPC (`fedllm-transport`, through `Remote`).
 
 pub mod aggregate;
+pub mod assemble;
 pub mod checkpoint;
 pub mod client;
 pub mod config;

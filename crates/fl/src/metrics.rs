@@ -32,6 +32,9 @@ pub struct RoundRecord {
     pub wire_down_per_client: BTreeMap<usize, usize>,
     #[serde(default)]
     pub wire_up_per_client: BTreeMap<usize, usize>,
+    /// Learning rate at each client's first and last local step of the round.
+    #[serde(default)]
+    pub client_lr: BTreeMap<usize, (f64, f64)>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> FlError {

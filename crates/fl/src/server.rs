@@ -18,6 +18,9 @@ pub struct Server {
     pub rng: Rng,
     pub seed: u64,
     pub clients_per_round: usize,
+    /// Local optimizer steps per round (0 when a round's length depends on each client's data),
+    /// so each round's fit instructions say where the run's schedule stands.
+    pub steps_per_round: usize,
     pub joined: BTreeSet<usize>,
     /// Clients sampled in each round so far.
     pub history: Vec<Vec<usize>>,
@@ -52,6 +55,7 @@ impl Server {
             rng: Rng::new(seed),
             seed,
             clients_per_round,
+            steps_per_round: 0,
             joined: BTreeSet::new(),
             history: Vec::new(),
             asked: BTreeSet::new(),
@@ -82,7 +86,8 @@ impl Server {
         self.bytes_down.clear();
         self.bytes_up.clear();
         self.history.push(chosen.clone());
-        let config = self.strategy.configure_fit(self.round);
+        let mut config = self.strategy.configure_fit(self.round);
+        config.start_step = (self.round - 1) * self.steps_per_round;
         Ok(chosen
             .into_iter()
             .map(|c| {

@@ -6,28 +6,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::DType;
 use fedllm_data::federated::{build, preset, Source, SplitConfig};
-use fedllm_data::record::{Format, Record};
+use fedllm_data::record::Record;
 use fedllm_data::split::Splitter;
-use fedllm_data::template::Template;
 use fedllm_data::{tokenize_all, Sample};
 use fedllm_model::rng::Rng;
-use fedllm_model::{CausalLm, LoadOptions, QuantMode, Tokenizer};
-use fedllm_peft::lora::{default_targets, LoraConfig};
-use fedllm_peft::prefix::PrefixConfig;
-use fedllm_peft::prompt::PromptConfig;
-use fedllm_peft::ptuning::PtuningConfig;
-use fedllm_peft::{Adapter, AdapterConfig};
+use fedllm_model::{CausalLm, Tokenizer};
+use fedllm_peft::Adapter;
 use fedllm_train::finetune::{eval_batches, eval_loss, Budget};
-use fedllm_train::{OptimizerConfig, Schedule, TrainConfig};
+use fedllm_train::TrainConfig;
 
+use crate::assemble::{self, adapter_config, format, splitter, template, train_config};
 use crate::checkpoint;
 use crate::client::{snapshot, Client, Shared};
-use crate::config::{
-    AdapterKind, Baseline, ComputeDtype, DataFormat, LocalBudget, OptimizerKind, QuantPolicy,
-    RunConfig, SplitterName, TemplateName,
-};
+use crate::config::{Baseline, LocalBudget, RunConfig};
 use crate::error::{FlError, Result};
 use crate::manifest::{self, Manifest, Status};
 use crate::message::{ToClient, ToServer};
@@ -69,80 +61,6 @@ pub struct Summary {
     pub best_loss: Option<f64>,
     pub adapter_dir: PathBuf,
     pub table: String,
-}
-
-fn adapter_config(cfg: &RunConfig, model: &CausalLm) -> AdapterConfig {
-    let a = &cfg.adapter;
-    match a.kind {
-        AdapterKind::Prefix => AdapterConfig::Prefix(PrefixConfig {
-            num_virtual_tokens: a.virtual_tokens,
-            prefix_projection: false,
-            encoder_hidden_size: None,
-        }),
-        AdapterKind::Prompt => AdapterConfig::Prompt(PromptConfig {
-            num_virtual_tokens: a.virtual_tokens,
-            init_text: None,
-        }),
-        AdapterKind::Ptuning => AdapterConfig::Ptuning(PtuningConfig {
-            num_virtual_tokens: a.virtual_tokens,
-            encoder_hidden_size: a.encoder_hidden,
-        }),
-        AdapterKind::Lora => AdapterConfig::Lora(LoraConfig {
-            r: a.r,
-            alpha: a.alpha,
-            dropout: a.dropout,
-            target_modules: a.targets.clone().unwrap_or_else(|| default_targets(model)),
-            use_rslora: false,
-            init: "kaiming".into(),
-        }),
-    }
-}
-
-fn train_config(cfg: &RunConfig) -> TrainConfig {
-    let t = &cfg.train;
-    TrainConfig {
-        lr: t.lr,
-        optimizer: match t.optimizer {
-            OptimizerKind::Adamw => OptimizerConfig::adamw(t.weight_decay),
-            OptimizerKind::Sgd => OptimizerConfig::Sgd {
-                momentum: t.momentum,
-                weight_decay: t.weight_decay,
-                nesterov: false,
-            },
-        },
-        schedule: Schedule::constant(),
-        grad_accum: t.grad_accum,
-        max_grad_norm: t.max_grad_norm,
-    }
-}
-
-fn splitter(name: SplitterName, alpha: f64) -> Splitter {
-    match name {
-        SplitterName::Iid => Splitter::Iid,
-        SplitterName::Dirichlet => Splitter::Dirichlet { alpha, min_size: 1 },
-        SplitterName::Meta => Splitter::Meta,
-        SplitterName::SizeSkew => Splitter::SizeSkew { gamma: 1.0 },
-    }
-}
-
-fn format(f: DataFormat) -> Format {
-    match f {
-        DataFormat::Auto => Format::Auto,
-        DataFormat::Alpaca | DataFormat::CodeAlpaca => Format::Alpaca,
-        DataFormat::Dolly => Format::Dolly,
-        DataFormat::Gsm8k => Format::Gsm8k,
-        DataFormat::HumanEval => Format::HumanEval,
-        DataFormat::Mmlu => Format::Mmlu,
-    }
-}
-
-/// The data crate's template for a config's template name.
-pub fn template(t: TemplateName) -> Template {
-    match t {
-        TemplateName::Alpaca => Template::Alpaca,
-        TemplateName::Chat => Template::Chat,
-        TemplateName::Raw => Template::Raw,
-    }
 }
 
 impl Simulation {
@@ -213,17 +131,7 @@ impl Simulation {
         }
         let fed = build(&source, &split)?;
 
-        let opts = LoadOptions {
-            dtype: match cfg.model.dtype {
-                ComputeDtype::Bf16 => DType::BF16,
-                ComputeDtype::F32 => DType::F32,
-            },
-            quant: match cfg.model.quant {
-                QuantPolicy::Keep => QuantMode::Keep,
-                QuantPolicy::Dequantize => QuantMode::Dequantize,
-            },
-            ..Default::default()
-        };
+        let opts = assemble::load_options(&cfg.model);
         let loaded = CausalLm::load(&cfg.model.path, opts)?;
         let mut model = loaded.model;
         let tokenizer = loaded
@@ -315,7 +223,7 @@ impl Simulation {
 
         let adapter = Adapter::init(
             &model,
-            adapter_config(&cfg, &model),
+            adapter_config(&cfg.adapter, &model),
             cfg.federate.seed,
             Some(&tokenizer),
         )?;
@@ -328,6 +236,11 @@ impl Simulation {
         };
         let strat = strategy::build(&cfg.federate.strategy, &cfg.federate.strategy_params);
         let mut server = Server::new(strat, initial.clone(), cfg.federate.seed, per_round);
+        let steps_per_round = match cfg.train.batch_or_epoch {
+            LocalBudget::Batch => cfg.train.local_update_steps,
+            LocalBudget::Epoch => 0,
+        };
+        server.steps_per_round = steps_per_round;
         for c in &clients {
             server.on_message(ToServer::Join { client: c.id })?;
         }
@@ -352,7 +265,7 @@ impl Simulation {
             }
         })?;
         Ok(Self {
-            train: train_config(&cfg),
+            train: train_config(&cfg.train, steps_per_round * cfg.federate.total_round_num),
             cfg,
             model,
             adapter,
@@ -693,6 +606,9 @@ impl Simulation {
             for r in &outcome.results {
                 let (l, n) = (r.metrics["train_loss"], r.metrics["train_tokens"]);
                 rec.client_train_loss.insert(r.client, l);
+                if let (Some(a), Some(b)) = (r.metrics.get("lr_first"), r.metrics.get("lr_last")) {
+                    rec.client_lr.insert(r.client, (*a, *b));
+                }
                 rec.nan_skipped += r.metrics["nan_skipped"] as usize;
                 sum += l * n;
                 tok += n;
@@ -783,6 +699,7 @@ fn empty_record(round: usize) -> RoundRecord {
         nan_skipped: 0,
         wire_down_per_client: BTreeMap::new(),
         wire_up_per_client: BTreeMap::new(),
+        client_lr: BTreeMap::new(),
     }
 }
 

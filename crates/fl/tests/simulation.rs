@@ -594,3 +594,130 @@ fn a_used_outdir_is_refused() {
     );
     assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
 }
+
+/// The learning-rate schedule is one curve over the run: 3 rounds × 4 local steps of a cosine
+/// schedule with 2 warm-up steps sit exactly where a 12-step local run's schedule puts them
+/// (round r's first step is step 4(r−1), its last 4r−1).
+#[test]
+fn schedule_spans_the_whole_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 40);
+    let cfg = config(
+        tmp.path(),
+        &d,
+        &[
+            "federate.client_num=1",
+            "federate.sample_client_num=1",
+            "train.local_update_steps=4",
+            "train.schedule=cosine",
+            "train.warmup_steps=2",
+            "eval.freq=0",
+        ],
+    );
+    let mut sim = Simulation::new(cfg).unwrap();
+    let s = sim.run(false, None, |_| {}).unwrap();
+    let local = fedllm_train::Schedule {
+        kind: fedllm_train::ScheduleKind::Cosine,
+        warmup_steps: 2,
+        total_steps: 12,
+    };
+    let rounds: Vec<_> = s.records.iter().filter(|r| r.round > 0).collect();
+    assert_eq!(rounds.len(), 3);
+    for r in rounds {
+        let (first, last) = r.client_lr[&0];
+        let k = 4 * (r.round - 1);
+        assert_eq!(
+            first,
+            0.01 * local.factor(k),
+            "round {} first step",
+            r.round
+        );
+        assert_eq!(
+            last,
+            0.01 * local.factor(k + 3),
+            "round {} last step",
+            r.round
+        );
+    }
+    // A constant schedule stays constant (and the epoch budget cannot take a run-long curve).
+    let e = RunConfig::from_yaml(
+        "",
+        &[
+            "train.schedule=linear".into(),
+            "train.batch_or_epoch=epoch".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("train.schedule"), "{e}");
+}
+
+/// `fedllm run` takes the adapter settings `finetune` takes, built by the same code: prefix
+/// tuning with its projection MLP, prompt tuning initialised from text, and full fine-tuning of
+/// chosen layers.
+#[test]
+fn run_accepts_every_adapter_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 40);
+    let go = |name: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut all = vec!["federate.total_round_num=1", "eval.freq=0"];
+        all.extend_from_slice(extra);
+        let mut sim = Simulation::new(config(&dir, &d, &all)).unwrap();
+        let before = bits(&sim.server.global);
+        sim.run(false, None, |_| {}).unwrap();
+        assert_ne!(bits(&sim.server.global), before, "{name}: nothing trained");
+        sim
+    };
+    let p = go(
+        "prefix",
+        &[
+            "adapter.type=prefix",
+            "adapter.virtual_tokens=4",
+            "adapter.prefix_projection=true",
+            "adapter.encoder_hidden=16",
+        ],
+    );
+    let names: Vec<&String> = p.server.global.keys().collect();
+    assert!(
+        names.iter().any(|n| n.contains("transform")),
+        "no projection MLP: {names:?}"
+    );
+    let f = go("full", &["adapter.type=full", "adapter.full_layers=[1]"]);
+    assert!(
+        f.server.global.keys().all(|n| n.contains("layers.1.")),
+        "{:?}",
+        f.server.global.keys()
+    );
+    // Prompt tuning from text: the initial virtual tokens are the text's token embeddings.
+    let dir = tmp.path().join("prompt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sim = Simulation::new(config(
+        &dir,
+        &d,
+        &[
+            "adapter.type=prompt",
+            "adapter.virtual_tokens=3",
+            "adapter.init_text=alpha beta gamma",
+        ],
+    ))
+    .unwrap();
+    let ids = sim.tokenizer.encode("alpha beta gamma", false).unwrap();
+    let st =
+        candle_core::safetensors::load(tiny().join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let emb = &st["model.embed_tokens.weight"];
+    let init = sim
+        .initial()
+        .values()
+        .next()
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(init.len(), 3);
+    for (row, &id) in init.iter().zip(ids.iter().cycle()) {
+        let want: Vec<f32> = emb.get(id as usize).unwrap().to_vec1().unwrap();
+        assert_eq!(row, &want, "virtual token from text token {id}");
+    }
+}

@@ -9,6 +9,35 @@ use fedllm_fl::strategy::{FitConfig, FitResult};
 use crate::pb::{ResultHeader, ResultKind, SplitLoss, TaskHeader, TaskKind};
 use crate::wire::WireError;
 
+/// The version of the fit instructions' JSON; a client refuses one it does not know.
+const FIT_CONFIG_VERSION: u32 = 1;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VersionedFitConfig {
+    v: u32,
+    fit: FitConfig,
+}
+
+fn encode_fit_config(c: &FitConfig) -> String {
+    serde_json::to_string(&VersionedFitConfig {
+        v: FIT_CONFIG_VERSION,
+        fit: c.clone(),
+    })
+    .expect("json")
+}
+
+fn decode_fit_config(s: &str) -> Result<FitConfig, WireError> {
+    let v: VersionedFitConfig = serde_json::from_str(s)
+        .map_err(|e| WireError::Malformed(format!("fit instructions: {e}")))?;
+    if v.v != FIT_CONFIG_VERSION {
+        return Err(WireError::Malformed(format!(
+            "fit instructions version {} (this client speaks {FIT_CONFIG_VERSION})",
+            v.v
+        )));
+    }
+    Ok(v.fit)
+}
+
 pub fn task_header(m: &ToClient) -> (TaskHeader, Option<&ParamSet>) {
     match m {
         ToClient::Fit {
@@ -21,7 +50,7 @@ pub fn task_header(m: &ToClient) -> (TaskHeader, Option<&ParamSet>) {
                 kind: TaskKind::Fit as i32,
                 round: *round as u32,
                 seed: *seed,
-                proximal_mu: config.proximal_mu,
+                fit_config: encode_fit_config(config),
                 splits: vec![],
                 tensors: params.len() as u32,
             },
@@ -56,9 +85,7 @@ pub fn to_client(h: &TaskHeader, params: ParamSet) -> Result<ToClient, WireError
         Ok(TaskKind::Fit) => ToClient::Fit {
             round: h.round as usize,
             params,
-            config: FitConfig {
-                proximal_mu: h.proximal_mu,
-            },
+            config: decode_fit_config(&h.fit_config)?,
             seed: h.seed,
         },
         Ok(TaskKind::Evaluate) => ToClient::Evaluate {
@@ -185,4 +212,54 @@ pub fn to_server(h: &ResultHeader, params: ParamSet) -> Result<ToServer, WireErr
         },
         Err(_) => return Err(WireError::Malformed(format!("result kind {}", h.kind))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fit instructions survive the header round trip, whatever fields they carry.
+    #[test]
+    fn fit_instructions_round_trip() {
+        let config = FitConfig {
+            proximal_mu: 0.25,
+            start_step: 12,
+        };
+        let msg = ToClient::Fit {
+            round: 4,
+            params: ParamSet::new(),
+            config: config.clone(),
+            seed: 99,
+        };
+        let (h, _) = task_header(&msg);
+        match to_client(&h, ParamSet::new()).unwrap() {
+            ToClient::Fit {
+                round,
+                config: got,
+                seed,
+                ..
+            } => assert_eq!((round, got, seed), (4, config, 99)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A client refuses instructions it cannot read: another version, or not JSON at all.
+    #[test]
+    fn unknown_fit_instructions_are_refused() {
+        let mut h = TaskHeader {
+            kind: TaskKind::Fit as i32,
+            round: 1,
+            ..Default::default()
+        };
+        for bad in [
+            r#"{"v": 2, "fit": {"proximal_mu": 0.1}}"#,
+            "not json",
+            "",
+            r#"{"v": 1, "fit": {"proximal_mu": "a lot"}}"#,
+        ] {
+            h.fit_config = bad.to_string();
+            let e = to_client(&h, ParamSet::new()).unwrap_err().to_string();
+            assert!(e.contains("fit instructions"), "{bad}: {e}");
+        }
+    }
 }

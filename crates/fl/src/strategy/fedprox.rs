@@ -17,6 +17,7 @@ impl Strategy for FedProx {
     fn configure_fit(&self, _round: usize) -> FitConfig {
         FitConfig {
             proximal_mu: self.mu,
+            ..Default::default()
         }
     }
 

@@ -33,11 +33,16 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// Per-round instructions for clients' local training beyond the run config.
+/// Per-round instructions for clients' local training beyond the run config. They travel to
+/// distributed clients as versioned JSON, so a new field needs no transport change.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct FitConfig {
     /// FedProx: weight of the proximal term μ/2‖w − w_global‖².
     pub proximal_mu: f64,
+    /// The run's optimizer steps before this round (set by the server): where this round's
+    /// local steps sit on the learning-rate schedule, which spans the whole run.
+    pub start_step: usize,
 }
 
 pub trait Strategy: Send {
