@@ -51,13 +51,21 @@ impl Client {
             } => {
                 s.adapter.set_tensors(&params)?;
                 s.adapter.reseed(seed);
-                let mut trainer = Trainer::new(s.train.clone())?;
+                let mut train = s.train.clone();
+                if let Some(lr) = config.lr {
+                    train.lr = lr;
+                }
+                let mut trainer = Trainer::new(train)?;
                 trainer.step = config.start_step;
                 if config.proximal_mu > 0.0 {
                     trainer.proximal = Some((config.proximal_mu, params.clone()));
                 }
                 let o = LoopOptions {
-                    budget: s.budget,
+                    budget: match (s.budget, config.local_steps) {
+                        (b, None) => b,
+                        (Budget::Steps(_), Some(n)) => Budget::Steps(n),
+                        (Budget::Epochs(_), Some(n)) => Budget::Epochs(n),
+                    },
                     batch_size: s.batch_size,
                     pad_id: s.pad_id,
                     seed,

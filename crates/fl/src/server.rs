@@ -86,19 +86,20 @@ impl Server {
         self.bytes_down.clear();
         self.bytes_up.clear();
         self.history.push(chosen.clone());
-        let mut config = self.strategy.configure_fit(self.round);
-        config.start_step = (self.round - 1) * self.steps_per_round;
+        let start_step = (self.round - 1) * self.steps_per_round;
         Ok(chosen
             .into_iter()
             .map(|c| {
                 *self.bytes_down.entry(c).or_default() += bytes(&self.global);
                 let seed = Rng::derive(&[self.seed, self.round as u64, c as u64]);
+                let mut config = self.strategy.configure_fit(self.round, c);
+                config.start_step = start_step;
                 (
                     c,
                     ToClient::Fit {
                         round: self.round,
                         params: self.global.clone(),
-                        config: config.clone(),
+                        config,
                         seed,
                     },
                 )

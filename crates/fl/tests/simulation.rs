@@ -721,3 +721,24 @@ fn run_accepts_every_adapter_setting() {
         assert_eq!(row, &want, "virtual token from text token {id}");
     }
 }
+
+#[allow(dead_code)]
+mod example {
+    include!("../examples/per_client_lr.rs");
+}
+
+/// The library example runs on the tiny model: its strategy's per-client instructions reach the
+/// clients (each client's learning rate and step count are those it was told).
+#[test]
+fn library_example_with_per_client_instructions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 60);
+    let s = example::run(&tiny(), &d, &tmp.path().join("run")).unwrap();
+    for r in s.records.iter().filter(|r| r.round > 0) {
+        for c in 0..3usize {
+            let (first, last) = r.client_lr[&c];
+            let want = 0.02 / (1u64 << c) as f64;
+            assert_eq!((first, last), (want, want), "round {} client {c}", r.round);
+        }
+    }
+}

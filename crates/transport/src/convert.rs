@@ -224,6 +224,8 @@ mod tests {
         let config = FitConfig {
             proximal_mu: 0.25,
             start_step: 12,
+            lr: Some(3e-4),
+            local_steps: Some(7),
         };
         let msg = ToClient::Fit {
             round: 4,

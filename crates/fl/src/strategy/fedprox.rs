@@ -14,7 +14,7 @@ impl Strategy for FedProx {
         "fedprox"
     }
 
-    fn configure_fit(&self, _round: usize) -> FitConfig {
+    fn configure_fit(&self, _round: usize, _client: usize) -> FitConfig {
         FitConfig {
             proximal_mu: self.mu,
             ..Default::default()

@@ -43,12 +43,17 @@ pub struct FitConfig {
     /// The run's optimizer steps before this round (set by the server): where this round's
     /// local steps sit on the learning-rate schedule, which spans the whole run.
     pub start_step: usize,
+    /// This client's learning rate this round, instead of `train.lr`.
+    pub lr: Option<f64>,
+    /// This client's local steps (or epochs) this round, instead of `train.local_update_steps`.
+    pub local_steps: Option<usize>,
 }
 
 pub trait Strategy: Send {
     fn name(&self) -> &'static str;
 
-    fn configure_fit(&self, _round: usize) -> FitConfig {
+    /// What `client` is told for this round's local training (each client may differ).
+    fn configure_fit(&self, _round: usize, _client: usize) -> FitConfig {
         FitConfig::default()
     }
 
@@ -327,8 +332,8 @@ mod tests {
     #[test]
     fn fedprox_sends_mu_and_averages_by_samples() {
         let mut p = fedprox::FedProx { mu: 0.25 };
-        assert_eq!(p.configure_fit(3).proximal_mu, 0.25);
-        assert_eq!(fedavg::FedAvg.configure_fit(3).proximal_mu, 0.0);
+        assert_eq!(p.configure_fit(3, 1).proximal_mu, 0.25);
+        assert_eq!(fedavg::FedAvg.configure_fit(3, 1).proximal_mu, 0.0);
         let r = [res(&[2.0, 0.0], 1), res(&[6.0, 4.0], 3)];
         let out = p
             .aggregate_fit(1, &set(&[0.0, 0.0]), &r, &[])
