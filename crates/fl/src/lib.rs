@@ -16,6 +16,7 @@ pub mod remote;
 pub mod server;
 pub mod simulation;
 pub mod strategy;
+pub mod tensorboard;
 
 pub use config::RunConfig;
 pub use error::{FlError, Result};

@@ -33,8 +33,9 @@ pub struct Manifest {
 pub const FILE: &str = "run.json";
 
 /// What a run writes into its folder (and all `--overwrite` removes).
-const RUN_ENTRIES: [&str; 10] = [
+const RUN_ENTRIES: [&str; 11] = [
     FILE,
+    crate::tensorboard::FILE,
     "config.yaml",
     "data_manifest.json",
     "metrics.jsonl",

@@ -72,6 +72,7 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
     }
     let p = dir.join("metrics.csv");
     std::fs::write(&p, csv).map_err(|e| io(&p, e))?;
+    crate::tensorboard::write(dir, records)?;
     plot(&dir.join("loss.svg"), records)
 }
 
