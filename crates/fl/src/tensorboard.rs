@@ -146,7 +146,9 @@ mod tests {
         let mut r = Vec::new();
         record(&e, &mut r);
         assert_eq!(&r[..8], &(e.len() as u64).to_le_bytes());
-        // masked = ((crc >> 15) | (crc << 17)) + 0xa282ead8, as TensorFlow's crc32c.h says.
+        // masked = ((crc >> 15) | (crc << 17)) + 0xa282ead8, spelled as TensorFlow's crc32c.h
+        // spells it (not as the code under test does).
+        #[allow(clippy::manual_rotate)]
         let m = |c: u32| ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8);
         assert_eq!(&r[8..12], &m(crc32c(&r[..8])).to_le_bytes());
         assert_eq!(&r[12..12 + e.len()], &e[..]);
