@@ -113,6 +113,8 @@ enum ConfigCmd {
         /// Overrides as key.sub=value
         overrides: Vec<String>,
     },
+    /// Print a JSON Schema of the run config (for editors: completion and checking of the YAML)
+    Schema,
 }
 
 #[derive(Args, Clone)]
@@ -314,6 +316,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Config(ConfigCmd::Check { config, overrides }) => {
             let cfg = fedllm_fl::RunConfig::from_file(&config, &overrides)?;
             print!("{}", cfg.to_yaml());
+            Ok(())
+        }
+        Cmd::Config(ConfigCmd::Schema) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&fedllm_fl::config::json_schema())?
+            );
             Ok(())
         }
         Cmd::Server(a) => dist_cmd::cmd_server(*a),

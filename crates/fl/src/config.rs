@@ -54,6 +54,8 @@ macro_rules! choice {
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
         pub enum $name { $($(#[$vm])* #[serde(rename = $s)] $v),+ }
         impl $name {
+            /// Every allowed value, as the config spells it.
+            pub const ALL: &'static [&'static str] = &[$($s),+];
             pub fn as_str(&self) -> &'static str {
                 match self { $(Self::$v => $s),+ }
             }
@@ -510,6 +512,86 @@ fn set(root: &mut Value, key: &str, value: Value) {
     }
 }
 
+/// The closed sets, by key (for the JSON Schema).
+fn choices() -> Vec<(&'static str, Vec<&'static str>)> {
+    use crate::strategy::StrategyKind as S;
+    let strategies = [
+        S::Fedavg,
+        S::Fedprox,
+        S::Fedavgm,
+        S::Fedadam,
+        S::Fedyogi,
+        S::Median,
+        S::TrimmedMean,
+        S::Krum,
+        S::Bulyan,
+        S::NormBounding,
+    ];
+    vec![
+        ("federate.mode", Mode::ALL.to_vec()),
+        ("federate.baseline", vec!["fl", "global", "local"]),
+        (
+            "federate.strategy",
+            strategies.iter().map(|s| s.as_str()).collect(),
+        ),
+        ("data.format", DataFormat::ALL.to_vec()),
+        ("data.template", TemplateName::ALL.to_vec()),
+        ("data.splitter", SplitterName::ALL.to_vec()),
+        ("model.dtype", ComputeDtype::ALL.to_vec()),
+        ("model.quant", QuantPolicy::ALL.to_vec()),
+        ("adapter.type", AdapterKind::ALL.to_vec()),
+        ("train.batch_or_epoch", LocalBudget::ALL.to_vec()),
+        ("train.optimizer", OptimizerKind::ALL.to_vec()),
+        ("train.schedule", ScheduleName::ALL.to_vec()),
+        ("distributed.compression", Compression::ALL.to_vec()),
+    ]
+}
+
+/// A JSON Schema (draft 2020-12) of the run config, so editors can complete and check the YAML:
+/// every key with its type (from the defaults) and, for closed sets, the allowed values.
+pub fn json_schema() -> serde_json::Value {
+    use serde_json::json;
+    let choices = choices();
+    fn walk(v: &Value, path: &str, choices: &[(&str, Vec<&str>)]) -> serde_json::Value {
+        if let Some((_, allowed)) = choices.iter().find(|(k, _)| *k == path) {
+            let mut e: Vec<serde_json::Value> = allowed.iter().map(|a| json!(a)).collect();
+            if path == "data.splitter" {
+                e.push(serde_json::Value::Null);
+            }
+            return json!({ "enum": e });
+        }
+        match v {
+            Value::Mapping(m) => {
+                let props: serde_json::Map<String, serde_json::Value> = m
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let k = k.as_str()?;
+                        let p = if path.is_empty() {
+                            k.to_string()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        Some((k.to_string(), walk(v, &p, choices)))
+                    })
+                    .collect();
+                json!({ "type": "object", "properties": props, "additionalProperties": false })
+            }
+            Value::Bool(_) => json!({ "type": "boolean" }),
+            Value::Number(n) if n.is_f64() => json!({ "type": "number" }),
+            Value::Number(_) => json!({ "type": "number" }),
+            Value::String(_) => json!({ "type": "string" }),
+            Value::Sequence(_) => json!({ "type": "array" }),
+            // Optional keys (absent by default) take their type from use; any value is offered.
+            _ => json!({}),
+        }
+    }
+    let defaults = serde_yaml::to_value(RunConfig::default()).expect("yaml");
+    let mut schema = walk(&defaults, "", &choices);
+    schema["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    schema["title"] = json!("fedllm run config");
+    schema
+}
+
 /// Config keys holding paths: relative ones written in a config file mean "next to this file".
 const PATH_KEYS: [&str; 10] = [
     "model.path",
@@ -920,6 +1002,74 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The schema covers exactly the config's keys, lists each closed set's values (the same
+    /// the parser accepts), and the shipped configs' keys and values conform to it.
+    #[test]
+    fn json_schema_matches_the_config() {
+        let schema = json_schema();
+        fn keys(s: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+            if let Some(p) = s["properties"].as_object() {
+                for (k, v) in p {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    out.push(path.clone());
+                    keys(v, &path, out);
+                }
+            }
+        }
+        let mut got = Vec::new();
+        keys(&schema, "", &mut got);
+        let mut want = schema_keys();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        let at = |path: &str| {
+            path.split('.')
+                .fold(&schema, |s, k| &s["properties"][k])
+                .clone()
+        };
+        for (key, allowed) in choices() {
+            let e = at(key)["enum"].as_array().cloned().unwrap_or_default();
+            for a in &allowed {
+                assert!(e.contains(&serde_json::json!(a)), "{key}: {a}");
+                let ok = RunConfig::from_yaml("", &[format!("{key}={a}")]);
+                // Some values need others (distributed mode, epoch budgets): only the value's own
+                // key must not be the complaint.
+                if let Err(err) = ok {
+                    assert!(
+                        !err.to_string().contains("is not one of"),
+                        "{key}={a}: {err}"
+                    );
+                    assert!(
+                        !err.to_string().contains("unknown variant"),
+                        "{key}={a}: {err}"
+                    );
+                }
+            }
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        for f in std::fs::read_dir(dir).unwrap() {
+            let p = f.unwrap().path();
+            let v: Value = serde_yaml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            fn conform(v: &Value, s: &serde_json::Value, path: &str) {
+                if let Value::Mapping(m) = v {
+                    for (k, v) in m {
+                        let k = k.as_str().unwrap();
+                        let sub = &s["properties"][k];
+                        assert!(!sub.is_null(), "{path}.{k} not in the schema");
+                        conform(v, sub, &format!("{path}.{k}"));
+                    }
+                } else if let (Some(e), Value::String(x)) = (s["enum"].as_array(), v) {
+                    assert!(e.contains(&serde_json::json!(x)), "{path}: {x}");
+                }
+            }
+            conform(&v, &schema, &p.display().to_string());
+        }
+    }
 
     #[test]
     fn overrides_and_unknown_keys() {
