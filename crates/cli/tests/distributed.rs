@@ -560,3 +560,41 @@ fn a_client_with_its_own_data_file() {
         recs[1]
     );
 }
+
+/// With `federate.local_tensors`, only the shared tensors cross the wire, each client process
+/// keeps its own in its folder (written after every fit), and the server's result equals the
+/// standalone run's bit for bit.
+#[test]
+fn local_tensors_stay_in_the_client_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 2, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("seed: 0}", "seed: 0, local_tensors: [\"*lora_B*\"]}");
+    std::fs::write(&cfg, text).unwrap();
+    let mut s = server(d, &cfg, &[]);
+    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
+    let r = &records(d)[1];
+    let up = r["bytes_up_per_client"]["0"].as_u64().unwrap();
+    let down = r["bytes_down_per_client"]["0"].as_u64().unwrap();
+    // A is [r, 64] for q_proj and v_proj in 2 layers: 4 × 4 × 64 f32 = 4096 bytes each way
+    // (down twice: the fit task and the round's evaluation).
+    assert!(
+        up == 4096 && down == 2 * up,
+        "only A matrices travel: up {up}, down {down}"
+    );
+    for i in 0..3 {
+        let st = d.join(format!("run/client-{i}/client_state.safetensors"));
+        let t = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
+        assert!(
+            !t.is_empty() && t.keys().all(|k| k.contains("lora_B")),
+            "{t:?}"
+        );
+    }
+}

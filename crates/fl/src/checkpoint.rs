@@ -73,6 +73,26 @@ pub fn save(
     Ok(())
 }
 
+const CLIENT_STATE: &str = "client_state.safetensors";
+
+/// A distributed client's own tensors, written atomically into its folder after each fit.
+pub fn save_client_state(dir: &Path, state: &ParamSet) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let tmp = dir.join(format!("{CLIENT_STATE}.tmp"));
+    save_set(&tmp, state)?;
+    let p = dir.join(CLIENT_STATE);
+    std::fs::rename(&tmp, &p).map_err(|e| io(&p, e))
+}
+
+/// The client's own tensors from a previous life of this client, if any.
+pub fn load_client_state(dir: &Path) -> Result<Option<ParamSet>> {
+    let p = dir.join(CLIENT_STATE);
+    if !p.exists() {
+        return Ok(None);
+    }
+    load_set(&p).map(Some)
+}
+
 pub struct Loaded {
     pub global: ParamSet,
     pub server: ParamSet,

@@ -30,6 +30,35 @@ pub struct Shared<'a> {
     pub batch_size: usize,
     pub eval_batch_size: usize,
     pub pad_id: u32,
+    /// The adapter's initial values (what a client's own tensors start from).
+    pub initial: &'a ParamSet,
+    /// `federate.local_tensors`: name patterns of the tensors clients keep to themselves.
+    pub local_patterns: &'a [String],
+}
+
+/// Whether the server shares tensor `name` (it is not one the clients keep).
+fn sent_names(s: &Shared, name: &str) -> bool {
+    !s.local_patterns
+        .iter()
+        .any(|p| fedllm_peft::full::glob(p, name))
+}
+
+/// Sets the adapter to the server's tensors, completed by the client's own (or, before its first
+/// round, the initial values), and returns the complete set.
+fn with_own(params: ParamSet, state: &ParamSet, s: &Shared) -> Result<ParamSet> {
+    let full = if params.len() == s.initial.len() {
+        params
+    } else {
+        let mut full = params;
+        for (k, t) in s.initial {
+            if !full.contains_key(k) {
+                full.insert(k.clone(), state.get(k).unwrap_or(t).clone());
+            }
+        }
+        full
+    };
+    s.adapter.set_tensors(&full)?;
+    Ok(full)
 }
 
 /// Deep copies (the adapter's vars are updated in place by the next client).
@@ -41,7 +70,15 @@ pub fn snapshot(a: &Adapter) -> Result<ParamSet> {
 }
 
 impl Client {
-    pub fn handle(&self, msg: ToClient, s: &Shared) -> Result<Option<ToServer>> {
+    /// Answers one server message. `state` holds the tensors this client keeps to itself (those
+    /// the server does not send: `federate.local_tensors`); it fills in what `params` lacks,
+    /// and a fit updates it.
+    pub fn handle(
+        &self,
+        msg: ToClient,
+        s: &Shared,
+        state: &mut ParamSet,
+    ) -> Result<Option<ToServer>> {
         match msg {
             ToClient::Fit {
                 round,
@@ -49,7 +86,7 @@ impl Client {
                 config,
                 seed,
             } => {
-                s.adapter.set_tensors(&params)?;
+                let params = with_own(params, state, s)?;
                 s.adapter.reseed(seed);
                 let mut train = s.train.clone();
                 if let Some(lr) = config.lr {
@@ -92,9 +129,18 @@ impl Client {
                     metrics.insert("lr_first".into(), first.lr);
                     metrics.insert("lr_last".into(), last.lr);
                 }
+                // What the server sent goes back; the rest stays here.
+                let mut sent = snapshot(s.adapter)?;
+                for name in s.initial.keys() {
+                    if !sent_names(s, name) {
+                        if let Some(t) = sent.remove(name) {
+                            state.insert(name.clone(), t);
+                        }
+                    }
+                }
                 let result = FitResult {
                     client: self.id,
-                    params: snapshot(s.adapter)?,
+                    params: sent,
                     num_samples: self.train.len(),
                     metrics,
                 };
@@ -105,7 +151,7 @@ impl Client {
                 params,
                 splits,
             } => {
-                s.adapter.set_tensors(&params)?;
+                with_own(params, state, s)?;
                 let mut losses = Vec::new();
                 for name in splits {
                     if let Some(samples) = self.splits.get(&name).filter(|x| !x.is_empty()) {

@@ -156,6 +156,9 @@ pub struct Federate {
     /// Checkpoint every this many rounds (0 = never).
     pub save_freq: usize,
     pub seed: u64,
+    /// Name patterns (`*` wildcards) of adapter tensors that never leave the clients: each client
+    /// keeps and trains its own (FedBN-like; `*lora_B*` keeps B matrices as FedSA-LoRA does).
+    pub local_tensors: Vec<String>,
     /// Stop with an error after this many consecutive rounds in which no client succeeded
     /// (0 = never stop; default 1 in standalone, where nothing can recover, 3 in distributed).
     pub max_failed_rounds: Option<usize>,
@@ -332,6 +335,7 @@ impl Default for Federate {
             strategy_params: StrategyParams::default(),
             save_freq: 1,
             seed: 0,
+            local_tensors: Vec::new(),
             max_failed_rounds: None,
         }
     }

@@ -21,6 +21,9 @@ pub struct Server {
     /// Local optimizer steps per round (0 when a round's length depends on each client's data),
     /// so each round's fit instructions say where the run's schedule stands.
     pub steps_per_round: usize,
+    /// `federate.local_tensors`: name patterns of tensors that never leave the clients. Only
+    /// the others travel and are aggregated (by name).
+    pub local_patterns: Vec<String>,
     pub joined: BTreeSet<usize>,
     /// Clients sampled in each round so far.
     pub history: Vec<Vec<usize>>,
@@ -56,6 +59,7 @@ impl Server {
             seed,
             clients_per_round,
             steps_per_round: 0,
+            local_patterns: Vec::new(),
             joined: BTreeSet::new(),
             history: Vec::new(),
             asked: BTreeSet::new(),
@@ -65,6 +69,23 @@ impl Server {
             bytes_down: BTreeMap::new(),
             bytes_up: BTreeMap::new(),
         }
+    }
+
+    /// The part of the global parameters that travels: all but the clients' own tensors.
+    pub fn shared(&self) -> ParamSet {
+        if self.local_patterns.is_empty() {
+            return self.global.clone();
+        }
+        self.global
+            .iter()
+            .filter(|(k, _)| {
+                !self
+                    .local_patterns
+                    .iter()
+                    .any(|p| fedllm_peft::full::glob(p, k))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Samples this round's clients (uniformly, without replacement, in id order) and returns
@@ -87,10 +108,11 @@ impl Server {
         self.bytes_up.clear();
         self.history.push(chosen.clone());
         let start_step = (self.round - 1) * self.steps_per_round;
+        let shared = self.shared();
         Ok(chosen
             .into_iter()
             .map(|c| {
-                *self.bytes_down.entry(c).or_default() += bytes(&self.global);
+                *self.bytes_down.entry(c).or_default() += bytes(&shared);
                 let seed = Rng::derive(&[self.seed, self.round as u64, c as u64]);
                 let mut config = self.strategy.configure_fit(self.round, c);
                 config.start_step = start_step;
@@ -98,7 +120,7 @@ impl Server {
                     c,
                     ToClient::Fit {
                         round: self.round,
-                        params: self.global.clone(),
+                        params: shared.clone(),
                         config,
                         seed,
                     },
@@ -112,16 +134,17 @@ impl Server {
         clients: &[usize],
         splits: &[&str],
     ) -> Vec<(usize, ToClient)> {
+        let shared = self.shared();
         clients
             .iter()
             .map(|&c| {
-                *self.bytes_down.entry(c).or_default() += bytes(&self.global);
+                *self.bytes_down.entry(c).or_default() += bytes(&shared);
                 let splits = splits.iter().map(|s| s.to_string()).collect();
                 (
                     c,
                     ToClient::Evaluate {
                         round: self.round,
-                        params: self.global.clone(),
+                        params: shared.clone(),
                         splits,
                     },
                 )
@@ -145,9 +168,10 @@ impl Server {
                 if self.results.contains_key(&c) {
                     return Ok(()); // a retried upload
                 }
-                if result.params.keys().ne(self.global.keys()) {
+                let shared = self.shared();
+                if result.params.keys().ne(shared.keys()) {
                     return Err(FlError::Protocol(format!(
-                        "client {c} sent tensors that are not the global set"
+                        "client {c} sent tensors that are not the shared set"
                     )));
                 }
                 for (k, t) in &result.params {
@@ -217,12 +241,14 @@ impl Server {
     pub fn close_round(&mut self) -> Result<RoundOutcome> {
         self.missing_to_failures();
         let results: Vec<FitResult> = self.results.values().cloned().collect();
+        // Strategies see (and return) only what travels; the clients' own tensors stay as
+        // they were in the global set.
         let new =
             self.strategy
-                .aggregate_fit(self.round, &self.global, &results, &self.failures)?;
+                .aggregate_fit(self.round, &self.shared(), &results, &self.failures)?;
         let updated = new.is_some();
         if let Some(g) = new {
-            self.global = g;
+            self.global.extend(g);
         }
         Ok(RoundOutcome {
             round: self.round,

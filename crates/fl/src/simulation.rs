@@ -229,6 +229,7 @@ impl Simulation {
         )?;
         adapter.attach(&mut model, true)?;
         let initial = snapshot(&adapter)?;
+        let mut local_state: BTreeMap<usize, ParamSet> = BTreeMap::new();
         let per_round = if cfg.federate.baseline == Baseline::Global {
             1
         } else {
@@ -241,6 +242,28 @@ impl Simulation {
             LocalBudget::Epoch => 0,
         };
         server.steps_per_round = steps_per_round;
+        server.local_patterns = cfg.federate.local_tensors.clone();
+        if !cfg.federate.local_tensors.is_empty() {
+            let shared = server.shared();
+            if shared.is_empty() {
+                return Err(FlError::Config(format!(
+                    "federate.local_tensors {:?} keeps every adapter tensor on the clients (for no sharing at all use federate.baseline=local)",
+                    cfg.federate.local_tensors
+                )));
+            }
+            if shared.len() == initial.len() {
+                return Err(FlError::Config(format!(
+                    "federate.local_tensors {:?} matches no adapter tensor (names look like {})",
+                    cfg.federate.local_tensors,
+                    initial.keys().next().map(String::as_str).unwrap_or("-")
+                )));
+            }
+        }
+        if let Role::Client(i) = role {
+            if let Some(st) = checkpoint::load_client_state(&cfg.outdir)? {
+                local_state.insert(i, st);
+            }
+        }
         for c in &clients {
             server.on_message(ToServer::Join { client: c.id })?;
         }
@@ -274,7 +297,7 @@ impl Simulation {
             clients,
             server_test,
             records: Vec::new(),
-            local: BTreeMap::new(),
+            local: local_state,
             best: None,
             remote: None,
             role,
@@ -313,6 +336,8 @@ impl Simulation {
     fn shared(&self) -> Shared<'_> {
         let t = &self.cfg.train;
         Shared {
+            initial: &self.initial,
+            local_patterns: &self.cfg.federate.local_tensors,
             model: &self.model,
             adapter: &self.adapter,
             train: &self.train,
@@ -337,10 +362,19 @@ impl Simulation {
         if eval {
             self.adapter.attach(&mut self.model, false)?;
         }
+        let fit = matches!(msg, ToClient::Fit { .. });
+        let mut state = self.local.remove(&i).unwrap_or_default();
         let client = self.clients.iter().find(|c| c.id == i).expect("own data");
-        let out = client.handle(msg, &self.shared());
+        let out = client.handle(msg, &self.shared(), &mut state);
         if eval {
             self.adapter.attach(&mut self.model, true)?;
+        }
+        if fit && !state.is_empty() && out.is_ok() {
+            // The client's own tensors outlive the process (a restarted client resumes them).
+            checkpoint::save_client_state(&self.cfg.outdir, &state)?;
+        }
+        if !state.is_empty() {
+            self.local.insert(i, state);
         }
         out
     }
@@ -380,7 +414,7 @@ impl Simulation {
                     .get(&id)
                     .cloned()
                     .unwrap_or_else(|| self.initial.clone()),
-                _ => self.server.global.clone(),
+                _ => self.server.shared(),
             };
             *self.server.bytes_down.entry(id).or_default() += bytes(&params);
             let msg = ToClient::Evaluate {
@@ -399,7 +433,8 @@ impl Simulation {
                 let mut out = Vec::new();
                 for (id, msg) in reqs {
                     let client = &self.clients[id.min(self.clients.len() - 1)];
-                    out.extend(client.handle(msg, &self.shared())?);
+                    let mut state = self.local.get(&id).cloned().unwrap_or_default();
+                    out.extend(client.handle(msg, &self.shared(), &mut state)?);
                 }
                 out
             }
@@ -557,7 +592,8 @@ impl Simulation {
                 None => {
                     let mut out = Vec::with_capacity(reqs.len());
                     for (c, msg) in reqs {
-                        match self.clients[c].handle(msg, &self.shared()) {
+                        let mut state = self.local.get(&c).cloned().unwrap_or_default();
+                        match self.clients[c].handle(msg, &self.shared(), &mut state) {
                             Ok(Some(m)) => out.push(m),
                             Ok(None) => {}
                             Err(e) => out.push(ToServer::Failed {
@@ -565,6 +601,9 @@ impl Simulation {
                                 client: c,
                                 reason: e.to_string(),
                             }),
+                        }
+                        if !state.is_empty() {
+                            self.local.insert(c, state);
                         }
                         bar.inc(1);
                     }
@@ -657,9 +696,13 @@ impl Simulation {
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         fedllm_peft::io::save(&self.adapter, &self.model, &adapter_dir, &base)?;
-        if self.cfg.federate.baseline == Baseline::Local {
-            for (c, p) in &self.local {
-                self.adapter.set_tensors(p)?;
+        // Per-client adapters: the `local` baseline's own sets, or the global shared tensors
+        // completed by each client's own (`federate.local_tensors`).
+        if self.cfg.federate.baseline == Baseline::Local || !self.server.local_patterns.is_empty() {
+            for (c, own) in &self.local {
+                let mut p = self.server.global.clone();
+                p.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+                self.adapter.set_tensors(&p)?;
                 fedllm_peft::io::save(
                     &self.adapter,
                     &self.model,

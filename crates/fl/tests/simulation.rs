@@ -742,3 +742,75 @@ fn library_example_with_per_client_instructions() {
         }
     }
 }
+
+/// `federate.local_tensors: ["*lora_B*"]` (FedSA-LoRA's split): only A matrices travel and are
+/// averaged; each client keeps and trains its own B; bytes count only what travels; the
+/// clients' own tensors are checkpointed, so a resumed run ends bit-identical.
+#[test]
+fn local_tensors_stay_on_their_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 60);
+    let extra = [
+        "federate.local_tensors=[\"*lora_B*\"]",
+        "adapter.dropout=0.0",
+    ];
+    let mut sim = Simulation::new(config(tmp.path(), &d, &extra)).unwrap();
+    let initial = sim.initial().clone();
+    let s = sim.run(false, None, |_| {}).unwrap();
+    let is_b = |k: &str| k.contains("lora_B");
+    // Bytes: only the A matrices go down and up.
+    let a_bytes: usize = initial
+        .iter()
+        .filter(|(k, _)| !is_b(k))
+        .map(|(_, t)| t.elem_count() * 4)
+        .sum();
+    for c in 0..3 {
+        assert_eq!(s.records[1].bytes_up_per_client[&c], a_bytes);
+    }
+    // Each client holds exactly the B matrices, trained (B starts at 0) and its own.
+    let bs: Vec<Vec<(String, Vec<u32>)>> = (0..3).map(|c| bits(&sim.local[&c])).collect();
+    for b in &bs {
+        assert!(b.iter().all(|(k, _)| is_b(k)) && b.len() * 2 == initial.len());
+        assert!(
+            b.iter().any(|(_, v)| v.iter().any(|&x| x != 0)),
+            "B never trained"
+        );
+    }
+    assert!(bs[0] != bs[1] && bs[1] != bs[2]);
+    // The global's B matrices were never aggregated; its A matrices were.
+    for (k, t) in &sim.server.global {
+        let same = bits(&ParamSet::from([(k.clone(), t.clone())]))
+            == bits(&ParamSet::from([(k.clone(), initial[k].clone())]));
+        assert_eq!(same, is_b(k), "{k}");
+    }
+    assert!(tmp
+        .path()
+        .join("run/adapter_client_2/adapter_model.safetensors")
+        .exists());
+
+    // Resume: 1 round, stop, resume to 3 = 3 straight (clients' own tensors included).
+    let t2 = tempfile::tempdir().unwrap();
+    let mut part = Simulation::new(config(t2.path(), &d, &extra)).unwrap();
+    part.run(false, Some(1), |_| {}).unwrap();
+    let mut rest = Simulation::resume(&t2.path().join("run"), &[]).unwrap();
+    rest.run(false, None, |_| {}).unwrap();
+    assert_eq!(bits(&rest.server.global), bits(&sim.server.global));
+    for c in 0..3 {
+        assert_eq!(
+            bits(&rest.local[&c]),
+            bs[c],
+            "client {c}'s own tensors after resume"
+        );
+    }
+    // A pattern that matches nothing is a mistake, named.
+    let t3 = tempfile::tempdir().unwrap();
+    let e = Simulation::new(config(
+        t3.path(),
+        &d,
+        &["federate.local_tensors=[\"*lora_C*\"]"],
+    ))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("matches no adapter tensor"), "{e}");
+}

@@ -243,7 +243,8 @@ pub fn run_client(
     log: impl FnMut(&str),
 ) -> Result<ClientStats> {
     let d = sim.cfg.distributed.clone();
-    let expect = fedllm_fl::client::snapshot(&sim.adapter)?;
+    // Tasks carry the shared tensors only (the client keeps `federate.local_tensors` itself).
+    let expect = sim.server.shared();
     run_with(&d, o, &expect, |m| sim.handle(m), log)
 }
 
