@@ -795,10 +795,10 @@ fn local_tensors_stay_on_their_clients() {
     let mut rest = Simulation::resume(&t2.path().join("run"), &[]).unwrap();
     rest.run(false, None, |_| {}).unwrap();
     assert_eq!(bits(&rest.server.global), bits(&sim.server.global));
-    for c in 0..3 {
+    for (c, b) in bs.iter().enumerate() {
         assert_eq!(
-            bits(&rest.local[&c]),
-            bs[c],
+            &bits(&rest.local[&c]),
+            b,
             "client {c}'s own tensors after resume"
         );
     }
