@@ -396,7 +396,6 @@ impl Simulation {
     /// Evaluates every client on its val and test splits (each with its own parameters in the
     /// `local` baseline); token-weighted means.
     fn eval_clients(&mut self) -> Result<(Option<f64>, Option<f64>)> {
-        let mut acc: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         // Many clients: evaluate the round's sampled ones (round 0: the first k), not everyone.
         let ids: Vec<usize> = if self.clients.len() <= MAX_EVAL_ALL_CLIENTS {
             self.clients.iter().map(|c| c.id).collect()
@@ -406,8 +405,13 @@ impl Simulation {
                 None => (0..self.server.clients_per_round.min(self.clients.len())).collect(),
             }
         };
+        let round = self.server.round;
         let mut reqs = Vec::with_capacity(ids.len());
         for id in ids {
+            let splits = self.server.strategy.configure_evaluate(round, id);
+            if splits.is_empty() {
+                continue;
+            }
             let params = match self.cfg.federate.baseline {
                 Baseline::Local => self
                     .local
@@ -418,16 +422,16 @@ impl Simulation {
             };
             *self.server.bytes_down.entry(id).or_default() += bytes(&params);
             let msg = ToClient::Evaluate {
-                round: self.server.round,
+                round,
                 params,
-                splits: vec!["val".into(), "test".into()],
+                splits,
             };
             reqs.push((id, msg));
         }
         let replies = match self.remote.as_mut() {
             Some(r) => {
                 let n = reqs.len();
-                r.exchange(self.server.round, reqs, n)?
+                r.exchange(round, reqs, n)?
             }
             None => {
                 let mut out = Vec::new();
@@ -439,17 +443,15 @@ impl Simulation {
                 out
             }
         };
-        for reply in replies {
-            if let ToServer::EvalRes { losses, .. } = reply {
-                for (split, l, n) in losses {
-                    let e = acc.entry(split).or_default();
-                    e.0 += l * n as f64;
-                    e.1 += n;
-                }
-            }
-        }
-        let mean = |k: &str| acc.get(k).filter(|x| x.1 > 0).map(|x| x.0 / x.1 as f64);
-        Ok((mean("val"), mean("test")))
+        let results: Vec<(usize, Vec<(String, f64, usize)>)> = replies
+            .into_iter()
+            .filter_map(|reply| match reply {
+                ToServer::EvalRes { client, losses, .. } => Some((client, losses)),
+                _ => None,
+            })
+            .collect();
+        let agg = self.server.strategy.aggregate_evaluate(round, &results);
+        Ok((agg.get("val").copied(), agg.get("test").copied()))
     }
 
     fn evaluate(&mut self, rec: &mut RoundRecord) -> Result<()> {

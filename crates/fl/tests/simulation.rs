@@ -814,3 +814,74 @@ fn local_tensors_stay_on_their_clients() {
     .to_string();
     assert!(e.contains("matches no adapter tensor"), "{e}");
 }
+
+/// A strategy decides who evaluates what: here only client 0, only its val split; the round's
+/// client val loss is then exactly client 0's, and no test loss is reported.
+#[test]
+fn strategy_configures_evaluation() {
+    use fedllm_fl::strategy::{fedavg::FedAvg, Failure, FitResult, Strategy};
+    struct OnlyFirst;
+    impl Strategy for OnlyFirst {
+        fn name(&self) -> &'static str {
+            "only_first"
+        }
+        fn configure_evaluate(&self, _round: usize, client: usize) -> Vec<String> {
+            if client == 0 {
+                vec!["val".into()]
+            } else {
+                vec![]
+            }
+        }
+        fn aggregate_fit(
+            &mut self,
+            round: usize,
+            global: &ParamSet,
+            results: &[FitResult],
+            failures: &[Failure],
+        ) -> fedllm_fl::Result<Option<ParamSet>> {
+            FedAvg.aggregate_fit(round, global, results, failures)
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 60);
+    let mut sim = Simulation::new(config(
+        tmp.path(),
+        &d,
+        &["federate.total_round_num=1", "adapter.dropout=0.0"],
+    ))
+    .unwrap();
+    sim.server.strategy = Box::new(OnlyFirst);
+    let s = sim.run(false, None, |_| {}).unwrap();
+    let last = s.records.last().unwrap();
+    assert_eq!(last.client_test_loss, None);
+    // Client 0's val loss on the final global, asked directly.
+    let msg = fedllm_fl::message::ToClient::Evaluate {
+        round: 1,
+        params: sim.server.global.clone(),
+        splits: vec!["val".into()],
+    };
+    sim.adapter.attach(&mut sim.model, false).unwrap();
+    let shared = fedllm_fl::client::Shared {
+        model: &sim.model,
+        adapter: &sim.adapter,
+        train: &fedllm_train::TrainConfig::default(),
+        budget: fedllm_train::finetune::Budget::Steps(1),
+        batch_size: 4,
+        eval_batch_size: sim.cfg.eval.batch_size,
+        pad_id: sim
+            .tokenizer
+            .pad_token_id
+            .or(sim.tokenizer.eos_token_ids.first().copied())
+            .unwrap_or(0),
+        initial: sim.initial(),
+        local_patterns: &[],
+    };
+    let reply = sim.clients[0]
+        .handle(msg, &shared, &mut ParamSet::new())
+        .unwrap()
+        .unwrap();
+    let fedllm_fl::message::ToServer::EvalRes { losses, .. } = reply else {
+        panic!()
+    };
+    assert_eq!(last.client_val_loss, Some(losses[0].1));
+}

@@ -66,6 +66,32 @@ pub trait Strategy: Send {
         failures: &[Failure],
     ) -> Result<Option<ParamSet>>;
 
+    /// The splits `client` evaluates after a round (none: the client is not asked).
+    fn configure_evaluate(&self, _round: usize, _client: usize) -> Vec<String> {
+        vec!["val".into(), "test".into()]
+    }
+
+    /// One loss per split from the clients' (client, [(split, mean loss, tokens)]) answers;
+    /// by default the token-weighted mean, so every evaluated token counts once.
+    fn aggregate_evaluate(
+        &mut self,
+        _round: usize,
+        results: &[(usize, Vec<(String, f64, usize)>)],
+    ) -> BTreeMap<String, f64> {
+        let mut acc: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for (_, losses) in results {
+            for (split, l, n) in losses {
+                let e = acc.entry(split.clone()).or_default();
+                e.0 += l * *n as f64;
+                e.1 += n;
+            }
+        }
+        acc.into_iter()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(k, (sum, n))| (k, sum / n as f64))
+            .collect()
+    }
+
     /// Server optimiser state for checkpoints (empty for stateless strategies).
     fn state(&self) -> Result<ParamSet> {
         Ok(ParamSet::new())
@@ -311,6 +337,23 @@ mod tests {
         ] {
             assert!(s.aggregate_fit(1, &g, &[], &[]).unwrap().is_none());
         }
+    }
+
+    /// The default evaluation aggregate is the token-weighted mean per split, by hand.
+    #[test]
+    fn aggregate_evaluate_weights_by_tokens() {
+        let r = vec![
+            (
+                0,
+                vec![("val".to_string(), 2.0, 10), ("test".to_string(), 1.0, 5)],
+            ),
+            (1, vec![("val".to_string(), 4.0, 30)]),
+            (2, vec![("test".to_string(), 9.0, 0)]),
+        ];
+        let m = fedavg::FedAvg.aggregate_evaluate(1, &r);
+        assert_eq!(m["val"], (2.0 * 10.0 + 4.0 * 30.0) / 40.0);
+        assert_eq!(m["test"], 1.0);
+        assert_eq!(m.len(), 2);
     }
 
     /// Krum with one result returns it unchanged (there is nothing to compare it with).
