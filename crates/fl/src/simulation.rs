@@ -443,7 +443,7 @@ impl Simulation {
                 out
             }
         };
-        let results: Vec<(usize, Vec<(String, f64, usize)>)> = replies
+        let results: Vec<strategy::EvalResult> = replies
             .into_iter()
             .filter_map(|reply| match reply {
                 ToServer::EvalRes { client, losses, .. } => Some((client, losses)),

@@ -26,6 +26,9 @@ pub struct FitResult {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// One client's evaluation answer: (client, [(split, mean loss, tokens)]).
+pub type EvalResult = (usize, Vec<(String, f64, usize)>);
+
 /// A client that was asked but did not answer (or answered with an error).
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -76,7 +79,7 @@ pub trait Strategy: Send {
     fn aggregate_evaluate(
         &mut self,
         _round: usize,
-        results: &[(usize, Vec<(String, f64, usize)>)],
+        results: &[EvalResult],
     ) -> BTreeMap<String, f64> {
         let mut acc: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         for (_, losses) in results {
