@@ -217,6 +217,16 @@ pub fn cmd_client(a: ClientArgs) -> Result<()> {
             sim.cfg.distributed.server
         ),
     );
+    if let Some(own) = sim.local.get(&id) {
+        stamp(
+            &who,
+            &format!(
+                "resuming its own {} tensors from {}",
+                own.len(),
+                sim.cfg.outdir.join("client_state.safetensors").display()
+            ),
+        );
+    }
     let o = ClientOptions {
         client: id,
         token,

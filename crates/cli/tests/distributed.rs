@@ -598,3 +598,33 @@ fn local_tensors_stay_in_the_client_processes() {
         );
     }
 }
+
+/// A client's own tensors survive its `kill -9`: restarted, it resumes them from its folder
+/// (the state it wrote after round 1) and the run completes.
+#[test]
+fn killed_client_resumes_its_own_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 3, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("seed: 0}", "seed: 0, local_tensors: [\"*lora_B*\"]}");
+    std::fs::write(&cfg, text).unwrap();
+    let mut s = server(d, &cfg, &["distributed.round_timeout_s=4"]);
+    let mut c0 = client(d, &cfg, 0, &[]);
+    let mut c1 = client(d, &cfg, 1, &[]);
+    // Its 1.5 s straggle keeps it from finishing another task before the kill below.
+    let mut c2 = client(d, &cfg, 2, &["--straggle-ms", "1500"]);
+    let state = d.join("run/client-2/client_state.safetensors");
+    c2.wait_for("round 1: fit done", 60);
+    let saved = std::fs::read(&state).unwrap();
+    c2.kill9();
+    let mut c2 = client(d, &cfg, 2, &[]);
+    c2.wait_for("resuming its own 4 tensors", 30);
+    assert!(s.wait(90), "{}", s.text());
+    for c in [&mut c0, &mut c1, &mut c2] {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    // It kept training them after the restart.
+    assert_ne!(std::fs::read(&state).unwrap(), saved);
+}
