@@ -561,6 +561,14 @@ fn a_client_with_its_own_data_file() {
     );
 }
 
+/// Rewrites a test config so that clients keep their LoRA B matrices (`federate.local_tensors`).
+fn keep_b_local(cfg: &Path) {
+    let text = std::fs::read_to_string(cfg)
+        .unwrap()
+        .replace("seed: 0}", "seed: 0, local_tensors: [\"*lora_B*\"]}");
+    std::fs::write(cfg, text).unwrap();
+}
+
 /// With `federate.local_tensors`, only the shared tensors cross the wire, each client process
 /// keeps its own in its folder (written after every fit), and the server's result equals the
 /// standalone run's bit for bit.
@@ -569,10 +577,7 @@ fn local_tensors_stay_in_the_client_processes() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = config(d, free_port(), 2, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("seed: 0}", "seed: 0, local_tensors: [\"*lora_B*\"]}");
-    std::fs::write(&cfg, text).unwrap();
+    keep_b_local(&cfg);
     let mut s = server(d, &cfg, &[]);
     let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
     assert!(s.wait(120), "{}", s.text());
@@ -606,10 +611,7 @@ fn killed_client_resumes_its_own_tensors() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = config(d, free_port(), 3, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("seed: 0}", "seed: 0, local_tensors: [\"*lora_B*\"]}");
-    std::fs::write(&cfg, text).unwrap();
+    keep_b_local(&cfg);
     let mut s = server(d, &cfg, &["distributed.round_timeout_s=4"]);
     let mut c0 = client(d, &cfg, 0, &[]);
     let mut c1 = client(d, &cfg, 1, &[]);

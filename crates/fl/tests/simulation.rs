@@ -72,6 +72,23 @@ fn bits(p: &ParamSet) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
+/// One round without evaluation in `root/name`: the global before, and the finished simulation.
+fn one_round(
+    root: &Path,
+    name: &str,
+    data: &Path,
+    extra: &[&str],
+) -> (Vec<(String, Vec<u32>)>, Simulation) {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut all = vec!["federate.total_round_num=1", "eval.freq=0"];
+    all.extend_from_slice(extra);
+    let mut sim = Simulation::new(config(&dir, data, &all)).unwrap();
+    let before = bits(&sim.server.global);
+    sim.run(false, None, |_| {}).unwrap();
+    (before, sim)
+}
+
 #[test]
 fn three_clients_fedavg_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
@@ -255,15 +272,7 @@ fn every_strategy_and_baseline_runs() {
 fn strategies_aggregate_what_local_clients_train() {
     let tmp = tempfile::tempdir().unwrap();
     let d = data(tmp.path(), 90);
-    let run = |name: &str, extra: &[&str]| {
-        let dir = tmp.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut all = vec!["federate.total_round_num=1", "eval.freq=0"];
-        all.extend_from_slice(extra);
-        let mut sim = Simulation::new(config(&dir, &d, &all)).unwrap();
-        sim.run(false, None, |_| {}).unwrap();
-        sim
-    };
+    let run = |name: &str, extra: &[&str]| one_round(tmp.path(), name, &d, extra).1;
     let local = run("local", &["federate.baseline=local"]);
     assert_eq!(local.local.len(), 3, "one parameter set per client");
     let per: Vec<Vec<f32>> = (0..3)
@@ -522,6 +531,15 @@ fn config_file_paths_resolve_against_its_folder() {
     );
 }
 
+/// Token ids outside the vocabulary in every client's data: training fails for all of them.
+fn corrupt(sim: &mut Simulation) {
+    for c in &mut sim.clients {
+        for s in &mut c.train {
+            s.ids[0] = 1 << 30;
+        }
+    }
+}
+
 /// A round in which every client fails stops a standalone run (default: after one such round)
 /// with an error naming each client and its reason; the metrics of the rounds before and of the
 /// failed round are on disk, and run.json says the run failed.
@@ -530,12 +548,7 @@ fn a_round_without_any_successful_client_fails_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let d = data(tmp.path(), 60);
     let mut sim = Simulation::new(config(tmp.path(), &d, &[])).unwrap();
-    // Corrupt every client's data: token ids outside the vocabulary make training fail.
-    for c in &mut sim.clients {
-        for s in &mut c.train {
-            s.ids[0] = 1 << 30;
-        }
-    }
+    corrupt(&mut sim);
     let e = sim.run(false, None, |_| {}).unwrap_err().to_string();
     assert!(e.contains("round 1: no client succeeded"), "{e}");
     for c in 0..3 {
@@ -560,11 +573,7 @@ fn a_round_without_any_successful_client_fails_the_run() {
     let tmp2 = tempfile::tempdir().unwrap();
     let mut sim =
         Simulation::new(config(tmp2.path(), &d, &["federate.max_failed_rounds=0"])).unwrap();
-    for c in &mut sim.clients {
-        for s in &mut c.train {
-            s.ids[0] = 1 << 30;
-        }
-    }
+    corrupt(&mut sim);
     let s = sim.run(false, None, |_| {}).unwrap();
     assert_eq!(s.records.len(), 4);
 }
@@ -660,13 +669,7 @@ fn run_accepts_every_adapter_setting() {
     let tmp = tempfile::tempdir().unwrap();
     let d = data(tmp.path(), 40);
     let go = |name: &str, extra: &[&str]| {
-        let dir = tmp.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut all = vec!["federate.total_round_num=1", "eval.freq=0"];
-        all.extend_from_slice(extra);
-        let mut sim = Simulation::new(config(&dir, &d, &all)).unwrap();
-        let before = bits(&sim.server.global);
-        sim.run(false, None, |_| {}).unwrap();
+        let (before, sim) = one_round(tmp.path(), name, &d, extra);
         assert_ne!(bits(&sim.server.global), before, "{name}: nothing trained");
         sim
     };
