@@ -1,8 +1,8 @@
 //! Bulyan (El Mhamdi et al. 2018): Krum selection, then a trimmed mean around the median.
 
-use super::{flat_results, Failure, FitResult, Strategy};
+use super::{aggregate_flat, Failure, FitResult, Strategy};
 use crate::error::{FlError, Result};
-use crate::params::{layout, unflatten, ParamSet};
+use crate::params::ParamSet;
 
 pub struct Bulyan {
     /// Assumed number of Byzantine clients f (needs at least 4f + 3 results).
@@ -21,19 +21,15 @@ impl Strategy for Bulyan {
         results: &[FitResult],
         _f: &[Failure],
     ) -> Result<Option<ParamSet>> {
-        if results.is_empty() {
-            return Ok(None);
-        }
-        let (flats, _) = flat_results(results)?;
-        let refs: Vec<&[f32]> = flats.iter().map(|v| v.as_slice()).collect();
-        let agg = crate::aggregate::bulyan(&refs, self.byzantine).ok_or_else(|| {
-            FlError::Protocol(format!(
-                "round {round}: bulyan with federate.krum_byzantine = {} needs at least {} results, got {}",
-                self.byzantine,
-                4 * self.byzantine + 3,
-                results.len()
-            ))
-        })?;
-        Ok(Some(unflatten(&agg, &layout(global))?))
+        aggregate_flat(global, results, |u, _| {
+            crate::aggregate::bulyan(u, self.byzantine).ok_or_else(|| {
+                FlError::Protocol(format!(
+                    "round {round}: bulyan with federate.krum_byzantine = {} needs at least {} results, got {}",
+                    self.byzantine,
+                    4 * self.byzantine + 3,
+                    u.len()
+                ))
+            })
+        })
     }
 }

@@ -1,8 +1,8 @@
 //! (Multi-)Krum (Blanchard et al. 2017): keep the updates closest to their neighbours.
 
-use super::{flat_results, Failure, FitResult, Strategy};
+use super::{aggregate_flat, Failure, FitResult, Strategy};
 use crate::error::Result;
-use crate::params::{layout, unflatten, ParamSet};
+use crate::params::ParamSet;
 
 pub struct Krum {
     /// Assumed number of Byzantine clients f.
@@ -23,15 +23,11 @@ impl Strategy for Krum {
         results: &[FitResult],
         _f: &[Failure],
     ) -> Result<Option<ParamSet>> {
-        if results.is_empty() {
-            return Ok(None);
-        }
-        let (flats, _) = flat_results(results)?;
-        let refs: Vec<&[f32]> = flats.iter().map(|v| v.as_slice()).collect();
-        if refs.len() == 1 {
+        if results.len() == 1 {
             return Ok(Some(results[0].params.clone()));
         }
-        let (agg, _) = crate::aggregate::krum(&refs, self.byzantine, self.select);
-        Ok(Some(unflatten(&agg, &layout(global))?))
+        aggregate_flat(global, results, |u, _| {
+            Ok(crate::aggregate::krum(u, self.byzantine, self.select).0)
+        })
     }
 }

@@ -1,8 +1,8 @@
 //! Coordinate-wise median (Yin et al. 2018): robust to a minority of arbitrary updates.
 
-use super::{flat_results, Failure, FitResult, Strategy};
+use super::{aggregate_flat, Failure, FitResult, Strategy};
 use crate::error::Result;
-use crate::params::{layout, unflatten, ParamSet};
+use crate::params::ParamSet;
 
 pub struct Median;
 
@@ -18,14 +18,6 @@ impl Strategy for Median {
         results: &[FitResult],
         _f: &[Failure],
     ) -> Result<Option<ParamSet>> {
-        if results.is_empty() {
-            return Ok(None);
-        }
-        let (flats, _) = flat_results(results)?;
-        let refs: Vec<&[f32]> = flats.iter().map(|v| v.as_slice()).collect();
-        Ok(Some(unflatten(
-            &crate::aggregate::median(&refs),
-            &layout(global),
-        )?))
+        aggregate_flat(global, results, |u, _| Ok(crate::aggregate::median(u)))
     }
 }

@@ -117,6 +117,25 @@ pub(crate) fn flat_results(results: &[FitResult]) -> Result<(Vec<Vec<f32>>, Vec<
     ))
 }
 
+/// The shape every flat aggregator shares: no results keep the global; otherwise `rule` gets
+/// the flattened updates and their sample counts, and its vector becomes the new parameters.
+pub(crate) fn aggregate_flat(
+    global: &ParamSet,
+    results: &[FitResult],
+    rule: impl FnOnce(&[&[f32]], &[f64]) -> Result<Vec<f32>>,
+) -> Result<Option<ParamSet>> {
+    if results.is_empty() {
+        return Ok(None);
+    }
+    let (flats, weights) = flat_results(results)?;
+    let refs: Vec<&[f32]> = flats.iter().map(|v| v.as_slice()).collect();
+    let agg = rule(&refs, &weights)?;
+    Ok(Some(crate::params::unflatten(
+        &agg,
+        &crate::params::layout(global),
+    )?))
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StrategyKind {
