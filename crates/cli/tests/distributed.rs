@@ -151,6 +151,16 @@ fn client(dir: &Path, cfg: &Path, i: usize, extra: &[&str]) -> Proc {
     Proc::start(&a, dir.join(format!("client{i}-{}.log", now_ms())))
 }
 
+/// A server and three clients of `cfg`, run to the end; each must exit successfully.
+fn run_three_clients(d: &Path, cfg: &Path) {
+    let mut s = server(d, cfg, &[]);
+    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, cfg, i, &[])).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+}
+
 fn now_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -193,12 +203,7 @@ fn three_client_processes_match_standalone_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = config(d, free_port(), 3, "");
-    let mut s = server(d, &cfg, &[]);
-    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
-    assert!(s.wait(120), "{}", s.text());
-    for c in &mut cs {
-        assert!(c.wait(30), "{}", c.text());
-    }
+    run_three_clients(d, &cfg);
     assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
     // Byte accounting: raw fp32 on the wire costs < 1% over the tensor bytes.
     let r = &records(d)[1];
@@ -218,12 +223,7 @@ fn compressed_updates_cut_the_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = config(d, free_port(), 2, "  compression: int8\n  zstd: true\n");
-    let mut s = server(d, &cfg, &[]);
-    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
-    assert!(s.wait(120), "{}", s.text());
-    for c in &mut cs {
-        assert!(c.wait(30), "{}", c.text());
-    }
+    run_three_clients(d, &cfg);
     let recs = records(d);
     let r = &recs[2];
     let raw = r["bytes_up_per_client"]["1"].as_u64().unwrap() as f64;
@@ -578,12 +578,7 @@ fn local_tensors_stay_in_the_client_processes() {
     let d = tmp.path();
     let cfg = config(d, free_port(), 2, "");
     keep_b_local(&cfg);
-    let mut s = server(d, &cfg, &[]);
-    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
-    assert!(s.wait(120), "{}", s.text());
-    for c in &mut cs {
-        assert!(c.wait(30), "{}", c.text());
-    }
+    run_three_clients(d, &cfg);
     assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
     let r = &records(d)[1];
     let up = r["bytes_up_per_client"]["0"].as_u64().unwrap();

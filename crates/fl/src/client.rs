@@ -11,7 +11,7 @@ use fedllm_train::{TrainConfig, Trainer};
 
 use crate::error::Result;
 use crate::message::{ToClient, ToServer};
-use crate::params::ParamSet;
+use crate::params::{kept_local, ParamSet};
 use crate::strategy::FitResult;
 
 pub struct Client {
@@ -34,13 +34,6 @@ pub struct Shared<'a> {
     pub initial: &'a ParamSet,
     /// `federate.local_tensors`: name patterns of the tensors clients keep to themselves.
     pub local_patterns: &'a [String],
-}
-
-/// Whether the server shares tensor `name` (it is not one the clients keep).
-fn sent_names(s: &Shared, name: &str) -> bool {
-    !s.local_patterns
-        .iter()
-        .any(|p| fedllm_peft::full::glob(p, name))
 }
 
 /// Sets the adapter to the server's tensors, completed by the client's own (or, before its first
@@ -131,11 +124,15 @@ impl Client {
                 }
                 // What the server sent goes back; the rest stays here.
                 let mut sent = snapshot(s.adapter)?;
-                for name in s.initial.keys() {
-                    if !sent_names(s, name) {
-                        if let Some(t) = sent.remove(name) {
-                            state.insert(name.clone(), t);
-                        }
+                if !s.local_patterns.is_empty() {
+                    let own: Vec<String> = sent
+                        .keys()
+                        .filter(|k| kept_local(s.local_patterns, k))
+                        .cloned()
+                        .collect();
+                    for name in own {
+                        let t = sent.remove(&name).expect("listed above");
+                        state.insert(name, t);
                     }
                 }
                 let result = FitResult {

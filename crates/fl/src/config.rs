@@ -766,12 +766,13 @@ impl RunConfig {
         })
     }
 
-    /// Where presets' files live: `FEDLLM_DATA` when set, else `data.root`, else `data/`.
+    /// Where presets' files live: `FEDLLM_DATA` when set, else `data.root`, else the data
+    /// crate's default (`data/`).
     pub fn data_root(&self) -> PathBuf {
-        std::env::var_os("FEDLLM_DATA")
-            .map(PathBuf::from)
-            .or_else(|| self.data.root.clone())
-            .unwrap_or_else(|| PathBuf::from("data"))
+        match (&self.data.root, std::env::var_os("FEDLLM_DATA")) {
+            (Some(root), None) => root.clone(),
+            _ => fedllm_data::federated::data_root(),
+        }
     }
 
     pub fn to_yaml(&self) -> String {

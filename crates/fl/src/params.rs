@@ -47,3 +47,8 @@ pub fn unflatten(flat: &[f32], layout: &[(String, Vec<usize>)]) -> Result<ParamS
 pub fn bytes(p: &ParamSet) -> usize {
     p.values().map(|t| t.elem_count() * 4).sum()
 }
+
+/// Whether tensor `name` stays on the clients under the `federate.local_tensors` patterns.
+pub fn kept_local(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| fedllm_peft::full::glob(p, name))
+}

@@ -78,12 +78,7 @@ impl Server {
         }
         self.global
             .iter()
-            .filter(|(k, _)| {
-                !self
-                    .local_patterns
-                    .iter()
-                    .any(|p| fedllm_peft::full::glob(p, k))
-            })
+            .filter(|(k, _)| !crate::params::kept_local(&self.local_patterns, k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
