@@ -101,7 +101,7 @@ fn run_id(outdir: &Path, resume: bool) -> Result<String> {
         .unwrap_or(0);
     let id = format!(
         "{:016x}",
-        fedllm_model::rng::Rng::derive(&[t as u64, std::process::id() as u64])
+        fedllm_rng::Rng::derive(&[t as u64, std::process::id() as u64])
     );
     std::fs::write(&p, &id).with_context(|| format!("{}", p.display()))?;
     Ok(id)
@@ -217,7 +217,8 @@ pub fn cmd_client(a: ClientArgs) -> Result<()> {
             sim.cfg.distributed.server
         ),
     );
-    if let Some(own) = sim.local.get(&id) {
+    let own = sim.local.get(id)?;
+    if !own.is_empty() {
         stamp(
             &who,
             &format!(

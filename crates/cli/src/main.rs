@@ -582,7 +582,7 @@ fn cmd_bench_gemm(rows: usize, reps: usize) -> Result<()> {
 
 fn cmd_bench_aggregate(clients: usize, params: usize) -> Result<()> {
     use fedllm_fl::aggregate;
-    let mut rng = fedllm_model::rng::Rng::new(1);
+    let mut rng = fedllm_rng::Rng::new(1);
     let updates: Vec<Vec<f32>> = (0..clients)
         .map(|_| (0..params).map(|_| rng.next_f64() as f32 - 0.5).collect())
         .collect();

@@ -12,7 +12,7 @@ fn fedllm(args: &[&str]) -> Output {
 }
 
 fn golden(name: &str) -> PathBuf {
-    fedllm_model::testing::golden_dir().join(name)
+    fedllm_testing::golden_dir().join(name)
 }
 
 /// Fails with exactly one `error:` line on stderr that contains every `needle`.

@@ -11,7 +11,7 @@ fn fedllm(args: &[&str]) -> std::process::Output {
 }
 
 fn golden(name: &str) -> PathBuf {
-    fedllm_model::testing::golden_dir().join(name)
+    fedllm_testing::golden_dir().join(name)
 }
 
 fn fixture(dir: &Path) -> PathBuf {

@@ -12,7 +12,7 @@ fn bin() -> &'static str {
 }
 
 fn tiny() -> PathBuf {
-    fedllm_model::testing::golden_dir().join("llama-tiny")
+    fedllm_testing::golden_dir().join("llama-tiny")
 }
 
 fn free_port() -> u16 {
@@ -26,7 +26,7 @@ fn free_port() -> u16 {
 /// A learnable toy instruction set.
 fn data(dir: &Path) -> PathBuf {
     let words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"];
-    let mut rng = fedllm_model::rng::Rng::new(1);
+    let mut rng = fedllm_rng::Rng::new(1);
     let lines: Vec<String> = (0..120)
         .map(|i| {
             let w = words[(rng.next_u64() % words.len() as u64) as usize];
@@ -414,7 +414,7 @@ fn garbage_and_malformed_uploads_do_not_stop_the_server() {
     let mut s = server(d, &cfg, &[]);
     s.wait_for("listening", 60);
     // Raw garbage, and an HTTP/2 preface followed by junk.
-    let mut rng = fedllm_model::rng::Rng::new(3);
+    let mut rng = fedllm_rng::Rng::new(3);
     for k in 0..20 {
         if let Ok(mut t) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let mut junk: Vec<u8> = if k % 2 == 0 {

@@ -16,11 +16,11 @@ fn root() -> PathBuf {
 }
 
 fn find_data(rel: &str) -> Option<PathBuf> {
-    fedllm_model::testing::data_file(rel)
+    fedllm_testing::data_file(rel)
 }
 
 fn smollm2() -> Option<PathBuf> {
-    fedllm_model::testing::smollm2()
+    fedllm_testing::smollm2()
 }
 
 fn json(p: &Path) -> serde_json::Value {

@@ -12,7 +12,7 @@ fn fedllm(args: &[&str]) -> std::process::Output {
 }
 
 fn golden(name: &str) -> PathBuf {
-    fedllm_model::testing::golden_dir().join(name)
+    fedllm_testing::golden_dir().join(name)
 }
 
 /// "before: X" / "after: Y" held-out losses from finetune's log.
@@ -152,7 +152,7 @@ fn merge_writes_a_loadable_folder() {
             }
             None => w.clone(),
         };
-        let d = fedllm_model::testing::max_abs_diff(&merged[name], &want).unwrap();
+        let d = fedllm_testing::max_abs_diff(&merged[name], &want).unwrap();
         // f32: W + s·BA summed in another order differs by a few ulps of |W| (≤ ~1).
         assert!(d < 1e-6, "{name}: merged differs by {d}");
     }
@@ -197,8 +197,8 @@ fn finetune_bad_data_line_is_named() {
 #[test]
 fn smollm2_lora_on_gsm8k_lowers_heldout_loss() {
     let (Some(model), Some(train)) = (
-        fedllm_model::testing::smollm2(),
-        fedllm_model::testing::data_file("gsm8k/train.jsonl"),
+        fedllm_testing::smollm2(),
+        fedllm_testing::data_file("gsm8k/train.jsonl"),
     ) else {
         return;
     };

@@ -45,7 +45,7 @@ fn write_data(path: &Path, n: usize) {
 fn project(root: &Path, extra: &str) -> PathBuf {
     let models = root.join("models/tiny");
     std::fs::create_dir_all(&models).unwrap();
-    let tiny = fedllm_model::testing::golden_dir().join("llama-tiny");
+    let tiny = fedllm_testing::golden_dir().join("llama-tiny");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(tiny.join(f), models.join(f)).unwrap();
     }
@@ -259,7 +259,7 @@ fn one_heldout_loss_across_commands() {
         .map(|i| serde_json::json!({"instruction": "Count", "input": "", "output": (0..(5 + 6 * i)).map(|k| k.to_string()).collect::<Vec<_>>().join(" ")}).to_string())
         .collect();
     std::fs::write(&held, long.join("\n")).unwrap();
-    let tiny = fedllm_model::testing::golden_dir().join("llama-tiny");
+    let tiny = fedllm_testing::golden_dir().join("llama-tiny");
     let out = tmp.path().join("ft");
     let o = fedllm(
         tmp.path(),
@@ -357,7 +357,7 @@ fn fetch_data_from_a_mirror_checks_hashes() {
     ];
     let mut found = Vec::new();
     for f in files {
-        let Some(p) = fedllm_model::testing::data_file(f) else {
+        let Some(p) = fedllm_testing::data_file(f) else {
             return;
         };
         found.push((f, p));

@@ -8,8 +8,8 @@ use std::process::Command;
 fn smollm2_federated_round_on_fed_gsm8k_3() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let (Some(model), Some(gsm)) = (
-        fedllm_model::testing::smollm2(),
-        fedllm_model::testing::data_file("gsm8k/train.jsonl"),
+        fedllm_testing::smollm2(),
+        fedllm_testing::data_file("gsm8k/train.jsonl"),
     ) else {
         return;
     };

@@ -2,8 +2,8 @@
 //! by seed, and optional length grouping (similar lengths together, less padding).
 
 use candle_core::{Device, Tensor};
-use fedllm_model::rng::Rng;
 use fedllm_model::Batch;
+use fedllm_rng::Rng;
 
 use crate::error::{DataError, Result};
 use crate::tokenize::Sample;

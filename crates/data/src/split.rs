@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fedllm_model::rng::Rng;
+use fedllm_rng::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::shuffle;

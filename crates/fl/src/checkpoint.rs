@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::client_state::{load_set, save_set, ClientStates};
 use crate::error::{FlError, Result};
 use crate::metrics::RoundRecord;
 use crate::params::ParamSet;
@@ -28,17 +29,6 @@ fn io(path: &Path, e: impl std::fmt::Display) -> FlError {
     }
 }
 
-fn save_set(p: &Path, s: &ParamSet) -> Result<()> {
-    let m: std::collections::HashMap<String, candle_core::Tensor> =
-        s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    candle_core::safetensors::save(&m, p).map_err(|e| io(p, e))
-}
-
-fn load_set(p: &Path) -> Result<ParamSet> {
-    let m = candle_core::safetensors::load(p, &candle_core::Device::Cpu).map_err(|e| io(p, e))?;
-    Ok(m.into_iter().collect())
-}
-
 pub fn dir(outdir: &Path) -> PathBuf {
     outdir.join("checkpoint")
 }
@@ -47,7 +37,7 @@ pub fn save(
     outdir: &Path,
     global: &ParamSet,
     server: &ParamSet,
-    local: &BTreeMap<usize, ParamSet>,
+    local: &ClientStates,
     state: &State,
 ) -> Result<()> {
     let fin = dir(outdir);
@@ -57,8 +47,9 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     save_set(&tmp.join("global.safetensors"), global)?;
     save_set(&tmp.join("server.safetensors"), server)?;
-    for (c, p) in local {
-        save_set(&tmp.join(format!("local_{c}.safetensors")), p)?;
+    // One client's state in memory at a time (most may be on disk).
+    for c in local.ids() {
+        save_set(&tmp.join(format!("local_{c}.safetensors")), &local.get(c)?)?;
     }
     let sp = tmp.join("state.json");
     std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json"))
@@ -78,10 +69,7 @@ const CLIENT_STATE: &str = "client_state.safetensors";
 /// A distributed client's own tensors, written atomically into its folder after each fit.
 pub fn save_client_state(dir: &Path, state: &ParamSet) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let tmp = dir.join(format!("{CLIENT_STATE}.tmp"));
-    save_set(&tmp, state)?;
-    let p = dir.join(CLIENT_STATE);
-    std::fs::rename(&tmp, &p).map_err(|e| io(&p, e))
+    save_set(&dir.join(CLIENT_STATE), state)
 }
 
 /// The client's own tensors from a previous life of this client, if any.
@@ -96,7 +84,8 @@ pub fn load_client_state(dir: &Path) -> Result<Option<ParamSet>> {
 pub struct Loaded {
     pub global: ParamSet,
     pub server: ParamSet,
-    pub local: BTreeMap<usize, ParamSet>,
+    /// Each client's saved state file, read one at a time on resume.
+    pub local: BTreeMap<usize, PathBuf>,
     pub state: State,
 }
 
@@ -123,7 +112,7 @@ pub fn load(outdir: &Path) -> Result<Loaded> {
             .and_then(|s| s.strip_suffix(".safetensors"))
         {
             let c: usize = c.parse().map_err(|_| io(&p, "bad local state file name"))?;
-            local.insert(c, load_set(&p)?);
+            local.insert(c, p);
         }
     }
     Ok(Loaded {

@@ -11,7 +11,7 @@ use fedllm_train::{TrainConfig, Trainer};
 
 use crate::error::Result;
 use crate::message::{ToClient, ToServer};
-use crate::params::{kept_local, ParamSet};
+use crate::params::ParamSet;
 use crate::strategy::FitResult;
 
 pub struct Client {
@@ -32,8 +32,6 @@ pub struct Shared<'a> {
     pub pad_id: u32,
     /// The adapter's initial values (what a client's own tensors start from).
     pub initial: &'a ParamSet,
-    /// `federate.local_tensors`: name patterns of the tensors clients keep to themselves.
-    pub local_patterns: &'a [String],
 }
 
 /// Sets the adapter to the server's tensors, completed by the client's own (or, before its first
@@ -79,6 +77,7 @@ impl Client {
                 config,
                 seed,
             } => {
+                let received: Vec<String> = params.keys().cloned().collect();
                 let params = with_own(params, state, s)?;
                 s.adapter.reseed(seed);
                 let mut train = s.train.clone();
@@ -124,10 +123,10 @@ impl Client {
                 }
                 // What the server sent goes back; the rest stays here.
                 let mut sent = snapshot(s.adapter)?;
-                if !s.local_patterns.is_empty() {
+                if received.len() != sent.len() {
                     let own: Vec<String> = sent
                         .keys()
-                        .filter(|k| kept_local(s.local_patterns, k))
+                        .filter(|k| received.binary_search(k).is_err())
                         .cloned()
                         .collect();
                     for name in own {

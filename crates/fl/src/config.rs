@@ -162,6 +162,10 @@ pub struct Federate {
     /// Stop with an error after this many consecutive rounds in which no client succeeded
     /// (0 = never stop; default 1 in standalone, where nothing can recover, 3 in distributed).
     pub max_failed_rounds: Option<usize>,
+    /// Clients' own tensors (personal parts, the `local` baseline's adapters) held in memory,
+    /// in MB; past it, a client's state waits on disk under `outdir/client_state/` until the
+    /// client is sampled again.
+    pub client_state_memory_mb: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -337,6 +341,7 @@ impl Default for Federate {
             seed: 0,
             local_tensors: Vec::new(),
             max_failed_rounds: None,
+            client_state_memory_mb: 1024,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod assemble;
 pub mod checkpoint;
 pub mod client;
+pub mod client_state;
 pub mod config;
 pub mod error;
 pub mod manifest;

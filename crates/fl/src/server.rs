@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fedllm_model::rng::Rng;
+use fedllm_rng::Rng;
 
 use crate::error::{FlError, Result};
 use crate::message::{ToClient, ToServer};
@@ -28,6 +28,8 @@ pub struct Server {
     /// Clients sampled in each round so far.
     pub history: Vec<Vec<usize>>,
     asked: BTreeSet<usize>,
+    /// The tensor names each asked client was sent this round (and must send back).
+    sent: BTreeMap<usize, Vec<String>>,
     results: BTreeMap<usize, FitResult>,
     failures: Vec<Failure>,
     pub evals: BTreeMap<usize, Vec<(String, f64, usize)>>,
@@ -63,6 +65,7 @@ impl Server {
             joined: BTreeSet::new(),
             history: Vec::new(),
             asked: BTreeSet::new(),
+            sent: BTreeMap::new(),
             results: BTreeMap::new(),
             failures: Vec::new(),
             evals: BTreeMap::new(),
@@ -73,12 +76,14 @@ impl Server {
 
     /// The part of the global parameters that travels: all but the clients' own tensors.
     pub fn shared(&self) -> ParamSet {
-        if self.local_patterns.is_empty() {
-            return self.global.clone();
-        }
+        self.shared_except(&self.local_patterns)
+    }
+
+    /// The global parameters but those matching `patterns`.
+    fn shared_except(&self, patterns: &[String]) -> ParamSet {
         self.global
             .iter()
-            .filter(|(k, _)| !crate::params::kept_local(&self.local_patterns, k))
+            .filter(|(k, _)| !crate::params::kept_local(patterns, k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
@@ -96,6 +101,7 @@ impl Server {
         let mut chosen: Vec<usize> = pool[..k].to_vec();
         chosen.sort_unstable();
         self.asked = chosen.iter().copied().collect();
+        self.sent.clear();
         self.results.clear();
         self.failures.clear();
         self.evals.clear();
@@ -103,25 +109,30 @@ impl Server {
         self.bytes_up.clear();
         self.history.push(chosen.clone());
         let start_step = (self.round - 1) * self.steps_per_round;
-        let shared = self.shared();
-        Ok(chosen
-            .into_iter()
-            .map(|c| {
-                *self.bytes_down.entry(c).or_default() += bytes(&shared);
-                let seed = Rng::derive(&[self.seed, self.round as u64, c as u64]);
-                let mut config = self.strategy.configure_fit(self.round, c);
-                config.start_step = start_step;
-                (
-                    c,
-                    ToClient::Fit {
-                        round: self.round,
-                        params: shared.clone(),
-                        config,
-                        seed,
-                    },
-                )
-            })
-            .collect())
+        let run_shared = self.shared();
+        let mut out = Vec::with_capacity(chosen.len());
+        for c in chosen {
+            let seed = Rng::derive(&[self.seed, self.round as u64, c as u64]);
+            let mut config = self.strategy.configure_fit(self.round, c);
+            config.start_step = start_step;
+            let params = match &config.local_tensors {
+                None => run_shared.clone(),
+                Some(p) => self.shared_except(p),
+            };
+            *self.bytes_down.entry(c).or_default() += bytes(&params);
+            self.sent.insert(c, params.keys().cloned().collect());
+            let round = self.round;
+            out.push((
+                c,
+                ToClient::Fit {
+                    round,
+                    params,
+                    config,
+                    seed,
+                },
+            ));
+        }
+        Ok(out)
     }
 
     pub fn evaluate_requests(
@@ -163,10 +174,9 @@ impl Server {
                 if self.results.contains_key(&c) {
                     return Ok(()); // a retried upload
                 }
-                let shared = self.shared();
-                if result.params.keys().ne(shared.keys()) {
+                if result.params.keys().ne(self.sent[&c].iter()) {
                     return Err(FlError::Protocol(format!(
-                        "client {c} sent tensors that are not the shared set"
+                        "client {c} sent tensors that are not the set it was sent"
                     )));
                 }
                 for (k, t) in &result.params {
@@ -220,30 +230,36 @@ impl Server {
         }
     }
 
-    /// Ends the round keeping the global parameters (the `local` baseline).
-    pub fn close_round_without_aggregation(&mut self) -> RoundOutcome {
-        self.missing_to_failures();
-        let results: Vec<FitResult> = self.results.values().cloned().collect();
-        RoundOutcome {
-            round: self.round,
-            results,
-            failures: self.failures.clone(),
-            updated: false,
-        }
-    }
-
-    /// Aggregates what arrived; clients that never answered count as failures.
+    /// Aggregates what arrived, by name; clients that never answered count as failures.
+    /// Strategies see (and return) only what travelled; the clients' own tensors stay as they
+    /// were in the global set. Tensors sent by different sets of clients (per-client
+    /// instructions) are aggregated group by group, each over the clients that sent it.
     pub fn close_round(&mut self) -> Result<RoundOutcome> {
         self.missing_to_failures();
         let results: Vec<FitResult> = self.results.values().cloned().collect();
-        // Strategies see (and return) only what travels; the clients' own tensors stay as
-        // they were in the global set.
-        let new =
-            self.strategy
-                .aggregate_fit(self.round, &self.shared(), &results, &self.failures)?;
-        let updated = new.is_some();
-        if let Some(g) = new {
-            self.global.extend(g);
+        let mut updated = false;
+        for (names, senders) in groups(&results) {
+            let global: ParamSet = names
+                .iter()
+                .map(|k| (k.clone(), self.global[k].clone()))
+                .collect();
+            let part: Vec<FitResult> = senders
+                .iter()
+                .map(|&i| FitResult {
+                    params: names
+                        .iter()
+                        .map(|k| (k.clone(), results[i].params[k].clone()))
+                        .collect(),
+                    ..results[i].clone()
+                })
+                .collect();
+            let new = self
+                .strategy
+                .aggregate_fit(self.round, &global, &part, &self.failures)?;
+            if let Some(g) = new {
+                updated = true;
+                self.global.extend(g);
+            }
         }
         Ok(RoundOutcome {
             round: self.round,
@@ -252,4 +268,22 @@ impl Server {
             updated,
         })
     }
+}
+
+/// The names that travelled, grouped by the clients (indices into `results`) that sent them,
+/// in name order of each group's first tensor. Usually one group: every client sent the same
+/// set. Nothing travelled (every tensor kept local): no group, nothing to aggregate.
+fn groups(results: &[FitResult]) -> Vec<(Vec<String>, Vec<usize>)> {
+    let mut by_senders: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
+    let names: BTreeSet<&String> = results.iter().flat_map(|r| r.params.keys()).collect();
+    for name in names {
+        let senders: Vec<usize> = (0..results.len())
+            .filter(|&i| results[i].params.contains_key(name))
+            .collect();
+        by_senders.entry(senders).or_default().push(name.clone());
+    }
+    let mut out: Vec<(Vec<String>, Vec<usize>)> =
+        by_senders.into_iter().map(|(s, n)| (n, s)).collect();
+    out.sort_by(|a, b| a.0[0].cmp(&b.0[0]));
+    out
 }

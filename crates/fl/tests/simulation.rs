@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use fedllm_fl::params::ParamSet;
 use fedllm_fl::{RunConfig, Simulation};
-use fedllm_model::rng::Rng;
 use fedllm_model::{CausalLm, LoadOptions};
+use fedllm_rng::Rng;
 use fedllm_train::finetune::{train_loop, Budget, LoopOptions};
 use fedllm_train::Trainer;
 
@@ -274,10 +274,12 @@ fn strategies_aggregate_what_local_clients_train() {
     let d = data(tmp.path(), 90);
     let run = |name: &str, extra: &[&str]| one_round(tmp.path(), name, &d, extra).1;
     let local = run("local", &["federate.baseline=local"]);
-    assert_eq!(local.local.len(), 3, "one parameter set per client");
+    assert_eq!(local.local.ids(), [0, 1, 2], "one parameter set per client");
     let per: Vec<Vec<f32>> = (0..3)
-        .map(|c| fedllm_fl::params::flatten(&local.local[&c]).unwrap())
+        .map(|c| fedllm_fl::params::flatten(&local.local.get(c).unwrap()).unwrap())
         .collect();
+    let last = local.records.last().unwrap();
+    assert_eq!((last.bytes_down, last.bytes_up), (0, 0), "nothing travels");
     assert!(
         per[0] != per[1] && per[1] != per[2] && per[0] != per[2],
         "clients differ"
@@ -771,7 +773,8 @@ fn local_tensors_stay_on_their_clients() {
         assert_eq!(s.records[1].bytes_up_per_client[&c], a_bytes);
     }
     // Each client holds exactly the B matrices, trained (B starts at 0) and its own.
-    let bs: Vec<Vec<(String, Vec<u32>)>> = (0..3).map(|c| bits(&sim.local[&c])).collect();
+    let bs: Vec<Vec<(String, Vec<u32>)>> =
+        (0..3).map(|c| bits(&sim.local.get(c).unwrap())).collect();
     for b in &bs {
         assert!(b.iter().all(|(k, _)| is_b(k)) && b.len() * 2 == initial.len());
         assert!(
@@ -800,9 +803,29 @@ fn local_tensors_stay_on_their_clients() {
     assert_eq!(bits(&rest.server.global), bits(&sim.server.global));
     for (c, b) in bs.iter().enumerate() {
         assert_eq!(
-            &bits(&rest.local[&c]),
+            &bits(&rest.local.get(c).unwrap()),
             b,
             "client {c}'s own tensors after resume"
+        );
+    }
+    // No memory for client state: every client's tensors wait on disk between rounds, and
+    // the run ends bit-identical.
+    let t4 = tempfile::tempdir().unwrap();
+    let mut spill = extra.to_vec();
+    spill.push("federate.client_state_memory_mb=0");
+    let mut disk = Simulation::new(config(t4.path(), &d, &spill)).unwrap();
+    disk.run(false, None, |_| {}).unwrap();
+    assert_eq!(disk.local.held_bytes(), 0);
+    assert!(t4
+        .path()
+        .join("run/client_state/client-0.safetensors")
+        .exists());
+    assert_eq!(bits(&disk.server.global), bits(&sim.server.global));
+    for (c, b) in bs.iter().enumerate() {
+        assert_eq!(
+            &bits(&disk.local.get(c).unwrap()),
+            b,
+            "client {c} from disk"
         );
     }
     // A pattern that matches nothing is a mistake, named.
@@ -877,7 +900,6 @@ fn strategy_configures_evaluation() {
             .or(sim.tokenizer.eos_token_ids.first().copied())
             .unwrap_or(0),
         initial: sim.initial(),
-        local_patterns: &[],
     };
     let reply = sim.clients[0]
         .handle(msg, &shared, &mut ParamSet::new())
@@ -887,4 +909,108 @@ fn strategy_configures_evaluation() {
         panic!()
     };
     assert_eq!(last.client_val_loss, Some(losses[0].1));
+}
+
+/// Per-client instructions choose which tensors travel: client 0 keeps its B matrices this
+/// round, the others share everything. The server aggregates by name: A over all three
+/// clients, B over clients 1 and 2 only (their sample-weighted mean, by hand here); client 0
+/// uploads only A and keeps its trained B. The strategy's server-side `evaluate` decides what
+/// the server test loss measures: here the initial adapter, so it equals round 0's.
+#[test]
+fn strategy_chooses_each_clients_tensors_and_server_evaluation() {
+    use fedllm_fl::strategy::{fedavg::FedAvg, Failure, FitConfig, FitResult, Strategy};
+    use std::sync::{Arc, Mutex};
+    type Calls = Arc<Mutex<Vec<(Vec<String>, Vec<FitResult>)>>>;
+    struct Split {
+        calls: Calls,
+        initial: ParamSet,
+    }
+    impl Strategy for Split {
+        fn name(&self) -> &'static str {
+            "split"
+        }
+        fn configure_fit(&self, _round: usize, client: usize) -> FitConfig {
+            FitConfig {
+                local_tensors: (client == 0).then(|| vec!["*lora_B*".to_string()]),
+                ..FitConfig::default()
+            }
+        }
+        fn aggregate_fit(
+            &mut self,
+            round: usize,
+            global: &ParamSet,
+            results: &[FitResult],
+            failures: &[Failure],
+        ) -> fedllm_fl::Result<Option<ParamSet>> {
+            let names = global.keys().cloned().collect();
+            self.calls.lock().unwrap().push((names, results.to_vec()));
+            FedAvg.aggregate_fit(round, global, results, failures)
+        }
+        fn evaluate(
+            &mut self,
+            _round: usize,
+            _global: &ParamSet,
+            loss: &mut dyn FnMut(&ParamSet) -> fedllm_fl::Result<f64>,
+        ) -> fedllm_fl::Result<Option<f64>> {
+            loss(&self.initial).map(Some)
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 60);
+    let cfg = config(
+        tmp.path(),
+        &d,
+        &["federate.total_round_num=1", "adapter.dropout=0.0"],
+    );
+    let mut sim = Simulation::new(cfg).unwrap();
+    let calls: Calls = Arc::default();
+    let initial = sim.initial().clone();
+    sim.server.strategy = Box::new(Split {
+        calls: calls.clone(),
+        initial: initial.clone(),
+    });
+    let s = sim.run(false, None, |_| {}).unwrap();
+    let is_b = |k: &str| k.contains("lora_B");
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), 2, "one aggregation per group of senders");
+    let (a_names, a_res) = &calls[0];
+    let (b_names, b_res) = &calls[1];
+    assert!(a_names.iter().all(|k| !is_b(k)) && b_names.iter().all(|k| is_b(k)));
+    assert_eq!(a_names.len() + b_names.len(), initial.len());
+    let who = |r: &[FitResult]| r.iter().map(|x| x.client).collect::<Vec<_>>();
+    assert_eq!((who(a_res), who(b_res)), (vec![0, 1, 2], vec![1, 2]));
+    // B of the new global: Σ nᵢBᵢ / Σ nᵢ over clients 1 and 2. f32 sums of two terms and one
+    // division: a few ulps of the largest term, so 1e-6 relative to it.
+    let n: Vec<f64> = b_res.iter().map(|r| r.num_samples as f64).collect();
+    for k in b_names {
+        let v: Vec<Vec<f32>> = b_res
+            .iter()
+            .map(|r| r.params[k].flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let got: Vec<f32> = sim.server.global[k]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for i in 0..got.len() {
+            let want = (n[0] * v[0][i] as f64 + n[1] * v[1][i] as f64) / (n[0] + n[1]);
+            let scale = v[0][i].abs().max(v[1][i].abs()) as f64;
+            assert!(
+                (got[i] as f64 - want).abs() <= 1e-6 * scale + 1e-12,
+                "{k}[{i}]"
+            );
+        }
+    }
+    // Client 0 sent only A and kept its own trained B.
+    let a_bytes: usize = a_names.iter().map(|k| initial[k].elem_count() * 4).sum();
+    assert_eq!(s.records[1].bytes_up_per_client[&0], a_bytes);
+    let own = sim.local.get(0).unwrap();
+    assert_eq!(
+        own.keys().collect::<Vec<_>>(),
+        b_names.iter().collect::<Vec<_>>()
+    );
+    assert!(sim.local.get(1).unwrap().is_empty());
+    // The server test loss measured the initial adapter, as round 0 did.
+    assert_eq!(s.records[1].server_test_loss, s.records[0].server_test_loss);
+    assert!(s.records[0].server_test_loss.is_some());
 }

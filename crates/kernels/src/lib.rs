@@ -6,6 +6,7 @@
 //! forced (tests run all of them; a machine where AMX misbehaves can opt out).
 
 pub mod attention;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod bf16;
 pub mod fused;

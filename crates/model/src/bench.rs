@@ -9,7 +9,7 @@ use crate::cache::KvCache;
 use crate::error::Result;
 use crate::generate::{sample, Sampling};
 use crate::model::CausalLm;
-use crate::rng::Rng;
+use fedllm_rng::Rng;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GenBench {

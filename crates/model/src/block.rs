@@ -561,7 +561,7 @@ mod tests {
     fn randn(shape: &[usize], std: f32) -> Tensor {
         thread_local!(static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(1) });
         let seed = CALLS.with(|c| c.replace(c.get() + 1));
-        let mut rng = crate::rng::Rng::new(seed);
+        let mut rng = fedllm_rng::Rng::new(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|_| std * 1.732 * (2.0 * rng.next_f64() as f32 - 1.0))
@@ -677,7 +677,7 @@ mod tests {
             if tracked {
                 all.push(&xv);
             }
-            crate::testing::assert_same_op(
+            fedllm_testing::assert_same_op(
                 &fused,
                 &comp,
                 &all,
@@ -697,7 +697,7 @@ mod tests {
         let u = linear(12, 8, false, false, &mut vars);
         let dn = linear(8, 12, false, false, &mut vars);
         assert!(mlp_half(&x, &norm, 1e-5, [&g, &u, &dn]).unwrap().is_some());
-        let rng = Arc::new(Mutex::new(crate::rng::Rng::new(1)));
+        let rng = Arc::new(Mutex::new(fedllm_rng::Rng::new(1)));
         g.lora.as_mut().unwrap().dropout = Some((0.1, rng));
         assert!(mlp_half(&x, &norm, 1e-5, [&g, &u, &dn]).unwrap().is_none());
         let w = Var::from_tensor(&randn(&[12, 8], 1.0)).unwrap();

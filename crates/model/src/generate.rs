@@ -7,8 +7,8 @@ use candle_core::{Result as CResult, Tensor};
 use crate::cache::KvCache;
 use crate::error::Result;
 use crate::model::CausalLm;
-use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
+use fedllm_rng::Rng;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {

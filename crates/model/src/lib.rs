@@ -3,6 +3,7 @@
 //! No network IO happens here: every model and tokenizer comes from a local path.
 
 pub mod batch;
+#[cfg(feature = "bench")]
 pub mod bench;
 mod block;
 pub mod cache;
@@ -18,8 +19,6 @@ pub mod llama;
 pub mod model;
 pub mod ops;
 pub mod qmatvec;
-pub mod rng;
-pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -22,7 +22,7 @@ pub struct LoraHook {
     pub b: Tensor,
     pub scale: f64,
     /// Dropout mask source for training; None = no dropout.
-    pub dropout: Option<(f32, Arc<std::sync::Mutex<crate::rng::Rng>>)>,
+    pub dropout: Option<(f32, Arc<std::sync::Mutex<fedllm_rng::Rng>>)>,
 }
 
 /// Arithmetic of products with frozen weights on the CPU.
@@ -926,10 +926,10 @@ mod tests {
     #[test]
     fn frozen_linear_grad_matches_plain_matmul() {
         let dev = Device::Cpu;
-        let w = crate::testing::randn(101, 0f32, 1.0, (5, 3), &dev).unwrap();
-        let x = Var::from_tensor(&crate::testing::randn(102, 0f32, 1.0, (4, 3), &dev).unwrap())
+        let w = fedllm_testing::randn(101, 0f32, 1.0, (5, 3), &dev).unwrap();
+        let x = Var::from_tensor(&fedllm_testing::randn(102, 0f32, 1.0, (4, 3), &dev).unwrap())
             .unwrap();
-        let coef = crate::testing::randn(103, 0f32, 1.0, (4, 5), &dev).unwrap();
+        let coef = fedllm_testing::randn(103, 0f32, 1.0, (4, 5), &dev).unwrap();
         for in_out in [false, true] {
             let (wt, lin) = if in_out {
                 let wio = w.t().unwrap().contiguous().unwrap();
@@ -982,13 +982,13 @@ mod tests {
     fn fused_lora_matches_composite() {
         let dev = Device::Cpu;
         let (m, k, n, r) = (7, 13, 9, 3);
-        let w = crate::testing::randn(104, 0f32, 1.0, (n, k), &dev).unwrap();
-        let bias = crate::testing::randn(105, 0f32, 1.0, n, &dev).unwrap();
-        let x = Var::from_tensor(&crate::testing::randn(106, 0f32, 1.0, (m, k), &dev).unwrap())
+        let w = fedllm_testing::randn(104, 0f32, 1.0, (n, k), &dev).unwrap();
+        let bias = fedllm_testing::randn(105, 0f32, 1.0, n, &dev).unwrap();
+        let x = Var::from_tensor(&fedllm_testing::randn(106, 0f32, 1.0, (m, k), &dev).unwrap())
             .unwrap();
-        let a = Var::from_tensor(&crate::testing::randn(107, 0f32, 1.0, (r, k), &dev).unwrap())
+        let a = Var::from_tensor(&fedllm_testing::randn(107, 0f32, 1.0, (r, k), &dev).unwrap())
             .unwrap();
-        let b = Var::from_tensor(&crate::testing::randn(108, 0f32, 1.0, (n, r), &dev).unwrap())
+        let b = Var::from_tensor(&fedllm_testing::randn(108, 0f32, 1.0, (n, r), &dev).unwrap())
             .unwrap();
         for in_out in [false, true] {
             let mut lin = if in_out {
@@ -1023,7 +1023,7 @@ mod tests {
                     * 0.7)
                     .unwrap())
             .unwrap();
-            crate::testing::assert_same_op(
+            fedllm_testing::assert_same_op(
                 &fused,
                 &comp,
                 &[&x, &a, &b],
@@ -1038,12 +1038,12 @@ mod tests {
     fn residual_products_match_composites() {
         let dev = Device::Cpu;
         let (b, t, k, n) = (2, 3, 11, 6);
-        let w = crate::testing::randn(109, 0f32, 1.0, (n, k), &dev).unwrap();
-        let bias = crate::testing::randn(110, 0f32, 1.0, n, &dev).unwrap();
+        let w = fedllm_testing::randn(109, 0f32, 1.0, (n, k), &dev).unwrap();
+        let bias = fedllm_testing::randn(110, 0f32, 1.0, n, &dev).unwrap();
         let mut lin = Linear::new(Weight::Dense(w.clone()), Some(bias.clone())).unwrap();
         lin.precision = MatmulPrecision::Kernel(Isa::Avx512);
         let var = |d: usize| {
-            Var::from_tensor(&crate::testing::randn(111, 0f32, 1.0, (b, t, d), &dev).unwrap())
+            Var::from_tensor(&fedllm_testing::randn(111, 0f32, 1.0, (b, t, d), &dev).unwrap())
                 .unwrap()
         };
         let (h, g, u, r) = (var(k), var(k), var(k), var(n));
@@ -1071,7 +1071,7 @@ mod tests {
             ),
         ];
         for (what, fused, comp, vars) in cases {
-            crate::testing::assert_same_op(&fused, &comp, &vars, (1e-4, 1e-4), what);
+            fedllm_testing::assert_same_op(&fused, &comp, &vars, (1e-4, 1e-4), what);
         }
     }
 
@@ -1081,10 +1081,10 @@ mod tests {
     fn head_cross_entropy_matches_composite() {
         let dev = Device::Cpu;
         let (n, h, vocab) = (HEAD_CHUNK + 19, 8, 50);
-        let w = crate::testing::randn(112, 0f32, 1.0, (vocab, h), &dev).unwrap();
+        let w = fedllm_testing::randn(112, 0f32, 1.0, (vocab, h), &dev).unwrap();
         let mut lin = Linear::new(Weight::Dense(w.clone()), None).unwrap();
         lin.precision = MatmulPrecision::Kernel(Isa::Avx512);
-        let x = Var::from_tensor(&crate::testing::randn(113, 0f32, 1.0, (n, h), &dev).unwrap())
+        let x = Var::from_tensor(&fedllm_testing::randn(113, 0f32, 1.0, (n, h), &dev).unwrap())
             .unwrap();
         let targets: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
         let Some(fused) = lin.fused_cross_entropy(x.as_tensor(), &targets) else {
@@ -1101,6 +1101,6 @@ mod tests {
             .unwrap()
             .neg()
             .unwrap();
-        crate::testing::assert_same_op(&fused, &comp, &[&x], (1e-4, 1e-4), "head cross-entropy");
+        fedllm_testing::assert_same_op(&fused, &comp, &[&x], (1e-4, 1e-4), "head cross-entropy");
     }
 }

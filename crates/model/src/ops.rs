@@ -685,8 +685,8 @@ impl candle_core::CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var};
+    use fedllm_testing::max_abs_diff;
 
     /// Central finite differences of `f` (a scalar) at `x`, against candle's backward.
     fn check_grad(x: &[f32], shape: &[usize], f: impl Fn(&Tensor) -> Result<Tensor>) {
@@ -774,12 +774,12 @@ mod tests {
         let dev = Device::Cpu;
         let var = |shape: &[usize], s: f64| {
             Var::from_tensor(
-                &(crate::testing::randn(201, 0f32, 1.0, shape, &dev).unwrap() * s).unwrap(),
+                &(fedllm_testing::randn(201, 0f32, 1.0, shape, &dev).unwrap() * s).unwrap(),
             )
             .unwrap()
         };
         let check = |what: &str, vars: &[&Var], f: &dyn Fn() -> Tensor, c: &dyn Fn() -> Tensor| {
-            crate::testing::assert_same_op(&f(), &c(), vars, (1e-5, 1e-4), what)
+            fedllm_testing::assert_same_op(&f(), &c(), vars, (1e-5, 1e-4), what)
         };
         // 37 rows of 50: not a multiple of the kernels' row blocks.
         let (x, w) = (var(&[37, 50], 2.0), var(&[50], 1.0));
@@ -797,8 +797,8 @@ mod tests {
             &|| (silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap(),
         );
         let x = var(&[2, 3, 5, 8], 1.0);
-        let cos = crate::testing::randn(202, 0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
-        let sin = crate::testing::randn(203, 0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        let cos = fedllm_testing::randn(202, 0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        let sin = fedllm_testing::randn(203, 0f32, 1.0, (2, 1, 5, 8), &dev).unwrap();
         check(
             "rope",
             &[&x],
@@ -817,13 +817,13 @@ mod tests {
             let (b, h, kv, d) = (2, 6, 2, 8);
             let var = |n: usize| {
                 Var::from_tensor(
-                    &crate::testing::randn(204, 0f32, 1.0, (b, t, n * d), &dev).unwrap(),
+                    &fedllm_testing::randn(204, 0f32, 1.0, (b, t, n * d), &dev).unwrap(),
                 )
                 .unwrap()
             };
             let (q, k, v) = (var(h), var(kv), var(kv));
-            let cos = crate::testing::randn(205, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
-            let sin = crate::testing::randn(206, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            let cos = fedllm_testing::randn(205, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            let sin = fedllm_testing::randn(206, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
             // Causal, and batch 1 left-padded by 2.
             let mut bias = vec![0f32; b * t * t];
             for bi in 0..b {
@@ -861,7 +861,7 @@ mod tests {
                 .unwrap()
                 .reshape((b, t, h * d))
                 .unwrap();
-            crate::testing::assert_same_op(
+            fedllm_testing::assert_same_op(
                 &fused,
                 &comp,
                 &[&q, &k, &v],
@@ -876,7 +876,7 @@ mod tests {
     fn fused_cross_entropy_matches_composite() {
         let dev = Device::Cpu;
         let (n, v) = (70, 33);
-        let x = Var::from_tensor(&crate::testing::randn(207, 0f32, 3.0, (n, v), &dev).unwrap())
+        let x = Var::from_tensor(&fedllm_testing::randn(207, 0f32, 3.0, (n, v), &dev).unwrap())
             .unwrap();
         let targets: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
         let fused = cross_entropy(x.as_tensor(), &targets).unwrap();
@@ -913,19 +913,19 @@ mod tests {
         let dev = Device::Cpu;
         let (b, h, t, s, d) = (2, 3, 5, 7, 4);
         let q =
-            Var::from_tensor(&crate::testing::randn(208, 0f32, 1.0, (b, h, t, d), &dev).unwrap())
+            Var::from_tensor(&fedllm_testing::randn(208, 0f32, 1.0, (b, h, t, d), &dev).unwrap())
                 .unwrap();
         let k =
-            Var::from_tensor(&crate::testing::randn(209, 0f32, 1.0, (b, h, s, d), &dev).unwrap())
+            Var::from_tensor(&fedllm_testing::randn(209, 0f32, 1.0, (b, h, s, d), &dev).unwrap())
                 .unwrap();
         let v =
-            Var::from_tensor(&crate::testing::randn(210, 0f32, 1.0, (b, h, s, d), &dev).unwrap())
+            Var::from_tensor(&fedllm_testing::randn(210, 0f32, 1.0, (b, h, s, d), &dev).unwrap())
                 .unwrap();
         let bias: Vec<f32> = (0..b * t * s)
             .map(|i| if (i * 7) % 5 == 0 { -1e30 } else { 0.0 })
             .collect();
         let bias = Tensor::from_vec(bias, (b, 1, t, s), &dev).unwrap();
-        let coef = crate::testing::randn(211, 0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let coef = fedllm_testing::randn(211, 0f32, 1.0, (b, h, t, d), &dev).unwrap();
         for bias in [None, Some(&bias)] {
             let f = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias).unwrap();
             let c = attention_composite(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, bias)
@@ -951,10 +951,10 @@ mod tests {
     fn gqa_inference_attention_matches_composite() {
         let dev = Device::Cpu;
         let (b, kv, n_rep, t, s, d) = (2, 2, 3, 3, 9, 8);
-        let q = crate::testing::randn(212, 0f32, 1.0, (b, kv * n_rep, t, d), &dev).unwrap();
+        let q = fedllm_testing::randn(212, 0f32, 1.0, (b, kv * n_rep, t, d), &dev).unwrap();
         // k/v as narrow views of a longer buffer, as a KV cache with spare room would hand out.
-        let kb = crate::testing::randn(213, 0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
-        let vb = crate::testing::randn(214, 0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
+        let kb = fedllm_testing::randn(213, 0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
+        let vb = fedllm_testing::randn(214, 0f32, 1.0, (b, kv, s + 4, d), &dev).unwrap();
         let (k, v) = (kb.narrow(2, 1, s).unwrap(), vb.narrow(2, 1, s).unwrap());
         let bias: Vec<f32> = (0..b * t * s)
             .map(|i| if (i * 7) % 5 == 0 { -1e30 } else { 0.1 })

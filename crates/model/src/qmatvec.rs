@@ -157,10 +157,10 @@ mod tests {
         let dev = Device::Cpu;
         for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (n, k, m) in [(37, 64, 1), (5, 96, 3), (130, 32, 8)] {
-                let w = crate::testing::randn(301, 0f32, 1.0, (n, k), &dev).unwrap();
+                let w = fedllm_testing::randn(301, 0f32, 1.0, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, t).unwrap();
                 let wd = q.dequantize(&dev).unwrap();
-                let x = crate::testing::randn(302, 0f32, 1.0, (m, k), &dev).unwrap();
+                let x = fedllm_testing::randn(302, 0f32, 1.0, (m, k), &dev).unwrap();
                 let want: Vec<f32> = x
                     .matmul(&wd.t().unwrap())
                     .unwrap()

@@ -11,7 +11,7 @@ use fedllm_model::gguf::{self, Value};
 use fedllm_model::{CausalLm, LoadOptions, ModelError, QuantMode};
 
 fn golden() -> PathBuf {
-    fedllm_model::testing::golden_dir().join("llama-tiny")
+    fedllm_testing::golden_dir().join("llama-tiny")
 }
 
 fn metadata(arch: &str) -> Vec<(String, Value)> {
@@ -53,7 +53,7 @@ fn golden_forward() -> (HashMap<String, Tensor>, Vec<Vec<u8>>) {
 }
 
 fn max_err_where_masked(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
-    fedllm_model::testing::masked_max_abs_diff(got, want, mask).unwrap()
+    fedllm_testing::masked_max_abs_diff(got, want, mask).unwrap()
 }
 
 #[test]

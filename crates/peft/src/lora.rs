@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use fedllm_model::linear::LoraHook;
-use fedllm_model::rng::Rng;
 use fedllm_model::CausalLm;
+use fedllm_rng::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::Adapter;

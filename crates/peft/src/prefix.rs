@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use fedllm_model::rng::Rng;
 use fedllm_model::{CausalLm, ModelConfig};
+use fedllm_rng::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::Adapter;

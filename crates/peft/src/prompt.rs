@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use fedllm_model::rng::Rng;
 use fedllm_model::{CausalLm, Tokenizer};
+use fedllm_rng::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{cfg, Result};

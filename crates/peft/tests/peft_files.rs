@@ -2,7 +2,7 @@
 //! shapes, imports read PEFT's configuration so that it reproduces transformers' logits, and
 //! merging LoRA equals `merge_and_unload`.
 
-use fedllm_model::testing::max_abs_diff;
+use fedllm_testing::max_abs_diff;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -12,7 +12,7 @@ use fedllm_peft::{io, merge, Adapter};
 use serde_json::Value;
 
 fn golden_dir() -> PathBuf {
-    fedllm_model::testing::golden_dir()
+    fedllm_testing::golden_dir()
 }
 
 fn model_dirs() -> Vec<PathBuf> {
@@ -38,7 +38,7 @@ fn shapes(p: &Path) -> BTreeMap<String, Vec<usize>> {
 }
 
 fn masked_max_err(got: &Tensor, want: &Tensor, mask: &[Vec<u8>]) -> f32 {
-    fedllm_model::testing::masked_max_abs_diff(got, want, mask).unwrap()
+    fedllm_testing::masked_max_abs_diff(got, want, mask).unwrap()
 }
 
 fn with_prefix(t: &HashMap<String, Tensor>, p: &str) -> BTreeMap<String, Tensor> {

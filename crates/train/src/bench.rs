@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use fedllm_model::rng::Rng;
 use fedllm_model::{Batch, CausalLm};
 use fedllm_peft::lora::LoraConfig;
 use fedllm_peft::{Adapter, AdapterConfig};
+use fedllm_rng::Rng;
 
 use crate::error::Result;
 use crate::trainer::{TrainConfig, Trainer};

@@ -2,6 +2,7 @@
 //! SGD on fp32 master weights, LR schedules, exact gradient accumulation, global-norm clipping,
 //! bf16 mixed precision, and NaN-loss skipping that is counted and reported.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod error;
 pub mod finetune;

@@ -18,7 +18,7 @@ use fedllm_train::{Optimizer, OptimizerConfig};
 use serde_json::Value;
 
 fn golden_dir() -> PathBuf {
-    fedllm_model::testing::golden_dir()
+    fedllm_testing::golden_dir()
 }
 
 fn model_dirs() -> Vec<PathBuf> {
@@ -198,7 +198,7 @@ fn check_case_at(dir: &Path, case: &str, precision: MatmulPrecision) {
         let got = adapter
             .logits(&model, &batch.input_ids, Some(&mask))
             .unwrap();
-        let e = fedllm_model::testing::masked_max_abs_diff(&got, want, &mask).unwrap();
+        let e = fedllm_testing::masked_max_abs_diff(&got, want, &mask).unwrap();
         logit_err = e;
         assert!(
             e <= tol.logits,

@@ -2,12 +2,11 @@
 //! both architectures, exact gradient accumulation, bf16 mixed precision, NaN skipping, and the
 //! quantized frozen base.
 
-use fedllm_model::testing::max_abs_diff;
+use fedllm_testing::max_abs_diff;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use fedllm_model::rng::Rng;
 use fedllm_model::{Batch, CausalLm, LoadOptions, QuantMode};
 use fedllm_peft::full::FullConfig;
 use fedllm_peft::lora::LoraConfig;
@@ -15,10 +14,11 @@ use fedllm_peft::prefix::PrefixConfig;
 use fedllm_peft::prompt::PromptConfig;
 use fedllm_peft::ptuning::PtuningConfig;
 use fedllm_peft::{Adapter, AdapterConfig};
+use fedllm_rng::Rng;
 use fedllm_train::{OptimizerConfig, TrainConfig, Trainer};
 
 fn golden(name: &str) -> PathBuf {
-    fedllm_model::testing::golden_dir().join(name)
+    fedllm_testing::golden_dir().join(name)
 }
 
 fn batch(seed: u64, b: usize, t: usize, vocab: u32, device: &Device) -> Batch {

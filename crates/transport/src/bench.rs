@@ -27,7 +27,7 @@ pub struct BenchResult {
 /// `tensors` tensors holding `bytes` of fp32 in all.
 pub fn synthetic(bytes: usize, tensors: usize) -> Result<ParamSet> {
     let per = (bytes / 4 / tensors.max(1)).max(1);
-    let mut rng = fedllm_model::rng::Rng::new(11);
+    let mut rng = fedllm_rng::Rng::new(11);
     (0..tensors.max(1))
         .map(|i| {
             let v: Vec<f32> = (0..per).map(|_| rng.normal() as f32 * 0.02).collect();

@@ -226,6 +226,7 @@ mod tests {
             start_step: 12,
             lr: Some(3e-4),
             local_steps: Some(7),
+            local_tensors: Some(vec!["*lora_B*".into()]),
         };
         let msg = ToClient::Fit {
             round: 4,

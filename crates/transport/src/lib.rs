@@ -7,6 +7,7 @@ pub mod tls;
 pub mod wire;
 
 pub use error::{Result, TransportError};
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod client;
 pub mod server;

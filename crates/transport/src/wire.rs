@@ -491,7 +491,7 @@ mod tests {
     #[test]
     fn garbage_never_panics_the_decoder() {
         use prost::Message;
-        let mut rng = fedllm_model::rng::Rng::new(7);
+        let mut rng = fedllm_rng::Rng::new(7);
         // Valid streams (raw and zstd) decode to the set, within int8's half step per block.
         let p = set();
         let streams: Vec<Vec<u8>> = [false, true]

@@ -1,7 +1,7 @@
 //! FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization"), as Flower implements it:
 //! Δ = mean(w_i) − w; m ← β₁m + (1−β₁)Δ; v ← β₂v + (1−β₂)Δ²; w ← w + η m / (√v + τ).
 
-use super::fedavgm::{load_vec, state_of};
+use super::fedavgm::{load_vec, moment, state_of};
 use super::{fedavg::weighted_average, Failure, FitResult, Strategy};
 use crate::error::Result;
 use crate::params::{flatten, layout, unflatten, ParamSet};
@@ -40,8 +40,8 @@ pub(crate) fn adaptive_step(
     };
     let g = flatten(global)?;
     let n = g.len();
-    let m = s.m.get_or_insert_with(|| vec![0.0; n]);
-    let v = s.v.get_or_insert_with(|| vec![0.0; n]);
+    let m = moment(&mut s.m, n)?;
+    let v = moment(&mut s.v, n)?;
     let (b1, b2, eta, tau) = (s.beta1 as f32, s.beta2 as f32, s.eta as f32, s.tau as f32);
     let mut out = g.clone();
     for i in 0..n {

@@ -37,7 +37,7 @@ impl Strategy for FedAvgM {
             return Ok(None);
         };
         let g = flatten(global)?;
-        let v = self.v.get_or_insert_with(|| vec![0.0; g.len()]);
+        let v = moment(&mut self.v, g.len())?;
         let (b, lr) = (self.momentum as f32, self.lr as f32);
         let mut out = g.clone();
         for i in 0..g.len() {
@@ -56,6 +56,20 @@ impl Strategy for FedAvgM {
         self.v = load_vec(s, "v")?;
         Ok(())
     }
+}
+
+/// A server optimiser's per-value state for `n` values (zeros at first). A different length
+/// means the aggregated tensors changed between rounds (per-client tensor subsets that vary),
+/// which a stateful server optimiser cannot follow: an error, not a wrong update.
+pub(crate) fn moment(slot: &mut Option<Vec<f32>>, n: usize) -> Result<&mut Vec<f32>> {
+    let v = slot.get_or_insert_with(|| vec![0.0; n]);
+    if v.len() != n {
+        return Err(crate::error::FlError::Protocol(format!(
+            "the server optimiser's state covers {} values but this round aggregates {n}: a stateful strategy needs the same shared tensors every round",
+            v.len()
+        )));
+    }
+    Ok(v)
 }
 
 pub(crate) fn state_of(vs: &[(&str, &Option<Vec<f32>>)]) -> Result<ParamSet> {

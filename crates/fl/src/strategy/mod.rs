@@ -50,6 +50,9 @@ pub struct FitConfig {
     pub lr: Option<f64>,
     /// This client's local steps (or epochs) this round, instead of `train.local_update_steps`.
     pub local_steps: Option<usize>,
+    /// Name patterns of the tensors this client keeps to itself this round: the server sends
+    /// and expects back only the others. None: the run's `federate.local_tensors`.
+    pub local_tensors: Option<Vec<String>>,
 }
 
 pub trait Strategy: Send {
@@ -93,6 +96,17 @@ pub trait Strategy: Send {
             .filter(|(_, (_, n))| *n > 0)
             .map(|(k, (sum, n))| (k, sum / n as f64))
             .collect()
+    }
+
+    /// Server-side evaluation after a round, on the server's held-out data: `loss` scores any
+    /// parameter set there. By default the global parameters; None skips it.
+    fn evaluate(
+        &mut self,
+        _round: usize,
+        global: &ParamSet,
+        loss: &mut dyn FnMut(&ParamSet) -> Result<f64>,
+    ) -> Result<Option<f64>> {
+        loss(global).map(Some)
     }
 
     /// Server optimiser state for checkpoints (empty for stateless strategies).

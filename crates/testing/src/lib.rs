@@ -53,7 +53,7 @@ pub fn randn<S: Into<candle_core::Shape>>(
     dev: &candle_core::Device,
 ) -> Result<Tensor> {
     let shape = shape.into();
-    let mut rng = crate::rng::Rng::new(seed);
+    let mut rng = fedllm_rng::Rng::new(seed);
     let v: Vec<f32> = (0..shape.elem_count())
         .map(|_| mean + std * rng.normal() as f32)
         .collect();

@@ -1,0 +1,36 @@
+//! A distributed client: the same engine, answering one server message at a time with its own
+//! data, and keeping its own tensors in its folder so that a restart goes on with them.
+
+use super::Simulation;
+use crate::checkpoint;
+use crate::error::{FlError, Result};
+use crate::message::{ToClient, ToServer};
+use crate::remote::Role;
+
+impl Simulation {
+    /// A distributed client's answer to one server message (None for `Finish`).
+    pub fn handle(&mut self, msg: ToClient) -> Result<Option<ToServer>> {
+        let Role::Client(i) = self.role else {
+            return Err(FlError::Protocol(
+                "only a client answers server messages".into(),
+            ));
+        };
+        let eval = matches!(msg, ToClient::Evaluate { .. });
+        if eval {
+            self.adapter.attach(&mut self.model, false)?;
+        }
+        let fit = matches!(msg, ToClient::Fit { .. });
+        let mut state = self.local.take(i)?;
+        let client = self.clients.iter().find(|c| c.id == i).expect("own data");
+        let out = client.handle(msg, &self.shared(), &mut state);
+        if eval {
+            self.adapter.attach(&mut self.model, true)?;
+        }
+        if fit && !state.is_empty() && out.is_ok() {
+            // The client's own tensors outlive the process (a restarted client resumes them).
+            checkpoint::save_client_state(&self.cfg.outdir, &state)?;
+        }
+        self.local.put(i, state)?;
+        out
+    }
+}
