@@ -7,8 +7,8 @@ use candle_core::{Result as CResult, Tensor};
 use crate::cache::{Ctx, KvCache};
 use crate::config::Gpt2Config;
 use crate::error::Result;
-use crate::linear::{Embedding, Linear};
 use crate::ops;
+use crate::ops::linear::{Embedding, Linear};
 use crate::weights::WeightSource;
 
 fn conv1d(ws: &WeightSource, p: &str, inp: usize, out: usize) -> Result<Linear> {

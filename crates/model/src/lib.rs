@@ -5,20 +5,16 @@
 pub mod batch;
 #[cfg(feature = "bench")]
 pub mod bench;
-mod block;
 pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
-pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;
-pub mod linear;
 pub mod llama;
 pub mod model;
 pub mod ops;
-pub mod qmatvec;
 pub mod tokenizer;
 pub mod weights;
 
@@ -30,7 +26,9 @@ pub use generate::{
     generate, generate_after, prefix_cache, strip_prefix, Finish, GenerateConfig, Generation,
     Sampling,
 };
-pub use linear::MatmulPrecision;
+pub use ops::linear::MatmulPrecision;
+// The op layer's layers and quantized products keep their short paths for other crates.
 pub use model::{CausalLm, Loaded};
+pub use ops::{linear, qmatvec};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{LoadOptions, QuantMode, Weight};

@@ -8,8 +8,8 @@ use candle_core::{Result as CResult, Tensor};
 use crate::cache::{Ctx, KvCache};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::Result;
-use crate::linear::{Embedding, Linear};
 use crate::ops;
+use crate::ops::linear::{Embedding, Linear};
 use crate::weights::WeightSource;
 
 #[derive(Debug, Clone)]
@@ -152,7 +152,7 @@ impl Block {
         if cache.is_none() {
             // Whole sequences on the CPU kernels: each half-layer as one op.
             let a = &self.self_attn;
-            let x2 = crate::block::attention_half(
+            let x2 = crate::ops::block::attention_half(
                 x,
                 &self.input_layernorm,
                 self.eps,
@@ -163,7 +163,7 @@ impl Block {
             )?;
             if let Some(x2) = x2 {
                 let m = &self.mlp;
-                let out = crate::block::mlp_half(
+                let out = crate::ops::block::mlp_half(
                     &x2,
                     &self.post_attention_layernorm,
                     self.eps,

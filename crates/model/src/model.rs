@@ -11,8 +11,8 @@ use crate::config::{Gpt2Config, LlamaConfig, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::gpt2::Gpt2;
-use crate::linear::Linear;
 use crate::llama::Llama;
+use crate::ops::linear::Linear;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadOptions, Weight, WeightSource};
 
@@ -329,7 +329,7 @@ impl CausalLm {
     }
 
     /// Sets how every frozen product (LM head included) multiplies on the CPU.
-    pub fn set_matmul_precision(&mut self, p: crate::linear::MatmulPrecision) {
+    pub fn set_matmul_precision(&mut self, p: crate::ops::linear::MatmulPrecision) {
         for (_, l) in self.linears_mut() {
             l.precision = p;
         }

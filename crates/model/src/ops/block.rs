@@ -19,7 +19,7 @@ use fedllm_kernels::strided::sgemm;
 use fedllm_kernels::Isa;
 
 use crate::cache::Ctx;
-use crate::linear::{frozen_product, Linear};
+use crate::ops::linear::{frozen_product, Linear};
 use crate::weights::Weight;
 
 /// A LoRA branch's place in the concatenated adapter vector: A [r, in] at `off`, B [out, r]
@@ -277,7 +277,7 @@ struct MlpHalf {
 }
 
 fn host<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    crate::fused::slice(s, l, what)
+    crate::ops::fused::slice(s, l, what)
 }
 
 /// Runs `f` over the f32 values of contiguous CPU tensors.
@@ -552,8 +552,8 @@ impl CustomOp2 for MlpHalf {
 mod tests {
     use super::*;
     use crate::cache::{build_ctx, CtxSpec};
-    use crate::linear::{LoraHook, MatmulPrecision};
     use crate::ops;
+    use crate::ops::linear::{LoraHook, MatmulPrecision};
     use candle_core::{Device, Var};
 
     /// Deterministic values of spread `std`: the n-th call of a test (each test runs on its own

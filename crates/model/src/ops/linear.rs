@@ -283,11 +283,11 @@ impl Linear {
     fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
         if let Weight::Quant(q) = &self.weight {
             if x.device().is_cpu() && !x.track_op() && !self.in_out && rows <= QMATVEC_MAX_ROWS {
-                if crate::qmatvec::supported(q.dtype()) {
+                if crate::ops::qmatvec::supported(q.dtype()) {
                     // Our block kernel: f32 activations, all cores, AVX-512 where available.
                     let (n, k) = q.shape().dims2()?;
                     let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    let y = crate::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows);
+                    let y = crate::ops::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows);
                     return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype());
                 }
                 if rows <= QMATMUL_MAX_ROWS {
@@ -632,7 +632,7 @@ struct LoraLinear {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    crate::fused::slice(s, l, "frozen product")
+    crate::ops::fused::slice(s, l, "frozen product")
 }
 
 fn into_vec(s: CpuStorage) -> Result<Vec<f32>> {
