@@ -169,9 +169,29 @@ pub fn norm_bounded_mean(
     weighted_mean(&refs, weights)
 }
 
+/// pFedMe's server step: (1 − β)·global + β·mean, coordinate by coordinate (β = 1: the mean).
+pub fn beta_mix(global: &[f32], mean: &[f32], beta: f64) -> Vec<f32> {
+    let b = beta as f32;
+    global
+        .iter()
+        .zip(mean)
+        .map(|(&g, &m)| (1.0 - b) * g + b * m)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// β = 0.5 halves the way from the global to the mean; β = 1 is the mean itself; β = 2
+    /// (the paper's over-relaxation) goes as far past it.
+    #[test]
+    fn beta_mix_hand_computed() {
+        let (g, m) = ([1.0f32, -2.0], [3.0f32, 2.0]);
+        assert_eq!(beta_mix(&g, &m, 0.5), vec![2.0, 0.0]);
+        assert_eq!(beta_mix(&g, &m, 1.0), vec![3.0, 2.0]);
+        assert_eq!(beta_mix(&g, &m, 2.0), vec![5.0, 6.0]);
+    }
 
     /// Bulyan with f = 1 over 7 one-coordinate updates, by hand: Krum (each scored by its
     /// n − f − 2 nearest) peels off 5 = n − 2f updates, which drops the two outliers; of those

@@ -1,18 +1,21 @@
 //! The client state machine: it holds its tokenised data and answers fit/evaluate requests by
-//! training or evaluating the shared adapter on the shared frozen model.
+//! training or evaluating the shared adapter on the shared frozen model. How it trains depends
+//! on the personalised method (`personal/`); what it keeps across rounds is its state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fedllm_data::Sample;
 use fedllm_model::CausalLm;
 use fedllm_peft::Adapter;
 use fedllm_train::finetune::{eval_batches, eval_loss, train_loop, Budget, LoopOptions};
-use fedllm_train::{TrainConfig, Trainer};
+use fedllm_train::{StepStats, TrainConfig, Trainer};
 
+use crate::config::{PersonalCfg, PersonalMethod};
 use crate::error::Result;
 use crate::message::{ToClient, ToServer};
-use crate::params::ParamSet;
-use crate::strategy::FitResult;
+use crate::params::{kept_local, ParamSet};
+use crate::personal;
+use crate::strategy::{FitConfig, FitResult};
 
 pub struct Client {
     pub id: usize,
@@ -32,24 +35,23 @@ pub struct Shared<'a> {
     pub pad_id: u32,
     /// The adapter's initial values (what a client's own tensors start from).
     pub initial: &'a ParamSet,
+    /// The personalised method and its settings.
+    pub personal: &'a PersonalCfg,
 }
 
-/// Sets the adapter to the server's tensors, completed by the client's own (or, before its first
-/// round, the initial values), and returns the complete set.
-fn with_own(params: ParamSet, state: &ParamSet, s: &Shared) -> Result<ParamSet> {
-    let full = if params.len() == s.initial.len() {
-        params
-    } else {
-        let mut full = params;
-        for (k, t) in s.initial {
-            if !full.contains_key(k) {
-                full.insert(k.clone(), state.get(k).unwrap_or(t).clone());
-            }
+/// The server's tensors completed by the client's own (or, before its first round, the initial
+/// values): the complete set the client trains or evaluates.
+fn with_own(params: ParamSet, state: &ParamSet, s: &Shared) -> ParamSet {
+    if params.len() == s.initial.len() {
+        return params;
+    }
+    let mut full = params;
+    for (k, t) in s.initial {
+        if !full.contains_key(k) {
+            full.insert(k.clone(), state.get(k).unwrap_or(t).clone());
         }
-        full
-    };
-    s.adapter.set_tensors(&full)?;
-    Ok(full)
+    }
+    full
 }
 
 /// Deep copies (the adapter's vars are updated in place by the next client).
@@ -60,10 +62,79 @@ pub fn snapshot(a: &Adapter) -> Result<ParamSet> {
         .collect()
 }
 
+/// One local training run: where it starts, which tensors move, for how long.
+pub(crate) struct Local<'c> {
+    pub start: &'c ParamSet,
+    pub config: &'c FitConfig,
+    pub seed: u64,
+    /// Only these tensors are updated (None: all).
+    pub trainable: Option<BTreeSet<String>>,
+    /// Instead of the round's budget (personal phases).
+    pub budget: Option<Budget>,
+    /// λ and the anchor of λ/2·‖w − anchor‖² (FedProx, Ditto's personal adapter).
+    pub proximal: Option<(f64, ParamSet)>,
+}
+
+/// Trains from `l.start` on `samples`; returns the steps and the trained set.
+pub(crate) fn train(
+    s: &Shared,
+    samples: &[Sample],
+    l: Local,
+) -> Result<(Vec<StepStats>, ParamSet)> {
+    s.adapter.set_tensors(l.start)?;
+    s.adapter.reseed(l.seed);
+    let mut train = s.train.clone();
+    if let Some(lr) = l.config.lr {
+        train.lr = lr;
+    }
+    let mut trainer = Trainer::new(train)?;
+    trainer.step = l.config.start_step;
+    trainer.trainable = l.trainable;
+    trainer.proximal = l.proximal;
+    let budget = l.budget.unwrap_or(match (s.budget, l.config.local_steps) {
+        (b, None) => b,
+        (Budget::Steps(_), Some(n)) => Budget::Steps(n),
+        (Budget::Epochs(_), Some(n)) => Budget::Epochs(n),
+    });
+    let o = LoopOptions {
+        budget,
+        batch_size: s.batch_size,
+        pad_id: s.pad_id,
+        seed: l.seed,
+        group_by_length: false,
+        metrics: None,
+    };
+    let stats = train_loop(s.model, s.adapter, &mut trainer, samples, &o, |_| {})?;
+    Ok((stats, snapshot(s.adapter)?))
+}
+
+/// The round's metrics from its (global-model) steps.
+fn fit_metrics(stats: &[StepStats], nan_skipped: usize) -> BTreeMap<String, f64> {
+    let done: Vec<_> = stats.iter().filter(|x| !x.skipped).collect();
+    let tokens: usize = done.iter().map(|x| x.target_tokens).sum();
+    let loss = done
+        .iter()
+        .map(|x| x.loss * x.target_tokens as f64)
+        .sum::<f64>()
+        / tokens.max(1) as f64;
+    let mut metrics = BTreeMap::from([
+        ("train_loss".to_string(), loss),
+        ("train_tokens".to_string(), tokens as f64),
+        ("steps".to_string(), done.len() as f64),
+        ("nan_skipped".to_string(), nan_skipped as f64),
+    ]);
+    // Where the round sat on the run's learning-rate schedule.
+    if let (Some(first), Some(last)) = (stats.first(), stats.last()) {
+        metrics.insert("lr_first".into(), first.lr);
+        metrics.insert("lr_last".into(), last.lr);
+    }
+    metrics
+}
+
 impl Client {
-    /// Answers one server message. `state` holds the tensors this client keeps to itself (those
-    /// the server does not send: `federate.local_tensors`); it fills in what `params` lacks,
-    /// and a fit updates it.
+    /// Answers one server message. `state` holds what this client keeps to itself: tensors the
+    /// server does not send (`federate.local_tensors`, a personal head, LoRA B) fill in what
+    /// `params` lacks; personal adapters live under `personal/` names. A fit updates it.
     pub fn handle(
         &self,
         msg: ToClient,
@@ -78,51 +149,44 @@ impl Client {
                 seed,
             } => {
                 let received: Vec<String> = params.keys().cloned().collect();
-                let params = with_own(params, state, s)?;
-                s.adapter.reseed(seed);
-                let mut train = s.train.clone();
-                if let Some(lr) = config.lr {
-                    train.lr = lr;
-                }
-                let mut trainer = Trainer::new(train)?;
-                trainer.step = config.start_step;
-                if config.proximal_mu > 0.0 {
-                    trainer.proximal = Some((config.proximal_mu, params.clone()));
-                }
-                let o = LoopOptions {
-                    budget: match (s.budget, config.local_steps) {
-                        (b, None) => b,
-                        (Budget::Steps(_), Some(n)) => Budget::Steps(n),
-                        (Budget::Epochs(_), Some(n)) => Budget::Epochs(n),
-                    },
-                    batch_size: s.batch_size,
-                    pad_id: s.pad_id,
-                    seed,
-                    group_by_length: false,
-                    metrics: None,
+                let start = with_own(params, state, s);
+                let frozen = personal::frozen(s.personal);
+                let (stats, trained) = match s.personal.method {
+                    PersonalMethod::Ditto => {
+                        personal::ditto::fit(s, &self.train, &start, &config, seed, state)?
+                    }
+                    PersonalMethod::Fedrep => {
+                        personal::fedrep::fit(s, &self.train, &start, &config, seed)?
+                    }
+                    PersonalMethod::Pfedme => {
+                        personal::pfedme::fit(s, &self.train, &start, &config, seed, state)?
+                    }
+                    _ => {
+                        let trainable = (!frozen.is_empty()).then(|| {
+                            start
+                                .keys()
+                                .filter(|k| !kept_local(&frozen, k))
+                                .cloned()
+                                .collect()
+                        });
+                        let proximal =
+                            (config.proximal_mu > 0.0).then(|| (config.proximal_mu, start.clone()));
+                        let l = Local {
+                            start: &start,
+                            config: &config,
+                            seed,
+                            trainable,
+                            budget: None,
+                            proximal,
+                        };
+                        train(s, &self.train, l)?
+                    }
                 };
-                let stats = train_loop(s.model, s.adapter, &mut trainer, &self.train, &o, |_| {})?;
-                let done: Vec<_> = stats.iter().filter(|x| !x.skipped).collect();
-                let tokens: usize = done.iter().map(|x| x.target_tokens).sum();
-                let loss = done
-                    .iter()
-                    .map(|x| x.loss * x.target_tokens as f64)
-                    .sum::<f64>()
-                    / tokens.max(1) as f64;
-                let metrics = BTreeMap::from([
-                    ("train_loss".to_string(), loss),
-                    ("train_tokens".to_string(), tokens as f64),
-                    ("steps".to_string(), done.len() as f64),
-                    ("nan_skipped".to_string(), trainer.nan_skipped as f64),
-                ]);
-                // Where the round sat on the run's learning-rate schedule.
-                let mut metrics = metrics;
-                if let (Some(first), Some(last)) = (stats.first(), stats.last()) {
-                    metrics.insert("lr_first".into(), first.lr);
-                    metrics.insert("lr_last".into(), last.lr);
-                }
-                // What the server sent goes back; the rest stays here.
-                let mut sent = snapshot(s.adapter)?;
+                let nan = stats.iter().filter(|x| x.skipped).count();
+                let metrics = fit_metrics(&stats, nan);
+                // What the server sent goes back; the rest stays here (frozen tensors are the
+                // seeded initial values everywhere: nothing to keep).
+                let mut sent = trained;
                 if received.len() != sent.len() {
                     let own: Vec<String> = sent
                         .keys()
@@ -131,7 +195,9 @@ impl Client {
                         .collect();
                     for name in own {
                         let t = sent.remove(&name).expect("listed above");
-                        state.insert(name, t);
+                        if !kept_local(&frozen, &name) {
+                            state.insert(name, t);
+                        }
                     }
                 }
                 let result = FitResult {
@@ -147,15 +213,13 @@ impl Client {
                 params,
                 splits,
             } => {
-                with_own(params, state, s)?;
-                let mut losses = Vec::new();
-                for name in splits {
-                    if let Some(samples) = self.splits.get(&name).filter(|x| !x.is_empty()) {
-                        let b =
-                            eval_batches(samples, s.eval_batch_size, s.pad_id, &s.model.device)?;
-                        let (l, n) = eval_loss(s.model, s.adapter, &b)?;
-                        losses.push((name, l, n));
-                    }
+                // The parameters this client uses (personal ones where it has them), and, when
+                // they differ, the global ones for comparison.
+                let mine = personal::own_params(with_own(params.clone(), state, s), state);
+                let global = with_own(params, &ParamSet::new(), s);
+                let mut losses = self.eval_splits(s, &mine, &splits, "")?;
+                if !state.is_empty() {
+                    losses.extend(self.eval_splits(s, &global, &splits, "global_")?);
                 }
                 Ok(Some(ToServer::EvalRes {
                     round,
@@ -165,5 +229,25 @@ impl Client {
             }
             ToClient::Finish => Ok(None),
         }
+    }
+
+    /// (prefix + split, mean loss, tokens) for each split this client has data for.
+    fn eval_splits(
+        &self,
+        s: &Shared,
+        params: &ParamSet,
+        splits: &[String],
+        prefix: &str,
+    ) -> Result<Vec<(String, f64, usize)>> {
+        s.adapter.set_tensors(params)?;
+        let mut out = Vec::new();
+        for name in splits {
+            if let Some(samples) = self.splits.get(name).filter(|x| !x.is_empty()) {
+                let b = eval_batches(samples, s.eval_batch_size, s.pad_id, &s.model.device)?;
+                let (l, n) = eval_loss(s.model, s.adapter, &b)?;
+                out.push((format!("{prefix}{name}"), l, n));
+            }
+        }
+        Ok(out)
     }
 }

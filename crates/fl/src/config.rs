@@ -19,6 +19,8 @@ pub struct RunConfig {
     pub adapter: AdapterCfg,
     pub train: TrainCfg,
     pub eval: EvalCfg,
+    /// Personalised FL (Ditto, FedRep, pFedMe, FedSA-LoRA, FFA-LoRA).
+    pub personal: PersonalCfg,
     /// `federate.mode: distributed`: the gRPC server and clients.
     pub distributed: DistributedCfg,
     /// Where metrics, plots, checkpoints and the final adapter go.
@@ -125,6 +127,23 @@ choice!(
 choice!(
     /// The learning-rate schedule, one curve over the whole run (rounds × local steps).
     ScheduleName { Constant = "constant", Linear = "linear", Cosine = "cosine" }
+);
+choice!(
+    /// Personalised FL: what each client keeps and trains for itself (`personal` section).
+    PersonalMethod {
+        /// One global adapter (plus any `federate.local_tensors`).
+        None = "none",
+        /// A personal adapter per client, pulled towards the global one by λ/2·‖p − g‖².
+        Ditto = "ditto",
+        /// A personal head (`personal.head` patterns) trained first, then the shared body.
+        Fedrep = "fedrep",
+        /// Moreau-envelope personalisation: personal θ solved per step, w moved towards it.
+        Pfedme = "pfedme",
+        /// LoRA A matrices shared and averaged, B matrices kept by each client.
+        FedsaLora = "fedsa_lora",
+        /// LoRA A frozen at its seeded init (the same everywhere), only B trained and sent.
+        FfaLora = "ffa_lora",
+    }
 );
 choice!(
     /// `batch`: `local_update_steps` optimizer steps; `epoch`: that many passes over the data.
@@ -245,6 +264,38 @@ pub struct EvalCfg {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct PersonalCfg {
+    pub method: PersonalMethod,
+    /// Ditto and pFedMe: the weight λ of λ/2·‖personal − global‖².
+    pub lambda: f64,
+    /// Ditto: the personal adapter's optimizer steps per round; FedRep: the head's.
+    pub personal_steps: usize,
+    /// FedRep: name patterns (`*` wildcards) of the personal head; it never leaves the client.
+    pub head: Vec<String>,
+    /// pFedMe: inner steps K solving for the personal θ at each local step.
+    pub inner_steps: usize,
+    /// pFedMe: the inner solver's learning rate.
+    pub personal_lr: f64,
+    /// pFedMe: the server's step β: w ← (1 − β)·w + β·mean(wᵢ) (1 = FedAvg).
+    pub beta: f64,
+}
+
+impl Default for PersonalCfg {
+    fn default() -> Self {
+        Self {
+            method: PersonalMethod::None,
+            lambda: 0.1,
+            personal_steps: 5,
+            head: Vec::new(),
+            inner_steps: 3,
+            personal_lr: 0.01,
+            beta: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DistributedCfg {
     /// Server: the address to listen on.
     pub listen: String,
@@ -320,6 +371,7 @@ impl Default for RunConfig {
             adapter: AdapterCfg::default(),
             train: TrainCfg::default(),
             eval: EvalCfg::default(),
+            personal: PersonalCfg::default(),
             distributed: DistributedCfg::default(),
             outdir: PathBuf::from("runs/latest"),
         }
@@ -552,6 +604,7 @@ fn choices() -> Vec<(&'static str, Vec<&'static str>)> {
         ("train.batch_or_epoch", LocalBudget::ALL.to_vec()),
         ("train.optimizer", OptimizerKind::ALL.to_vec()),
         ("train.schedule", ScheduleName::ALL.to_vec()),
+        ("personal.method", PersonalMethod::ALL.to_vec()),
         ("distributed.compression", Compression::ALL.to_vec()),
     ]
 }
@@ -862,6 +915,23 @@ impl RunConfig {
             ),
             ("federate.trim_ratio", sp.trim_ratio, 0.0, true, 0.5, false),
             ("federate.norm_bound", sp.norm_bound, 0.0, false, inf, false),
+            (
+                "personal.lambda",
+                self.personal.lambda,
+                0.0,
+                false,
+                inf,
+                false,
+            ),
+            (
+                "personal.personal_lr",
+                self.personal.personal_lr,
+                0.0,
+                false,
+                inf,
+                false,
+            ),
+            ("personal.beta", self.personal.beta, 0.0, false, inf, false),
         ];
         if let Some(r) = f.sample_client_rate {
             ranges.push(("federate.sample_client_rate", r, 0.0, false, 1.0, true));
@@ -959,6 +1029,7 @@ impl RunConfig {
         if matches!(&a.targets, Some(t) if t.is_empty()) {
             e.push("adapter.targets must name at least one module (or be left out for the model's defaults)".into());
         }
+        e.extend(self.personal_problems());
         if self.outdir.as_os_str().is_empty() {
             e.push("outdir must not be empty".into());
         }
@@ -984,6 +1055,44 @@ impl RunConfig {
                         ));
                     }
                 }
+            }
+        }
+        e
+    }
+
+    /// What a personalised method needs of the rest of the config.
+    fn personal_problems(&self) -> Vec<String> {
+        use PersonalMethod as P;
+        let (p, f) = (&self.personal, &self.federate);
+        let mut e = Vec::new();
+        let m = p.method.as_str();
+        if p.method != P::None && f.baseline != Baseline::Fl {
+            e.push(format!(
+                "personal.method `{m}` personalises federated training: it needs federate.baseline fl, got {}",
+                f.baseline.as_str()
+            ));
+        }
+        if matches!(p.method, P::FedsaLora | P::FfaLora) && self.adapter.kind != AdapterKind::Lora {
+            e.push(format!(
+                "personal.method `{m}` splits LoRA's A and B: it needs adapter.type lora, got {}",
+                self.adapter.kind.as_str()
+            ));
+        }
+        if p.method == P::Ditto && p.personal_steps == 0 {
+            e.push("personal.personal_steps must be at least 1 for ditto, got 0".into());
+        }
+        if p.method == P::Pfedme {
+            if p.inner_steps == 0 {
+                e.push("personal.inner_steps must be at least 1 for pfedme, got 0".into());
+            }
+            if self.train.batch_or_epoch != LocalBudget::Batch {
+                e.push("personal.method `pfedme` counts local steps: it needs train.batch_or_epoch batch".into());
+            }
+            if f.strategy != crate::strategy::StrategyKind::Fedavg {
+                e.push(format!(
+                    "personal.method `pfedme` brings its own server step (personal.beta): it needs federate.strategy fedavg, got {}",
+                    f.strategy.as_str()
+                ));
             }
         }
         e

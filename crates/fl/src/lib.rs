@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod message;
 pub mod metrics;
 pub mod params;
+pub mod personal;
 pub mod remote;
 pub mod server;
 pub mod simulation;

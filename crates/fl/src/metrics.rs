@@ -35,6 +35,44 @@ pub struct RoundRecord {
     /// Learning rate at each client's first and last local step of the round.
     #[serde(default)]
     pub client_lr: BTreeMap<usize, (f64, f64)>,
+    /// Each evaluated client's losses by split: `val`/`test` with the parameters it uses (its
+    /// personal ones where it has them), `global_val`/`global_test` with the global ones when
+    /// those differ.
+    #[serde(default)]
+    pub client_losses: BTreeMap<usize, BTreeMap<String, f64>>,
+    /// Token-weighted over clients, with the global parameters (personalised runs only).
+    #[serde(default)]
+    pub client_global_test_loss: Option<f64>,
+}
+
+/// Mean (each client counted once), worst and best of one split's per-client losses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub mean: f64,
+    pub worst: (usize, f64),
+    pub best: (usize, f64),
+}
+
+impl RoundRecord {
+    /// The spread of `split` over the clients evaluated this round (None: none were).
+    pub fn spread(&self, split: &str) -> Option<Spread> {
+        let v: Vec<(usize, f64)> = self
+            .client_losses
+            .iter()
+            .filter_map(|(c, l)| Some((*c, *l.get(split)?)))
+            .collect();
+        let first = *v.first()?;
+        let worst = v
+            .iter()
+            .copied()
+            .fold(first, |a, b| if b.1 > a.1 { b } else { a });
+        let best = v
+            .iter()
+            .copied()
+            .fold(first, |a, b| if b.1 < a.1 { b } else { a });
+        let mean = v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64;
+        Some(Spread { mean, worst, best })
+    }
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> FlError {
@@ -56,15 +94,20 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
         .collect();
     let p = dir.join("metrics.jsonl");
     std::fs::write(&p, jl).map_err(|e| io(&p, e))?;
-    let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,bytes_down,bytes_up,seconds\n");
+    let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,client_test_mean,client_test_worst,client_test_best,client_global_test_loss,bytes_down,bytes_up,seconds\n");
     for r in records {
+        let sp = r.spread("test");
         csv += &format!(
-            "{},{},{},{},{},{},{},{:.3}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.3}\n",
             r.round,
             opt(r.train_loss),
             opt(r.server_test_loss),
             opt(r.client_val_loss),
             opt(r.client_test_loss),
+            opt(sp.map(|s| s.mean)),
+            opt(sp.map(|s| s.worst.1)),
+            opt(sp.map(|s| s.best.1)),
+            opt(r.client_global_test_loss),
             r.bytes_down,
             r.bytes_up,
             r.seconds
@@ -111,6 +154,22 @@ fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
             records
                 .iter()
                 .filter_map(|r| r.client_test_loss.map(|l| (r.round as f64, l)))
+                .collect(),
+        ),
+        (
+            "worst client test",
+            BLACK,
+            records
+                .iter()
+                .filter_map(|r| Some((r.round as f64, r.spread("test")?.worst.1)))
+                .collect(),
+        ),
+        (
+            "client test, global params",
+            CYAN,
+            records
+                .iter()
+                .filter_map(|r| r.client_global_test_loss.map(|l| (r.round as f64, l)))
                 .collect(),
         ),
     ];
@@ -186,6 +245,16 @@ pub fn summary_table(records: &[RoundRecord]) -> String {
             r.bytes_down as f64 / 1e6,
             r.bytes_up as f64 / 1e6,
             r.seconds
+        );
+    }
+    let last = records
+        .iter()
+        .rev()
+        .find_map(|r| Some((r.round, r.spread("test")?)));
+    if let Some((round, sp)) = last {
+        s += &format!(
+            "per-client test loss (round {round}): mean {:.4}, worst {:.4} (client {}), best {:.4} (client {})\n",
+            sp.mean, sp.worst.1, sp.worst.0, sp.best.1, sp.best.0
         );
     }
     let down: usize = records.iter().map(|r| r.bytes_down).sum();

@@ -2,92 +2,15 @@
 //! strategy and baseline, determinism, bit-identical resume, FedAvg with one client equal to
 //! plain local training, and 1,000 clients with 10 per round.
 
-use std::path::{Path, PathBuf};
-
 use fedllm_fl::params::ParamSet;
+
+mod common;
+use common::{bits, config, data, one_round, tiny};
 use fedllm_fl::{RunConfig, Simulation};
 use fedllm_model::{CausalLm, LoadOptions};
 use fedllm_rng::Rng;
 use fedllm_train::finetune::{train_loop, Budget, LoopOptions};
 use fedllm_train::Trainer;
-
-fn tiny() -> PathBuf {
-    std::env::var_os("FEDLLM_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
-        .join("llama-tiny")
-}
-
-/// A learnable toy instruction set with categories.
-fn data(dir: &Path, n: usize) -> PathBuf {
-    let words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"];
-    let mut rng = Rng::new(1);
-    let mut lines = Vec::new();
-    for i in 0..n {
-        let w = words[(rng.next_u64() % words.len() as u64) as usize];
-        let cat = ["a", "b", "c", "d"][i % 4];
-        lines.push(serde_json::json!({"instruction": format!("Repeat: {w}\n"), "input": "", "output": format!("{w} {w}"), "category": cat}).to_string());
-    }
-    let p = dir.join("data.jsonl");
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
-}
-
-fn config(dir: &Path, data: &Path, extra: &[&str]) -> RunConfig {
-    let mut o: Vec<String> = vec![
-        format!("data.source={}", data.display()),
-        "data.template=raw".into(),
-        "data.tok_len=64".into(),
-        format!("model.path={}", tiny().display()),
-        "federate.client_num=3".into(),
-        "federate.sample_client_num=3".into(),
-        "federate.total_round_num=3".into(),
-        "train.local_update_steps=3".into(),
-        "train.batch_size=4".into(),
-        "train.optimizer=adamw".into(),
-        "train.lr=0.01".into(),
-        "adapter.r=4".into(),
-        "adapter.dropout=0.1".into(),
-        "eval.max_samples=8".into(),
-        format!("outdir={}", dir.join("run").display()),
-    ];
-    o.extend(extra.iter().map(|s| s.to_string()));
-    RunConfig::from_yaml("", &o).unwrap()
-}
-
-fn bits(p: &ParamSet) -> Vec<(String, Vec<u32>)> {
-    p.iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect(),
-            )
-        })
-        .collect()
-}
-
-/// One round without evaluation in `root/name`: the global before, and the finished simulation.
-fn one_round(
-    root: &Path,
-    name: &str,
-    data: &Path,
-    extra: &[&str],
-) -> (Vec<(String, Vec<u32>)>, Simulation) {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut all = vec!["federate.total_round_num=1", "eval.freq=0"];
-    all.extend_from_slice(extra);
-    let mut sim = Simulation::new(config(&dir, data, &all)).unwrap();
-    let before = bits(&sim.server.global);
-    sim.run(false, None, |_| {}).unwrap();
-    (before, sim)
-}
 
 #[test]
 fn three_clients_fedavg_end_to_end() {
@@ -900,6 +823,7 @@ fn strategy_configures_evaluation() {
             .or(sim.tokenizer.eos_token_ids.first().copied())
             .unwrap_or(0),
         initial: sim.initial(),
+        personal: &sim.cfg.personal,
     };
     let reply = sim.clients[0]
         .handle(msg, &shared, &mut ParamSet::new())

@@ -57,6 +57,9 @@ pub struct Trainer {
     pub config: TrainConfig,
     /// FedProx: μ and the round's global parameters; adds μ(w − w_global) to every gradient.
     pub proximal: Option<(f64, BTreeMap<String, Tensor>)>,
+    /// Only these of the adapter's tensors are updated (None: all); the others stay as they
+    /// are (FedRep's phases, FFA-LoRA's frozen A), also for weight decay and clipping.
+    pub trainable: Option<std::collections::BTreeSet<String>>,
     pub optimizer: Optimizer,
     /// Optimizer steps taken (skipped steps excluded).
     pub step: usize,
@@ -78,6 +81,7 @@ impl Trainer {
             optimizer: Optimizer::new(config.optimizer.clone()),
             config,
             proximal: None,
+            trainable: None,
             step: 0,
             nan_skipped: 0,
         })
@@ -144,6 +148,9 @@ impl Trainer {
         let tokens: usize = micro.iter().map(|b| b.tokens()).sum();
         let lr = self.lr();
         let (loss, mut grads, target_tokens) = self.gradients(model, adapter, micro)?;
+        if let Some(t) = &self.trainable {
+            grads.retain(|k, _| t.contains(k));
+        }
         if let (Some((mu, anchor)), true) = (&self.proximal, loss.is_finite()) {
             for (name, g) in grads.iter_mut() {
                 if let Some(w0) = anchor.get(name) {

@@ -221,6 +221,8 @@ fn empty_record(round: usize) -> RoundRecord {
         wire_down_per_client: BTreeMap::new(),
         wire_up_per_client: BTreeMap::new(),
         client_lr: BTreeMap::new(),
+        client_losses: BTreeMap::new(),
+        client_global_test_loss: None,
     }
 }
 fn round_line(r: &RoundRecord) -> String {

@@ -37,8 +37,9 @@ impl Simulation {
         self.server.strategy.evaluate(round, &global, &mut loss)
     }
 
-    /// Evaluates the clients on their val and test splits; the strategy aggregates.
-    fn eval_clients(&mut self) -> Result<(Option<f64>, Option<f64>)> {
+    /// Evaluates the clients on their val and test splits (each client's own losses go into
+    /// the record); the strategy aggregates.
+    fn eval_clients(&mut self, rec: &mut RoundRecord) -> Result<()> {
         // Many clients: evaluate the round's sampled ones (round 0: the first k), not everyone.
         let ids: Vec<usize> = if self.clients.len() <= MAX_EVAL_ALL_CLIENTS {
             self.clients.iter().map(|c| c.id).collect()
@@ -86,17 +87,22 @@ impl Simulation {
                 _ => None,
             })
             .collect();
+        for (c, losses) in &results {
+            let l = losses.iter().map(|(k, v, _)| (k.clone(), *v)).collect();
+            rec.client_losses.insert(*c, l);
+        }
         let agg = self.server.strategy.aggregate_evaluate(round, &results);
-        Ok((agg.get("val").copied(), agg.get("test").copied()))
+        rec.client_val_loss = agg.get("val").copied();
+        rec.client_test_loss = agg.get("test").copied();
+        rec.client_global_test_loss = agg.get("global_test").copied();
+        Ok(())
     }
 
     /// Fills the record's losses and tracks the best round (server test loss, else client val).
     pub(super) fn evaluate(&mut self, rec: &mut RoundRecord) -> Result<()> {
         self.adapter.attach(&mut self.model, false)?;
         rec.server_test_loss = self.eval_server()?;
-        let (v, t) = self.eval_clients()?;
-        rec.client_val_loss = v;
-        rec.client_test_loss = t;
+        self.eval_clients(rec)?;
         self.adapter.attach(&mut self.model, true)?;
         let key = rec.server_test_loss.or(rec.client_val_loss);
         if let Some(l) = key {

@@ -116,6 +116,7 @@ impl Simulation {
             batch_size: t.batch_size,
             eval_batch_size: self.cfg.eval.batch_size,
             pad_id: self.pad_id,
+            personal: &self.cfg.personal,
         }
     }
 }

@@ -48,8 +48,8 @@ impl Simulation {
     }
 
     /// `adapter/` (the global parameters) and `adapter_client_<i>/` for each client with tensors
-    /// of its own: the global shared tensors completed by its own (all of them in the `local`
-    /// baseline). PEFT folders.
+    /// of its own: its personal adapter (Ditto, pFedMe), or the global shared tensors completed
+    /// by its own (all of them in the `local` baseline). PEFT folders.
     pub(super) fn save_adapters(&self) -> Result<std::path::PathBuf> {
         let adapter_dir = self.cfg.outdir.join("adapter");
         self.adapter.set_tensors(&self.server.global)?;
@@ -62,9 +62,15 @@ impl Simulation {
             .unwrap_or_default();
         fedllm_peft::io::save(&self.adapter, &self.model, &adapter_dir, &base)?;
         for c in self.local.ids() {
-            let mut p = self.server.global.clone();
-            p.extend(self.local.get(c)?);
-            self.adapter.set_tensors(&p)?;
+            let own = self.local.get(c)?;
+            let mut full = self.server.global.clone();
+            for (k, v) in &own {
+                if !k.starts_with(crate::personal::PERSONAL) {
+                    full.insert(k.clone(), v.clone());
+                }
+            }
+            self.adapter
+                .set_tensors(&crate::personal::own_params(full, &own))?;
             let dir = self.cfg.outdir.join(format!("adapter_client_{c}"));
             fedllm_peft::io::save(&self.adapter, &self.model, &dir, &base)?;
         }

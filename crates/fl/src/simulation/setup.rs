@@ -16,11 +16,13 @@ use crate::assemble::{self, adapter_config, format, splitter, template, train_co
 use crate::checkpoint;
 use crate::client::{snapshot, Client};
 use crate::client_state::ClientStates;
-use crate::config::{Baseline, LocalBudget, RunConfig};
+use crate::config::{Baseline, LocalBudget, PersonalMethod, RunConfig};
 use crate::error::{FlError, Result};
 use crate::manifest;
 use crate::message::ToServer;
+use crate::params::kept_local;
 use crate::params::ParamSet;
+use crate::personal;
 use crate::remote::Role;
 use crate::server::Server;
 use crate::strategy;
@@ -243,7 +245,12 @@ fn build_server(cfg: &RunConfig, initial: &ParamSet) -> Result<Server> {
     } else {
         cfg.clients_per_round()
     };
-    let strat = strategy::build(&cfg.federate.strategy, &cfg.federate.strategy_params);
+    let strat: Box<dyn strategy::Strategy> = match cfg.personal.method {
+        PersonalMethod::Pfedme => Box::new(strategy::pfedme::PFedMe {
+            beta: cfg.personal.beta,
+        }),
+        _ => strategy::build(&cfg.federate.strategy, &cfg.federate.strategy_params),
+    };
     let mut server = Server::new(strat, initial.clone(), cfg.federate.seed, per_round);
     server.steps_per_round = match cfg.train.batch_or_epoch {
         LocalBudget::Batch => cfg.train.local_update_steps,
@@ -253,16 +260,26 @@ fn build_server(cfg: &RunConfig, initial: &ParamSet) -> Result<Server> {
     server.local_patterns = match cfg.federate.baseline {
         // No sharing at all: every tensor stays on its client, so nothing travels.
         Baseline::Local => vec!["*".to_string()],
-        _ => patterns.clone(),
+        // What the personalised method keeps on the clients (or freezes everywhere) travels
+        // no more than `federate.local_tensors` does.
+        _ => [patterns.clone(), personal::kept(&cfg.personal)].concat(),
     };
+    let kept = personal::kept(&cfg.personal);
+    if !kept.is_empty() && !initial.keys().any(|k| kept_local(&kept, k)) {
+        return Err(FlError::Config(format!(
+            "personal.method `{}` keeps {kept:?} on the clients, which matches no adapter tensor (names look like {})",
+            cfg.personal.method,
+            initial.keys().next().map(String::as_str).unwrap_or("-")
+        )));
+    }
     if !patterns.is_empty() {
-        let shared = server.shared();
-        if shared.is_empty() {
+        let shared = initial.keys().filter(|k| !kept_local(patterns, k)).count();
+        if shared == 0 {
             return Err(FlError::Config(format!(
                 "federate.local_tensors {patterns:?} keeps every adapter tensor on the clients (for no sharing at all use federate.baseline=local)"
             )));
         }
-        if shared.len() == initial.len() {
+        if shared == initial.len() {
             return Err(FlError::Config(format!(
                 "federate.local_tensors {patterns:?} matches no adapter tensor (names look like {})",
                 initial.keys().next().map(String::as_str).unwrap_or("-")

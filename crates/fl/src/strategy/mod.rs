@@ -15,6 +15,7 @@ pub mod fedyogi;
 pub mod krum;
 pub mod median;
 pub mod norm_bounding;
+pub mod pfedme;
 pub mod trimmed_mean;
 
 /// One client's answer to a fit request.
