@@ -138,7 +138,7 @@ pub fn cmd_server(a: ServerArgs) -> Result<()> {
         ServeOptions {
             run: run.clone(),
             client_num: sim.cfg.federate.client_num,
-            expect: sim.server.shared(),
+            expect: sim.initial().clone(),
             log,
         },
     )?;

@@ -600,13 +600,19 @@ fn local_tensors_stay_in_the_client_processes() {
 }
 
 /// A client's own tensors survive its `kill -9`: restarted, it resumes them from its folder
-/// (the state it wrote after round 1) and the run completes.
+/// (the state it wrote after round 1) and the run completes. Both kinds of own tensors: LoRA B
+/// kept local (4 tensors), and Ditto's personal adapter (all 8).
 #[test]
 fn killed_client_resumes_its_own_tensors() {
+    killed_client_resumes(keep_b_local, 4);
+    killed_client_resumes(|cfg| with_personal(cfg, "ditto", ""), 8);
+}
+
+fn killed_client_resumes(setup: impl Fn(&Path), own: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = config(d, free_port(), 3, "");
-    keep_b_local(&cfg);
+    setup(&cfg);
     let mut s = server(d, &cfg, &["distributed.round_timeout_s=4"]);
     let mut c0 = client(d, &cfg, 0, &[]);
     let mut c1 = client(d, &cfg, 1, &[]);
@@ -617,11 +623,76 @@ fn killed_client_resumes_its_own_tensors() {
     let saved = std::fs::read(&state).unwrap();
     c2.kill9();
     let mut c2 = client(d, &cfg, 2, &[]);
-    c2.wait_for("resuming its own 4 tensors", 30);
+    c2.wait_for(&format!("resuming its own {own} tensors"), 30);
     assert!(s.wait(90), "{}", s.text());
     for c in [&mut c0, &mut c1, &mut c2] {
         assert!(c.wait(30), "{}", c.text());
     }
     // It kept training them after the restart.
     assert_ne!(std::fs::read(&state).unwrap(), saved);
+}
+
+/// Adds a `personal` section to a test config.
+fn with_personal(cfg: &Path, method: &str, extra: &str) {
+    let mut text = std::fs::read_to_string(cfg).unwrap();
+    text += &format!("personal:\n  method: {method}\n{extra}");
+    std::fs::write(cfg, text).unwrap();
+}
+
+/// Every personalised method runs distributed and ends as its standalone run does, bit for
+/// bit: the global adapter and each client's own adapter (written by the client process at
+/// the end, by the standalone run per client). FedSA-LoRA's B and FFA-LoRA's A never cross the
+/// wire: here the A matrices take 4,096 bytes ([4, 64] for q_proj and v_proj in 2 layers) and
+/// the B matrices 3,072 ([64, 4] and [32, 4]: v_proj has fewer output features); an upload
+/// carries exactly the one its method sends, and on the wire, framing included, stays below
+/// both together.
+#[test]
+fn personal_methods_run_distributed_as_standalone() {
+    let methods = [
+        ("ditto", ""),
+        ("fedrep", "  head: [\"*layers.1.*\"]\n"),
+        ("pfedme", "  beta: 0.8\n"),
+        ("fedsa_lora", ""),
+        ("ffa_lora", ""),
+    ];
+    for (method, extra) in methods {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let cfg = config(d, free_port(), 2, "");
+        with_personal(&cfg, method, extra);
+        run_three_clients(d, &cfg);
+        assert_eq!(
+            adapter(d),
+            standalone(d, &cfg),
+            "{method}: distributed != standalone"
+        );
+        for i in 0..3 {
+            let mine = d.join(format!("run/client-{i}/adapter/adapter_model.safetensors"));
+            let reference = d.join(format!(
+                "standalone/adapter_client_{i}/adapter_model.safetensors"
+            ));
+            assert_eq!(mine.exists(), reference.exists(), "{method} client {i}");
+            if mine.exists() {
+                assert_eq!(
+                    std::fs::read(&mine).unwrap(),
+                    std::fs::read(&reference).unwrap(),
+                    "{method}: client {i}'s own adapter"
+                );
+            }
+        }
+        let r = &records(d)[1];
+        for i in 0..3 {
+            let wire = r["wire_up_per_client"][i.to_string()].as_u64().unwrap();
+            let raw = r["bytes_up_per_client"][i.to_string()].as_u64().unwrap();
+            let only = match method {
+                "fedsa_lora" => 4096,
+                "ffa_lora" => 3072,
+                _ => continue,
+            };
+            assert!(
+                raw == only && wire < 4096 + 3072,
+                "{method}: up {raw} raw, {wire} wire"
+            );
+        }
+    }
 }

@@ -42,11 +42,16 @@ pub struct Shared<'a> {
 /// The server's tensors completed by the client's own (or, before its first round, the initial
 /// values): the complete set the client trains or evaluates.
 fn with_own(params: ParamSet, state: &ParamSet, s: &Shared) -> ParamSet {
-    if params.len() == s.initial.len() {
+    complete(params, state, s.initial)
+}
+
+/// `params` completed by `state`'s tensors, then `initial`'s, to a full adapter set.
+pub(crate) fn complete(params: ParamSet, state: &ParamSet, initial: &ParamSet) -> ParamSet {
+    if params.len() == initial.len() {
         return params;
     }
     let mut full = params;
-    for (k, t) in s.initial {
+    for (k, t) in initial {
         if !full.contains_key(k) {
             full.insert(k.clone(), state.get(k).unwrap_or(t).clone());
         }

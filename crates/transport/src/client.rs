@@ -191,10 +191,13 @@ async fn pull(
     if kind == TaskKind::Wait {
         return Ok(Next::Wait);
     }
+    // A task may carry any part of the adapter (the server decides per client what travels);
+    // each tensor must still be one of ours, with our shape.
     let mut asm = Assembler::new(
         Some(layout(expect)),
         expect.values().map(|t| t.elem_count() * 4).sum::<usize>() + 4096,
-    );
+    )
+    .allow_subset();
     while let Some(f) = s.message().await.map_err(|e| net_or_fatal(e, "pull"))? {
         stats.bytes_down += crate::wire::wire_len(&f);
         let body = f
@@ -243,13 +246,13 @@ pub fn run_client(
     log: impl FnMut(&str),
 ) -> Result<ClientStats> {
     let d = sim.cfg.distributed.clone();
-    // Tasks carry the shared tensors only (the client keeps `federate.local_tensors` itself).
-    let expect = sim.server.shared();
+    // Tasks carry some of the adapter's tensors: the shared ones, per the server's choice.
+    let expect = sim.initial().clone();
     run_with(&d, o, &expect, |m| sim.handle(m), log)
 }
 
 /// The client loop around any worker (`run_client` plugs in the simulation's; the transport
-/// benchmark an echo). `expect` is the parameter layout tasks must carry.
+/// benchmark an echo). `expect` is the parameter layout tasks carry (part of it).
 pub fn run_with(
     d: &DistributedCfg,
     o: &ClientOptions,
@@ -295,7 +298,11 @@ pub fn run_with(
             let c = conn.as_mut().expect("connected");
             let task = match pull(c, &run, o, expect, &mut stats).await? {
                 Next::Wait => return Ok(false),
-                Next::Task(ToClient::Finish) => return Ok(true),
+                Next::Task(ToClient::Finish) => {
+                    // The worker's last word (a client writes its own adapter).
+                    tokio::task::block_in_place(|| work(ToClient::Finish))?;
+                    return Ok(true);
+                }
                 Next::Task(t) => t,
             };
             let key = digest(&task);

@@ -239,7 +239,13 @@ impl Federation for Svc {
             )));
         }
         let fit = head.kind == crate::pb::ResultKind::FitRes as i32;
-        let mut asm = Assembler::new(fit.then(|| hub.expect.clone()), hub.max_update);
+        // An update carries exactly the tensors its task sent (which may be part of the adapter).
+        let sent = hub.lock().tasks.get(&id).and_then(|t| match &**t {
+            ToClient::Fit { params, .. } => Some(layout(params)),
+            _ => None,
+        });
+        let expect = sent.unwrap_or_else(|| hub.expect.clone());
+        let mut asm = Assembler::new(fit.then_some(expect), hub.max_update);
         while let Some(f) = next_frame(&mut s).await? {
             wire += wire_len(&f);
             let body = f.body.ok_or_else(|| reject("empty frame".into()))?;
@@ -386,7 +392,7 @@ pub struct GrpcRemote {
 pub struct ServeOptions {
     pub run: String,
     pub client_num: usize,
-    /// The global parameter set's names and shapes (what fit results must match).
+    /// The adapter's names and shapes: an update carries exactly the part its task sent.
     pub expect: ParamSet,
     pub log: Log,
 }

@@ -181,6 +181,8 @@ pub fn wire_len(f: &Frame) -> usize {
 pub struct Assembler {
     /// Expected names and shapes (None = accept any set, within the byte limit).
     expect: Option<BTreeMap<String, Vec<usize>>>,
+    /// Whether a set may leave out expected tensors (a task may carry part of an adapter).
+    subset: bool,
     /// Most decoded fp32 bytes accepted in total.
     max_bytes: usize,
     current: Option<(TensorHeader, Vec<u8>)>,
@@ -192,11 +194,19 @@ impl Assembler {
     pub fn new(expect: Option<BTreeMap<String, Vec<usize>>>, max_bytes: usize) -> Self {
         Self {
             expect,
+            subset: false,
             max_bytes,
             current: None,
             done: ParamSet::new(),
             decoded_bytes: 0,
         }
+    }
+
+    /// Accepts sets that carry only some of the expected tensors (each still checked by name
+    /// and shape).
+    pub fn allow_subset(mut self) -> Self {
+        self.subset = true;
+        self
     }
 
     pub fn push(&mut self, body: Body) -> Result<()> {
@@ -303,7 +313,7 @@ impl Assembler {
     /// The complete set; an error if a tensor is cut short or (with an expected set) missing.
     pub fn finish(mut self) -> Result<ParamSet> {
         self.close()?;
-        if let Some(e) = &self.expect {
+        if let (Some(e), false) = (&self.expect, self.subset) {
             if let Some(missing) = e.keys().find(|k| !self.done.contains_key(*k)) {
                 return bad(format!("tensor `{missing}` missing"));
             }

@@ -51,6 +51,8 @@ pub struct Simulation {
     pad_id: u32,
     /// The last round's failures, for the error that stops a run.
     last_failures: Vec<String>,
+    /// A distributed client: the global tensors it last received (for its final adapter).
+    last_shared: ParamSet,
 }
 
 #[derive(Debug, Clone)]

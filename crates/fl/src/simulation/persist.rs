@@ -1,10 +1,15 @@
 //! What a run leaves on disk besides metrics: checkpoints, the run manifest and the final
 //! adapters (the global one, and one per client that keeps tensors of its own).
 
+use std::path::{Path, PathBuf};
+
 use super::Simulation;
 use crate::checkpoint;
+use crate::client::complete;
 use crate::error::Result;
 use crate::manifest::{self, Manifest, Status};
+use crate::params::ParamSet;
+use crate::personal::own_params;
 use crate::remote::Role;
 
 impl Simulation {
@@ -47,32 +52,39 @@ impl Simulation {
         )
     }
 
-    /// `adapter/` (the global parameters) and `adapter_client_<i>/` for each client with tensors
-    /// of its own: its personal adapter (Ditto, pFedMe), or the global shared tensors completed
-    /// by its own (all of them in the `local` baseline). PEFT folders.
-    pub(super) fn save_adapters(&self) -> Result<std::path::PathBuf> {
-        let adapter_dir = self.cfg.outdir.join("adapter");
-        self.adapter.set_tensors(&self.server.global)?;
-        let base = self
-            .cfg
+    /// The base model's file name, which the PEFT config records.
+    fn base_name(&self) -> String {
+        self.cfg
             .model
             .path
             .file_name()
             .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        fedllm_peft::io::save(&self.adapter, &self.model, &adapter_dir, &base)?;
+            .unwrap_or_default()
+    }
+
+    /// Writes the adapter a client uses to `dir` (PEFT): its personal adapter (Ditto, pFedMe),
+    /// or the global `shared` tensors completed by its own.
+    pub(super) fn save_client_adapter(
+        &self,
+        shared: ParamSet,
+        own: &ParamSet,
+        dir: &Path,
+    ) -> Result<()> {
+        let full = complete(shared, own, &self.initial);
+        self.adapter.set_tensors(&own_params(full, own))?;
+        fedllm_peft::io::save(&self.adapter, &self.model, dir, &self.base_name())?;
+        Ok(())
+    }
+
+    /// `adapter/` (the global parameters) and `adapter_client_<i>/` for each client with tensors
+    /// of its own (all of them in the `local` baseline). PEFT folders.
+    pub(super) fn save_adapters(&self) -> Result<PathBuf> {
+        let adapter_dir = self.cfg.outdir.join("adapter");
+        self.adapter.set_tensors(&self.server.global)?;
+        fedllm_peft::io::save(&self.adapter, &self.model, &adapter_dir, &self.base_name())?;
         for c in self.local.ids() {
-            let own = self.local.get(c)?;
-            let mut full = self.server.global.clone();
-            for (k, v) in &own {
-                if !k.starts_with(crate::personal::PERSONAL) {
-                    full.insert(k.clone(), v.clone());
-                }
-            }
-            self.adapter
-                .set_tensors(&crate::personal::own_params(full, &own))?;
             let dir = self.cfg.outdir.join(format!("adapter_client_{c}"));
-            fedllm_peft::io::save(&self.adapter, &self.model, &dir, &base)?;
+            self.save_client_adapter(self.server.shared(), &self.local.get(c)?, &dir)?;
         }
         Ok(adapter_dir)
     }

@@ -20,6 +20,12 @@ impl Simulation {
             self.adapter.attach(&mut self.model, false)?;
         }
         let fit = matches!(msg, ToClient::Fit { .. });
+        if let ToClient::Fit { params, .. } | ToClient::Evaluate { params, .. } = &msg {
+            self.last_shared = params.clone();
+        }
+        if matches!(msg, ToClient::Finish) {
+            self.save_own_adapter(i)?;
+        }
         let mut state = self.local.take(i)?;
         let client = self.clients.iter().find(|c| c.id == i).expect("own data");
         let out = client.handle(msg, &self.shared(), &mut state);
@@ -32,5 +38,19 @@ impl Simulation {
         }
         self.local.put(i, state)?;
         out
+    }
+}
+
+impl Simulation {
+    /// At the end of a run, a client with tensors of its own writes the adapter it uses to
+    /// `client-<i>/adapter/`: the last global tensors it received completed by its own, or its
+    /// personal adapter.
+    fn save_own_adapter(&mut self, i: usize) -> Result<()> {
+        let own = self.local.get(i)?;
+        if own.is_empty() {
+            return Ok(());
+        }
+        let dir = self.cfg.outdir.join("adapter");
+        self.save_client_adapter(self.last_shared.clone(), &own, &dir)
     }
 }

@@ -104,6 +104,7 @@ impl Simulation {
             initial,
             pad_id,
             last_failures: Vec::new(),
+            last_shared: ParamSet::new(),
         })
     }
 }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every personalised method of issue 15 on configs/pfl-mmlu.yaml with equal local compute
+# (6 optimizer steps per client per round) and prints one line per method: mean, worst and
+# best per-client test loss (with each client's own parameters), the same with the global
+# parameters, MB per client per round (down/up) and seconds per round.
+# Usage: scripts/bench-personal.sh [fedllm binary] [runs folder]
+set -euo pipefail
+set -f  # the head patterns carry `*`
+here="$(cd "$(dirname "$0")/.." && pwd)"
+bin="${1:-$here/target/release/fedllm}"
+out="${2:-$here/runs/pfl-bench}"
+cfg="$here/configs/pfl-mmlu.yaml"
+mkdir -p "$out"
+declare -a methods=(
+  "local|federate.baseline=local"
+  "fedavg|"
+  "ditto|personal.method=ditto train.local_update_steps=3 personal.personal_steps=3 personal.lambda=0.5"
+  "fedrep|personal.method=fedrep train.local_update_steps=4 personal.personal_steps=2 personal.head=[\"*layers.29.*\"]"
+  "pfedme|personal.method=pfedme train.local_update_steps=3 personal.inner_steps=2 personal.lambda=15 personal.personal_lr=0.05 train.lr=0.05"
+  "fedsa_lora|personal.method=fedsa_lora"
+  "ffa_lora|personal.method=ffa_lora"
+)
+for m in "${methods[@]}"; do
+  name="${m%%|*}"
+  extra="${m#*|}"
+  # shellcheck disable=SC2086
+  "$bin" run --config "$cfg" --no-progress --overwrite "outdir=$out/$name" $extra >"$out/$name.log" 2>&1 \
+    || { echo "$name: failed, see $out/$name.log"; continue; }
+  python3 - "$out/$name/metrics.jsonl" "$name" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+last = recs[-1]
+own = {c: v["test"] for c, v in last["client_losses"].items() if "test" in v}
+glob = {c: v.get("global_test", v["test"]) for c, v in last["client_losses"].items()}
+rounds = [r for r in recs if r["round"] > 0]
+n = max(len(last["client_losses"]), 1)
+down = sum(r["bytes_down"] for r in rounds) / len(rounds) / n / 1e6
+up = sum(r["bytes_up"] for r in rounds) / len(rounds) / n / 1e6
+secs = sum(r["seconds"] for r in rounds) / len(rounds)
+f = lambda d: f"{sum(d.values())/len(d):.4f} / {max(d.values()):.4f} / {min(d.values()):.4f}"
+print(f"{sys.argv[2]:<11} own {f(own)}  global {f(glob)}  MB/client/round {down:.3f} down {up:.3f} up  {secs:.1f} s/round")
+PY
+done
