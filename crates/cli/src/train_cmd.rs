@@ -5,11 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Args, ValueEnum};
-use fedllm_data::{record::Format, template::Template};
 use fedllm_model::{bench::peak_rss_bytes, CausalLm, LoadOptions, MatmulPrecision, QuantMode};
-use fedllm_peft::{io, merge, Adapter, AdapterConfig};
-use fedllm_train::finetune::{heldout_loss, train_loop, Budget, LoopOptions};
-use fedllm_train::Trainer;
+use fedllm_peft::{io, merge};
+use fedllm_train::finetune::Budget;
 
 use crate::ModelArgs;
 
@@ -97,10 +95,6 @@ impl AdapterArgs {
             full_layers: self.full_layers.clone(),
         }
     }
-
-    pub fn config(&self, model: &CausalLm) -> AdapterConfig {
-        fedllm_fl::assemble::adapter_config(&self.section(), model)
-    }
 }
 
 #[derive(Args)]
@@ -166,104 +160,77 @@ pub struct FinetuneArgs {
 }
 
 pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
-    let format: Format = a.format.parse()?;
-    let template: Template = a.template.parse()?;
-    let (records, rep) = fedllm_data::load(&a.data, &format)?;
-    eprintln!(
-        "data: {} records read, {} kept, {} empty dropped ({})",
-        rep.read,
-        rep.kept,
-        rep.empty,
-        a.data.display()
-    );
-    let loaded = a.model.load()?;
-    let (mut model, tok) = (
-        loaded.model,
-        loaded.tokenizer.context("the model has no tokenizer")?,
-    );
-    let (samples, trep) = fedllm_data::tokenize_all(&records, template, &tok, a.tok_len)?;
-    eprintln!(
-        "tokenised: {} samples, {} dropped (no target token within tok_len {}), {} truncated",
-        trep.kept, trep.dropped_no_target, a.tok_len, trep.truncated
-    );
-    let pad = tok
-        .pad_token_id
-        .or(tok.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    // Held-out samples are cut at the same tok_len as training (the loss `fedllm eval loss
-    // --tok-len` reports for the same file and length).
-    let eval = match &a.eval_data {
-        Some(p) => {
-            let (r, _) = fedllm_data::load(p, &format)?;
-            let (s, rep) = fedllm_data::tokenize_all(&r, template, &tok, a.tok_len)?;
-            eprintln!(
-                "held-out: {} samples, {} dropped (no target token within tok_len {}), {} truncated ({})",
-                rep.kept,
-                rep.dropped_no_target,
-                a.tok_len,
-                rep.truncated,
-                p.display()
-            );
-            Some(s)
-        }
-        None => None,
-    };
-    let adapter = Adapter::init(&model, a.adapter.config(&model), a.seed, Some(&tok))?;
-    adapter.attach(&mut model, true)?;
-    eprintln!(
-        "adapter: {} with {} trainable parameters",
-        adapter.config.name(),
-        adapter.num_trainable()
-    );
-    let total = a.steps.unwrap_or(0);
-    let section = fedllm_fl::config::TrainCfg {
-        local_update_steps: total.max(1),
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        optimizer: match a.optimizer {
-            OptKind::Adamw => fedllm_fl::config::OptimizerKind::Adamw,
-            OptKind::Sgd => fedllm_fl::config::OptimizerKind::Sgd,
+    use fedllm_fl::config::{OptimizerKind, ScheduleName, TrainCfg};
+    use fedllm_fl::finetune::{finetune, Event, Finetune};
+    let job = Finetune {
+        data: a.data.clone(),
+        eval_data: a.eval_data.clone(),
+        format: a.format.parse()?,
+        template: a.template.parse()?,
+        model: a.model.model.clone(),
+        load: a.model.options(),
+        adapter: a.adapter.section(),
+        train: TrainCfg {
+            batch_size: a.batch_size,
+            grad_accum: a.grad_accum,
+            optimizer: match a.optimizer {
+                OptKind::Adamw => OptimizerKind::Adamw,
+                OptKind::Sgd => OptimizerKind::Sgd,
+            },
+            lr: a.lr,
+            momentum: a.momentum,
+            weight_decay: a.weight_decay,
+            max_grad_norm: a.max_grad_norm,
+            schedule: match a.schedule {
+                SchedKind::Constant => ScheduleName::Constant,
+                SchedKind::Linear => ScheduleName::Linear,
+                SchedKind::Cosine => ScheduleName::Cosine,
+            },
+            warmup_steps: a.warmup_steps,
+            ..Default::default()
         },
-        lr: a.lr,
-        momentum: a.momentum,
-        weight_decay: a.weight_decay,
-        max_grad_norm: a.max_grad_norm,
-        schedule: match a.schedule {
-            SchedKind::Constant => fedllm_fl::config::ScheduleName::Constant,
-            SchedKind::Linear => fedllm_fl::config::ScheduleName::Linear,
-            SchedKind::Cosine => fedllm_fl::config::ScheduleName::Cosine,
-        },
-        warmup_steps: a.warmup_steps,
-        ..Default::default()
-    };
-    let total_steps = if total > 0 {
-        total
-    } else {
-        samples.len().div_ceil(a.batch_size * a.grad_accum) * a.epochs.unwrap_or(1)
-    };
-    let cfg = fedllm_fl::assemble::train_config(&section, total_steps);
-    let mut trainer = Trainer::new(cfg)?;
-    if let Some(ev) = &eval {
-        let (l, n) = heldout_loss(&model, Some(&adapter), ev, a.batch_size, pad)?;
-        eprintln!("held-out loss before: {l:.4} ({n} tokens)");
-    }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let metrics = a.out.join("metrics.jsonl");
-    let _ = std::fs::remove_file(&metrics);
-    let opts = LoopOptions {
         budget: match (a.steps, a.epochs) {
             (Some(s), _) => Budget::Steps(s),
             (None, Some(e)) => Budget::Epochs(e),
-            (None, None) => unreachable!("clap requires one"),
+            (None, None) => bail!("give --steps or --epochs"),
         },
-        batch_size: a.batch_size,
-        pad_id: pad,
+        tok_len: a.tok_len,
         seed: a.seed,
-        group_by_length: false,
-        metrics: Some(metrics.clone()),
+        out: a.out.clone(),
     };
-    let stats = train_loop(&model, &adapter, &mut trainer, &samples, &opts, |s| {
-        eprintln!(
+    let done = finetune(&job, |e| {
+        match e {
+        Event::Data(p, rep) => eprintln!(
+            "data: {} records read, {} kept, {} empty dropped ({})",
+            rep.read,
+            rep.kept,
+            rep.empty,
+            p.display()
+        ),
+        Event::Tokenised(r) => eprintln!(
+            "tokenised: {} samples, {} dropped (no target token within tok_len {}), {} truncated",
+            r.kept, r.dropped_no_target, a.tok_len, r.truncated
+        ),
+        Event::HeldOut(p, r) => eprintln!(
+            "held-out: {} samples, {} dropped (no target token within tok_len {}), {} truncated ({})",
+            r.kept,
+            r.dropped_no_target,
+            a.tok_len,
+            r.truncated,
+            p.display()
+        ),
+        Event::Adapter { kind, trainable } => {
+            eprintln!("adapter: {kind} with {trainable} trainable parameters")
+        }
+        Event::HeldOutLoss {
+            after,
+            loss,
+            tokens,
+        } => eprintln!(
+            "held-out loss {} {loss:.4} ({tokens} tokens)",
+            if after { "after: " } else { "before:" }
+        ),
+        Event::Step(s) => eprintln!(
             "step {:>4}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tokens/s{}",
             s.step,
             s.loss,
@@ -275,25 +242,15 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
             } else {
                 ""
             }
-        )
-    })?;
-    if let Some(ev) = &eval {
-        let (l, n) = heldout_loss(&model, Some(&adapter), ev, a.batch_size, pad)?;
-        eprintln!("held-out loss after:  {l:.4} ({n} tokens)");
+        ),
     }
-    let base = a
-        .model
-        .model
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
-    io::save(&adapter, &model, &a.out, &base)?;
+    })?;
     eprintln!(
         "saved {} ({} steps, {} skipped for non-finite loss), metrics in {}",
         a.out.display(),
-        stats.iter().filter(|s| !s.skipped).count(),
-        trainer.nan_skipped,
-        metrics.display()
+        done.steps,
+        done.skipped,
+        done.metrics.display()
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod client_state;
 pub mod config;
 pub mod error;
+pub mod finetune;
 pub mod manifest;
 pub mod message;
 pub mod metrics;

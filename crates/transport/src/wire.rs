@@ -351,6 +351,7 @@ pub fn fuzz_decode(data: &[u8]) -> Option<ParamSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn set() -> ParamSet {
         let dev = Device::Cpu;
@@ -375,6 +376,45 @@ mod tests {
             }
         }
         (asm.finish().unwrap(), wire)
+    }
+
+    /// Feeds `p` to `asm` and finishes it.
+    fn assemble(mut asm: Assembler, p: &ParamSet) -> Result<ParamSet> {
+        for (k, t) in p {
+            for f in tensor_frames(k, t, &WireOpts::raw()).unwrap() {
+                asm.push(f.body.unwrap())?;
+            }
+        }
+        asm.finish()
+    }
+
+    /// A client accepts a task carrying part of its adapter, but each tensor must still be
+    /// one of its own with its shape; without `allow_subset` a part is refused as incomplete.
+    #[test]
+    fn a_subset_is_accepted_only_where_allowed_and_still_checked() {
+        let full = set();
+        let part: ParamSet = full
+            .iter()
+            .take(1)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let asm = || Assembler::new(Some(layout(&full)), 1 << 20);
+        let got = assemble(asm().allow_subset(), &part).unwrap();
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["a"]);
+        let e = assemble(asm(), &part).unwrap_err().to_string();
+        assert!(e.contains("`b` missing"), "{e}");
+        let dev = Device::Cpu;
+        let stranger = ParamSet::from([("c".into(), Tensor::zeros(3, DType::F32, &dev).unwrap())]);
+        let e = assemble(asm().allow_subset(), &stranger)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unexpected tensor `c`"), "{e}");
+        let reshaped =
+            ParamSet::from([("a".into(), Tensor::zeros((5, 3), DType::F32, &dev).unwrap())]);
+        let e = assemble(asm().allow_subset(), &reshaped)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shape"), "{e}");
     }
 
     fn max_err(a: &ParamSet, b: &ParamSet) -> f32 {
