@@ -3,12 +3,14 @@
 # (6 optimizer steps per client per round) and prints one line per method: mean, worst and
 # best per-client test loss (with each client's own parameters), the same with the global
 # parameters, MB per client per round (down/up) and seconds per round.
-# Usage: scripts/bench-personal.sh [fedllm binary] [runs folder]
+# `fedavg_sgd` is the control for pFedMe: FedAvg with pFedMe's SGD step size.
+# Usage: scripts/bench-personal.sh [fedllm binary] [runs folder] [only these methods, comma-separated]
 set -euo pipefail
 set -f  # the head patterns carry `*`
 here="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${1:-$here/target/release/fedllm}"
 out="${2:-$here/runs/pfl-bench}"
+only=",${3:-},"
 cfg="$here/configs/pfl-mmlu.yaml"
 mkdir -p "$out"
 declare -a methods=(
@@ -19,10 +21,12 @@ declare -a methods=(
   "pfedme|personal.method=pfedme train.local_update_steps=3 personal.inner_steps=2 personal.lambda=15 personal.personal_lr=0.05 train.lr=0.05"
   "fedsa_lora|personal.method=fedsa_lora"
   "ffa_lora|personal.method=ffa_lora"
+  "fedavg_sgd|train.optimizer=sgd train.lr=0.05"
 )
 for m in "${methods[@]}"; do
   name="${m%%|*}"
   extra="${m#*|}"
+  if [ "$only" != ",," ] && [[ "$only" != *",$name,"* ]]; then continue; fi
   # shellcheck disable=SC2086
   "$bin" run --config "$cfg" --no-progress --overwrite "outdir=$out/$name" $extra >"$out/$name.log" 2>&1 \
     || { echo "$name: failed, see $out/$name.log"; continue; }

@@ -43,6 +43,14 @@ pub struct RoundRecord {
     /// Token-weighted over clients, with the global parameters (personalised runs only).
     #[serde(default)]
     pub client_global_test_loss: Option<f64>,
+    /// Over the evaluated clients' own test losses (`client_losses`): the mean (each client
+    /// once), the worst and the best, as (client, loss).
+    #[serde(default)]
+    pub client_test_mean: Option<f64>,
+    #[serde(default)]
+    pub client_test_worst: Option<(usize, f64)>,
+    #[serde(default)]
+    pub client_test_best: Option<(usize, f64)>,
 }
 
 /// Mean (each client counted once), worst and best of one split's per-client losses.

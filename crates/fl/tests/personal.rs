@@ -161,6 +161,24 @@ fn fedsa_lora_keeps_b_on_the_clients() {
         );
     }
     assert!(last.client_global_test_loss.is_some());
+    // Mean, worst and best of the clients' own test losses, from the per-client values.
+    let own: Vec<(usize, f64)> = (0..3)
+        .map(|c| (c, last.client_losses[&c]["test"]))
+        .collect();
+    let mean = own.iter().map(|x| x.1).sum::<f64>() / 3.0;
+    let worst = own
+        .iter()
+        .copied()
+        .fold(own[0], |a, b| if b.1 > a.1 { b } else { a });
+    let best = own
+        .iter()
+        .copied()
+        .fold(own[0], |a, b| if b.1 < a.1 { b } else { a });
+    assert!((last.client_test_mean.unwrap() - mean).abs() <= 1e-12 * mean.abs());
+    assert_eq!(
+        (last.client_test_worst, last.client_test_best),
+        (Some(worst), Some(best))
+    );
 }
 
 /// Ditto: the global adapter is trained exactly as FedAvg trains it (bit for bit, any λ);

@@ -223,6 +223,9 @@ fn empty_record(round: usize) -> RoundRecord {
         client_lr: BTreeMap::new(),
         client_losses: BTreeMap::new(),
         client_global_test_loss: None,
+        client_test_mean: None,
+        client_test_worst: None,
+        client_test_best: None,
     }
 }
 fn round_line(r: &RoundRecord) -> String {

@@ -95,6 +95,10 @@ impl Simulation {
         rec.client_val_loss = agg.get("val").copied();
         rec.client_test_loss = agg.get("test").copied();
         rec.client_global_test_loss = agg.get("global_test").copied();
+        let sp = rec.spread("test");
+        rec.client_test_mean = sp.map(|s| s.mean);
+        rec.client_test_worst = sp.map(|s| s.worst);
+        rec.client_test_best = sp.map(|s| s.best);
         Ok(())
     }
 
