@@ -14,6 +14,7 @@ mod data_cmd;
 mod dist_cmd;
 mod eval_cmd;
 mod train_cmd;
+mod tune_cmd;
 
 // Training allocates and frees many large activation buffers per step. glibc's malloc hands
 // blocks over 32 MB back to the OS and faults them in again (measured on W1: 30% of the time in
@@ -67,6 +68,10 @@ enum Cmd {
         /// Overrides as key.sub=value, e.g. federate.total_round_num=5 train.lr=1e-3
         overrides: Vec<String>,
     },
+    /// Federated hyper-parameter search: random, grid, successive halving or Hyperband over
+    /// rounds, trials continued from their checkpoints when promoted
+    #[command(allow_negative_numbers = true)]
+    Tune(Box<tune_cmd::TuneArgs>),
     /// Check a run config without running it: the resolved config, or every problem at once
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -312,6 +317,7 @@ fn run(cli: Cli) -> Result<()> {
             overwrite,
             overrides,
         } => cmd_run(config, resume, no_progress, overwrite, &overrides),
+        Cmd::Tune(t) => tune_cmd::cmd_tune(*t),
         Cmd::Data(d) => data_cmd::run(d),
         Cmd::Config(ConfigCmd::Check { config, overrides }) => {
             let cfg = fedllm_fl::RunConfig::from_file(&config, &overrides)?;

@@ -415,3 +415,76 @@ fn fetch_data_from_a_mirror_checks_hashes() {
     );
     assert!(!out2.join("gsm8k/test.jsonl").exists());
 }
+
+/// `fedllm tune` killed with SIGKILL after its first finished trial resumes with `--resume`:
+/// every trial ends up in trials.jsonl exactly once, the ones finished before the kill are not
+/// run again, and best.yaml is a config `fedllm config check` accepts.
+#[test]
+fn tune_survives_kill_and_resumes_without_rerunning() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = project(tmp.path(), "");
+    let space = tmp.path().join("space.yaml");
+    std::fs::write(&space, "train.lr: {log_uniform: [0.001, 0.05]}\n").unwrap();
+    let out = tmp.path().join("tune");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedllm"))
+        .current_dir(tmp.path())
+        .args([
+            "tune",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--space",
+            space.to_str().unwrap(),
+            "--trials",
+            "12",
+            "--max-rounds",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("trial 0"), "{first}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let jsonl = || std::fs::read_to_string(out.join("trials.jsonl")).unwrap();
+    let before = jsonl().lines().count();
+    assert!(
+        (1..12).contains(&before),
+        "killed mid-run: {before} trials recorded"
+    );
+    let o = fedllm(
+        tmp.path(),
+        &["tune", "--resume", out.to_str().unwrap()],
+        &[],
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for id in 0..before {
+        assert!(
+            !t.contains(&format!("trial {id} at")),
+            "trial {id} reran: {t}"
+        );
+    }
+    let after = jsonl();
+    let trials: std::collections::BTreeSet<u64> = after
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["trial"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!((after.lines().count(), trials.len()), (12, 12));
+    let best = out.join("best.yaml");
+    let o = fedllm(
+        tmp.path(),
+        &["config", "check", best.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}

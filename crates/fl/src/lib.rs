@@ -20,6 +20,7 @@ pub mod server;
 pub mod simulation;
 pub mod strategy;
 pub mod tensorboard;
+pub mod tune;
 
 pub use config::RunConfig;
 pub use error::{FlError, Result};
