@@ -147,6 +147,19 @@ pub fn cmd_tune(a: TuneArgs) -> Result<()> {
             p.display()
         );
     }
+    let curves = tune::report::curves(&t, &out, n)?;
+    tune::report::plot(&out.join("trials.svg"), &t.metric, &curves)?;
+    let rho = tune::report::fidelity_correlations(&curves);
+    for (r, v, k) in &rho {
+        println!("rank correlation, round {r} vs the largest budget: {v:.3} ({k} trials)");
+    }
+    let p = out.join("correlations.json");
+    let j: Vec<serde_json::Value> = rho
+        .iter()
+        .map(|(r, v, k)| serde_json::json!({"round": r, "spearman": v, "trials": k}))
+        .collect();
+    std::fs::write(&p, serde_json::to_string_pretty(&j)?)
+        .with_context(|| format!("writing {}", p.display()))?;
     println!(
         "{} trial runs in {:.1}s",
         results.len(),

@@ -480,6 +480,12 @@ fn tune_survives_kill_and_resumes_without_rerunning() {
         })
         .collect();
     assert_eq!((after.lines().count(), trials.len()), (12, 12));
+    // Twelve trials at 2 rounds each: round 1's ranking against round 2's, measured.
+    assert!(
+        t.contains("rank correlation, round 1 vs the largest budget"),
+        "{t}"
+    );
+    assert!(out.join("trials.svg").exists() && out.join("trials.csv").exists());
     let best = out.join("best.yaml");
     let o = fedllm(
         tmp.path(),

@@ -37,9 +37,11 @@ fn promotion_continues_a_trial_bit_for_bit() {
         .sample(t.seed, 0);
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let mut quiet = |_: &str| {};
-    tune::run_trial(&t, &a, 0, &point, 1, &mut quiet).unwrap();
-    let promoted = tune::run_trial(&t, &a, 0, &point, 3, &mut quiet).unwrap();
-    let straight = tune::run_trial(&t, &b, 0, &point, 3, &mut quiet).unwrap();
+    // Separate model caches: the promoted trial also reloads nothing it should not share.
+    let (mut ma, mut mb) = (tune::Models::default(), tune::Models::default());
+    tune::run_trial(&t, &a, &mut ma, (0, &point), 1, &mut quiet).unwrap();
+    let promoted = tune::run_trial(&t, &a, &mut ma, (0, &point), 3, &mut quiet).unwrap();
+    let straight = tune::run_trial(&t, &b, &mut mb, (0, &point), 3, &mut quiet).unwrap();
     assert_eq!(promoted.to_bits(), straight.to_bits());
     for f in ["global.safetensors", "server.safetensors"] {
         let read = |d: &Path| std::fs::read(d.join("trial-0/checkpoint").join(f)).unwrap();

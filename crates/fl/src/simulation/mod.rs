@@ -30,6 +30,8 @@ mod persist;
 mod role;
 mod setup;
 
+pub use setup::load_model;
+
 pub struct Simulation {
     pub cfg: RunConfig,
     pub model: CausalLm,
@@ -73,7 +75,13 @@ impl Simulation {
     /// As `new`, for one side of a distributed run: the server tokenizes no client data, a
     /// client only its own (and writes under `outdir/client-<i>`).
     pub fn with_role(cfg: RunConfig, role: Role) -> Result<Self> {
-        Self::setup(cfg, role, true)
+        Self::setup(cfg, role, true, None)
+    }
+
+    /// As `new`, on a model and tokenizer already loaded for `cfg.model` (no reload; the run
+    /// attaches its adapter to its own copy).
+    pub fn with_model(cfg: RunConfig, model: &CausalLm, tokenizer: &Tokenizer) -> Result<Self> {
+        Self::setup(cfg, Role::Standalone, true, Some((model, tokenizer)))
     }
 
     /// Continues the run in `outdir` from its last checkpoint (same config, same data).
@@ -82,9 +90,27 @@ impl Simulation {
     }
 
     pub fn resume_as(outdir: &Path, overrides: &[String], role: Role) -> Result<Self> {
+        Self::resume_on(outdir, overrides, role, None)
+    }
+
+    /// `resume` on a model and tokenizer already loaded for the run's `model` section.
+    pub fn resume_with_model(
+        outdir: &Path,
+        model: &CausalLm,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self> {
+        Self::resume_on(outdir, &[], Role::Standalone, Some((model, tokenizer)))
+    }
+
+    fn resume_on(
+        outdir: &Path,
+        overrides: &[String],
+        role: Role,
+        base: Option<(&CausalLm, &Tokenizer)>,
+    ) -> Result<Self> {
         let mut cfg = RunConfig::from_file(&outdir.join("config.yaml"), overrides)?;
         cfg.outdir = outdir.to_path_buf();
-        let mut sim = Self::setup(cfg, role, false)?;
+        let mut sim = Self::setup(cfg, role, false, base)?;
         let ck = checkpoint::load(outdir)?;
         sim.server.global = ck.global;
         sim.server.strategy.load_state(&ck.server)?;

@@ -29,7 +29,15 @@ use crate::strategy;
 
 impl Simulation {
     /// `fresh`: a new run, which may not reuse another run's folder (see `manifest::claim`).
-    pub(super) fn setup(mut cfg: RunConfig, role: Role, fresh: bool) -> Result<Self> {
+    /// `base`: the model and tokenizer already loaded for `cfg.model` (shared by runs in one
+    /// process, e.g. tuning trials; the run works on its own cheap copy: tensors are shared,
+    /// adapters attach to the copy only).
+    pub(super) fn setup(
+        mut cfg: RunConfig,
+        role: Role,
+        fresh: bool,
+        base: Option<(&CausalLm, &Tokenizer)>,
+    ) -> Result<Self> {
         cfg.validate()?;
         // A client's folder is its own state, kept across restarts.
         if fresh && !matches!(role, Role::Client(_)) {
@@ -45,11 +53,10 @@ impl Simulation {
             cfg.outdir = cfg.outdir.join(format!("client-{i}"));
         }
         let (source, fed) = split_data(&cfg)?;
-        let loaded = CausalLm::load(&cfg.model.path, assemble::load_options(&cfg.model))?;
-        let mut model = loaded.model;
-        let tokenizer = loaded
-            .tokenizer
-            .ok_or_else(|| FlError::Config("the model has no tokenizer".into()))?;
+        let (mut model, tokenizer) = match base {
+            Some((m, t)) => (m.clone(), t.clone()),
+            None => load_model(&cfg)?,
+        };
         let context = model.config.context_length();
         if cfg.data.tok_len > context {
             return Err(FlError::Config(format!(
@@ -107,6 +114,15 @@ impl Simulation {
             last_shared: ParamSet::new(),
         })
     }
+}
+
+/// The model and tokenizer `cfg.model` names.
+pub fn load_model(cfg: &RunConfig) -> Result<(CausalLm, Tokenizer)> {
+    let loaded = CausalLm::load(&cfg.model.path, assemble::load_options(&cfg.model))?;
+    let tokenizer = loaded
+        .tokenizer
+        .ok_or_else(|| FlError::Config("the model has no tokenizer".into()))?;
+    Ok((loaded.model, tokenizer))
 }
 
 /// The data source (a preset or a file) and its split across the clients.

@@ -12,8 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
 use crate::error::{FlError, Result};
-use crate::simulation::Simulation;
+use crate::simulation::{load_model, Simulation};
+use fedllm_model::{CausalLm, Tokenizer};
 
+pub mod report;
 pub mod schedule;
 pub mod space;
 
@@ -133,24 +135,42 @@ pub fn trial_dir(out: &Path, id: usize) -> PathBuf {
     out.join(format!("trial-{id}"))
 }
 
+/// The base model loaded once for every trial of a tuning run, keyed by the `model` section it
+/// was loaded for (a space over `model.*` keys reloads when the section changes).
+#[derive(Default)]
+pub struct Models(Option<(String, CausalLm, Tokenizer)>);
+
+impl Models {
+    fn get(&mut self, cfg: &RunConfig) -> Result<(&CausalLm, &Tokenizer)> {
+        let key = serde_json::to_string(&cfg.model).expect("json");
+        if self.0.as_ref().is_none_or(|(k, _, _)| *k != key) {
+            let (m, t) = load_model(cfg)?;
+            self.0 = Some((key, m, t));
+        }
+        let (_, m, t) = self.0.as_ref().expect("just loaded");
+        Ok((m, t))
+    }
+}
+
 /// Runs (or continues) trial `id` to `rounds` rounds; returns its metric at that round.
 pub fn run_trial(
     tune: &Tune,
     out: &Path,
-    id: usize,
-    point: &Point,
+    models: &mut Models,
+    (id, point): (usize, &Point),
     rounds: usize,
     log: &mut dyn FnMut(&str),
 ) -> Result<f64> {
     let dir = trial_dir(out, id);
+    let cfg = tune.trial_config(out, id, point)?;
+    let (model, tok) = models.get(&cfg)?;
     let mut sim = if crate::checkpoint::dir(&dir).join("state.json").exists() {
-        Simulation::resume(&dir, &[])?
+        Simulation::resume_with_model(&dir, model, tok)?
     } else {
         // Nothing to continue from (never started, or stopped before its first round ended).
         let _ = std::fs::remove_dir_all(&dir);
-        let cfg = tune.trial_config(out, id, point)?;
         cfg.validate()?;
-        Simulation::new(cfg)?
+        Simulation::with_model(cfg, model, tok)?
     };
     if sim.server.round < rounds {
         sim.run(false, Some(rounds), |l| log(&format!("trial {id}: {l}")))?;
@@ -200,6 +220,7 @@ pub fn run(tune: &Tune, out: &Path, mut log: impl FnMut(&str)) -> Result<Vec<Tri
     std::fs::write(&tj, serde_json::to_string_pretty(tune).expect("json"))
         .map_err(|e| io(&tj, e))?;
     let mut done = finished(out)?;
+    let mut models = Models::default();
     let mut first_id = 0usize;
     for (b, (bracket, points)) in tune.plan()?.into_iter().enumerate() {
         let mut alive: Vec<(usize, Point)> = points
@@ -219,7 +240,8 @@ pub fn run(tune: &Tune, out: &Path, mut log: impl FnMut(&str)) -> Result<Vec<Tri
                     Some(r) => r.metric,
                     None => {
                         let t0 = std::time::Instant::now();
-                        let m = run_trial(tune, out, *id, point, rung.rounds, &mut log)?;
+                        let m =
+                            run_trial(tune, out, &mut models, (*id, point), rung.rounds, &mut log)?;
                         let r = TrialResult {
                             bracket: b,
                             rung: ri,
