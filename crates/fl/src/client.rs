@@ -188,7 +188,17 @@ impl Client {
                     }
                 };
                 let nan = stats.iter().filter(|x| x.skipped).count();
-                let metrics = fit_metrics(&stats, nan);
+                let mut metrics = fit_metrics(&stats, nan);
+                if config.report_val {
+                    // Dropout (if any) stays on here; training has reseeded its own stream.
+                    let split = ["val".to_string()];
+                    let before = self.eval_splits(s, &start, &split, "")?;
+                    let after = self.eval_splits(s, &trained, &split, "")?;
+                    if let (Some(b), Some(a)) = (before.first(), after.first()) {
+                        metrics.insert("val_before".into(), b.1);
+                        metrics.insert("val_after".into(), a.1);
+                    }
+                }
                 // What the server sent goes back; the rest stays here (frozen tensors are the
                 // seeded initial values everywhere: nothing to keep).
                 let mut sent = trained;

@@ -587,6 +587,7 @@ fn choices() -> Vec<(&'static str, Vec<&'static str>)> {
         S::Krum,
         S::Bulyan,
         S::NormBounding,
+        S::Fedex,
     ];
     vec![
         ("federate.mode", Mode::ALL.to_vec()),
@@ -1011,6 +1012,28 @@ impl RunConfig {
                 4 * sp.krum_byzantine + 3,
                 self.clients_per_round()
             ));
+        }
+        if f.strategy == crate::strategy::StrategyKind::Fedex {
+            if sp.fedex_lrs.len() * sp.fedex_steps.len() < 2 {
+                e.push(format!(
+                    "federate.strategy `fedex` needs at least two arms: federate.fedex_lrs {:?} × federate.fedex_steps {:?}",
+                    sp.fedex_lrs, sp.fedex_steps
+                ));
+            }
+            if sp.fedex_lrs.iter().any(|l| !(l.is_finite() && *l > 0.0))
+                || sp.fedex_steps.contains(&0)
+            {
+                e.push(
+                    "federate.fedex_lrs must be positive and federate.fedex_steps at least 1"
+                        .into(),
+                );
+            }
+            if !(sp.fedex_eta.is_finite() && sp.fedex_eta > 0.0) {
+                e.push(format!(
+                    "federate.fedex_eta must be in (0, ∞), got {}",
+                    sp.fedex_eta
+                ));
+            }
         }
         if t.schedule != ScheduleName::Constant && t.batch_or_epoch == LocalBudget::Epoch {
             e.push(format!(

@@ -51,6 +51,9 @@ pub struct RoundRecord {
     pub client_test_worst: Option<(usize, f64)>,
     #[serde(default)]
     pub client_test_best: Option<(usize, f64)>,
+    /// What the strategy reports after aggregating (FedEx: `fedex_theta`).
+    #[serde(default)]
+    pub strategy: BTreeMap<String, Vec<f64>>,
 }
 
 /// Mean (each client counted once), worst and best of one split's per-client losses.

@@ -85,3 +85,45 @@ fn halving_promotes_the_best_and_a_resumed_run_reruns_nothing() {
     assert_eq!(lines(), before);
     assert_eq!(again.len(), 4);
 }
+
+/// FedEx inside a run: each client trains with the arm it drew (its lr is in the record), θ is
+/// in every round's record, moves away from uniform, stays a distribution, and a run resumed
+/// after round 1 ends with the same θ and global adapter as one run straight.
+#[test]
+fn fedex_tunes_client_hyperparameters_within_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = data(tmp.path(), 90);
+    let extra = [
+        "federate.strategy=fedex",
+        "federate.fedex_lrs=[0.001, 0.05]",
+        "federate.fedex_steps=[1, 3]",
+        "federate.fedex_eta=5.0",
+        "adapter.dropout=0.0",
+    ];
+    let dir = tmp.path().join("straight");
+    let mut sim = fedllm_fl::Simulation::new(config(&dir, &d, &extra)).unwrap();
+    let s = sim.run(false, None, |_| {}).unwrap();
+    for r in s.records.iter().filter(|r| r.round > 0) {
+        let theta = &r.strategy["fedex_theta"];
+        assert_eq!(theta.len(), 4);
+        assert!((theta.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        for (c, (first, _)) in &r.client_lr {
+            assert!([0.001, 0.05].contains(first), "client {c}: lr {first}");
+        }
+    }
+    let last = &s.records.last().unwrap().strategy["fedex_theta"];
+    assert!(
+        last.iter().any(|p| (p - 0.25).abs() > 1e-6),
+        "θ never moved: {last:?}"
+    );
+    let part = tmp.path().join("part");
+    let mut a = fedllm_fl::Simulation::new(config(&part, &d, &extra)).unwrap();
+    a.run(false, Some(1), |_| {}).unwrap();
+    let mut b = fedllm_fl::Simulation::resume(&part.join("run"), &[]).unwrap();
+    let sb = b.run(false, None, |_| {}).unwrap();
+    assert_eq!(&sb.records.last().unwrap().strategy["fedex_theta"], last);
+    assert_eq!(
+        common::bits(&b.server.global),
+        common::bits(&sim.server.global)
+    );
+}

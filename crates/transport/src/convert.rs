@@ -227,6 +227,7 @@ mod tests {
             lr: Some(3e-4),
             local_steps: Some(7),
             local_tensors: Some(vec!["*lora_B*".into()]),
+            report_val: true,
         };
         let msg = ToClient::Fit {
             round: 4,

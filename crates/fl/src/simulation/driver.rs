@@ -116,6 +116,7 @@ impl Simulation {
             tok += n;
         }
         rec.train_loss = (tok > 0.0).then(|| sum / tok);
+        rec.strategy = self.server.strategy.report();
         rec
     }
 
@@ -226,6 +227,7 @@ fn empty_record(round: usize) -> RoundRecord {
         client_test_mean: None,
         client_test_worst: None,
         client_test_best: None,
+        strategy: BTreeMap::new(),
     }
 }
 fn round_line(r: &RoundRecord) -> String {

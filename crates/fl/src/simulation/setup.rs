@@ -266,7 +266,11 @@ fn build_server(cfg: &RunConfig, initial: &ParamSet) -> Result<Server> {
         PersonalMethod::Pfedme => Box::new(strategy::pfedme::PFedMe {
             beta: cfg.personal.beta,
         }),
-        _ => strategy::build(&cfg.federate.strategy, &cfg.federate.strategy_params),
+        _ => strategy::build(
+            &cfg.federate.strategy,
+            &cfg.federate.strategy_params,
+            cfg.federate.seed,
+        ),
     };
     let mut server = Server::new(strat, initial.clone(), cfg.federate.seed, per_round);
     server.steps_per_round = match cfg.train.batch_or_epoch {

@@ -10,6 +10,7 @@ pub mod bulyan;
 pub mod fedadam;
 pub mod fedavg;
 pub mod fedavgm;
+pub mod fedex;
 pub mod fedprox;
 pub mod fedyogi;
 pub mod krum;
@@ -54,6 +55,9 @@ pub struct FitConfig {
     /// Name patterns of the tensors this client keeps to itself this round: the server sends
     /// and expects back only the others. None: the run's `federate.local_tensors`.
     pub local_tensors: Option<Vec<String>>,
+    /// Measure the client's val loss before and after its local training (metrics
+    /// `val_before`, `val_after`): FedEx's reward.
+    pub report_val: bool,
 }
 
 pub trait Strategy: Send {
@@ -110,6 +114,11 @@ pub trait Strategy: Send {
         loss(global).map(Some)
     }
 
+    /// Values the strategy wants in every round's record (FedEx: its distribution).
+    fn report(&self) -> BTreeMap<String, Vec<f64>> {
+        BTreeMap::new()
+    }
+
     /// Server optimiser state for checkpoints (empty for stateless strategies).
     fn state(&self) -> Result<ParamSet> {
         Ok(ParamSet::new())
@@ -164,6 +173,7 @@ pub enum StrategyKind {
     Krum,
     Bulyan,
     NormBounding,
+    Fedex,
 }
 
 impl StrategyKind {
@@ -180,6 +190,7 @@ impl StrategyKind {
             Self::Krum => "krum",
             Self::Bulyan => "bulyan",
             Self::NormBounding => "norm_bounding",
+            Self::Fedex => "fedex",
         }
     }
 }
@@ -200,6 +211,11 @@ pub struct StrategyParams {
     pub krum_select: usize,
     /// Norm bounding: the largest L2 norm of a client's update kept as is.
     pub norm_bound: f64,
+    /// FedEx: the grid of client learning rates and local steps (its arms: every pair), and
+    /// the exponentiated-gradient step size.
+    pub fedex_lrs: Vec<f64>,
+    pub fedex_steps: Vec<usize>,
+    pub fedex_eta: f64,
 }
 
 impl Default for StrategyParams {
@@ -215,11 +231,15 @@ impl Default for StrategyParams {
             krum_byzantine: 0,
             krum_select: 1,
             norm_bound: 1.0,
+            fedex_lrs: Vec::new(),
+            fedex_steps: Vec::new(),
+            fedex_eta: 1.0,
         }
     }
 }
 
-pub fn build(kind: &StrategyKind, p: &StrategyParams) -> Box<dyn Strategy> {
+/// The strategy `kind` with its parameters; `seed` is the run's (for strategies that sample).
+pub fn build(kind: &StrategyKind, p: &StrategyParams, seed: u64) -> Box<dyn Strategy> {
     match kind {
         StrategyKind::Fedavg => Box::new(fedavg::FedAvg),
         StrategyKind::Fedprox => Box::new(fedprox::FedProx { mu: p.proximal_mu }),
@@ -242,6 +262,12 @@ pub fn build(kind: &StrategyKind, p: &StrategyParams) -> Box<dyn Strategy> {
         StrategyKind::NormBounding => Box::new(norm_bounding::NormBounding {
             bound: p.norm_bound,
         }),
+        StrategyKind::Fedex => Box::new(fedex::FedEx::new(
+            &p.fedex_lrs,
+            &p.fedex_steps,
+            p.fedex_eta,
+            seed,
+        )),
     }
 }
 
