@@ -34,14 +34,17 @@ for m in "${methods[@]}"; do
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
 last = recs[-1]
-own = {c: v["test"] for c, v in last["client_losses"].items() if "test" in v}
+# The run's own spread of the clients' test losses; the global-parameter one (same values
+# where a client has nothing of its own) from the per-client losses.
+own = (last["client_test_mean"], last["client_test_worst"][1], last["client_test_best"][1])
 glob = {c: v.get("global_test", v["test"]) for c, v in last["client_losses"].items()}
 rounds = [r for r in recs if r["round"] > 0]
 n = max(len(last["client_losses"]), 1)
 down = sum(r["bytes_down"] for r in rounds) / len(rounds) / n / 1e6
 up = sum(r["bytes_up"] for r in rounds) / len(rounds) / n / 1e6
 secs = sum(r["seconds"] for r in rounds) / len(rounds)
-f = lambda d: f"{sum(d.values())/len(d):.4f} / {max(d.values()):.4f} / {min(d.values()):.4f}"
-print(f"{sys.argv[2]:<11} own {f(own)}  global {f(glob)}  MB/client/round {down:.3f} down {up:.3f} up  {secs:.1f} s/round")
+f = lambda m, w, b: f"{m:.4f} / {w:.4f} / {b:.4f}"
+g = f(sum(glob.values()) / len(glob), max(glob.values()), min(glob.values()))
+print(f"{sys.argv[2]:<11} own {f(*own)}  global {g}  MB/client/round {down:.3f} down {up:.3f} up  {secs:.1f} s/round")
 PY
 done

@@ -49,7 +49,7 @@ pub fn save(
     save_set(&tmp.join("server.safetensors"), server)?;
     // One client's state in memory at a time (most may be on disk).
     for c in local.ids() {
-        save_set(&tmp.join(format!("local_{c}.safetensors")), &local.get(c)?)?;
+        local.write_to(c, &tmp.join(format!("local_{c}.safetensors")))?;
     }
     let sp = tmp.join("state.json");
     std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json"))

@@ -229,12 +229,14 @@ impl Client {
                 splits,
             } => {
                 // The parameters this client uses (personal ones where it has them), and, when
-                // they differ, the global ones for comparison.
-                let mine = personal::own_params(with_own(params.clone(), state, s), state);
-                let global = with_own(params, &ParamSet::new(), s);
+                // they differ, the global ones for comparison (none when nothing is shared, as
+                // in the `local` baseline: there is no global model).
+                let compare = !state.is_empty() && !params.is_empty();
+                let global = compare.then(|| with_own(params.clone(), &ParamSet::new(), s));
+                let mine = personal::own_params(with_own(params, state, s), state);
                 let mut losses = self.eval_splits(s, &mine, &splits, "")?;
-                if !state.is_empty() {
-                    losses.extend(self.eval_splits(s, &global, &splits, "global_")?);
+                if let Some(g) = global {
+                    losses.extend(self.eval_splits(s, &g, &splits, "global_")?);
                 }
                 Ok(Some(ToServer::EvalRes {
                     round,

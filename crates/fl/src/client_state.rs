@@ -79,6 +79,16 @@ impl ClientStates {
         self.held
     }
 
+    /// Writes `client`'s state to `path` (a checkpoint): a state on disk is copied as it is.
+    pub fn write_to(&self, client: usize, path: &Path) -> Result<()> {
+        if self.on_disk.contains(&client) {
+            let from = self.file(client);
+            std::fs::copy(&from, path).map_err(|e| io(&from, e))?;
+            return Ok(());
+        }
+        save_set(path, &self.get(client)?)
+    }
+
     /// A copy of `client`'s state (empty if it has none).
     pub fn get(&self, client: usize) -> Result<ParamSet> {
         if let Some(s) = self.mem.get(&client) {
@@ -104,7 +114,11 @@ impl ClientStates {
 
     /// Stores `client`'s state, in memory while the budget allows, else on disk.
     pub fn put(&mut self, client: usize, state: ParamSet) -> Result<()> {
-        self.take(client)?;
+        // Drop any older state without reading it back.
+        if let Some(old) = self.mem.remove(&client) {
+            self.held -= bytes(&old);
+        }
+        self.on_disk.remove(&client);
         if state.is_empty() {
             return Ok(());
         }

@@ -98,6 +98,15 @@ fn fedrep_keeps_and_trains_the_head() {
         bits(&rep.local.get(0).unwrap()),
         bits(&rep.local.get(1).unwrap())
     );
+    // The global: its body was aggregated (B moved off zero), its head never (as initialised).
+    let g = &rep.server.global;
+    assert!(
+        max_abs_diff(
+            &select(g, |k| !in_head(k) && is_b(k)),
+            &select(&init, |k| !in_head(k) && is_b(k))
+        ) > 0.0
+    );
+    assert_eq!(bits(&select(g, in_head)), bits(&select(&init, in_head)));
 }
 
 /// FFA-LoRA: A never changes (global, and it never travels), B alone is trained, sent and
@@ -124,6 +133,39 @@ fn ffa_lora_freezes_a_and_sends_only_b() {
     }
     assert!(2 * b_bytes <= all_bytes);
     assert!(ffa.local.is_empty(), "frozen A is not kept per client");
+    // Inside a client's training A does not move either: one more fit by client 0, then the
+    // adapter holds exactly what it trained.
+    let shared = fedllm_fl::client::Shared {
+        model: &ffa.model,
+        adapter: &ffa.adapter,
+        train: &fedllm_train::TrainConfig {
+            lr: 0.05,
+            optimizer: fedllm_train::OptimizerConfig::Sgd {
+                momentum: 0.0,
+                weight_decay: 0.0,
+                nesterov: false,
+            },
+            ..Default::default()
+        },
+        budget: fedllm_train::finetune::Budget::Steps(3),
+        batch_size: 4,
+        eval_batch_size: 4,
+        pad_id: 0,
+        initial: &init,
+        personal: &ffa.cfg.personal,
+    };
+    let msg = fedllm_fl::message::ToClient::Fit {
+        round: 4,
+        params: select(&ffa.server.global, is_b),
+        config: Default::default(),
+        seed: 11,
+    };
+    ffa.clients[0]
+        .handle(msg, &shared, &mut ParamSet::new())
+        .unwrap();
+    let trained = fedllm_fl::client::snapshot(&ffa.adapter).unwrap();
+    assert_eq!(bits(&select(&trained, is_a)), bits(&select(&init, is_a)));
+    assert!(max_abs_diff(&select(&trained, is_b), &select(&ffa.server.global, is_b)) > 0.0);
 }
 
 /// FedSA-LoRA is the `*lora_B*` local-tensors policy: the same run bit for bit, and B never
@@ -161,6 +203,16 @@ fn fedsa_lora_keeps_b_on_the_clients() {
         );
     }
     assert!(last.client_global_test_loss.is_some());
+    // The `local` baseline shares nothing: there is no global model to compare with.
+    let (_, l) = run(
+        tmp.path(),
+        "local",
+        &["federate.baseline=local", "federate.total_round_num=1"],
+    );
+    let ll = l.records.last().unwrap();
+    assert!(ll.client_losses[&0].contains_key("test"));
+    assert!(!ll.client_losses[&0].contains_key("global_test"));
+    assert_eq!(ll.client_global_test_loss, None);
     // Mean, worst and best of the clients' own test losses, from the per-client values.
     let own: Vec<(usize, f64)> = (0..3)
         .map(|c| (c, last.client_losses[&c]["test"]))

@@ -751,6 +751,20 @@ fn local_tensors_stay_on_their_clients() {
             "client {c} from disk"
         );
     }
+    // The checkpoint copies the states on disk; resumed from it, the run still ends the same.
+    let t5 = tempfile::tempdir().unwrap();
+    let mut first = Simulation::new(config(t5.path(), &d, &spill)).unwrap();
+    first.run(false, Some(1), |_| {}).unwrap();
+    let mut rest = Simulation::resume(&t5.path().join("run"), &[]).unwrap();
+    rest.run(false, None, |_| {}).unwrap();
+    assert_eq!(bits(&rest.server.global), bits(&sim.server.global));
+    for (c, b) in bs.iter().enumerate() {
+        assert_eq!(
+            &bits(&rest.local.get(c).unwrap()),
+            b,
+            "client {c} resumed from disk"
+        );
+    }
     // A pattern that matches nothing is a mistake, named.
     let t3 = tempfile::tempdir().unwrap();
     let e = Simulation::new(config(

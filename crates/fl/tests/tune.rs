@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use fedllm_fl::strategy::fedex::FedEx;
 use fedllm_fl::tune::{self, Scheduler, Tune};
 
 mod common;
@@ -103,13 +104,23 @@ fn fedex_tunes_client_hyperparameters_within_a_run() {
     let dir = tmp.path().join("straight");
     let mut sim = fedllm_fl::Simulation::new(config(&dir, &d, &extra)).unwrap();
     let s = sim.run(false, None, |_| {}).unwrap();
+    let mut prev = vec![0.25; 4];
     for r in s.records.iter().filter(|r| r.round > 0) {
         let theta = &r.strategy["fedex_theta"];
         assert_eq!(theta.len(), 4);
         assert!((theta.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // The lr each client trained with is the arm it drew from the previous round's θ.
+        let mut f = FedEx::new(&[0.001, 0.05], &[1, 3], 5.0, sim.cfg.federate.seed);
+        f.theta = prev.clone();
         for (c, (first, _)) in &r.client_lr {
-            assert!([0.001, 0.05].contains(first), "client {c}: lr {first}");
+            assert_eq!(
+                *first,
+                f.arms[f.arm(r.round, *c)].0,
+                "round {} client {c}",
+                r.round
+            );
         }
+        prev = theta.clone();
     }
     let last = &s.records.last().unwrap().strategy["fedex_theta"];
     assert!(

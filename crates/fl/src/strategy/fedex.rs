@@ -115,39 +115,28 @@ impl Strategy for FedEx {
         BTreeMap::from([("fedex_theta".to_string(), self.theta.clone())])
     }
 
-    /// θ as the bits of its f64s (two u32 halves each), so a resumed run continues exactly.
+    /// θ in f64, so a resumed run continues exactly.
     fn state(&self) -> Result<ParamSet> {
-        let bits: Vec<u32> = self
-            .theta
-            .iter()
-            .flat_map(|x| {
-                let b = x.to_bits();
-                [(b >> 32) as u32, b as u32]
-            })
-            .collect();
-        let n = bits.len();
+        let n = self.theta.len();
         Ok(ParamSet::from([(
-            "theta_bits".to_string(),
-            candle_core::Tensor::from_vec(bits, n, &candle_core::Device::Cpu)?,
+            "theta".to_string(),
+            candle_core::Tensor::from_vec(self.theta.clone(), n, &candle_core::Device::Cpu)?,
         )]))
     }
 
     fn load_state(&mut self, s: &ParamSet) -> Result<()> {
-        let Some(t) = s.get("theta_bits") else {
+        let Some(t) = s.get("theta") else {
             return Ok(());
         };
-        let bits: Vec<u32> = t.to_vec1()?;
-        if bits.len() != 2 * self.theta.len() {
+        let theta: Vec<f64> = t.to_vec1()?;
+        if theta.len() != self.theta.len() {
             return Err(FlError::Config(format!(
                 "the checkpoint's FedEx distribution has {} arms, the config {}",
-                bits.len() / 2,
+                theta.len(),
                 self.theta.len()
             )));
         }
-        self.theta = bits
-            .chunks(2)
-            .map(|c| f64::from_bits(((c[0] as u64) << 32) | c[1] as u64))
-            .collect();
+        self.theta = theta;
         Ok(())
     }
 }

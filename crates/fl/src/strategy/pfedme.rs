@@ -1,8 +1,9 @@
 //! pFedMe's server step (T. Dinh et al. 2020): w ← (1 − β)·w + β·Σ nᵢwᵢ / Σ nᵢ; β = 1 is FedAvg.
 
-use super::{fedavg::weighted_average, Failure, FitResult, Strategy};
+use super::{aggregate_flat, Failure, FitResult, Strategy};
+use crate::aggregate::{beta_mix, weighted_mean};
 use crate::error::Result;
-use crate::params::{flatten, layout, unflatten, ParamSet};
+use crate::params::{flatten, ParamSet};
 
 pub struct PFedMe {
     pub beta: f64,
@@ -20,11 +21,8 @@ impl Strategy for PFedMe {
         results: &[FitResult],
         _f: &[Failure],
     ) -> Result<Option<ParamSet>> {
-        let Some(avg) = weighted_average(global, results)? else {
-            return Ok(None);
-        };
-        let g = flatten(global)?;
-        let out = crate::aggregate::beta_mix(&g, &avg, self.beta);
-        Ok(Some(unflatten(&out, &layout(global))?))
+        aggregate_flat(global, results, |u, w| {
+            Ok(beta_mix(&flatten(global)?, &weighted_mean(u, w), self.beta))
+        })
     }
 }
