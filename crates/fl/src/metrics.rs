@@ -107,7 +107,6 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
     std::fs::write(&p, jl).map_err(|e| io(&p, e))?;
     let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,client_test_mean,client_test_worst,client_test_best,client_global_test_loss,bytes_down,bytes_up,seconds\n");
     for r in records {
-        let sp = r.spread("test");
         csv += &format!(
             "{},{},{},{},{},{},{},{},{},{},{},{:.3}\n",
             r.round,
@@ -115,9 +114,9 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
             opt(r.server_test_loss),
             opt(r.client_val_loss),
             opt(r.client_test_loss),
-            opt(sp.map(|s| s.mean)),
-            opt(sp.map(|s| s.worst.1)),
-            opt(sp.map(|s| s.best.1)),
+            opt(r.client_test_mean),
+            opt(r.client_test_worst.map(|w| w.1)),
+            opt(r.client_test_best.map(|b| b.1)),
             opt(r.client_global_test_loss),
             r.bytes_down,
             r.bytes_up,
@@ -172,7 +171,7 @@ fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
             BLACK,
             records
                 .iter()
-                .filter_map(|r| Some((r.round as f64, r.spread("test")?.worst.1)))
+                .filter_map(|r| Some((r.round as f64, r.client_test_worst?.1)))
                 .collect(),
         ),
         (
@@ -258,14 +257,18 @@ pub fn summary_table(records: &[RoundRecord]) -> String {
             r.seconds
         );
     }
-    let last = records
-        .iter()
-        .rev()
-        .find_map(|r| Some((r.round, r.spread("test")?)));
-    if let Some((round, sp)) = last {
+    let last = records.iter().rev().find_map(|r| {
+        Some((
+            r.round,
+            r.client_test_mean?,
+            r.client_test_worst?,
+            r.client_test_best?,
+        ))
+    });
+    if let Some((round, mean, worst, best)) = last {
         s += &format!(
-            "per-client test loss (round {round}): mean {:.4}, worst {:.4} (client {}), best {:.4} (client {})\n",
-            sp.mean, sp.worst.1, sp.worst.0, sp.best.1, sp.best.0
+            "per-client test loss (round {round}): mean {mean:.4}, worst {:.4} (client {}), best {:.4} (client {})\n",
+            worst.1, worst.0, best.1, best.0
         );
     }
     let down: usize = records.iter().map(|r| r.bytes_down).sum();
