@@ -83,6 +83,14 @@ macro_rules! choice {
 }
 
 choice!(
+    /// A generation-based score computed at evaluation rounds.
+    AccuracyTask { None = "none", Gsm8k = "gsm8k" }
+);
+choice!(
+    /// The held-out records a generation-based score reads.
+    AccuracySplit { Val = "val", Test = "test" }
+);
+choice!(
     /// Where the clients run.
     Mode { Standalone = "standalone", Distributed = "distributed" }
 );
@@ -260,6 +268,16 @@ pub struct EvalCfg {
     pub batch_size: usize,
     /// Cap the records per evaluated split (client val/test, server test).
     pub max_samples: Option<usize>,
+    /// A generation-based score of the global adapter at each evaluation, on the server
+    /// (`none`: losses only). `gsm8k`: FS-LLM's 8-shot greedy GSM8K accuracy → the round
+    /// record's `server_accuracy`, which `fedllm tune --metric server_accuracy --maximize` ranks.
+    pub accuracy: AccuracyTask,
+    /// Which held-out records it scores: `val` (the clients' validation parts pooled: tune on
+    /// these, never on test) or `test` (the server's test set).
+    pub accuracy_split: AccuracySplit,
+    /// The first this many records of that split (a fixed subset, the same every round).
+    pub accuracy_samples: usize,
+    pub accuracy_max_new_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -467,6 +485,10 @@ impl Default for EvalCfg {
             freq: 1,
             batch_size: 8,
             max_samples: Some(64),
+            accuracy: AccuracyTask::None,
+            accuracy_split: AccuracySplit::Val,
+            accuracy_samples: 32,
+            accuracy_max_new_tokens: 256,
         }
     }
 }
@@ -607,6 +629,8 @@ fn choices() -> Vec<(&'static str, Vec<&'static str>)> {
         ("train.schedule", ScheduleName::ALL.to_vec()),
         ("personal.method", PersonalMethod::ALL.to_vec()),
         ("distributed.compression", Compression::ALL.to_vec()),
+        ("eval.accuracy", AccuracyTask::ALL.to_vec()),
+        ("eval.accuracy_split", AccuracySplit::ALL.to_vec()),
     ]
 }
 
@@ -875,6 +899,12 @@ impl RunConfig {
         at_least("adapter.encoder_hidden", a.encoder_hidden, 1);
         at_least("data.tok_len", d.tok_len, 2);
         at_least("eval.batch_size", ev.batch_size, 1);
+        at_least("eval.accuracy_samples", ev.accuracy_samples, 1);
+        at_least(
+            "eval.accuracy_max_new_tokens",
+            ev.accuracy_max_new_tokens,
+            1,
+        );
         at_least("federate.krum_select", f.strategy_params.krum_select, 1);
         for (key, v) in [
             ("data.max_train_per_client", d.max_train_per_client),
@@ -1053,6 +1083,20 @@ impl RunConfig {
             e.push("adapter.targets must name at least one module (or be left out for the model's defaults)".into());
         }
         e.extend(self.personal_problems());
+        if ev.accuracy != AccuracyTask::None {
+            if !matches!(a.kind, AdapterKind::Lora | AdapterKind::Full) {
+                e.push(format!(
+                    "eval.accuracy `{}` generates text, which this project does with lora and full adapters only; adapter.type is {}",
+                    ev.accuracy, a.kind
+                ));
+            }
+            if f.baseline == Baseline::Local {
+                e.push(format!(
+                    "eval.accuracy `{}` scores the global adapter, and federate.baseline local has none",
+                    ev.accuracy
+                ));
+            }
+        }
         if self.outdir.as_os_str().is_empty() {
             e.push("outdir must not be empty".into());
         }

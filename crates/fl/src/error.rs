@@ -17,6 +17,8 @@ pub enum FlError {
     #[error(transparent)]
     Peft(#[from] fedllm_peft::PeftError),
     #[error(transparent)]
+    Eval(#[from] fedllm_eval::EvalError),
+    #[error(transparent)]
     Data(#[from] fedllm_data::DataError),
     #[error(transparent)]
     Model(#[from] fedllm_model::ModelError),

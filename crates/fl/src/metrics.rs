@@ -54,6 +54,10 @@ pub struct RoundRecord {
     /// What the strategy reports after aggregating (FedEx: `fedex_theta`).
     #[serde(default)]
     pub strategy: BTreeMap<String, Vec<f64>>,
+    /// `eval.accuracy`: the global adapter's generation-based score (e.g. GSM8K accuracy) on
+    /// the first `eval.accuracy_samples` records of `eval.accuracy_split`.
+    #[serde(default)]
+    pub server_accuracy: Option<f64>,
 }
 
 /// Mean (each client counted once), worst and best of one split's per-client losses.
@@ -105,10 +109,10 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
         .collect();
     let p = dir.join("metrics.jsonl");
     std::fs::write(&p, jl).map_err(|e| io(&p, e))?;
-    let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,client_test_mean,client_test_worst,client_test_best,client_global_test_loss,bytes_down,bytes_up,seconds\n");
+    let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,client_test_mean,client_test_worst,client_test_best,client_global_test_loss,bytes_down,bytes_up,seconds,server_accuracy\n");
     for r in records {
         csv += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{:.3}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.3},{}\n",
             r.round,
             opt(r.train_loss),
             opt(r.server_test_loss),
@@ -120,7 +124,8 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
             opt(r.client_global_test_loss),
             r.bytes_down,
             r.bytes_up,
-            r.seconds
+            r.seconds,
+            opt(r.server_accuracy)
         );
     }
     let p = dir.join("metrics.csv");
@@ -270,6 +275,13 @@ pub fn summary_table(records: &[RoundRecord]) -> String {
             "per-client test loss (round {round}): mean {mean:.4}, worst {:.4} (client {}), best {:.4} (client {})\n",
             worst.1, worst.0, best.1, best.0
         );
+    }
+    let acc: Vec<String> = records
+        .iter()
+        .filter_map(|r| Some(format!("round {}: {:.4}", r.round, r.server_accuracy?)))
+        .collect();
+    if !acc.is_empty() {
+        s += &format!("server accuracy: {}\n", acc.join(", "));
     }
     let down: usize = records.iter().map(|r| r.bytes_down).sum();
     let up: usize = records.iter().map(|r| r.bytes_up).sum();

@@ -90,6 +90,7 @@ fn scalars(r: &RoundRecord) -> Vec<(&'static str, f32)> {
         ("loss/server_test", r.server_test_loss),
         ("loss/client_val", r.client_val_loss),
         ("loss/client_test", r.client_test_loss),
+        ("eval/server_accuracy", r.server_accuracy),
     ] {
         if let Some(v) = v {
             s.push((tag, v as f32));

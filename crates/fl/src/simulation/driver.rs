@@ -228,6 +228,7 @@ fn empty_record(round: usize) -> RoundRecord {
         client_test_worst: None,
         client_test_best: None,
         strategy: BTreeMap::new(),
+        server_accuracy: None,
     }
 }
 fn round_line(r: &RoundRecord) -> String {
@@ -241,8 +242,12 @@ fn round_line(r: &RoundRecord) -> String {
             r.wire_up_per_client.values().sum::<usize>() as f64 / 1e6
         )
     };
+    let acc = r
+        .server_accuracy
+        .map(|a| format!(" | accuracy {a:.4}"))
+        .unwrap_or_default();
     format!(
-        "round {:>3}: clients {:?} failed {:?} train {} | server test {} | client val {} | client test {} | {:.2} MB down {:.2} MB up{wire} | {:.1}s",
+        "round {:>3}: clients {:?} failed {:?} train {} | server test {} | client val {} | client test {}{acc} | {:.2} MB down {:.2} MB up{wire} | {:.1}s",
         r.round,
         r.clients,
         r.failed,

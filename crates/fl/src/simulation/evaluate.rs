@@ -37,6 +37,24 @@ impl Simulation {
         self.server.strategy.evaluate(round, &global, &mut loss)
     }
 
+    /// `eval.accuracy`: the global adapter's GSM8K accuracy (FS-LLM's 8-shot prompt, greedy) on
+    /// the fixed question subset. The adapter must be attached for inference.
+    fn eval_accuracy(&mut self) -> Result<Option<f64>> {
+        if self.accuracy_set.is_empty() || self.server.shared().is_empty() {
+            return Ok(None);
+        }
+        self.adapter.set_tensors(&self.server.global)?;
+        let s = fedllm_eval::gsm8k::evaluate(
+            &self.model,
+            &self.tokenizer,
+            &self.accuracy_set,
+            self.cfg.eval.accuracy_max_new_tokens,
+            self.cfg.eval.batch_size,
+            None,
+        )?;
+        Ok(Some(s.accuracy))
+    }
+
     /// Evaluates the clients on their val and test splits (each client's own losses go into
     /// the record); the strategy aggregates.
     fn eval_clients(&mut self, rec: &mut RoundRecord) -> Result<()> {
@@ -106,6 +124,7 @@ impl Simulation {
     pub(super) fn evaluate(&mut self, rec: &mut RoundRecord) -> Result<()> {
         self.adapter.attach(&mut self.model, false)?;
         rec.server_test_loss = self.eval_server()?;
+        rec.server_accuracy = self.eval_accuracy()?;
         self.eval_clients(rec)?;
         self.adapter.attach(&mut self.model, true)?;
         let key = rec.server_test_loss.or(rec.client_val_loss);

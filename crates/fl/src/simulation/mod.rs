@@ -40,6 +40,8 @@ pub struct Simulation {
     pub server: Server,
     pub clients: Vec<Client>,
     pub server_test: Vec<Sample>,
+    /// `eval.accuracy`'s questions (server side; empty when it is off).
+    accuracy_set: Vec<fedllm_eval::gsm8k::Question>,
     pub records: Vec<RoundRecord>,
     /// The tensors each client keeps to itself (`federate.local_tensors`, or all of them in
     /// the `local` baseline).

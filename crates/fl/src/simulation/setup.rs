@@ -8,6 +8,7 @@ use fedllm_data::federated::{build, preset, Federated, Source, SplitConfig};
 use fedllm_data::record::Record;
 use fedllm_data::split::Splitter;
 use fedllm_data::{tokenize_all, Sample};
+use fedllm_eval::gsm8k::{self, Question};
 use fedllm_model::{CausalLm, Tokenizer};
 use fedllm_peft::Adapter;
 
@@ -16,7 +17,9 @@ use crate::assemble::{self, adapter_config, format, splitter, template, train_co
 use crate::checkpoint;
 use crate::client::{snapshot, Client};
 use crate::client_state::ClientStates;
-use crate::config::{Baseline, LocalBudget, PersonalMethod, RunConfig};
+use crate::config::{
+    AccuracySplit, AccuracyTask, Baseline, LocalBudget, PersonalMethod, RunConfig,
+};
 use crate::error::{FlError, Result};
 use crate::manifest;
 use crate::message::ToServer;
@@ -65,6 +68,10 @@ impl Simulation {
             )));
         }
         let (clients, server_test) = client_data(&cfg, role, &source, &fed, &tokenizer)?;
+        let accuracy_set = match role {
+            Role::Client(_) => Vec::new(),
+            _ => accuracy_questions(&cfg, &fed)?,
+        };
         let adapter = Adapter::init(
             &model,
             adapter_config(&cfg.adapter, &model),
@@ -103,6 +110,7 @@ impl Simulation {
             server,
             clients,
             server_test,
+            accuracy_set,
             records: Vec::new(),
             local,
             best: None,
@@ -237,6 +245,46 @@ fn client_data(
         _ => tok(fed.server_test(), eval_cap)?,
     };
     Ok((clients, server_test))
+}
+
+/// `eval.accuracy`'s fixed question subset: the first `eval.accuracy_samples` records of the
+/// chosen split (val: the clients' parts in client order), each with its reference answer.
+fn accuracy_questions(cfg: &RunConfig, fed: &Federated) -> Result<Vec<Question>> {
+    if cfg.eval.accuracy == AccuracyTask::None {
+        return Ok(Vec::new());
+    }
+    let recs: Vec<&Record> = match cfg.eval.accuracy_split {
+        AccuracySplit::Test => fed.server_test(),
+        AccuracySplit::Val => (0..cfg.federate.client_num)
+            .flat_map(|c| fed.client("val", c))
+            .collect(),
+    };
+    let qs: Vec<Question> = recs
+        .into_iter()
+        .take(cfg.eval.accuracy_samples)
+        .map(|r| {
+            // The GSM8K loader turned `#### N` into `The answer is N`; the reference is N.
+            let answer = r.output.replace("The answer is", "####");
+            match gsm8k::reference(&answer) {
+                Some(_) => Ok(Question {
+                    question: r.instruction.clone(),
+                    answer,
+                }),
+                None => Err(FlError::Config(format!(
+                    "eval.accuracy gsm8k: a {} record has no final answer (`#### N`) in its output: {:?}; is data.format gsm8k?",
+                    cfg.eval.accuracy_split,
+                    r.output.chars().take(80).collect::<String>()
+                ))),
+            }
+        })
+        .collect::<Result<_>>()?;
+    if qs.is_empty() {
+        return Err(FlError::Config(format!(
+            "eval.accuracy gsm8k: the {} split holds no records (set data fractions or use eval.accuracy_split test)",
+            cfg.eval.accuracy_split
+        )));
+    }
+    Ok(qs)
 }
 
 /// One client holding everyone's data (the `global` baseline).
