@@ -90,7 +90,7 @@ impl LayerNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
@@ -181,13 +181,7 @@ impl Gpt2 {
 
     /// From token embeddings [B, T, hidden] (positions are added here) to hidden states after `ln_f`.
     pub fn hidden(&self, x: Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> CResult<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let pos = self
-            .wpe
-            .index_select(&ctx.positions.flatten_all()?, 0)?
-            .reshape((b, t, ()))?;
-        let pos = pos.to_dtype(x.dtype())?;
-        let mut x = (x + pos)?;
+        let mut x = self.add_positions(x, ctx)?;
         for (li, (_, block)) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.slot(li));
             x = block.forward(&x, ctx, slot)?;
@@ -197,5 +191,30 @@ impl Gpt2 {
 
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
         self.lm_head.forward(hidden)
+    }
+
+    /// Token embeddings plus learned positions: the stream entering layer 0.
+    pub fn add_positions(&self, x: Tensor, ctx: &Ctx) -> CResult<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let pos = self
+            .wpe
+            .index_select(&ctx.positions.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let pos = pos.to_dtype(x.dtype())?;
+        x + pos
+    }
+
+    /// The residual stream after the layers whose original index `keep` accepts (no norm).
+    pub fn run_blocks(
+        &self,
+        x: Tensor,
+        ctx: &Ctx,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> CResult<Tensor> {
+        let mut x = x;
+        for (_, block) in self.layers.iter().filter(|(i, _)| keep(*i)) {
+            x = block.forward(&x, ctx, None)?;
+        }
+        Ok(x)
     }
 }

@@ -248,6 +248,20 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
         self.lm_head.forward(hidden)
     }
+
+    /// The residual stream after the layers whose original index `keep` accepts (no norm).
+    pub fn run_blocks(
+        &self,
+        x: Tensor,
+        ctx: &Ctx,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> CResult<Tensor> {
+        let mut x = x;
+        for (_, block) in self.layers.iter().filter(|(i, _)| keep(*i)) {
+            x = block.forward(&x, ctx, None)?;
+        }
+        Ok(x)
+    }
 }
 
 /// Rotary inverse frequencies in f32 as transformers computes them, with rope scaling applied.

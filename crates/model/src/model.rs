@@ -197,6 +197,78 @@ impl CausalLm {
         Ok(out)
     }
 
+    /// The same model over a subset of its layers (original indices, ascending; names keep
+    /// them). Tensors are shared, not copied: offsite tuning's emulator is such a view.
+    pub fn select_layers(&self, ids: &[usize]) -> Result<Self> {
+        let have = self.layer_ids();
+        if let Some(bad) = ids.iter().find(|i| !have.contains(i)) {
+            return Err(ModelError::Config(format!(
+                "layer {bad} is not in this model (it has {have:?})"
+            )));
+        }
+        if ids.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ModelError::Config(format!(
+                "layer indices must ascend without repeats, got {ids:?}"
+            )));
+        }
+        let mut m = self.clone();
+        match &mut m.arch {
+            Arch::Llama(a) => a.layers.retain(|(i, _)| ids.contains(i)),
+            Arch::Gpt2(a) => a.layers.retain(|(i, _)| ids.contains(i)),
+        }
+        Ok(m)
+    }
+
+    /// The residual stream entering layer 0 for ids [B, T] (GPT-2 adds its positions), and
+    /// the attention context for those tokens, for `run_layers`.
+    pub fn stream_in(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+    ) -> CResult<(Tensor, crate::cache::Ctx)> {
+        let x = self.embed(ids)?;
+        let (b, t, _) = x.dims3()?;
+        let (inv_freq, window) = match &self.arch {
+            Arch::Llama(m) => (Some(m.inv_freq()), m.config.sliding_window),
+            Arch::Gpt2(_) => (None, None),
+        };
+        let spec = CtxSpec {
+            batch: b,
+            t,
+            past: 0,
+            key_mask: mask,
+            sliding_window: window,
+        };
+        let ctx = build_ctx(&spec, inv_freq, self.dtype, &self.device)?;
+        let x = match &self.arch {
+            Arch::Llama(_) => x,
+            Arch::Gpt2(m) => m.add_positions(x, &ctx)?,
+        };
+        Ok((x, ctx))
+    }
+
+    /// The residual stream after this model's layers whose original index `keep` accepts, in
+    /// order, without the final norm.
+    pub fn run_layers(
+        &self,
+        x: Tensor,
+        ctx: &crate::cache::Ctx,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> CResult<Tensor> {
+        match &self.arch {
+            Arch::Llama(m) => m.run_blocks(x, ctx, keep),
+            Arch::Gpt2(m) => m.run_blocks(x, ctx, keep),
+        }
+    }
+
+    /// The final norm over a residual stream (what `forward_hidden` ends with).
+    pub fn final_norm(&self, x: &Tensor) -> CResult<Tensor> {
+        match &self.arch {
+            Arch::Llama(m) => crate::ops::rms_norm(x, &m.norm, m.config.rms_norm_eps),
+            Arch::Gpt2(m) => m.ln_f.forward(x),
+        }
+    }
+
     /// Logits over the vocabulary for hidden states, in f32.
     pub fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
         let l = match &self.arch {

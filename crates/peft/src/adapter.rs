@@ -189,10 +189,14 @@ impl Adapter {
         match &self.config {
             AdapterConfig::Lora(c) => crate::lora::attach(self, c, model, training),
             AdapterConfig::Full(_) => {
+                // As LoRA's hook: no graph at inference, same storage either way.
                 let new = self
                     .params
                     .iter()
-                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .map(|(n, v)| {
+                        let t = v.as_tensor();
+                        (n.clone(), if training { t.clone() } else { t.detach() })
+                    })
                     .collect();
                 Ok(model.replace_weights(&new)?)
             }

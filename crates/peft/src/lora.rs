@@ -138,9 +138,19 @@ pub(crate) fn attach(
             continue;
         }
         let dropout = (training && c.dropout > 0.0).then(|| (c.dropout, a.dropout_rng.clone()));
+        // Inference records no graph: an output that tracks the Vars keeps every input alive,
+        // and a KV cache built from such outputs held each decode step's activations (GBs).
+        // A detached tensor shares the Var's storage, so `set_tensors` still reaches it.
+        let t = |v: &candle_core::Var| {
+            if training {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            }
+        };
         lin.lora = Some(LoraHook {
-            a: a.var(&key(&name, "A"))?.as_tensor().clone(),
-            b: a.var(&key(&name, "B"))?.as_tensor().clone(),
+            a: t(a.var(&key(&name, "A"))?),
+            b: t(a.var(&key(&name, "B"))?),
             scale: c.scale(),
             dropout,
         });
