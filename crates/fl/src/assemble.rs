@@ -42,10 +42,12 @@ pub fn adapter_config(a: &AdapterCfg, model: &CausalLm) -> AdapterConfig {
             target_modules: a.targets.clone().unwrap_or_else(|| default_targets(model)),
             use_rslora: false,
             init: "kaiming".into(),
+            layers_to_transform: None,
         }),
         AdapterKind::Full => AdapterConfig::Full(FullConfig {
             patterns: a.full_patterns.clone(),
             layers: a.full_layers.clone(),
+            non_layer: false,
         }),
     }
 }

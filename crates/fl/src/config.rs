@@ -21,6 +21,8 @@ pub struct RunConfig {
     pub eval: EvalCfg,
     /// Personalised FL (Ditto, FedRep, pFedMe, FedSA-LoRA, FFA-LoRA).
     pub personal: PersonalCfg,
+    /// Offsite tuning (FedOT): clients train the edge layers of a compressed emulator.
+    pub offsite: OffsiteCfg,
     /// `federate.mode: distributed`: the gRPC server and clients.
     pub distributed: DistributedCfg,
     /// Where metrics, plots, checkpoints and the final adapter go.
@@ -280,6 +282,59 @@ pub struct EvalCfg {
     pub accuracy_max_new_tokens: usize,
 }
 
+/// FS-LLM's offsite tuning: layers [0, l) and [r, L) (l = max(emu_l, 1), r = min(emu_r, L − 1))
+/// are the trainable adapter, the middle is compressed by dropping layers. `adapter.type full`
+/// trains those layers in full (with the embeddings, final norm and LM head unless
+/// `freeze_embeddings`), `adapter.type lora` puts LoRA on them only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OffsiteCfg {
+    pub enabled: bool,
+    pub emu_l: usize,
+    pub emu_r: usize,
+    /// Of the n middle layers keep round(n·(1 − drop_ratio)), evenly spaced.
+    pub drop_ratio: f64,
+    pub freeze_embeddings: bool,
+    /// Server-side alignment before the rounds: optimizer steps of knowledge distillation of
+    /// the emulator's middle towards the full model's (0 = none).
+    pub align_steps: usize,
+    pub align_lr: f64,
+    pub align_batch_size: usize,
+    /// The server's own data for alignment (any `data.format`; required when align_steps > 0).
+    pub align_data: Option<PathBuf>,
+    /// Share of the alignment data held out to measure the KD loss before and after.
+    pub align_held_out: f64,
+    pub kd_weight: f64,
+    pub lm_weight: f64,
+    /// An aligned emulator saved by an earlier run (`<outdir>/emulator.safetensors`): load it
+    /// instead of aligning again.
+    pub emulator: Option<PathBuf>,
+    /// Align, save the emulator, and stop before the federated rounds.
+    pub stop_after_align: bool,
+}
+
+impl Default for OffsiteCfg {
+    fn default() -> Self {
+        // FS-LLM's defaults (its llm.offsite_tuning section); its runs: emu_l 2, emu_r 30, drop 0.2.
+        Self {
+            enabled: false,
+            emu_l: 1,
+            emu_r: 10,
+            drop_ratio: 0.5,
+            freeze_embeddings: false,
+            align_steps: 0,
+            align_lr: 1e-4,
+            align_batch_size: 4,
+            align_data: None,
+            align_held_out: 0.1,
+            kd_weight: 1.0,
+            lm_weight: 0.0,
+            emulator: None,
+            stop_after_align: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PersonalCfg {
@@ -390,6 +445,7 @@ impl Default for RunConfig {
             train: TrainCfg::default(),
             eval: EvalCfg::default(),
             personal: PersonalCfg::default(),
+            offsite: OffsiteCfg::default(),
             distributed: DistributedCfg::default(),
             outdir: PathBuf::from("runs/latest"),
         }
@@ -680,10 +736,12 @@ pub fn json_schema() -> serde_json::Value {
 }
 
 /// Config keys holding paths: relative ones written in a config file mean "next to this file".
-const PATH_KEYS: [&str; 10] = [
+const PATH_KEYS: [&str; 12] = [
     "model.path",
     "data.source",
     "data.test_source",
+    "offsite.align_data",
+    "offsite.emulator",
     "data.root",
     "outdir",
     "distributed.tokens_file",
@@ -1083,6 +1141,7 @@ impl RunConfig {
             e.push("adapter.targets must name at least one module (or be left out for the model's defaults)".into());
         }
         e.extend(self.personal_problems());
+        e.extend(self.offsite_problems());
         if ev.accuracy != AccuracyTask::None {
             if !matches!(a.kind, AdapterKind::Lora | AdapterKind::Full) {
                 e.push(format!(
@@ -1123,6 +1182,63 @@ impl RunConfig {
                     }
                 }
             }
+        }
+        e
+    }
+
+    /// What offsite tuning needs of the rest of the config.
+    fn offsite_problems(&self) -> Vec<String> {
+        let o = &self.offsite;
+        let mut e = Vec::new();
+        if !o.enabled {
+            return e;
+        }
+        if !matches!(self.adapter.kind, AdapterKind::Full | AdapterKind::Lora) {
+            e.push(format!(
+                "offsite.enabled trains the emulator's edge layers: adapter.type must be full or lora, got {}",
+                self.adapter.kind
+            ));
+        }
+        if !(0.0..1.0).contains(&o.drop_ratio) {
+            e.push(format!(
+                "offsite.drop_ratio must be in [0, 1), got {}",
+                o.drop_ratio
+            ));
+        }
+        if o.emu_l >= o.emu_r {
+            e.push(format!(
+                "offsite.emu_l ({}) must be below offsite.emu_r ({})",
+                o.emu_l, o.emu_r
+            ));
+        }
+        if o.align_steps > 0 && o.align_data.is_none() && o.emulator.is_none() {
+            e.push(
+                "offsite.align_steps > 0 needs offsite.align_data (the server's own data)".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&o.align_held_out) {
+            e.push(format!(
+                "offsite.align_held_out must be in [0, 1), got {}",
+                o.align_held_out
+            ));
+        }
+        for (k, v) in [
+            ("offsite.align_lr", o.align_lr),
+            ("offsite.kd_weight", o.kd_weight),
+            ("offsite.lm_weight", o.lm_weight),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                e.push(format!("{k} must be finite and >= 0, got {v}"));
+            }
+        }
+        if o.align_steps > 0 && o.kd_weight == 0.0 && o.lm_weight == 0.0 {
+            e.push("offsite alignment needs offsite.kd_weight or offsite.lm_weight above 0".into());
+        }
+        if o.align_batch_size == 0 {
+            e.push("offsite.align_batch_size must be at least 1, got 0".into());
+        }
+        if self.personal.method != PersonalMethod::None {
+            e.push("offsite.enabled does not combine with personal.method".into());
         }
         e
     }

@@ -13,6 +13,7 @@ pub mod finetune;
 pub mod manifest;
 pub mod message;
 pub mod metrics;
+pub mod offsite;
 pub mod params;
 pub mod personal;
 pub mod remote;

@@ -58,6 +58,10 @@ pub struct RoundRecord {
     /// the first `eval.accuracy_samples` records of `eval.accuracy_split`.
     #[serde(default)]
     pub server_accuracy: Option<f64>,
+    /// Offsite tuning: the server test loss of the full model with the global edge layers
+    /// plugged in (`server_test_loss` is then the emulator's).
+    #[serde(default)]
+    pub plugin_test_loss: Option<f64>,
 }
 
 /// Mean (each client counted once), worst and best of one split's per-client losses.
@@ -109,10 +113,10 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
         .collect();
     let p = dir.join("metrics.jsonl");
     std::fs::write(&p, jl).map_err(|e| io(&p, e))?;
-    let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,client_test_mean,client_test_worst,client_test_best,client_global_test_loss,bytes_down,bytes_up,seconds,server_accuracy\n");
+    let mut csv = String::from("round,train_loss,server_test_loss,client_val_loss,client_test_loss,client_test_mean,client_test_worst,client_test_best,client_global_test_loss,bytes_down,bytes_up,seconds,server_accuracy,plugin_test_loss\n");
     for r in records {
         csv += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{:.3},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.3},{},{}\n",
             r.round,
             opt(r.train_loss),
             opt(r.server_test_loss),
@@ -125,7 +129,8 @@ pub fn write_all(dir: &Path, records: &[RoundRecord]) -> Result<()> {
             r.bytes_down,
             r.bytes_up,
             r.seconds,
-            opt(r.server_accuracy)
+            opt(r.server_accuracy),
+            opt(r.plugin_test_loss)
         );
     }
     let p = dir.join("metrics.csv");
@@ -153,6 +158,14 @@ fn plot(path: &Path, records: &[RoundRecord]) -> Result<()> {
             records
                 .iter()
                 .filter_map(|r| r.server_test_loss.map(|l| (r.round as f64, l)))
+                .collect(),
+        ),
+        (
+            "plug-in test (full model)",
+            CYAN,
+            records
+                .iter()
+                .filter_map(|r| r.plugin_test_loss.map(|l| (r.round as f64, l)))
                 .collect(),
         ),
         (
@@ -282,6 +295,16 @@ pub fn summary_table(records: &[RoundRecord]) -> String {
         .collect();
     if !acc.is_empty() {
         s += &format!("server accuracy: {}\n", acc.join(", "));
+    }
+    let plug: Vec<String> = records
+        .iter()
+        .filter_map(|r| Some(format!("round {}: {:.4}", r.round, r.plugin_test_loss?)))
+        .collect();
+    if !plug.is_empty() {
+        s += &format!(
+            "offsite: server test is the emulator's; plug-in (full model) test loss: {}\n",
+            plug.join(", ")
+        );
     }
     let down: usize = records.iter().map(|r| r.bytes_down).sum();
     let up: usize = records.iter().map(|r| r.bytes_up).sum();

@@ -91,6 +91,7 @@ fn scalars(r: &RoundRecord) -> Vec<(&'static str, f32)> {
         ("loss/client_val", r.client_val_loss),
         ("loss/client_test", r.client_test_loss),
         ("eval/server_accuracy", r.server_accuracy),
+        ("loss/plugin_test", r.plugin_test_loss),
     ] {
         if let Some(v) = v {
             s.push((tag, v as f32));

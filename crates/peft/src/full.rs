@@ -18,6 +18,10 @@ pub struct FullConfig {
     /// Only parameters of these (original) layer indices; None = no layer restriction.
     #[serde(default)]
     pub layers: Option<Vec<usize>>,
+    /// With `layers`: also the tensors outside every layer (embeddings, final norm, LM head),
+    /// which offsite tuning trains with the edge layers unless told not to.
+    #[serde(default)]
+    pub non_layer: bool,
 }
 
 pub fn glob(pattern: &str, name: &str) -> bool {
@@ -60,7 +64,10 @@ impl FullConfig {
         let by_pattern = self.patterns.is_empty() || self.patterns.iter().any(|p| glob(p, name));
         let by_layer = match &self.layers {
             None => true,
-            Some(ls) => layer_of(name).is_some_and(|l| ls.contains(&l)),
+            Some(ls) => match layer_of(name) {
+                Some(l) => ls.contains(&l),
+                None => self.non_layer,
+            },
         };
         by_pattern && by_layer
     }
@@ -100,13 +107,17 @@ mod tests {
         assert!(glob("*.mlp.*", "model.layers.0.mlp.up_proj.weight"));
         assert!(!glob("*.mlp.*", "model.layers.0.self_attn.q_proj.weight"));
         assert!(glob("model.norm.weight", "model.norm.weight"));
-        let c = FullConfig {
+        let mut c = FullConfig {
             patterns: vec![],
             layers: Some(vec![0, 29]),
+            non_layer: false,
         };
         assert!(c.selects("model.layers.29.mlp.up_proj.weight"));
         assert!(!c.selects("model.layers.2.mlp.up_proj.weight"));
         assert!(!c.selects("model.embed_tokens.weight"));
+        c.non_layer = true;
+        assert!(c.selects("model.embed_tokens.weight") && c.selects("model.norm.weight"));
+        assert!(!c.selects("model.layers.2.mlp.up_proj.weight"));
         assert_eq!(layer_of("transformer.h.11.attn.c_attn.weight"), Some(11));
     }
 }

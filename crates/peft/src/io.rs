@@ -64,7 +64,7 @@ pub fn peft_config(a: &Adapter, model: &CausalLm, base: &str) -> Value {
                 "base_model_name_or_path": base, "bias": "none", "corda_config": null, "ensure_weight_tying": false,
                 "eva_config": null, "exclude_modules": null, "fan_in_fan_out": fan_in_fan_out, "inference_mode": true,
                 "init_lora_weights": if c.init == "gaussian" { json!("gaussian") } else { json!(true) },
-                "kasa_config": null, "layer_replication": null, "layers_pattern": null, "layers_to_transform": null,
+                "kasa_config": null, "layer_replication": null, "layers_pattern": null, "layers_to_transform": c.layers_to_transform,
                 "loftq_config": {}, "lora_alpha": if c.alpha.fract() == 0.0 { json!(c.alpha as i64) } else { json!(c.alpha) }, "lora_bias": false, "lora_dropout": c.dropout,
                 "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core", "modules_to_save": null,
                 "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16,
@@ -178,6 +178,26 @@ pub fn load(dir: &Path, model: &CausalLm) -> Result<Adapter> {
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
                 init: "kaiming".into(),
+                layers_to_transform: match v.get("layers_to_transform") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Array(a)) => Some(
+                        a.iter()
+                            .map(|x| x.as_u64().map(|x| x as usize))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| {
+                                file_err(&cfg_path, "`layers_to_transform` must list layer indices")
+                            })?,
+                    ),
+                    Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| {
+                        file_err(&cfg_path, "`layers_to_transform` must be a layer index")
+                    })? as usize]),
+                    Some(_) => {
+                        return Err(file_err(
+                            &cfg_path,
+                            "`layers_to_transform` must be a layer index or a list of them",
+                        ))
+                    }
+                },
             })
         }
         "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING" => {

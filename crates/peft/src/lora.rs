@@ -26,6 +26,9 @@ pub struct LoraConfig {
     /// "kaiming" (PEFT's default: A uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero).
     #[serde(default = "kaiming")]
     pub init: String,
+    /// PEFT's `layers_to_transform`: only modules of these (original) layer indices.
+    #[serde(default)]
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 fn kaiming() -> String {
@@ -41,6 +44,7 @@ impl LoraConfig {
             target_modules: targets.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
             init: kaiming(),
+            layers_to_transform: None,
         }
     }
 
@@ -54,9 +58,15 @@ impl LoraConfig {
 
     /// PEFT's rule for a list of targets: the module name equals a target or ends with ".target".
     pub fn targets(&self, module: &str) -> bool {
-        self.target_modules
-            .iter()
-            .any(|t| module == t || module.ends_with(&format!(".{t}")))
+        let in_layers = match &self.layers_to_transform {
+            None => true,
+            Some(ls) => crate::full::layer_of(module).is_some_and(|l| ls.contains(&l)),
+        };
+        in_layers
+            && self
+                .target_modules
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}")))
     }
 }
 

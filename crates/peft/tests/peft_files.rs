@@ -274,6 +274,7 @@ fn inference_attachment_records_no_graph_and_follows_updates() {
         AdapterConfig::Full(FullConfig {
             patterns: vec![],
             layers: Some(vec![1]),
+            non_layer: false,
         }),
     ] {
         let ad = Adapter::init(&model, config, 3, None).unwrap();

@@ -62,6 +62,7 @@ fn case_config(dir: &Path, case: &str, meta: &Value) -> AdapterConfig {
                 target_modules: targets,
                 use_rslora: c["use_rslora"].as_bool().unwrap_or(false),
                 init: "kaiming".into(),
+                layers_to_transform: None,
             })
         }
         "prefix" => {

@@ -99,6 +99,7 @@ fn configs() -> Vec<AdapterConfig> {
                 "*o_proj*".into(),
             ],
             layers: Some(vec![1]),
+            non_layer: false,
         }),
     ]
 }

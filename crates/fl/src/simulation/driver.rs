@@ -142,6 +142,20 @@ impl Simulation {
         stop_after: Option<usize>,
         mut log: impl FnMut(&str),
     ) -> Result<Summary> {
+        if self.cfg.offsite.enabled && self.cfg.offsite.stop_after_align {
+            let p = self.cfg.outdir.join("emulator.safetensors");
+            log(&format!(
+                "offsite: emulator ready ({}); stopping before the rounds (offsite.stop_after_align)",
+                p.display()
+            ));
+            return Ok(Summary {
+                table: String::new(),
+                records: vec![],
+                best_round: None,
+                best_loss: None,
+                adapter_dir: p,
+            });
+        }
         let total = self.cfg.federate.total_round_num;
         let freq = self.cfg.eval.freq;
         if let Some(r) = self.remote.as_mut() {
@@ -229,6 +243,7 @@ fn empty_record(round: usize) -> RoundRecord {
         client_test_best: None,
         strategy: BTreeMap::new(),
         server_accuracy: None,
+        plugin_test_loss: None,
     }
 }
 fn round_line(r: &RoundRecord) -> String {
@@ -242,10 +257,13 @@ fn round_line(r: &RoundRecord) -> String {
             r.wire_up_per_client.values().sum::<usize>() as f64 / 1e6
         )
     };
-    let acc = r
+    let mut acc = r
         .server_accuracy
         .map(|a| format!(" | accuracy {a:.4}"))
         .unwrap_or_default();
+    if let Some(p) = r.plugin_test_loss {
+        acc += &format!(" | plug-in test {p:.4}");
+    }
     format!(
         "round {:>3}: clients {:?} failed {:?} train {} | server test {} | client val {} | client test {}{acc} | {:.2} MB down {:.2} MB up{wire} | {:.1}s",
         r.round,

@@ -37,6 +37,24 @@ impl Simulation {
         self.server.strategy.evaluate(round, &global, &mut loss)
     }
 
+    /// Offsite tuning: the server test loss of the full model with the global edge layers.
+    fn eval_plugin(&mut self) -> Result<Option<f64>> {
+        let Some(p) = &self.plugin else {
+            return Ok(None);
+        };
+        if self.server_test.is_empty() || self.server.shared().is_empty() {
+            return Ok(None);
+        }
+        p.adapter.set_tensors(&self.server.global)?;
+        let b = eval_batches(
+            &self.server_test,
+            self.cfg.eval.batch_size,
+            self.pad_id,
+            &p.model.device,
+        )?;
+        Ok(Some(eval_loss(&p.model, &p.adapter, &b)?.0))
+    }
+
     /// `eval.accuracy`: the global adapter's GSM8K accuracy (FS-LLM's 8-shot prompt, greedy) on
     /// the fixed question subset. The adapter must be attached for inference.
     fn eval_accuracy(&mut self) -> Result<Option<f64>> {
@@ -125,6 +143,7 @@ impl Simulation {
         self.adapter.attach(&mut self.model, false)?;
         rec.server_test_loss = self.eval_server()?;
         rec.server_accuracy = self.eval_accuracy()?;
+        rec.plugin_test_loss = self.eval_plugin()?;
         self.eval_clients(rec)?;
         self.adapter.attach(&mut self.model, true)?;
         let key = rec.server_test_loss.or(rec.client_val_loss);

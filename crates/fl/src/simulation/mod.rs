@@ -42,6 +42,8 @@ pub struct Simulation {
     pub server_test: Vec<Sample>,
     /// `eval.accuracy`'s questions (server side; empty when it is off).
     accuracy_set: Vec<fedllm_eval::gsm8k::Question>,
+    /// Offsite tuning (server side): the full model the trained edge layers plug into.
+    pub plugin: Option<crate::offsite::Plugin>,
     pub records: Vec<RoundRecord>,
     /// The tensors each client keeps to itself (`federate.local_tensors`, or all of them in
     /// the `local` baseline).

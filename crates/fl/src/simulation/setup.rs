@@ -23,6 +23,7 @@ use crate::config::{
 use crate::error::{FlError, Result};
 use crate::manifest;
 use crate::message::ToServer;
+use crate::offsite;
 use crate::params::kept_local;
 use crate::params::ParamSet;
 use crate::personal;
@@ -72,12 +73,19 @@ impl Simulation {
             Role::Client(_) => Vec::new(),
             _ => accuracy_questions(&cfg, &fed)?,
         };
-        let adapter = Adapter::init(
-            &model,
-            adapter_config(&cfg.adapter, &model),
-            cfg.federate.seed,
-            Some(&tokenizer),
-        )?;
+        let pad_id = tokenizer
+            .pad_token_id
+            .or(tokenizer.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        let mut acfg = adapter_config(&cfg.adapter, &model);
+        let mut plugin = None;
+        if cfg.offsite.enabled && !matches!(role, Role::Client(_)) {
+            let p = offsite::prepare(&cfg, !fresh, model, &tokenizer, acfg.clone(), pad_id)?;
+            acfg = p.layout.adapter_config(acfg, &cfg.offsite)?;
+            model = p.emulator;
+            plugin = Some(p.plugin);
+        }
+        let adapter = Adapter::init(&model, acfg, cfg.federate.seed, Some(&tokenizer))?;
         adapter.attach(&mut model, true)?;
         let initial = snapshot(&adapter)?;
         let mut server = build_server(&cfg, &initial)?;
@@ -93,10 +101,6 @@ impl Simulation {
         for c in &clients {
             server.on_message(ToServer::Join { client: c.id })?;
         }
-        let pad_id = tokenizer
-            .pad_token_id
-            .or(tokenizer.eos_token_ids.first().copied())
-            .unwrap_or(0);
         write_run_files(&cfg, &fed)?;
         Ok(Self {
             train: train_config(
@@ -111,6 +115,7 @@ impl Simulation {
             clients,
             server_test,
             accuracy_set,
+            plugin,
             records: Vec::new(),
             local,
             best: None,
