@@ -17,7 +17,8 @@ use fedllm_train::finetune::eval_batches;
 /// kept = [l + int(i·(n − 1)/(k − 1)) for i in range(k)].
 #[test]
 fn kept_layers_equal_fs_llms_formula() {
-    let cases: [((usize, usize, usize, f64), Vec<usize>); 7] = [
+    type Case = ((usize, usize, usize, f64), Vec<usize>);
+    let cases: [Case; 7] = [
         (
             (32, 2, 30, 0.2),
             vec![
