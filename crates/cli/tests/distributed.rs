@@ -696,3 +696,87 @@ fn personal_methods_run_distributed_as_standalone() {
         }
     }
 }
+
+/// Offsite tuning across processes: the server writes the emulator once; each client trains on
+/// it (given as `model.path`) and is refused when handed the full model; the rounds move the
+/// edge layers (with embeddings, final norm and head) and nothing else; no tensor a client
+/// holds is one of the dropped middle layers; the result equals the standalone run's bit for bit.
+#[test]
+fn offsite_tuning_runs_distributed_as_standalone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let deep = fedllm_testing::deep_model(d, "llama-tiny", 6);
+    let cfg = config(
+        d,
+        free_port(),
+        2,
+        "offsite: {enabled: true, emu_l: 1, emu_r: 5, drop_ratio: 0.5}\n",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&tiny().display().to_string(), &deep.display().to_string())
+        .replace("adapter: {r: 4, dropout: 0.1}", "adapter: {type: full}");
+    std::fs::write(&cfg, text).unwrap();
+    let mut s = server(d, &cfg, &[]);
+    s.wait_for("emulator written to", 60);
+    let emu = d.join("run/emulator");
+    let mut full = client(d, &cfg, 0, &[]);
+    assert!(!full.wait(60), "a client on the full model must be refused");
+    assert!(
+        full.text()
+            .contains("trains on the emulator its server wrote"),
+        "{}",
+        full.text()
+    );
+    let m = format!("model.path={}", emu.display());
+    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[&m])).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
+
+    let lay = fedllm_fl::offsite::Layout::new(
+        6,
+        &fedllm_fl::config::OffsiteCfg {
+            emu_l: 1,
+            emu_r: 5,
+            drop_ratio: 0.5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sent = candle_core::safetensors::load(
+        d.join("run/adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let edge_bytes: usize = sent.values().map(|t| t.elem_count() * 4).sum();
+    for n in sent.keys() {
+        let l = fedllm_peft::full::layer_of(n);
+        assert!(l.is_none_or(|l| lay.edges.contains(&l)), "{n} travels");
+    }
+    let r = &records(d)[1];
+    for i in 0..3 {
+        let up = r["bytes_up_per_client"][i.to_string()].as_u64().unwrap() as usize;
+        assert_eq!(up, edge_bytes, "client {i} uploads the edge tensors only");
+    }
+    let full_model = fedllm_model::CausalLm::load(&deep, Default::default())
+        .unwrap()
+        .model;
+    let middle = fedllm_fl::offsite::middle_hashes(&full_model, &lay).unwrap();
+    let held =
+        candle_core::safetensors::load(emu.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for (n, t) in held.iter().chain(sent.iter()) {
+        let h = fedllm_fl::offsite::tensor_hash(t).unwrap();
+        let hit = middle
+            .iter()
+            .find(|(_, m)| **m == h)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = hit {
+            let l = fedllm_peft::full::layer_of(&k).unwrap();
+            assert!(lay.kept.contains(&l), "{n} is the full model's dropped {k}");
+        }
+    }
+}

@@ -85,6 +85,10 @@ macro_rules! choice {
 }
 
 choice!(
+    /// How the emulator's frozen middle layers are stored in the file clients load.
+    EmulatorQuant { None = "none", F16 = "f16", Bf16 = "bf16", Q8_0 = "q8_0", Q4_1 = "q4_1" }
+);
+choice!(
     /// A generation-based score computed at evaluation rounds.
     AccuracyTask { None = "none", Gsm8k = "gsm8k" }
 );
@@ -265,7 +269,7 @@ pub struct TrainCfg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EvalCfg {
-    /// Evaluate every this many rounds (0 = only at the end).
+    /// Evaluate every this many rounds, and after round 0 and the last (0 = never).
     pub freq: usize,
     pub batch_size: usize,
     /// Cap the records per evaluated split (client val/test, server test).
@@ -295,6 +299,11 @@ pub struct OffsiteCfg {
     /// Of the n middle layers keep round(n·(1 − drop_ratio)), evenly spaced.
     pub drop_ratio: f64,
     pub freeze_embeddings: bool,
+    /// The emulator file's frozen middle: `none` (f32), `f16`, `bf16` (Hugging Face bases),
+    /// `q8_0`, `q4_1` (GGUF bases). A distributed server always writes the file
+    /// (`<outdir>/emulator.gguf` or `<outdir>/emulator/`) for clients to load as `model.path`; a
+    /// standalone run writes and trains on it unless `none`.
+    pub emulator_quant: EmulatorQuant,
     /// Server-side alignment before the rounds: optimizer steps of knowledge distillation of
     /// the emulator's middle towards the full model's (0 = none).
     pub align_steps: usize,
@@ -322,6 +331,7 @@ impl Default for OffsiteCfg {
             emu_r: 10,
             drop_ratio: 0.5,
             freeze_embeddings: false,
+            emulator_quant: EmulatorQuant::None,
             align_steps: 0,
             align_lr: 1e-4,
             align_batch_size: 4,
@@ -686,6 +696,7 @@ fn choices() -> Vec<(&'static str, Vec<&'static str>)> {
         ("personal.method", PersonalMethod::ALL.to_vec()),
         ("distributed.compression", Compression::ALL.to_vec()),
         ("eval.accuracy", AccuracyTask::ALL.to_vec()),
+        ("offsite.emulator_quant", EmulatorQuant::ALL.to_vec()),
         ("eval.accuracy_split", AccuracySplit::ALL.to_vec()),
     ]
 }

@@ -406,3 +406,126 @@ fn offsite_config_errors() {
     assert!(e(&["offsite.align_steps=5"]).contains("offsite.align_data"));
     assert!(e(&["personal.method=ditto"]).contains("personal.method"));
 }
+
+/// With `offsite.emulator_quant` a standalone run writes the emulator file clients would get
+/// and trains on it: a Hugging Face folder listing its layers, the middle in f16, the edges
+/// exact; the plug-in model is still the full one.
+#[test]
+fn a_compressed_emulator_folder_is_what_clients_train_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::deep_model(dir.path(), "llama-tiny", 6);
+    let data = common::data(dir.path(), 60);
+    let cfg = offsite_run(dir.path(), &model, &data, &["offsite.emulator_quant=f16"]);
+    let out = cfg.outdir.clone();
+    let mut sim = Simulation::new(cfg).unwrap();
+    let emu = out.join("emulator");
+    let loaded = CausalLm::load(&emu, LoadOptions::default()).unwrap().model;
+    assert_eq!(loaded.layer_ids(), vec![0, 1, 4, 5]);
+    let full = CausalLm::load(&model, LoadOptions::default())
+        .unwrap()
+        .model;
+    let weights = |m: &CausalLm| -> std::collections::BTreeMap<String, Tensor> {
+        m.named_weights()
+            .into_iter()
+            .map(|(n, w)| (n, w.dequantize(candle_core::DType::F32).unwrap()))
+            .collect()
+    };
+    let (f, e, s) = (weights(&full), weights(&loaded), weights(&sim.model));
+    for (n, t) in &e {
+        let want = &f[n];
+        let d = fedllm_testing::max_abs_diff(t, want).unwrap();
+        match fedllm_peft::full::layer_of(n) {
+            // f16 keeps 11 significant bits: relative error at most 2^-11 of the largest value.
+            Some(1 | 4) => {
+                let m = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d <= m * 2f32.powi(-11), "{n}: {d}");
+            }
+            _ => assert_eq!(d, 0.0, "{n}: edges and embeddings travel exact"),
+        }
+        assert_eq!(
+            fedllm_testing::max_abs_diff(t, &s[n]).unwrap(),
+            0.0,
+            "{n}: trained on the file"
+        );
+    }
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("offsite.json")).unwrap()).unwrap();
+    assert!(rep["emulator_bytes"].as_u64().unwrap() > 0);
+    let s = sim.run(false, None, |_| {}).unwrap();
+    assert!(s.records.last().unwrap().plugin_test_loss.is_some());
+}
+
+/// On the real SmolLM2 GGUF (30 layers; FS-LLM-style emu_l 2, emu_r 28, drop 0.5) the emulator
+/// file keeps the tokenizer and the edges in f32, stores the kept middle as Q8_0 blocks, lists
+/// its 17 layers, and loads back into a model of exactly those layers.
+#[test]
+fn smollm2_emulator_gguf_in_q8_0() {
+    let Some(model) = fedllm_testing::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::data(dir.path(), 30);
+    let cfg = offsite_run(
+        dir.path(),
+        &model,
+        &data,
+        &[
+            "offsite.emu_l=2",
+            "offsite.emu_r=28",
+            "offsite.emulator_quant=q8_0",
+            "adapter.type=lora",
+            "model.quant=dequantize",
+            "federate.total_round_num=1",
+            "train.local_update_steps=1",
+            "train.batch_size=1",
+            "eval.max_samples=2",
+        ],
+    );
+    let out = cfg.outdir.clone();
+    let sim = Simulation::new(cfg).unwrap();
+    let lay = Layout::new(30, &sim.cfg.offsite).unwrap();
+    assert_eq!(
+        lay.kept,
+        vec![2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 27]
+    );
+    let f = fedllm_model::gguf::GgufFile::open(&out.join("emulator.gguf")).unwrap();
+    assert!(f.meta("tokenizer.ggml.model").is_some());
+    let layers: Vec<u64> = f
+        .meta("fedllm.emulator.layers")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        layers,
+        lay.emulator_layers()
+            .iter()
+            .map(|&l| l as u64)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(f.info("blk.4.ffn_up.weight").unwrap().ggml_type, 8, "Q8_0");
+    assert_eq!(
+        f.info("blk.0.ffn_up.weight").unwrap().ggml_type,
+        0,
+        "F32 edge"
+    );
+    assert!(
+        f.info("blk.5.ffn_up.weight").is_err(),
+        "dropped layer absent"
+    );
+    assert_eq!(sim.model.layer_ids(), lay.emulator_layers());
+    // LoRA sits on the edge layers only.
+    assert!(sim
+        .server
+        .global
+        .keys()
+        .all(|n| { fedllm_peft::full::layer_of(n).is_some_and(|l| lay.edges.contains(&l)) }));
+}

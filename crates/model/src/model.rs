@@ -62,8 +62,23 @@ impl CausalLm {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
             ));
         }
+        let mut opts = opts;
         if path.is_dir() {
             let config = ModelConfig::from_json_file(&path.join("config.json"))?;
+            // An offsite-tuning emulator lists the layers it holds.
+            let emu = path.join("fedllm_emulator.json");
+            if opts.layers.is_none() && emu.exists() {
+                let text = std::fs::read_to_string(&emu).map_err(|e| ModelError::io(&emu, e))?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| ModelError::format(&emu, e.to_string()))?;
+                let layers = v["layers"]
+                    .as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+                opts.layers =
+                    Some(layers.ok_or_else(|| {
+                        ModelError::format(&emu, "`layers` must list layer indices")
+                    })?);
+            }
             let ws = WeightSource::safetensors_dir(path, opts)?;
             let model = Self::build(&ws, config)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
@@ -71,6 +86,14 @@ impl CausalLm {
         } else if is_gguf(path) {
             let file = GgufFile::open(path)?;
             let config = gguf_config(&file)?;
+            if let (None, Some(v)) = (&opts.layers, file.meta("fedllm.emulator.layers")) {
+                let layers = v
+                    .as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+                opts.layers = Some(layers.ok_or_else(|| {
+                    ModelError::format(path, "`fedllm.emulator.layers` must list layer indices")
+                })?);
+            }
             let tokenizer = match file.meta("tokenizer.ggml.model") {
                 Some(_) => Some(Tokenizer::from_gguf(&file)?),
                 None => None,

@@ -17,6 +17,7 @@ use crate::config::OffsiteCfg;
 use crate::error::{FlError, Result};
 
 pub mod align;
+pub mod handoff;
 
 /// FS-LLM's split of `layers` layers: the middle is [l, r) with l = max(emu_l, 1) and
 /// r = min(emu_r, L − 1), so at least the first and the last layer are trainable.

@@ -142,6 +142,9 @@ impl Simulation {
         stop_after: Option<usize>,
         mut log: impl FnMut(&str),
     ) -> Result<Summary> {
+        for n in std::mem::take(&mut self.notes) {
+            log(&n);
+        }
         if self.cfg.offsite.enabled && self.cfg.offsite.stop_after_align {
             let p = self.cfg.outdir.join("emulator.safetensors");
             log(&format!(

@@ -44,6 +44,8 @@ pub struct Simulation {
     accuracy_set: Vec<fedllm_eval::gsm8k::Question>,
     /// Offsite tuning (server side): the full model the trained edge layers plug into.
     pub plugin: Option<crate::offsite::Plugin>,
+    /// What setup did that the run's log should say (e.g. where the emulator file went).
+    notes: Vec<String>,
     pub records: Vec<RoundRecord>,
     /// The tensors each client keeps to itself (`federate.local_tensors`, or all of them in
     /// the `local` baseline).

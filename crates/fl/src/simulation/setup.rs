@@ -79,11 +79,10 @@ impl Simulation {
             .unwrap_or(0);
         let mut acfg = adapter_config(&cfg.adapter, &model);
         let mut plugin = None;
-        if cfg.offsite.enabled && !matches!(role, Role::Client(_)) {
-            let p = offsite::prepare(&cfg, !fresh, model, &tokenizer, acfg.clone(), pad_id)?;
-            acfg = p.layout.adapter_config(acfg, &cfg.offsite)?;
-            model = p.emulator;
-            plugin = Some(p.plugin);
+        let mut notes = Vec::new();
+        if cfg.offsite.enabled {
+            let o = offsite_setup(&cfg, role, fresh, model, &tokenizer, acfg, pad_id)?;
+            (model, acfg, plugin, notes) = (o.model, o.adapter, o.plugin, o.notes);
         }
         let adapter = Adapter::init(&model, acfg, cfg.federate.seed, Some(&tokenizer))?;
         adapter.attach(&mut model, true)?;
@@ -116,6 +115,7 @@ impl Simulation {
             server_test,
             accuracy_set,
             plugin,
+            notes,
             records: Vec::new(),
             local,
             best: None,
@@ -127,6 +127,94 @@ impl Simulation {
             last_shared: ParamSet::new(),
         })
     }
+}
+
+/// Offsite tuning: the server (or a standalone run) builds the emulator from the full model,
+/// writes the file clients load (distributed, or compressed) and keeps the full model for
+/// plug-in evaluation; a client trains on the emulator it was given as `model.path`.
+fn offsite_setup(
+    cfg: &RunConfig,
+    role: Role,
+    fresh: bool,
+    model: CausalLm,
+    tokenizer: &Tokenizer,
+    acfg: fedllm_peft::AdapterConfig,
+    pad_id: u32,
+) -> Result<OffsiteSetup> {
+    let o = &cfg.offsite;
+    let mut notes = Vec::new();
+    if let Role::Client(_) = role {
+        let layout = offsite::Layout::new(model.config.num_layers(), o)?;
+        if model.layer_ids() != layout.emulator_layers() {
+            return Err(FlError::Config(format!(
+                "offsite: a client trains on the emulator its server wrote (<server outdir>/emulator.gguf or emulator/), given as model.path; {} holds layers {:?}, the emulator {:?}",
+                cfg.model.path.display(),
+                model.layer_ids(),
+                layout.emulator_layers()
+            )));
+        }
+        return Ok(OffsiteSetup {
+            adapter: layout.adapter_config(acfg, o)?,
+            model,
+            plugin: None,
+            notes,
+        });
+    }
+    let p = offsite::prepare(cfg, !fresh, model, tokenizer, acfg.clone(), pad_id)?;
+    let acfg = p.layout.adapter_config(acfg, o)?;
+    let mut model = p.emulator;
+    let mut file = serde_json::json!({
+        "edges": p.layout.edges, "middle": p.layout.middle, "kept": p.layout.kept, "align": p.align,
+    });
+    if role == Role::Server || o.emulator_quant != crate::config::EmulatorQuant::None {
+        let (path, bytes) = offsite::handoff::export(
+            &model,
+            &cfg.model.path,
+            &p.layout,
+            o.emulator_quant,
+            &cfg.outdir,
+        )?;
+        notes.push(format!(
+            "offsite: emulator written to {} ({:.2} MB, middle {}): clients load it as model.path",
+            path.display(),
+            bytes as f64 / 1e6,
+            o.emulator_quant
+        ));
+        file["emulator"] = path.display().to_string().into();
+        file["emulator_bytes"] = bytes.into();
+        if role == Role::Standalone {
+            // Clients train on what they would receive.
+            let mut opts = assemble::load_options(&cfg.model);
+            opts.quant = fedllm_model::QuantMode::Keep;
+            model = CausalLm::load(&path, opts)?.model;
+        }
+    }
+    let j = cfg.outdir.join("offsite.json");
+    std::fs::create_dir_all(&cfg.outdir).map_err(|e| FlError::File {
+        path: cfg.outdir.clone(),
+        msg: e.to_string(),
+    })?;
+    std::fs::write(&j, serde_json::to_string_pretty(&file).expect("json")).map_err(|e| {
+        FlError::File {
+            path: j,
+            msg: e.to_string(),
+        }
+    })?;
+    Ok(OffsiteSetup {
+        model,
+        adapter: acfg,
+        plugin: Some(p.plugin),
+        notes,
+    })
+}
+
+/// What offsite tuning changes of a run: the model trained on (the emulator), the adapter
+/// (the edge layers), the server's plug-in model, and lines for the run's log.
+struct OffsiteSetup {
+    model: CausalLm,
+    adapter: fedllm_peft::AdapterConfig,
+    plugin: Option<offsite::Plugin>,
+    notes: Vec<String>,
 }
 
 /// The model and tokenizer `cfg.model` names.

@@ -86,49 +86,7 @@ pub fn one_round(
     (before, sim)
 }
 
-/// A deeper copy of a tiny golden model (`llama-tiny` or `gpt2-tiny`) with `layers` layers:
-/// layer i is golden layer i % 2 with seeded noise added, so that every layer differs.
+/// A deeper copy of a tiny golden model (see `fedllm_testing::deep_model`).
 pub fn deep_model(dir: &Path, golden: &str, layers: usize) -> PathBuf {
-    use candle_core::{Device, Tensor};
-    let src = tiny().parent().unwrap().join(golden);
-    let out = dir.join(format!("{golden}-{layers}"));
-    std::fs::create_dir_all(&out).unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    for k in ["num_hidden_layers", "n_layer"] {
-        if cfg.get(k).is_some() {
-            cfg[k] = layers.into();
-        }
-    }
-    std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
-    for f in ["tokenizer.json", "generation_config.json"] {
-        if src.join(f).exists() {
-            std::fs::copy(src.join(f), out.join(f)).unwrap();
-        }
-    }
-    let w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-    let mut rng = Rng::new(7);
-    let mut new = std::collections::HashMap::new();
-    for (name, t) in &w {
-        let parts: Vec<&str> = name.split('.').collect();
-        let at = parts.iter().position(|p| *p == "layers" || *p == "h");
-        let Some(at) = at.filter(|&a| parts.get(a + 1).is_some_and(|x| x.parse::<usize>().is_ok()))
-        else {
-            new.insert(name.clone(), t.clone());
-            continue;
-        };
-        let src_layer: usize = parts[at + 1].parse().unwrap();
-        for i in (0..layers).filter(|i| i % 2 == src_layer) {
-            let mut p = parts.clone();
-            let idx = i.to_string();
-            p[at + 1] = &idx;
-            let noise: Vec<f32> = (0..t.elem_count())
-                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.02)
-                .collect();
-            let noise = Tensor::from_vec(noise, t.shape(), &Device::Cpu).unwrap();
-            new.insert(p.join("."), (t + noise).unwrap());
-        }
-    }
-    candle_core::safetensors::save(&new, out.join("model.safetensors")).unwrap();
-    out
+    fedllm_testing::deep_model(dir, golden, layers)
 }
