@@ -780,3 +780,26 @@ fn offsite_tuning_runs_distributed_as_standalone() {
         }
     }
 }
+
+/// Differential privacy across processes: the clients clip their updates (told C in their
+/// task), the server adds the calibrated noise; the result equals the standalone run's bit for
+/// bit, and every round's record carries ε so far.
+#[test]
+fn dp_runs_distributed_as_standalone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(
+        d,
+        free_port(),
+        2,
+        "dp: {mode: central, clip: 0.05, noise_multiplier: 0.8, adaptive: true, count_std: 1.0}\n",
+    );
+    run_three_clients(d, &cfg);
+    assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
+    let recs = records(d);
+    let eps: Vec<f64> = recs[1..]
+        .iter()
+        .map(|r| r["strategy"]["dp_epsilon"][0].as_f64().unwrap())
+        .collect();
+    assert!(eps[0] > 0.0 && eps[1] > eps[0], "{eps:?}");
+}

@@ -215,6 +215,13 @@ impl Client {
                         }
                     }
                 }
+                if let Some(c) = config.dp_clip {
+                    let (clipped, norm) = crate::dp::clip(sent, &start, c)?;
+                    metrics.insert("dp_norm".into(), norm);
+                    metrics.insert("dp_within".into(), f64::from(u8::from(norm <= c)));
+                    let mut rng = fedllm_rng::Rng::new(seed ^ 0xD1FF_5EED);
+                    sent = crate::dp::add_noise(clipped, config.dp_local_std, &mut rng)?;
+                }
                 let result = FitResult {
                     client: self.id,
                     params: sent,

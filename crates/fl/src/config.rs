@@ -23,6 +23,8 @@ pub struct RunConfig {
     pub personal: PersonalCfg,
     /// Offsite tuning (FedOT): clients train the edge layers of a compressed emulator.
     pub offsite: OffsiteCfg,
+    /// Client-level differential privacy (DP-FedAvg) with an RDP accountant.
+    pub dp: DpCfg,
     /// `federate.mode: distributed`: the gRPC server and clients.
     pub distributed: DistributedCfg,
     /// Where metrics, plots, checkpoints and the final adapter go.
@@ -87,6 +89,10 @@ macro_rules! choice {
 choice!(
     /// How the emulator's frozen middle layers are stored in the file clients load.
     EmulatorQuant { None = "none", F16 = "f16", Bf16 = "bf16", Q8_0 = "q8_0", Q4_1 = "q4_1" }
+);
+choice!(
+    /// Where differential privacy's noise is added.
+    DpMode { None = "none", Central = "central", Local = "local" }
 );
 choice!(
     /// A generation-based score computed at evaluation rounds.
@@ -286,6 +292,50 @@ pub struct EvalCfg {
     pub accuracy_max_new_tokens: usize,
 }
 
+/// Client-level DP-FedAvg: each client's update is clipped to L2 norm `clip` on the client;
+/// Gaussian noise of standard deviation `noise_multiplier`·C·(largest client weight / total
+/// weight) goes on the weighted mean at the server (`central`), or z·C on each client's update
+/// (`local`). The accountant assumes the engine's sampling: a fixed number of clients without
+/// replacement, under the replace-one relation (sensitivity 2C, so the accountant's multiplier
+/// is z/2); local mode counts every round at full participation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpCfg {
+    pub mode: DpMode,
+    /// C (`.inf`: no clipping).
+    pub clip: f64,
+    /// z; with `target_epsilon` it is computed before the run instead.
+    pub noise_multiplier: f64,
+    /// Adapt C to the `target_quantile` of the update norms (Andrew et al. 2021).
+    pub adaptive: bool,
+    pub target_quantile: f64,
+    pub clip_lr: f64,
+    /// σ_b of the noised count of clipped clients (0: clients per round / 20, the paper's).
+    pub count_std: f64,
+    pub delta: f64,
+    /// Choose z so that ε after `federate.total_round_num` rounds is this.
+    pub target_epsilon: Option<f64>,
+    /// Stop cleanly before a round that would take ε past this.
+    pub max_epsilon: Option<f64>,
+}
+
+impl Default for DpCfg {
+    fn default() -> Self {
+        Self {
+            mode: DpMode::None,
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            adaptive: false,
+            target_quantile: 0.5,
+            clip_lr: 0.2,
+            count_std: 0.0,
+            delta: 1e-5,
+            target_epsilon: None,
+            max_epsilon: None,
+        }
+    }
+}
+
 /// FS-LLM's offsite tuning: layers [0, l) and [r, L) (l = max(emu_l, 1), r = min(emu_r, L − 1))
 /// are the trainable adapter, the middle is compressed by dropping layers. `adapter.type full`
 /// trains those layers in full (with the embeddings, final norm and LM head unless
@@ -456,6 +506,7 @@ impl Default for RunConfig {
             eval: EvalCfg::default(),
             personal: PersonalCfg::default(),
             offsite: OffsiteCfg::default(),
+            dp: DpCfg::default(),
             distributed: DistributedCfg::default(),
             outdir: PathBuf::from("runs/latest"),
         }
@@ -697,6 +748,7 @@ fn choices() -> Vec<(&'static str, Vec<&'static str>)> {
         ("distributed.compression", Compression::ALL.to_vec()),
         ("eval.accuracy", AccuracyTask::ALL.to_vec()),
         ("offsite.emulator_quant", EmulatorQuant::ALL.to_vec()),
+        ("dp.mode", DpMode::ALL.to_vec()),
         ("eval.accuracy_split", AccuracySplit::ALL.to_vec()),
     ]
 }
@@ -1153,6 +1205,7 @@ impl RunConfig {
         }
         e.extend(self.personal_problems());
         e.extend(self.offsite_problems());
+        e.extend(self.dp_problems());
         if ev.accuracy != AccuracyTask::None {
             if !matches!(a.kind, AdapterKind::Lora | AdapterKind::Full) {
                 e.push(format!(
@@ -1193,6 +1246,75 @@ impl RunConfig {
                     }
                 }
             }
+        }
+        e
+    }
+
+    /// What differential privacy needs of the rest of the config.
+    fn dp_problems(&self) -> Vec<String> {
+        use crate::strategy::StrategyKind as S;
+        let d = &self.dp;
+        let mut e = Vec::new();
+        if d.mode == DpMode::None {
+            return e;
+        }
+        if !matches!(self.federate.strategy, S::Fedavg | S::Fedprox) {
+            e.push(format!(
+                "dp.mode {} calibrates noise to a weighted mean of clipped updates: federate.strategy must be fedavg or fedprox, got {} (median, Krum and trimmed means have no such sensitivity bound)",
+                d.mode,
+                self.federate.strategy.as_str()
+            ));
+        }
+        if self.federate.baseline != Baseline::Fl || self.personal.method != PersonalMethod::None {
+            e.push("dp.mode needs federate.baseline fl and no personal.method".into());
+        }
+        if d.clip.is_nan() || d.clip <= 0.0 {
+            e.push(format!(
+                "dp.clip must be above 0 (.inf for none), got {}",
+                d.clip
+            ));
+        }
+        if !(d.noise_multiplier >= 0.0 && d.noise_multiplier.is_finite()) {
+            e.push(format!(
+                "dp.noise_multiplier must be finite and >= 0, got {}",
+                d.noise_multiplier
+            ));
+        }
+        if !(d.delta > 0.0 && d.delta < 1.0) {
+            e.push(format!("dp.delta must be in (0, 1), got {}", d.delta));
+        }
+        if !(0.0..=1.0).contains(&d.target_quantile) {
+            e.push(format!(
+                "dp.target_quantile must be in [0, 1], got {}",
+                d.target_quantile
+            ));
+        }
+        if d.adaptive && !d.clip.is_finite() {
+            e.push("dp.adaptive needs a finite initial dp.clip".into());
+        }
+        let count_std = if d.count_std > 0.0 {
+            d.count_std
+        } else {
+            self.clients_per_round() as f64 / 20.0
+        };
+        if d.adaptive && d.noise_multiplier > 0.0 && d.noise_multiplier >= 2.0 * count_std {
+            e.push(format!(
+                "dp.adaptive: counting clipped clients with noise σ_b = {count_std} leaves the updates no budget at dp.noise_multiplier {} (need z < 2·σ_b; raise dp.count_std)",
+                d.noise_multiplier
+            ));
+        }
+        for (k, v) in [
+            ("dp.target_epsilon", d.target_epsilon),
+            ("dp.max_epsilon", d.max_epsilon),
+        ] {
+            if let Some(v) = v {
+                if v.is_nan() || v <= 0.0 {
+                    e.push(format!("{k} must be above 0, got {v}"));
+                }
+            }
+        }
+        if d.target_epsilon.is_some() && !d.clip.is_finite() {
+            e.push("dp.target_epsilon needs a finite dp.clip (noise is z·C)".into());
         }
         e
     }

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod client_state;
 pub mod config;
+pub mod dp;
 pub mod error;
 pub mod finetune;
 pub mod manifest;

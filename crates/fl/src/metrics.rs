@@ -306,6 +306,13 @@ pub fn summary_table(records: &[RoundRecord]) -> String {
             plug.join(", ")
         );
     }
+    if let Some((round, eps)) = records
+        .iter()
+        .rev()
+        .find_map(|r| Some((r.round, *r.strategy.get("dp_epsilon")?.first()?)))
+    {
+        s += &format!("differential privacy: ε = {eps:.4} after round {round}\n");
+    }
     let down: usize = records.iter().map(|r| r.bytes_down).sum();
     let up: usize = records.iter().map(|r| r.bytes_up).sum();
     s += &format!(

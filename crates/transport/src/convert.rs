@@ -228,6 +228,8 @@ mod tests {
             local_steps: Some(7),
             local_tensors: Some(vec!["*lora_B*".into()]),
             report_val: true,
+            dp_clip: Some(0.5),
+            dp_local_std: 0.125,
         };
         let msg = ToClient::Fit {
             round: 4,

@@ -177,7 +177,13 @@ impl Simulation {
             // Round 0 sends only evaluation requests: their bytes are all it moved.
             self.finish_record(rec, t0, &mut log);
         }
+        let mut budget_spent = false;
         while self.server.round < total {
+            if let Some(note) = self.privacy_budget_stop() {
+                log(&note);
+                budget_spent = true;
+                break;
+            }
             let t0 = Instant::now();
             let outcome = self.fit_round(progress, &mut log)?;
             let round = outcome.round;
@@ -200,14 +206,15 @@ impl Simulation {
                 break;
             }
         }
-        if self.server.round >= total {
+        let done = self.server.round >= total || budget_spent;
+        if done {
             if let Some(r) = self.remote.as_mut() {
                 r.finish();
             }
         }
         write_all(&self.cfg.outdir, &self.records)?;
         let adapter_dir = self.save_adapters()?;
-        if self.server.round >= total {
+        if done {
             self.write_manifest(Status::Finished, None)?;
         }
         Ok(Summary {
@@ -216,6 +223,26 @@ impl Simulation {
             best_round: self.best.map(|b| b.0),
             best_loss: self.best.map(|b| b.1),
             adapter_dir,
+        })
+    }
+}
+
+impl Simulation {
+    /// `dp.max_epsilon`: the line that ends the run when the next round would spend past it.
+    fn privacy_budget_stop(&self) -> Option<String> {
+        let max = self.cfg.dp.max_epsilon?;
+        let next = self.server.round + 1;
+        let eps = crate::dp::epsilon_of(
+            &self.cfg.dp,
+            self.cfg.federate.client_num,
+            self.server.clients_per_round,
+            next,
+        );
+        (eps > max).then(|| {
+            format!(
+                "dp: stopping before round {next}: ε would reach {eps:.4} > dp.max_epsilon {max} (δ = {}); the adapter of round {} is final",
+                self.cfg.dp.delta, self.server.round
+            )
         })
     }
 }

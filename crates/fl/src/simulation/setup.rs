@@ -43,6 +43,26 @@ impl Simulation {
         base: Option<(&CausalLm, &Tokenizer)>,
     ) -> Result<Self> {
         cfg.validate()?;
+        let mut notes = Vec::new();
+        if let (crate::config::DpMode::Central | crate::config::DpMode::Local, Some(t)) =
+            (cfg.dp.mode, cfg.dp.target_epsilon)
+        {
+            let (n, m, r) = (
+                cfg.federate.client_num,
+                cfg.clients_per_round(),
+                cfg.federate.total_round_num,
+            );
+            let z = crate::dp::noise_for_target(&cfg.dp, n, m, r, t).ok_or_else(|| {
+                FlError::Config(format!(
+                    "dp.target_epsilon {t}: no noise multiplier up to 10^4 reaches it in {r} rounds"
+                ))
+            })?;
+            cfg.dp.noise_multiplier = z;
+            notes.push(format!(
+                "dp: noise multiplier {z:.4} for ε = {t} after {r} rounds ({m} of {n} clients per round, δ = {})",
+                cfg.dp.delta
+            ));
+        }
         // A client's folder is its own state, kept across restarts.
         if fresh && !matches!(role, Role::Client(_)) {
             manifest::claim(&cfg.outdir, false)?;
@@ -79,10 +99,10 @@ impl Simulation {
             .unwrap_or(0);
         let mut acfg = adapter_config(&cfg.adapter, &model);
         let mut plugin = None;
-        let mut notes = Vec::new();
         if cfg.offsite.enabled {
             let o = offsite_setup(&cfg, role, fresh, model, &tokenizer, acfg, pad_id)?;
-            (model, acfg, plugin, notes) = (o.model, o.adapter, o.plugin, o.notes);
+            (model, acfg, plugin) = (o.model, o.adapter, o.plugin);
+            notes.extend(o.notes);
         }
         let adapter = Adapter::init(&model, acfg, cfg.federate.seed, Some(&tokenizer))?;
         adapter.attach(&mut model, true)?;
@@ -412,6 +432,17 @@ fn build_server(cfg: &RunConfig, initial: &ParamSet) -> Result<Server> {
             &cfg.federate.strategy_params,
             cfg.federate.seed,
         ),
+    };
+    let strat: Box<dyn strategy::Strategy> = if cfg.dp.mode == crate::config::DpMode::None {
+        strat
+    } else {
+        Box::new(strategy::dp::Dp::new(
+            strat,
+            cfg.dp.clone(),
+            cfg.federate.seed,
+            cfg.federate.client_num,
+            per_round,
+        ))
     };
     let mut server = Server::new(strat, initial.clone(), cfg.federate.seed, per_round);
     server.steps_per_round = match cfg.train.batch_or_epoch {

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::params::ParamSet;
 
 pub mod bulyan;
+pub mod dp;
 pub mod fedadam;
 pub mod fedavg;
 pub mod fedavgm;
@@ -58,6 +59,11 @@ pub struct FitConfig {
     /// Measure the client's val loss before and after its local training (metrics
     /// `val_before`, `val_after`): FedEx's reward.
     pub report_val: bool,
+    /// Differential privacy: clip the update (what is sent back minus what was received) to
+    /// this L2 norm (metrics `dp_norm`, `dp_within`).
+    pub dp_clip: Option<f64>,
+    /// Local DP: Gaussian noise of this standard deviation on the clipped update.
+    pub dp_local_std: f64,
 }
 
 pub trait Strategy: Send {
