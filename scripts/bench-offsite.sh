@@ -69,6 +69,9 @@ if [ "$only" = ",," ] || [[ "$only" == *",rss,"* ]]; then
     local kb
     kb=$(grep "Maximum resident" "$out/rss-$name-c0.log" | awk '{print $NF}')
     echo "client peak RSS on the $name: $((kb / 1024)) MiB"
+    if [ -f "$o/offsite.json" ]; then
+      python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(f\"emulator file (down once per client): {j['emulator_bytes']/1e6:.1f} MB\")" "$o/offsite.json"
+    fi
   }
   rss emulator offsite.emulator_quant=q8_0
   rss full offsite.enabled=false adapter.type=lora adapter.r=8 adapter.alpha=16

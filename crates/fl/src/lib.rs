@@ -18,6 +18,7 @@ pub mod offsite;
 pub mod params;
 pub mod personal;
 pub mod remote;
+pub mod secagg;
 pub mod server;
 pub mod simulation;
 pub mod strategy;
