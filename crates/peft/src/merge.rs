@@ -72,6 +72,15 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> PeftError {
 
 /// Writes `weights` as a Hugging Face folder at `out`. Config and tokenizer files are copied from
 /// a source folder when the model came from one, else written from the loaded config/tokenizer.
+/// The files of a Hugging Face model folder beside its weights.
+pub const HF_SIDE_FILES: [&str; 5] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
 pub fn write_hf_folder(
     model: &CausalLm,
     weights: &[(String, Tensor)],
@@ -81,13 +90,7 @@ pub fn write_hf_folder(
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     let src = &model.source;
     if src.is_dir() {
-        for f in [
-            "config.json",
-            "generation_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
+        for f in HF_SIDE_FILES {
             if src.join(f).exists() {
                 std::fs::copy(src.join(f), out.join(f)).map_err(|e| io_err(&out.join(f), e))?;
             }

@@ -71,17 +71,25 @@ fn log_comb(n: f64, k: f64) -> f64 {
     ln_gamma(n + 1.0) - ln_gamma(k + 1.0) - ln_gamma(n - k + 1.0)
 }
 
+/// The cases either sampling shares: nobody sampled (0), no noise (∞), everyone sampled (the
+/// plain Gaussian mechanism, α/(2z²)).
+fn rdp_edge(q: f64, z: f64, alpha: f64) -> Option<f64> {
+    if q == 0.0 {
+        Some(0.0)
+    } else if z == 0.0 {
+        Some(f64::INFINITY)
+    } else if q == 1.0 {
+        Some(alpha / (2.0 * z * z))
+    } else {
+        None
+    }
+}
+
 /// RDP at integer order α of one Poisson-sampled Gaussian step: log(A_α)/(α − 1) with
 /// A_α = Σ_i C(α, i) q^i (1 − q)^(α−i) exp((i² − i)/(2z²)).
 fn rdp_poisson(q: f64, z: f64, alpha: f64) -> f64 {
-    if q == 0.0 {
-        return 0.0;
-    }
-    if z == 0.0 {
-        return f64::INFINITY;
-    }
-    if q == 1.0 {
-        return alpha / (2.0 * z * z);
+    if let Some(r) = rdp_edge(q, z, alpha) {
+        return r;
     }
     let a = alpha as u64;
     let mut log_a = f64::NEG_INFINITY;
@@ -121,14 +129,8 @@ fn forward_diffs(cgf: impl Fn(f64) -> f64, n: usize) -> Vec<f64> {
 
 /// RDP at integer order α of one Gaussian step on a fixed-size sample without replacement.
 fn rdp_wor(q: f64, z: f64, alpha: f64) -> f64 {
-    if q == 0.0 {
-        return 0.0;
-    }
-    if z == 0.0 {
-        return f64::INFINITY;
-    }
-    if q == 1.0 {
-        return alpha / (2.0 * z * z);
+    if let Some(r) = rdp_edge(q, z, alpha) {
+        return r;
     }
     let a = alpha as usize;
     let cgf = |x: f64| x * (x + 1.0) / (2.0 * z * z);

@@ -98,13 +98,7 @@ pub fn export(
             }
         };
         std::fs::create_dir_all(&path).map_err(|e| io(&path, e))?;
-        for f in [
-            "config.json",
-            "generation_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
+        for f in fedllm_peft::merge::HF_SIDE_FILES {
             if source.join(f).exists() {
                 std::fs::copy(source.join(f), path.join(f)).map_err(|e| io(&path.join(f), e))?;
             }
