@@ -25,8 +25,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc v2's option enum: -1 = never return freed memory to the OS.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 use fedllm_model::{
-    bench, generate, generate::truncate_at_stop, CausalLm, ChatMessage, GenerateConfig,
-    LoadOptions, QuantMode, Sampling, Weight,
+    bench, generate::truncate_at_stop, CausalLm, ChatMessage, GenerateConfig, LoadOptions,
+    QuantMode, Sampling, Weight,
 };
 
 #[derive(Parser)]
@@ -163,6 +163,10 @@ impl ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// An adapter folder (PEFT files: LoRA, prefix, prompt, P-tuning, full), e.g. a run's
+    /// `adapter/` or a personalised client's `adapter_client_<i>/`
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Prompt text (repeat for a batch)
     #[arg(
         long,
@@ -378,7 +382,16 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     let loaded = a.model.load()?;
-    let (model, tok) = (loaded.model, loaded.tokenizer);
+    let (mut model, tok) = (loaded.model, loaded.tokenizer);
+    let prefix = match &a.adapter {
+        Some(dir) => {
+            let ad = fedllm_peft::io::load(dir, &model)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            ad.attach(&mut model, false)?;
+            ad.generation_prefix(&model)?
+        }
+        None => None,
+    };
     let vocab = model.config.vocab_size() as u32;
     let prompts: Vec<Vec<u32>> = match &a.prompt_ids {
         Some(ids) => {
@@ -434,7 +447,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         stop_token_ids: stop_ids,
         stop_strings: a.stop.clone(),
     };
-    let out = generate(&model, tok.as_ref(), &prompts, &cfg)?;
+    let out = fedllm_model::generate::generate_after(
+        &model,
+        tok.as_ref(),
+        prefix.as_ref(),
+        &prompts,
+        &cfg,
+    )?;
     let mut stdout = std::io::stdout().lock();
     for (p, g) in prompts.iter().zip(&out) {
         if a.print_ids {

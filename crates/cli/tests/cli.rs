@@ -212,3 +212,77 @@ fn bad_arguments() {
     ]);
     assert_clean_failure(&out, &["chat template"]);
 }
+
+/// `generate --adapter` with each adapter type of the golden PEFT folders: the printed ids are
+/// the prompt followed by the adapter's own greedy choice at every step (recomputed here from
+/// the adapter's full forward); a missing adapter folder is one error line naming it.
+#[test]
+fn generate_with_every_adapter_type() {
+    use candle_core::{Device, Tensor};
+    let dir = golden("llama-tiny");
+    let prompt = [5u32, 17, 3, 42, 8];
+    let ids: Vec<String> = prompt.iter().map(|i| i.to_string()).collect();
+    for kind in ["lora_peft", "prefix_peft", "prompt_peft", "ptuning_peft"] {
+        let ad_dir = dir.join(kind);
+        let out = fedllm(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--adapter",
+            ad_dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+            "--ignore-eos",
+            "--print-ids",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut model = fedllm_model::CausalLm::load(&dir, Default::default())
+            .unwrap()
+            .model;
+        let ad = fedllm_peft::io::load(&ad_dir, &model).unwrap();
+        ad.attach(&mut model, false).unwrap();
+        let mut want = prompt.to_vec();
+        for _ in 0..4 {
+            let x = Tensor::new(want.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let l = ad.logits(&model, &x, None).unwrap();
+            let last: Vec<f32> = l
+                .get(0)
+                .unwrap()
+                .get(l.dim(1).unwrap() - 1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let best = (0..last.len())
+                .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+                .unwrap();
+            want.push(best as u32);
+        }
+        let want: Vec<String> = want.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want.join(","),
+            "{kind}"
+        );
+    }
+    let missing = dir.join("no_such_adapter");
+    let out = fedllm(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--adapter",
+        missing.to_str().unwrap(),
+        "--prompt-ids",
+        "5,17",
+    ]);
+    assert_clean_failure(&out, &["no_such_adapter"]);
+}

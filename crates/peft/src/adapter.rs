@@ -283,6 +283,33 @@ impl Adapter {
         }
     }
 
+    /// What generation continues from with a prompt-type adapter: the one-row KV cache of its
+    /// virtual tokens (prompt tuning and P-tuning: their embeddings run through the model;
+    /// prefix tuning: its keys and values), detached, so decoding records no graph. None for
+    /// LoRA and full adapters, which are attached to the model instead.
+    pub fn generation_prefix(&self, model: &CausalLm) -> Result<Option<KvCache>> {
+        match &self.config {
+            AdapterConfig::Prefix(c) => {
+                let slots = crate::prefix::key_values(self, c, model, 1)?
+                    .into_iter()
+                    .map(|(k, v)| (k.detach(), v.detach()))
+                    .collect();
+                Ok(Some(KvCache::from_prefix(slots)?))
+            }
+            AdapterConfig::Prompt(_) | AdapterConfig::Ptuning(_) => {
+                let v = self
+                    .virtual_embeddings()?
+                    .detach()
+                    .to_dtype(model.dtype)?
+                    .unsqueeze(0)?;
+                let mut cache = KvCache::new();
+                model.hidden_from_embeds(v, None, Some(&mut cache))?;
+                Ok(Some(cache))
+            }
+            AdapterConfig::Lora(_) | AdapterConfig::Full(_) => Ok(None),
+        }
+    }
+
     /// A KV cache holding the prefix keys/values for `batch` rows.
     pub fn prefix_cache(
         &self,

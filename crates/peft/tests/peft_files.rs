@@ -295,3 +295,53 @@ fn inference_attachment_records_no_graph_and_follows_updates() {
         assert!(max_abs_diff(&before, &after).unwrap() > 1e-4);
     }
 }
+
+/// Greedy generation with every adapter type of the golden PEFT folders (LoRA attached; prefix,
+/// prompt and P-tuning continued from their virtual-token cache) picks the same tokens as
+/// recomputing the adapter's full forward over the whole sequence at every step.
+#[test]
+fn generation_with_every_adapter_type_matches_full_recomputation() {
+    use fedllm_model::generate::{generate_after, GenerateConfig, Sampling};
+    for dir in model_dirs() {
+        for kind in ["lora_peft", "prefix_peft", "prompt_peft", "ptuning_peft"] {
+            let mut model = CausalLm::load(&dir, LoadOptions::default()).unwrap().model;
+            let ad = io::load(&dir.join(kind), &model).unwrap();
+            ad.attach(&mut model, false).unwrap();
+            let prompt = vec![5u32, 17, 3, 42, 8];
+            let cfg = GenerateConfig {
+                max_new_tokens: 6,
+                sampling: Sampling::greedy(),
+                stop_token_ids: vec![],
+                stop_strings: vec![],
+            };
+            let prefix = ad.generation_prefix(&model).unwrap();
+            let got = generate_after(&model, None, prefix.as_ref(), &[prompt.clone()], &cfg)
+                .unwrap()
+                .remove(0)
+                .tokens;
+            let mut ids = prompt.clone();
+            for _ in 0..6 {
+                let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let logits = ad.logits(&model, &x, None).unwrap();
+                let last: Vec<f32> = logits
+                    .get(0)
+                    .unwrap()
+                    .get(logits.dim(1).unwrap() - 1)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let best = last
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .unwrap()
+                    .0 as u32;
+                ids.push(best);
+            }
+            assert_eq!(got, ids[prompt.len()..], "{} {kind}", dir.display());
+        }
+    }
+}
