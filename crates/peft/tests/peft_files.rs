@@ -315,10 +315,16 @@ fn generation_with_every_adapter_type_matches_full_recomputation() {
                 stop_strings: vec![],
             };
             let prefix = ad.generation_prefix(&model).unwrap();
-            let got = generate_after(&model, None, prefix.as_ref(), &[prompt.clone()], &cfg)
-                .unwrap()
-                .remove(0)
-                .tokens;
+            let got = generate_after(
+                &model,
+                None,
+                prefix.as_ref(),
+                std::slice::from_ref(&prompt),
+                &cfg,
+            )
+            .unwrap()
+            .remove(0)
+            .tokens;
             let mut ids = prompt.clone();
             for _ in 0..6 {
                 let x = Tensor::new(ids.as_slice(), &Device::Cpu)
