@@ -286,3 +286,47 @@ fn generate_with_every_adapter_type() {
     ]);
     assert_clean_failure(&out, &["no_such_adapter"]);
 }
+
+/// `--model ORG/NAME` reads the local Hugging Face cache (`$HF_HOME/hub`, the snapshot that
+/// refs/main names, offline) and generates exactly what the folder's path does; an id not in
+/// the cache is one error line saying where it looked.
+#[test]
+fn model_ids_resolve_from_the_hugging_face_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("hub/models--org--tiny-llama");
+    copy_dir(&golden("llama-tiny"), &repo.join("snapshots/abc123"));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fedllm"))
+            .env("HF_HOME", tmp.path())
+            .env_remove("HF_HUB_CACHE")
+            .args([
+                "generate",
+                "--model",
+                model,
+                "--prompt-ids",
+                "5,17,3",
+                "--max-new-tokens",
+                "5",
+                "--greedy",
+                "--ignore-eos",
+                "--print-ids",
+            ])
+            .output()
+            .unwrap()
+    };
+    let by_id = run("org/tiny-llama");
+    assert!(
+        by_id.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_id.stderr)
+    );
+    let by_path = run(golden("llama-tiny").to_str().unwrap());
+    assert_eq!(by_id.stdout, by_path.stdout);
+    let missing = run("org/absent");
+    assert_clean_failure(
+        &missing,
+        &["org/absent", "looked in", "models--org--absent"],
+    );
+}

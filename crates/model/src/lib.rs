@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;
+pub mod hub;
 pub mod llama;
 pub mod model;
 pub mod ops;

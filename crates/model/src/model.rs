@@ -56,6 +56,8 @@ pub fn is_gguf(path: &Path) -> bool {
 impl CausalLm {
     /// Loads a model (and its tokenizer) from a Hugging Face folder or a `.gguf` file.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Loaded> {
+        let resolved = crate::hub::resolve(path)?;
+        let path = resolved.as_path();
         if !path.exists() {
             return Err(ModelError::io(
                 path,
