@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+mod chat_cmd;
 mod data_cmd;
 mod dist_cmd;
 mod eval_cmd;
@@ -45,6 +46,8 @@ enum Cmd {
     /// Generate text from a prompt
     #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
+    /// Chat with a model (and adapter) in its chat template; one turn per stdin line
+    Chat(chat_cmd::ChatArgs),
     /// Print a model's architecture, size, storage and vocabulary
     Info {
         #[command(flatten)]
@@ -312,6 +315,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Chat(a) => chat_cmd::run(a),
         Cmd::Info { model } => cmd_info(&model),
         Cmd::Finetune(a) => train_cmd::cmd_finetune(*a),
         Cmd::Run {

@@ -330,3 +330,91 @@ fn model_ids_resolve_from_the_hugging_face_cache() {
         &["org/absent", "looked in", "models--org--absent"],
     );
 }
+
+/// `fedllm chat` with stdin not a terminal: one turn per line in the model's chat template;
+/// an answer is what `generate --chat` prints for the same conversation; `/system`, `/save`
+/// and `/reset` do what they say; a long conversation keeps its newest turns within the
+/// context (128 tokens here), dropping the oldest first.
+#[test]
+fn chat_session_from_stdin() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny-chat");
+    copy_dir(&golden("llama-tiny"), &model);
+    let tpl = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": tpl}).to_string(),
+    )
+    .unwrap();
+    let chat = |input: &str, new_tokens: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fedllm"))
+            .args([
+                "chat",
+                "--model",
+                model.to_str().unwrap(),
+                "--max-new-tokens",
+                new_tokens,
+            ])
+            .current_dir(tmp.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let read = |f: &str| -> Vec<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(f)).unwrap()).unwrap()
+    };
+    chat("/system Be brief.\nhello there\n/save s1.json\nagain\n/save s2.json\n/reset\n/save s3.json\n/quit\nnever read\n", "8");
+    let s1 = read("s1.json");
+    assert_eq!(s1.len(), 3);
+    assert_eq!(
+        (s1[0]["role"].as_str(), s1[1]["content"].as_str()),
+        (Some("system"), Some("hello there"))
+    );
+    let gen = fedllm(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "hello there",
+        "--max-new-tokens",
+        "8",
+    ]);
+    let want = String::from_utf8_lossy(&gen.stdout).trim().to_string();
+    assert_eq!(s1[2]["content"].as_str().unwrap(), want);
+    assert_eq!(read("s2.json").len(), 5);
+    assert_eq!(
+        read("s3.json").len(),
+        1,
+        "reset keeps the system message only"
+    );
+    // 100 new tokens leave 28 of the 128-token context for the prompt: old turns must go.
+    let turns: String = (0..6).map(|i| format!("turn number {i}\n")).collect();
+    chat(&format!("{turns}/save long.json\n"), "100");
+    let long = read("long.json");
+    let users: Vec<&str> = long
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert!(users.len() < 6, "{users:?}");
+    assert_eq!(users.last(), Some(&"turn number 5"));
+}

@@ -46,6 +46,43 @@ pub fn render(
     .map_err(|e| ModelError::Template(e.to_string()))
 }
 
+/// The prompt of a conversation that fits `budget` tokens: the system message (if any) and
+/// as many of the latest turns as fit, dropping the oldest first (a user turn with the
+/// assistant answer after it). Returns the turns kept and the prompt's token ids; an error when
+/// even the last user turn alone does not fit.
+pub fn fit_history(
+    tok: &crate::Tokenizer,
+    system: Option<&str>,
+    turns: &[ChatMessage],
+    budget: usize,
+) -> Result<(usize, Vec<u32>)> {
+    let mut start = 0;
+    loop {
+        let mut msgs: Vec<ChatMessage> = system
+            .map(|s| ChatMessage::new("system", s))
+            .into_iter()
+            .collect();
+        msgs.extend_from_slice(&turns[start..]);
+        let ids = tok.encode(&tok.apply_chat_template(&msgs, true)?, true)?;
+        if ids.len() <= budget {
+            return Ok((turns.len() - start, ids));
+        }
+        if start + 1 >= turns.len() {
+            return Err(ModelError::Config(format!(
+                "the message takes {} tokens with the system prompt; the context leaves {budget} for it",
+                ids.len()
+            )));
+        }
+        // Drop the oldest user turn and the answer that followed it.
+        start += if turns.get(start + 1).is_some_and(|m| m.role == "assistant") {
+            2
+        } else {
+            1
+        };
+        start = start.min(turns.len() - 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

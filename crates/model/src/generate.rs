@@ -156,6 +156,19 @@ pub fn generate_after(
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
 ) -> Result<Vec<Generation>> {
+    generate_streaming(model, tokenizer, prefix, prompts, cfg, &mut |_, _| Ok(()))
+}
+
+/// `generate_after` that hands every new token to `on_token(prompt index, token)` as soon as
+/// it is chosen (chat prints tokens as they come).
+pub fn generate_streaming(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    prefix: Option<&KvCache>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<Generation>> {
     let n = prompts.len();
     let mut out: Vec<Generation> = (0..n)
         .map(|_| Generation {
@@ -206,6 +219,7 @@ pub fn generate_after(
             let tok = sample(&logits[j], &cfg.sampling, &mut rng);
             let g = &mut out[row];
             g.tokens.push(tok);
+            on_token(row, tok)?;
             if cfg.stop_token_ids.contains(&tok) {
                 g.finish = Finish::Eos;
             } else if !cfg.stop_strings.is_empty() {
