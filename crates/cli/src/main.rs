@@ -96,9 +96,13 @@ enum Cmd {
         /// Adapter folder (PEFT files)
         #[arg(long)]
         adapter: PathBuf,
-        /// Output folder: a Hugging Face folder (config.json, model.safetensors, tokenizer)
+        /// Output: a Hugging Face folder (config.json, model.safetensors, tokenizer), or a
+        /// `.gguf` file (GGUF LLaMA-family bases: llama.cpp's layout, the base's tokenizer)
         #[arg(long)]
         out: PathBuf,
+        /// GGUF output: how the 2-D weights are stored
+        #[arg(long, value_enum, default_value = "f16")]
+        quant: train_cmd::GgufQuant,
     },
     /// Evaluate a model (+ adapter): HumanEval pass@k, GSM8K, MMLU, loss/perplexity
     #[command(subcommand)]
@@ -347,7 +351,8 @@ fn run(cli: Cli) -> Result<()> {
             model,
             adapter,
             out,
-        } => train_cmd::cmd_merge(&model, &adapter, &out),
+            quant,
+        } => train_cmd::cmd_merge(&model, &adapter, &out, quant),
         Cmd::Bench(BenchCmd::Aggregate { clients, params }) => cmd_bench_aggregate(clients, params),
         Cmd::Bench(BenchCmd::Gemm { rows, reps }) => cmd_bench_gemm(rows, reps),
         Cmd::Bench(BenchCmd::Transport {

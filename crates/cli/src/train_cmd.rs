@@ -255,10 +255,21 @@ pub fn cmd_finetune(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum GgufQuant {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
 pub fn cmd_merge(
     model: &ModelArgs,
     adapter: &std::path::Path,
     out: &std::path::Path,
+    quant: GgufQuant,
 ) -> Result<()> {
     let opts = LoadOptions {
         quant: QuantMode::Dequantize,
@@ -267,7 +278,21 @@ pub fn cmd_merge(
     let loaded = CausalLm::load(&model.model, opts).context("loading model")?;
     let a = io::load(adapter, &loaded.model).context("loading adapter")?;
     let weights = merge::merged_weights(&loaded.model, &a)?;
-    merge::write_hf_folder(&loaded.model, &weights, loaded.tokenizer.as_ref(), out)?;
+    if out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        use candle_core::quantized::GgmlDType as G;
+        let ty = match quant {
+            GgufQuant::F32 => G::F32,
+            GgufQuant::F16 => G::F16,
+            GgufQuant::Q8_0 => G::Q8_0,
+            GgufQuant::Q4_1 => G::Q4_1,
+        };
+        merge::write_gguf(&loaded.model, &weights, ty, out)?;
+    } else {
+        merge::write_hf_folder(&loaded.model, &weights, loaded.tokenizer.as_ref(), out)?;
+    }
     println!(
         "merged {} into {} ({} tensors)",
         adapter.display(),

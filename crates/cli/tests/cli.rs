@@ -418,3 +418,100 @@ fn chat_session_from_stdin() {
     assert!(users.len() < 6, "{users:?}");
     assert_eq!(users.last(), Some(&"turn number 5"));
 }
+
+/// `merge --out X.gguf`: a GGUF base (the tiny golden LLaMA written as llama.cpp lays it out)
+/// merged with the golden LoRA adapter. In f32 the GGUF loads back with the logits of the
+/// merged Hugging Face folder (identical f32 weights: 1e-5 covers summation order); in Q8_0
+/// each weight is stored to within 1/254 of its 32-value block's largest, so logits stay within
+/// 2% of their largest magnitude; the base's metadata is carried over.
+#[test]
+fn merge_to_gguf_loads_back_with_the_merged_logits() {
+    use candle_core::{Device, Tensor};
+    use fedllm_model::gguf::{self, Value};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("llama-tiny");
+    let st = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let st: std::collections::BTreeMap<String, Tensor> = st.into_iter().collect();
+    let tensors =
+        fedllm_model::weights::llama_to_gguf(&st, 4, 2, candle_core::quantized::GgmlDType::F32)
+            .unwrap();
+    let u = |v: u32| Value::U32(v);
+    let meta = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("general.name".to_string(), Value::String("tiny".into())),
+        ("llama.block_count".into(), u(2)),
+        ("llama.context_length".into(), u(128)),
+        ("llama.embedding_length".into(), u(64)),
+        ("llama.feed_forward_length".into(), u(160)),
+        ("llama.attention.head_count".into(), u(4)),
+        ("llama.attention.head_count_kv".into(), u(2)),
+        ("llama.rope.freq_base".into(), Value::F32(10000.0)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
+        ("llama.vocab_size".into(), u(512)),
+    ];
+    let base = tmp.path().join("tiny.gguf");
+    gguf::write(&base, &meta, &tensors).unwrap();
+    let adapter = dir.join("lora_peft");
+    let merge = |out: &std::path::Path, quant: &str| {
+        let o = fedllm(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quant",
+            quant,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let folder = tmp.path().join("merged");
+    merge(&folder, "f32");
+    let f32_file = tmp.path().join("merged-f32.gguf");
+    merge(&f32_file, "f32");
+    let q8_file = tmp.path().join("merged-q8.gguf");
+    merge(&q8_file, "q8_0");
+    let ids = Tensor::new(&[[1u32, 7, 99, 3, 250, 12]], &Device::Cpu).unwrap();
+    let logits = |p: &std::path::Path| {
+        let opts = fedllm_model::LoadOptions {
+            quant: fedllm_model::QuantMode::Dequantize,
+            ..Default::default()
+        };
+        let m = fedllm_model::CausalLm::load(p, opts).unwrap().model;
+        m.forward(&ids, None, None).unwrap()
+    };
+    let want = logits(&folder);
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d32 = fedllm_testing::max_abs_diff(&logits(&f32_file), &want).unwrap();
+    assert!(d32 <= 1e-5 * scale.max(1.0), "f32: {d32}");
+    let d8 = fedllm_testing::max_abs_diff(&logits(&q8_file), &want).unwrap();
+    assert!(d8 > 0.0 && d8 <= 0.02 * scale, "q8_0: {d8} of {scale}");
+    let f = gguf::GgufFile::open(&q8_file).unwrap();
+    assert_eq!(f.meta_str("general.name"), Some("tiny"));
+    assert_eq!(f.meta_u64("general.file_type"), Some(7));
+    assert_eq!(f.info("blk.0.attn_q.weight").unwrap().ggml_type, 8);
+    // A Hugging Face base has no GGUF tokenizer metadata to copy: one clear line.
+    let o = fedllm(&[
+        "merge",
+        "--model",
+        dir.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x.gguf").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, &["GGUF output needs a GGUF base"]);
+}

@@ -119,3 +119,48 @@ pub fn write_hf_folder(
     let p = out.join("model.safetensors");
     candle_core::safetensors::save(&map, &p).map_err(|e| io_err(&p, e))
 }
+
+/// Writes merged weights as a GGUF file the way llama.cpp's converter lays one out (its tensor
+/// names, q/k rows permuted for its rotary layout, 2-D weights in `matrices`, vectors F32),
+/// with the base GGUF's metadata — architecture keys and tokenizer — carried over. LLaMA-family
+/// bases loaded from GGUF only: a Hugging Face base has no GGUF tokenizer metadata to copy.
+pub fn write_gguf(
+    model: &CausalLm,
+    weights: &[(String, Tensor)],
+    matrices: candle_core::quantized::GgmlDType,
+    out: &Path,
+) -> Result<()> {
+    use fedllm_model::gguf::{self, GgufFile};
+    let src = &model.source;
+    if !fedllm_model::model::is_gguf(src) {
+        return Err(cfg(format!(
+            "{}: GGUF output needs a GGUF base (its tokenizer metadata is copied); merge this base into a Hugging Face folder instead",
+            src.display()
+        )));
+    }
+    let Some(c) = model.config.as_llama() else {
+        return Err(cfg("GGUF output is written for LLaMA-family models"));
+    };
+    let map: std::collections::BTreeMap<String, Tensor> = weights.iter().cloned().collect();
+    let tensors =
+        fedllm_model::weights::llama_to_gguf(&map, c.num_heads, c.num_kv_heads, matrices)?;
+    let file = GgufFile::open(src)?;
+    let mut meta: Vec<(String, gguf::Value)> = file
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("fedllm.") && k.as_str() != "general.file_type")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // llama.cpp's file-type code for what the matrices hold (0 F32, 1 F16, 3 Q4_1, 7 Q8_0).
+    let ftype = match matrices {
+        candle_core::quantized::GgmlDType::F32 => 0,
+        candle_core::quantized::GgmlDType::F16 => 1,
+        candle_core::quantized::GgmlDType::Q4_1 => 3,
+        candle_core::quantized::GgmlDType::Q8_0 => 7,
+        other => return Err(cfg(format!("GGUF output in {other:?} is not offered"))),
+    };
+    meta.push(("general.file_type".into(), gguf::Value::U32(ftype)));
+    let tmp = out.with_extension("gguf.tmp");
+    gguf::write(&tmp, &meta, &tensors).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))
+}
