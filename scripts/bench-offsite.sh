@@ -3,7 +3,8 @@
 # with and without alignment, against LoRA FedAvg and Local on the full model. One line per row:
 # held-out loss of the emulator and of the plug-in (full model), the clients' test loss, MB
 # down once (the emulator file) and up per client per round, seconds per round. Then a client's
-# peak RSS in a distributed round: on the Q8_0 emulator file vs on the full model (LoRA).
+# peak RSS in a distributed round: on the Q8_0 emulator file (edge layers trained in full, or
+# LoRA on them) vs on the full model (LoRA).
 # Usage: scripts/bench-offsite.sh [fedllm binary] [runs folder] [only these rows, comma-separated]
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -57,7 +58,7 @@ if [ "$only" = ",," ] || [[ "$only" == *",rss,"* ]]; then
     "$bin" server --config "$cfg" "${common[@]}" >"$out/rss-$name-server.log" 2>&1 &
     local spid=$!
     local model_arg=()
-    if [ "$name" = emulator ]; then
+    if [[ "$name" == emulator* ]]; then
       for _ in $(seq 600); do [ -f "$o/emulator.gguf" ] && grep -q "emulator written" "$out/rss-$name-server.log" && break; sleep 1; done
       model_arg=("model.path=$o/emulator.gguf")
     fi
@@ -74,5 +75,6 @@ if [ "$only" = ",," ] || [[ "$only" == *",rss,"* ]]; then
     fi
   }
   rss emulator offsite.emulator_quant=q8_0
+  rss emulator_lora offsite.emulator_quant=q8_0 adapter.type=lora adapter.r=8 adapter.alpha=16
   rss full offsite.enabled=false adapter.type=lora adapter.r=8 adapter.alpha=16
 fi
