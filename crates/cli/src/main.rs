@@ -14,6 +14,7 @@ mod chat_cmd;
 mod data_cmd;
 mod dist_cmd;
 mod eval_cmd;
+mod serve_cmd;
 mod train_cmd;
 mod tune_cmd;
 
@@ -48,6 +49,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Chat with a model (and adapter) in its chat template; one turn per stdin line
     Chat(chat_cmd::ChatArgs),
+    /// An OpenAI-compatible HTTP server over a model and its adapters
+    Serve(serve_cmd::ServeArgs),
     /// Print a model's architecture, size, storage and vocabulary
     Info {
         #[command(flatten)]
@@ -320,6 +323,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Chat(a) => chat_cmd::run(a),
+        Cmd::Serve(a) => serve_cmd::run(a),
         Cmd::Info { model } => cmd_info(&model),
         Cmd::Finetune(a) => train_cmd::cmd_finetune(*a),
         Cmd::Run {
