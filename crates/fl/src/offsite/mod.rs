@@ -215,6 +215,8 @@ pub struct Plugin {
 pub struct Prepared {
     pub emulator: CausalLm,
     pub layout: Layout,
+    /// The run's adapter restricted to the edge layers (clients and plug-in train/use this).
+    pub adapter: AdapterConfig,
     pub plugin: Plugin,
     pub align: Option<align::AlignReport>,
 }
@@ -274,11 +276,12 @@ pub fn prepare(
     }
     let adapter = layout.adapter_config(adapter, o)?;
     let mut model = full;
-    let plug = fedllm_peft::Adapter::init(&model, adapter, cfg.federate.seed, None)?;
+    let plug = fedllm_peft::Adapter::init(&model, adapter.clone(), cfg.federate.seed, None)?;
     plug.attach(&mut model, false)?;
     Ok(Prepared {
         emulator,
         layout,
+        adapter,
         plugin: Plugin {
             model,
             adapter: plug,

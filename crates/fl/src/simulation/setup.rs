@@ -180,8 +180,8 @@ fn offsite_setup(
             notes,
         });
     }
-    let p = offsite::prepare(cfg, !fresh, model, tokenizer, acfg.clone(), pad_id)?;
-    let acfg = p.layout.adapter_config(acfg, o)?;
+    let p = offsite::prepare(cfg, !fresh, model, tokenizer, acfg, pad_id)?;
+    let acfg = p.adapter;
     let mut model = p.emulator;
     let mut file = serde_json::json!({
         "edges": p.layout.edges, "middle": p.layout.middle, "kept": p.layout.kept, "align": p.align,
