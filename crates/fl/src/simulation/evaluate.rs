@@ -15,9 +15,9 @@ use crate::strategy::EvalResult;
 const MAX_EVAL_ALL_CLIENTS: usize = 32;
 
 impl Simulation {
-    /// The server test loss of the global parameters (None: no server test set, or nothing is
-    /// shared, as in the `local` baseline, so there is no global model to test).
-    fn eval_server(&mut self) -> Result<Option<f64>> {
+    /// The server test batches, when there is a global model to test (None: no server test
+    /// set, or nothing is shared, as in the `local` baseline).
+    fn server_batches(&self) -> Result<Option<Vec<fedllm_model::Batch>>> {
         if self.server_test.is_empty() || self.server.shared().is_empty() {
             return Ok(None);
         }
@@ -27,10 +27,15 @@ impl Simulation {
             self.pad_id,
             &self.model.device,
         )?;
+        Ok(Some(b))
+    }
+
+    /// The server test loss of the global parameters, through the strategy.
+    fn eval_server(&mut self, b: &[fedllm_model::Batch]) -> Result<Option<f64>> {
         let (model, adapter) = (&self.model, &self.adapter);
         let mut loss = |p: &crate::params::ParamSet| -> Result<f64> {
             adapter.set_tensors(p)?;
-            Ok(eval_loss(model, adapter, &b)?.0)
+            Ok(eval_loss(model, adapter, b)?.0)
         };
         let global = self.server.global.clone();
         let round = self.server.round;
@@ -38,21 +43,12 @@ impl Simulation {
     }
 
     /// Offsite tuning: the server test loss of the full model with the global edge layers.
-    fn eval_plugin(&mut self) -> Result<Option<f64>> {
+    fn eval_plugin(&self, b: &[fedllm_model::Batch]) -> Result<Option<f64>> {
         let Some(p) = &self.plugin else {
             return Ok(None);
         };
-        if self.server_test.is_empty() || self.server.shared().is_empty() {
-            return Ok(None);
-        }
         p.adapter.set_tensors(&self.server.global)?;
-        let b = eval_batches(
-            &self.server_test,
-            self.cfg.eval.batch_size,
-            self.pad_id,
-            &p.model.device,
-        )?;
-        Ok(Some(eval_loss(&p.model, &p.adapter, &b)?.0))
+        Ok(Some(eval_loss(&p.model, &p.adapter, b)?.0))
     }
 
     /// `eval.accuracy`: the global adapter's GSM8K accuracy (FS-LLM's 8-shot prompt, greedy) on
@@ -141,9 +137,12 @@ impl Simulation {
     /// Fills the record's losses and tracks the best round (server test loss, else client val).
     pub(super) fn evaluate(&mut self, rec: &mut RoundRecord) -> Result<()> {
         self.adapter.attach(&mut self.model, false)?;
-        rec.server_test_loss = self.eval_server()?;
+        // One set of server test batches for the global model and, offsite, the plug-in.
+        if let Some(b) = self.server_batches()? {
+            rec.server_test_loss = self.eval_server(&b)?;
+            rec.plugin_test_loss = self.eval_plugin(&b)?;
+        }
         rec.server_accuracy = self.eval_accuracy()?;
-        rec.plugin_test_loss = self.eval_plugin()?;
         self.eval_clients(rec)?;
         self.adapter.attach(&mut self.model, true)?;
         let key = rec.server_test_loss.or(rec.client_val_loss);
