@@ -45,12 +45,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         );
     }
     let prefix = match &a.adapter {
-        Some(dir) => {
-            let ad = fedllm_peft::io::load(dir, &model)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-            ad.attach(&mut model, false)?;
-            ad.generation_prefix(&model)?
-        }
+        Some(dir) => crate::attach_for_generation(&mut model, dir)?,
         None => None,
     };
     let virtual_len = prefix.as_ref().map_or(0, |c| c.len);

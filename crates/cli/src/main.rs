@@ -169,6 +169,18 @@ impl ModelArgs {
     }
 }
 
+/// Puts the adapter in `dir` on `model` for generation: LoRA and full adapters are attached;
+/// prompt-type ones return the virtual-token cache generation continues from.
+pub fn attach_for_generation(
+    model: &mut CausalLm,
+    dir: &std::path::Path,
+) -> Result<Option<fedllm_model::KvCache>> {
+    let ad = fedllm_peft::io::load(dir, model)
+        .with_context(|| format!("loading adapter {}", dir.display()))?;
+    ad.attach(model, false)?;
+    Ok(ad.generation_prefix(model)?)
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
@@ -397,12 +409,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let (mut model, tok) = (loaded.model, loaded.tokenizer);
     let prefix = match &a.adapter {
-        Some(dir) => {
-            let ad = fedllm_peft::io::load(dir, &model)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
-            ad.attach(&mut model, false)?;
-            ad.generation_prefix(&model)?
-        }
+        Some(dir) => attach_for_generation(&mut model, dir)?,
         None => None,
     };
     let vocab = model.config.vocab_size() as u32;

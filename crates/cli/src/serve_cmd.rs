@@ -50,10 +50,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         let dir = PathBuf::from(dir);
         let mut model = base.clone();
-        let ad = fedllm_peft::io::load(&dir, &model)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
-        ad.attach(&mut model, false)?;
-        let prefix = ad.generation_prefix(&model)?;
+        let prefix = crate::attach_for_generation(&mut model, &dir)?;
         slots.insert(name.to_string(), Slot { model, prefix });
     }
     let names: Vec<String> = slots.keys().cloned().collect();
