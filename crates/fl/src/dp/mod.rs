@@ -86,34 +86,37 @@ pub fn update_noise_multiplier(z: f64, count_std: f64) -> Option<f64> {
     (r > 0.0).then(|| r.powf(-0.5))
 }
 
-/// ε after `rounds` rounds of the run `cfg` describes (its noise multiplier already resolved),
-/// under the engine's sampling: `sample` of `clients` without replacement (replace-one: the
-/// accountant's multiplier is z/2); local noise counts every round at full participation.
+/// How the accountant sees a run: its sampling, and the factor from the config's z to the
+/// accountant's multiplier. The engine samples `sample` of `clients` without replacement,
+/// accounted under replace-one (sensitivity 2C: z/2); local noise counts every round at full
+/// participation (z itself).
+fn accounting(
+    cfg: &crate::config::DpCfg,
+    clients: usize,
+    sample: usize,
+) -> (accountant::Sampling, f64) {
+    use accountant::Sampling;
+    match cfg.mode {
+        crate::config::DpMode::Local => (Sampling::WithoutReplacement { q: 1.0 }, 1.0),
+        _ => (
+            Sampling::WithoutReplacement {
+                q: sample as f64 / clients as f64,
+            },
+            0.5,
+        ),
+    }
+}
+
+/// ε after `rounds` rounds of the run `cfg` describes (its noise multiplier already resolved).
 pub fn epsilon_of(cfg: &crate::config::DpCfg, clients: usize, sample: usize, rounds: usize) -> f64 {
-    use crate::config::DpMode;
-    use accountant::{epsilon_after, Sampling};
-    if cfg.mode == DpMode::None || rounds == 0 {
+    if cfg.mode == crate::config::DpMode::None || rounds == 0 {
         return 0.0;
     }
     if cfg.noise_multiplier == 0.0 || !cfg.clip.is_finite() {
         return f64::INFINITY;
     }
-    match cfg.mode {
-        DpMode::Local => epsilon_after(
-            Sampling::WithoutReplacement { q: 1.0 },
-            cfg.noise_multiplier,
-            rounds,
-            cfg.delta,
-        ),
-        _ => epsilon_after(
-            Sampling::WithoutReplacement {
-                q: sample as f64 / clients as f64,
-            },
-            cfg.noise_multiplier / 2.0,
-            rounds,
-            cfg.delta,
-        ),
-    }
+    let (s, f) = accounting(cfg, clients, sample);
+    accountant::epsilon_after(s, cfg.noise_multiplier * f, rounds, cfg.delta)
 }
 
 /// The noise multiplier z that reaches `target` ε after `rounds` rounds (see `epsilon_of`).
@@ -124,24 +127,8 @@ pub fn noise_for_target(
     rounds: usize,
     target: f64,
 ) -> Option<f64> {
-    use accountant::{noise_for, Sampling};
-    match cfg.mode {
-        crate::config::DpMode::Local => noise_for(
-            Sampling::WithoutReplacement { q: 1.0 },
-            target,
-            rounds,
-            cfg.delta,
-        ),
-        _ => noise_for(
-            Sampling::WithoutReplacement {
-                q: sample as f64 / clients as f64,
-            },
-            target,
-            rounds,
-            cfg.delta,
-        )
-        .map(|z| 2.0 * z),
-    }
+    let (s, f) = accounting(cfg, clients, sample);
+    accountant::noise_for(s, target, rounds, cfg.delta).map(|z| z / f)
 }
 
 #[cfg(test)]
