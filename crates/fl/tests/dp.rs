@@ -99,8 +99,20 @@ fn central_noise_has_the_calibrated_spread() {
     assert!((std - want).abs() <= 0.04 * want, "std {std} vs {want}");
     let rec = s.records.last().unwrap();
     assert!((rec.strategy["dp_noise_std"][0] - want).abs() < 1e-12);
-    // ε after one round of 3 of 3 clients at z = 1: the Gaussian mechanism at multiplier 1/2.
-    assert!(rec.strategy["dp_epsilon"][0].is_finite() && rec.strategy["dp_epsilon"][0] > 0.0);
+    // ε after one round of 3 of 3 clients at z = 1: the Gaussian mechanism at multiplier 1/2
+    // under replace-one, RDP α/(2·0.5²) = 2α, converted by Balle et al.'s bound
+    // ε = min_α 2α + ln(1 − 1/α) − ln(δα)/(α − 1), over the accountant's orders, by hand here.
+    let orders: Vec<f64> = (2..=64)
+        .chain([128, 256, 512, 1024])
+        .map(|a| a as f64)
+        .collect();
+    let delta = 1e-5f64;
+    let hand = orders
+        .iter()
+        .map(|&a| 2.0 * a + (1.0 - 1.0 / a).ln() - (delta * a).ln() / (a - 1.0))
+        .fold(f64::INFINITY, f64::min);
+    let eps = rec.strategy["dp_epsilon"][0];
+    assert!((eps - hand).abs() <= 1e-9 * hand, "{eps} vs {hand}");
 }
 
 /// `dp.max_epsilon` between ε(1) and ε(2): the run ends cleanly after round 1 with a message,
