@@ -92,7 +92,7 @@ enum Cmd {
     /// Fine-tune an adapter on local data; writes PEFT files and a metrics log
     #[command(allow_negative_numbers = true)]
     Finetune(Box<train_cmd::FinetuneArgs>),
-    /// Fold a LoRA adapter into the base and write a Hugging Face folder
+    /// Fold a LoRA adapter into the base and write a Hugging Face folder or a GGUF file
     Merge {
         #[command(flatten)]
         model: ModelArgs,
@@ -100,7 +100,7 @@ enum Cmd {
         #[arg(long)]
         adapter: PathBuf,
         /// Output: a Hugging Face folder (config.json, model.safetensors, tokenizer), or a
-        /// `.gguf` file (GGUF LLaMA-family bases: llama.cpp's layout, the base's tokenizer)
+        /// `.gguf` file (LLaMA-family bases: llama.cpp's layout and metadata keys, the tokenizer)
         #[arg(long)]
         out: PathBuf,
         /// GGUF output: how the 2-D weights are stored

@@ -289,7 +289,7 @@ pub fn cmd_merge(
             GgufQuant::Q8_0 => G::Q8_0,
             GgufQuant::Q4_1 => G::Q4_1,
         };
-        merge::write_gguf(&loaded.model, &weights, ty, out)?;
+        merge::write_gguf(&loaded.model, loaded.tokenizer.as_ref(), &weights, ty, out)?;
     } else {
         merge::write_hf_folder(&loaded.model, &weights, loaded.tokenizer.as_ref(), out)?;
     }

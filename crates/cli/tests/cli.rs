@@ -503,15 +503,78 @@ fn merge_to_gguf_loads_back_with_the_merged_logits() {
     assert_eq!(f.meta_str("general.name"), Some("tiny"));
     assert_eq!(f.meta_u64("general.file_type"), Some(7));
     assert_eq!(f.info("blk.0.attn_q.weight").unwrap().ggml_type, 8);
-    // A Hugging Face base has no GGUF tokenizer metadata to copy: one clear line.
-    let o = fedllm(&[
-        "merge",
-        "--model",
-        dir.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        tmp.path().join("x.gguf").to_str().unwrap(),
-    ]);
-    assert_clean_failure(&o, &["GGUF output needs a GGUF base"]);
+}
+
+/// `merge --out X.gguf` from a Hugging Face base: config.json and tokenizer.json become
+/// llama.cpp's metadata. The f32 file loads back with the merged folder's logits (same f32
+/// weights: 1e-5 covers summation order) and a tokenizer that encodes like the folder's; a base
+/// folder without tokenizer.json, or a GPT-2 base, is refused in one line.
+#[test]
+fn merge_hf_base_to_gguf_loads_back_with_the_merged_logits_and_tokenizer() {
+    use candle_core::{Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = golden("llama-tiny");
+    let merge = |base: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path| {
+        fedllm(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quant",
+            "f32",
+        ])
+    };
+    let adapter = dir.join("lora_peft");
+    let (folder, file) = (tmp.path().join("merged"), tmp.path().join("merged.gguf"));
+    for out in [&folder, &file] {
+        let o = merge(&dir, &adapter, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let load = |p: &std::path::Path| fedllm_model::CausalLm::load(p, Default::default()).unwrap();
+    let (want, got) = (load(&folder), load(&file));
+    let ids = Tensor::new(&[[1u32, 7, 99, 3, 250, 12]], &Device::Cpu).unwrap();
+    let want_logits = want.model.forward(&ids, None, None).unwrap();
+    let scale = want_logits
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d =
+        fedllm_testing::max_abs_diff(&got.model.forward(&ids, None, None).unwrap(), &want_logits)
+            .unwrap();
+    assert!(d <= 1e-5 * scale.max(1.0), "{d}");
+    let (wt, gt) = (want.tokenizer.unwrap(), got.tokenizer.unwrap());
+    for text in [
+        "Hello world",
+        "def add(a, b):\n    return a + b\n",
+        "<|im_start|>user 12345",
+    ] {
+        assert_eq!(
+            gt.encode(text, true).unwrap(),
+            wt.encode(text, true).unwrap(),
+            "{text:?}"
+        );
+    }
+    assert_eq!(gt.chat_template, wt.chat_template);
+    assert_eq!(
+        (gt.bos_token_id, gt.pad_token_id),
+        (wt.bos_token_id, wt.pad_token_id)
+    );
+    // Without tokenizer.json llama.cpp would have no tokenizer: refused, naming the base.
+    let bare = tmp.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), bare.join(f)).unwrap();
+    }
+    let o = merge(&bare, &adapter, &tmp.path().join("x.gguf"));
+    assert_clean_failure(&o, &["bare", "tokenizer.json"]);
+    let gpt2 = golden("gpt2-tiny");
+    let o = merge(&gpt2, &gpt2.join("lora_peft"), &tmp.path().join("y.gguf"));
+    assert_clean_failure(&o, &["LLaMA-family"]);
+    assert!(!tmp.path().join("x.gguf").exists() && !tmp.path().join("y.gguf").exists());
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result as CResult, Tensor};
 use crate::cache::{build_ctx, CtxSpec, KvCache};
 use crate::config::{Gpt2Config, LlamaConfig, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, Value};
 use crate::gpt2::Gpt2;
 use crate::llama::Llama;
 use crate::ops::linear::Linear;
@@ -639,6 +639,53 @@ fn gguf_config(f: &GgufFile) -> Result<ModelConfig> {
             .map(|v| v as u32),
     };
     Ok(ModelConfig::Llama(c))
+}
+
+/// llama.cpp's metadata for a LLaMA config (the keys `gguf_config` reads), for exporting a
+/// Hugging Face base. Only what llama.cpp's `llama` architecture computes the same way we do:
+/// no biases, no sliding window, rope default or linear.
+pub fn llama_gguf_metadata(c: &LlamaConfig) -> Result<Vec<(String, Value)>> {
+    let plain =
+        c.model_type == "llama" || (c.model_type == "mistral" && c.sliding_window.is_none());
+    if !plain || c.qkv_bias || c.o_bias || c.mlp_bias {
+        return Err(ModelError::Config(format!(
+            "GGUF output from a Hugging Face folder is written for LLaMA models without biases or sliding window (this one is `{}`)",
+            c.model_type
+        )));
+    }
+    let u = |k: &str, v: usize| (format!("llama.{k}"), Value::U32(v as u32));
+    let f = |k: &str, v: f64| (format!("llama.{k}"), Value::F32(v as f32));
+    let mut m = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        u("vocab_size", c.vocab_size),
+        u("context_length", c.max_position_embeddings),
+        u("embedding_length", c.hidden_size),
+        u("block_count", c.num_layers),
+        u("feed_forward_length", c.intermediate_size),
+        u("attention.head_count", c.num_heads),
+        u("attention.head_count_kv", c.num_kv_heads),
+        u("attention.key_length", c.head_dim),
+        u("attention.value_length", c.head_dim),
+        u("rope.dimension_count", c.head_dim),
+        f("attention.layer_norm_rms_epsilon", c.rms_norm_eps),
+        f("rope.freq_base", c.rope_theta),
+    ];
+    match c.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear(factor) => {
+            m.push(("llama.rope.scaling.type".into(), Value::String("linear".into())));
+            m.push(f("rope.scaling.factor", factor));
+        }
+        RopeScaling::Llama3 { .. } => {
+            return Err(ModelError::Config(
+                "GGUF output of LLaMA-3 rope scaling is not offered (llama.cpp needs a rope_freqs tensor)".into(),
+            ))
+        }
+    }
+    Ok(m)
 }
 
 impl ModelConfig {

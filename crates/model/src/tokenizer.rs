@@ -81,6 +81,36 @@ fn read_json(path: &Path) -> Result<Option<Json>> {
         .map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))
 }
 
+/// The `tokenizer.json` pre-tokenizer llama.cpp means by a `tokenizer.ggml.pre` name.
+fn pre_tokenizer(name: &str) -> Option<Json> {
+    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Some(match name {
+        "smollm" | "starcoder" | "refact" | "codeshell" => {
+            json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]})
+        }
+        "default" | "gpt-2" | "gpt2" | "olmo" => byte_level(true),
+        "llama-bpe" | "llama3" | "smaug-bpe" => {
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]})
+        }
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
+        _ => return None,
+    })
+}
+
+/// The names written on export, one per distinct pre-tokenizer above.
+const EXPORTED_PRE: [&str; 4] = ["gpt-2", "smollm", "llama-bpe", "qwen2"];
+
+/// A pre-tokenizer as the `tokenizers` crate serialises it, so that documents written by
+/// different tools (field order, defaults) compare equal when they mean the same thing.
+fn canonical_pre(v: &Json) -> Option<Json> {
+    let p: tokenizers::PreTokenizerWrapper = serde_json::from_value(v.clone()).ok()?;
+    serde_json::to_value(p).ok()
+}
+
 impl Tokenizer {
     /// `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json`, `config.json`) of a
     /// Hugging Face folder; None when the folder has no tokenizer.
@@ -181,26 +211,13 @@ impl Tokenizer {
                        "normalized": false, "special": types[i] == 3})
             })
             .collect();
-        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
-        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
-        const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-        const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
         let pre_name = f.meta_str("tokenizer.ggml.pre").unwrap_or("default");
-        let pre = match pre_name {
-            "smollm" | "starcoder" | "refact" | "codeshell" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            "default" | "gpt-2" | "gpt2" | "olmo" => byte_level(true),
-            "llama-bpe" | "llama3" | "smaug-bpe" => {
-                json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]})
-            }
-            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
-            other => {
-                return Err(ModelError::format(
-                    path,
-                    format!("unsupported GGUF pre-tokenizer `{other}` (supported: smollm, starcoder, gpt2, llama-bpe, qwen2)"),
-                ))
-            }
-        };
+        let pre = pre_tokenizer(pre_name).ok_or_else(|| {
+            ModelError::format(
+                path,
+                format!("unsupported GGUF pre-tokenizer `{pre_name}` (supported: smollm, starcoder, gpt2, llama-bpe, qwen2)"),
+            )
+        })?;
         let doc = json!({
             "version": "1.0",
             "truncation": null,
@@ -252,6 +269,115 @@ impl Tokenizer {
                 self.eos_token = s;
             }
         }
+    }
+
+    /// The `tokenizer.ggml.*` metadata llama.cpp reads for this tokenizer: the inverse of
+    /// `from_gguf`, for byte-level BPE tokenizers (GPT-2, SmolLM, LLaMA-3, Qwen2 styles).
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, Value)>> {
+        let err =
+            |m: String| ModelError::Tokenizer(format!("cannot write this tokenizer to GGUF: {m}"));
+        let doc: Json = self
+            .inner
+            .to_string(false)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .ok_or_else(|| err("it does not serialise".into()))?;
+        let model = &doc["model"];
+        if model["type"] != "BPE"
+            || model["byte_fallback"] == true
+            || doc["decoder"]["type"] != "ByteLevel"
+        {
+            return Err(err(format!(
+                "only byte-level BPE is written (model {}, decoder {})",
+                model["type"], doc["decoder"]["type"]
+            )));
+        }
+        if !doc["normalizer"].is_null() {
+            return Err(err(format!(
+                "llama.cpp has no normalizer {}",
+                doc["normalizer"]["type"]
+            )));
+        }
+        let pre = canonical_pre(&doc["pre_tokenizer"]);
+        let pre_name = EXPORTED_PRE
+            .into_iter()
+            .find(|n| pre_tokenizer(n).and_then(|p| canonical_pre(&p)) == pre && pre.is_some())
+            .ok_or_else(|| {
+                err(format!(
+                    "pre-tokenizer {} has no llama.cpp name",
+                    doc["pre_tokenizer"]
+                ))
+            })?;
+        let n = self.vocab_size();
+        let mut tokens: Vec<Option<String>> = vec![None; n];
+        let mut types = vec![1i32; n];
+        let vocab = model["vocab"]
+            .as_object()
+            .ok_or_else(|| err("no vocab".into()))?;
+        let added = doc["added_tokens"].as_array().cloned().unwrap_or_default();
+        let entries =
+            vocab
+                .iter()
+                .map(|(t, id)| (t.as_str(), id, None))
+                .chain(added.iter().filter_map(|a| {
+                    Some((a["content"].as_str()?, &a["id"], Some(a["special"] == true)))
+                }));
+        for (tok, id, special) in entries {
+            let id = id
+                .as_u64()
+                .filter(|&i| (i as usize) < n)
+                .ok_or_else(|| err(format!("token `{tok}` has id {id}")))?
+                as usize;
+            tokens[id] = Some(tok.to_string());
+            // 3 = control (special), 4 = user-defined: llama.cpp matches both verbatim in text.
+            if let Some(special) = special {
+                types[id] = if special { 3 } else { 4 };
+            }
+        }
+        let tokens = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.map(Value::String)
+                    .ok_or_else(|| err(format!("no token has id {i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let merges = model["merges"]
+            .as_array()
+            .ok_or_else(|| err("no merges".into()))?
+            .iter()
+            .map(|m| match m {
+                // Older files write "a b", newer ones ["a", "b"].
+                Json::String(s) => Some(s.clone()),
+                Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+                _ => None,
+            })
+            .map(|m| {
+                m.map(Value::String)
+                    .ok_or_else(|| err("a merge is neither \"a b\" nor [a, b]".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let s = |k: &str, v: Value| (format!("tokenizer.ggml.{k}"), v);
+        let mut out = vec![
+            s("model", Value::String("gpt2".into())),
+            s("pre", Value::String(pre_name.into())),
+            s("tokens", Value::Array(tokens)),
+            s(
+                "token_type",
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            s("merges", Value::Array(merges)),
+            s("add_bos_token", Value::Bool(self.add_bos)),
+        ];
+        let id = |k: &str, v: Option<u32>| v.map(|v| s(k, Value::U32(v)));
+        out.extend(id("bos_token_id", self.bos_token_id));
+        out.extend(id("eos_token_id", self.eos_token_ids.first().copied()));
+        out.extend(id("eot_token_id", self.eos_token_ids.get(1).copied()));
+        out.extend(id("padding_token_id", self.pad_token_id));
+        if let Some(t) = &self.chat_template {
+            out.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
+        }
+        Ok(out)
     }
 
     pub fn vocab_size(&self) -> usize {

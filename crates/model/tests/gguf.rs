@@ -179,3 +179,91 @@ fn unknown_gguf_architecture_is_named() {
     let e = load_err(&path).to_string();
     assert!(e.contains("mamba") && e.contains("m.gguf"), "{e}");
 }
+
+/// The tokenizer metadata we write is what llama.cpp's own converter wrote: SmolLM2's GGUF
+/// tokenizer read and written back gives the file's `tokenizer.ggml.*` keys value for value
+/// (tokens, types, merges, pre-tokenizer name, special ids, chat template).
+#[test]
+fn smollm2_tokenizer_metadata_round_trips() {
+    let path = fedllm_testing::smollm2().expect("SmolLM2 GGUF");
+    let f = gguf::GgufFile::open(&path).unwrap();
+    let tok = fedllm_model::Tokenizer::from_gguf(&f).unwrap();
+    let written = tok.gguf_metadata().unwrap();
+    for (k, v) in &written {
+        // add_bos_token absent in the file means false, which is what we write.
+        match f.meta(k) {
+            Some(want) => assert!(want == v || equal_ints(want, v), "{k} differs"),
+            None => assert_eq!(
+                (k.as_str(), v),
+                ("tokenizer.ggml.add_bos_token", &Value::Bool(false))
+            ),
+        }
+    }
+    let keys: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
+    for k in [
+        "tokens",
+        "token_type",
+        "merges",
+        "pre",
+        "bos_token_id",
+        "eos_token_id",
+    ] {
+        assert!(
+            keys.contains(&format!("tokenizer.ggml.{k}").as_str()),
+            "{k} not written"
+        );
+    }
+}
+
+/// The same integers stored in different widths (the converter writes i32 token types, u32 ids).
+fn equal_ints(a: &Value, b: &Value) -> bool {
+    match (a.as_array(), b.as_array()) {
+        (Some(x), Some(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| equal_ints(p, q)),
+        _ => a.as_u64().is_some() && a.as_u64() == b.as_u64(),
+    }
+}
+
+/// A Hugging Face LLaMA written as GGUF with our config and tokenizer metadata loads back as the
+/// same model: the config read from the keys equals config.json's (rms eps through f32), the
+/// logits equal transformers' (as the f32 GGUF test above), and the tokenizer rebuilt from the
+/// GGUF encodes the golden texts to transformers' ids.
+#[test]
+fn hf_config_and_tokenizer_written_to_gguf_load_back() {
+    let loaded = CausalLm::load(&golden(), LoadOptions::default()).unwrap();
+    let c = loaded.model.config.as_llama().unwrap().clone();
+    let mut meta = fedllm_model::model::llama_gguf_metadata(&c).unwrap();
+    meta.extend(loaded.tokenizer.as_ref().unwrap().gguf_metadata().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    gguf::write(&path, &meta, &tiny_tensors(GgmlDType::F32)).unwrap();
+    let opts = LoadOptions {
+        quant: QuantMode::Dequantize,
+        ..Default::default()
+    };
+    let back = CausalLm::load(&path, opts).unwrap();
+    let b = back.model.config.as_llama().unwrap();
+    assert!((b.rms_norm_eps - c.rms_norm_eps).abs() <= c.rms_norm_eps * f32::EPSILON as f64);
+    let same = fedllm_model::config::LlamaConfig {
+        rms_norm_eps: c.rms_norm_eps,
+        ..b.clone()
+    };
+    assert_eq!(same, c);
+    let (case, mask) = golden_forward();
+    let got = back
+        .model
+        .forward(&case["input_ids"], Some(&mask), None)
+        .unwrap();
+    let err = max_err_where_masked(&got, &case["logits"], &mask);
+    assert!(err < 1e-4, "logits differ by {err}");
+    let tok = back.tokenizer.unwrap();
+    let enc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fedllm_testing::golden_dir().join("tokenizer/encodings.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for case in enc.as_array().unwrap() {
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+    }
+}

@@ -121,36 +121,46 @@ pub fn write_hf_folder(
 }
 
 /// Writes merged weights as a GGUF file the way llama.cpp's converter lays one out (its tensor
-/// names, q/k rows permuted for its rotary layout, 2-D weights in `matrices`, vectors F32),
-/// with the base GGUF's metadata — architecture keys and tokenizer — carried over. LLaMA-family
-/// bases loaded from GGUF only: a Hugging Face base has no GGUF tokenizer metadata to copy.
+/// names, q/k rows permuted for its rotary layout, 2-D weights in `matrices`, vectors F32).
+/// Metadata: a GGUF base's is carried over; a Hugging Face base's config and `tokenizer.json`
+/// are written as llama.cpp's keys. LLaMA-family models only.
 pub fn write_gguf(
     model: &CausalLm,
+    tokenizer: Option<&fedllm_model::Tokenizer>,
     weights: &[(String, Tensor)],
     matrices: candle_core::quantized::GgmlDType,
     out: &Path,
 ) -> Result<()> {
     use fedllm_model::gguf::{self, GgufFile};
     let src = &model.source;
-    if !fedllm_model::model::is_gguf(src) {
-        return Err(cfg(format!(
-            "{}: GGUF output needs a GGUF base (its tokenizer metadata is copied); merge this base into a Hugging Face folder instead",
-            src.display()
-        )));
-    }
     let Some(c) = model.config.as_llama() else {
         return Err(cfg("GGUF output is written for LLaMA-family models"));
+    };
+    let mut meta: Vec<(String, gguf::Value)> = if fedllm_model::model::is_gguf(src) {
+        GgufFile::open(src)?
+            .metadata
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("fedllm.") && k.as_str() != "general.file_type")
+            .collect()
+    } else {
+        let tok = tokenizer.ok_or_else(|| {
+            cfg(format!(
+                "{}: GGUF output needs the base's tokenizer.json (llama.cpp reads the tokenizer from the file)",
+                src.display()
+            ))
+        })?;
+        let name = src.file_name().map(|n| n.to_string_lossy().into_owned());
+        let mut m = fedllm_model::model::llama_gguf_metadata(c)?;
+        m.push((
+            "general.name".into(),
+            gguf::Value::String(name.unwrap_or_default()),
+        ));
+        m.extend(tok.gguf_metadata()?);
+        m
     };
     let map: std::collections::BTreeMap<String, Tensor> = weights.iter().cloned().collect();
     let tensors =
         fedllm_model::weights::llama_to_gguf(&map, c.num_heads, c.num_kv_heads, matrices)?;
-    let file = GgufFile::open(src)?;
-    let mut meta: Vec<(String, gguf::Value)> = file
-        .metadata
-        .iter()
-        .filter(|(k, _)| !k.starts_with("fedllm.") && k.as_str() != "general.file_type")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     // llama.cpp's file-type code for what the matrices hold (0 F32, 1 F16, 3 Q4_1, 7 Q8_0).
     let ftype = match matrices {
         candle_core::quantized::GgmlDType::F32 => 0,
