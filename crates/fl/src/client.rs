@@ -11,7 +11,7 @@ use fedllm_train::finetune::{eval_batches, eval_loss, train_loop, Budget, LoopOp
 use fedllm_train::{StepStats, TrainConfig, Trainer};
 
 use crate::config::{PersonalCfg, PersonalMethod};
-use crate::error::Result;
+use crate::error::{FlError, Result};
 use crate::message::{ToClient, ToServer};
 use crate::params::{kept_local, ParamSet};
 use crate::personal;
@@ -252,6 +252,10 @@ impl Client {
                 }))
             }
             ToClient::Finish => Ok(None),
+            ToClient::SecAgg { .. } => Err(FlError::Protocol(
+                "secure-aggregation stages are answered by the simulation, not a bare client"
+                    .into(),
+            )),
         }
     }
 

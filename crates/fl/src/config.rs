@@ -25,6 +25,8 @@ pub struct RunConfig {
     pub offsite: OffsiteCfg,
     /// Client-level differential privacy (DP-FedAvg) with an RDP accountant.
     pub dp: DpCfg,
+    /// Secure aggregation (SecAgg+): the server learns only the sum of the clients' updates.
+    pub secagg: SecAggCfg,
     /// `federate.mode: distributed`: the gRPC server and clients.
     pub distributed: DistributedCfg,
     /// Where metrics, plots, checkpoints and the final adapter go.
@@ -336,6 +338,47 @@ impl Default for DpCfg {
     }
 }
 
+/// SecAgg+ (Bell et al. 2020). Clients send Δ = (their tensors − the global ones), weighted
+/// by w = samples / `max_weight`, clipped to ±`clip_range`, quantised to `quant_bits` bits and
+/// masked; the server adds the masked inputs and removes the masks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecAggCfg {
+    pub enabled: bool,
+    /// Neighbours per client in the sparse graph (even, ≥ 2); absent: every other client.
+    pub neighbours: Option<usize>,
+    /// Shares needed to rebuild a secret; absent: a majority of a client's neighbours.
+    pub threshold: Option<usize>,
+    pub clip_range: f64,
+    pub quant_bits: u32,
+    pub max_weight: f64,
+}
+
+impl Default for SecAggCfg {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            neighbours: None,
+            threshold: None,
+            clip_range: 8.0,
+            quant_bits: 24,
+            max_weight: 1000.0,
+        }
+    }
+}
+
+impl SecAggCfg {
+    /// Neighbours of each of `n` sampled clients.
+    pub fn degree(&self, n: usize) -> usize {
+        self.neighbours
+            .map_or(n.saturating_sub(1), |k| k.min(n.saturating_sub(1)))
+    }
+    /// t for `n` sampled clients.
+    pub fn threshold_for(&self, n: usize) -> usize {
+        self.threshold.unwrap_or(self.degree(n) / 2 + 1)
+    }
+}
+
 /// FS-LLM's offsite tuning: layers [0, l) and [r, L) (l = max(emu_l, 1), r = min(emu_r, L − 1))
 /// are the trainable adapter, the middle is compressed by dropping layers. `adapter.type full`
 /// trains those layers in full (with the embeddings, final norm and LM head unless
@@ -507,6 +550,7 @@ impl Default for RunConfig {
             personal: PersonalCfg::default(),
             offsite: OffsiteCfg::default(),
             dp: DpCfg::default(),
+            secagg: SecAggCfg::default(),
             distributed: DistributedCfg::default(),
             outdir: PathBuf::from("runs/latest"),
         }
@@ -1206,6 +1250,7 @@ impl RunConfig {
         e.extend(self.personal_problems());
         e.extend(self.offsite_problems());
         e.extend(self.dp_problems());
+        e.extend(self.secagg_problems());
         if ev.accuracy != AccuracyTask::None {
             if !matches!(a.kind, AdapterKind::Lora | AdapterKind::Full) {
                 e.push(format!(
@@ -1246,6 +1291,67 @@ impl RunConfig {
                     }
                 }
             }
+        }
+        e
+    }
+
+    /// What secure aggregation needs of the rest of the config.
+    fn secagg_problems(&self) -> Vec<String> {
+        use crate::strategy::StrategyKind as S;
+        let a = &self.secagg;
+        let mut e = Vec::new();
+        if !a.enabled {
+            return e;
+        }
+        if !matches!(self.federate.strategy, S::Fedavg | S::Fedprox) {
+            e.push(format!(
+                "secagg.enabled: the server sees only the sum of the updates, so federate.strategy must be fedavg or fedprox, got {} (median, Krum and trimmed means need individual updates)",
+                self.federate.strategy.as_str()
+            ));
+        }
+        if self.federate.baseline != Baseline::Fl
+            || self.personal.method != PersonalMethod::None
+            || self.offsite.enabled
+        {
+            e.push("secagg.enabled needs federate.baseline fl, no personal.method and no offsite tuning".into());
+        }
+        if self.dp.mode == DpMode::Central || self.dp.adaptive {
+            e.push("secagg.enabled composes with dp.mode local only (central noise and adaptive clipping need each client's update or clipping bit)".into());
+        }
+        let n = self.clients_per_round();
+        if let Some(k) = a.neighbours {
+            if k < 2 || k % 2 == 1 {
+                e.push(format!(
+                    "secagg.neighbours must be even and at least 2, got {k}"
+                ));
+            }
+        }
+        let (deg, t) = (a.degree(n), a.threshold_for(n));
+        if t < 1 || t > deg {
+            e.push(format!(
+                "secagg.threshold must be in 1..={deg} (each client has {deg} neighbour(s) among {n} per round), got {t}"
+            ));
+        }
+        if !(a.clip_range.is_finite() && a.clip_range > 0.0) {
+            e.push(format!(
+                "secagg.clip_range must be finite and above 0, got {}",
+                a.clip_range
+            ));
+        }
+        if !(a.max_weight.is_finite() && a.max_weight > 0.0) {
+            e.push(format!(
+                "secagg.max_weight must be finite and above 0, got {}",
+                a.max_weight
+            ));
+        }
+        // The sum of n values of b bits must not wrap around 2^32.
+        let need = usize::BITS - n.saturating_sub(1).leading_zeros();
+        if a.quant_bits < 8 || a.quant_bits + need > 32 {
+            e.push(format!(
+                "secagg.quant_bits must be in 8..={} for {n} clients per round (their sum must fit in 32 bits), got {}",
+                32 - need,
+                a.quant_bits
+            ));
         }
         e
     }

@@ -19,6 +19,12 @@ pub enum ToClient {
         params: ParamSet,
         splits: Vec<String>,
     },
+    /// A SecAgg+ stage (setup, key sharing, unmasking); stage 3 is a `Fit` with
+    /// `FitConfig::secagg`.
+    SecAgg {
+        round: usize,
+        stage: crate::secagg::protocol::Stage,
+    },
     Finish,
 }
 
@@ -40,5 +46,10 @@ pub enum ToServer {
         round: usize,
         client: usize,
         reason: String,
+    },
+    SecAgg {
+        round: usize,
+        client: usize,
+        reply: crate::secagg::protocol::Reply,
     },
 }

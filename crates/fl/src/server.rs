@@ -208,8 +208,70 @@ impl Server {
                     self.failures.push(Failure { client, reason });
                 }
             }
+            ToServer::SecAgg { client, .. } => {
+                return Err(FlError::Protocol(format!(
+                    "client {client}: a secure-aggregation reply outside its stage"
+                )))
+            }
         }
         Ok(())
+    }
+
+    /// Secure aggregation: a survivor's masked upload, taken apart by the round driver. Its
+    /// metrics are kept for the record; its tensors are not the server's to see.
+    pub fn on_masked(&mut self, round: usize, mut result: FitResult, wire_bytes: usize) {
+        let c = result.client;
+        if round == self.round && self.asked.contains(&c) {
+            result.params.clear();
+            *self.bytes_up.entry(c).or_default() += wire_bytes;
+            self.results.insert(c, result);
+        }
+    }
+
+    /// Secure aggregation: closes the round with the survivors' weighted mean (computed from
+    /// their masked sum), through the strategy as one result of weight 1; None = the round was
+    /// abandoned, its survivors count as failed for `why` and the global set stays.
+    pub fn close_secure_round(
+        &mut self,
+        mean: std::result::Result<ParamSet, String>,
+    ) -> Result<RoundOutcome> {
+        self.missing_to_failures();
+        let mut updated = false;
+        match mean {
+            Ok(mean) => {
+                let global: ParamSet = mean
+                    .keys()
+                    .map(|k| (k.clone(), self.global[k].clone()))
+                    .collect();
+                let one = FitResult {
+                    client: usize::MAX,
+                    params: mean,
+                    num_samples: 1,
+                    metrics: BTreeMap::new(),
+                };
+                if let Some(g) =
+                    self.strategy
+                        .aggregate_fit(self.round, &global, &[one], &self.failures)?
+                {
+                    updated = true;
+                    self.global.extend(g);
+                }
+            }
+            Err(why) => {
+                for c in std::mem::take(&mut self.results).into_keys() {
+                    self.failures.push(Failure {
+                        client: c,
+                        reason: format!("secure aggregation abandoned: {why}"),
+                    });
+                }
+            }
+        }
+        Ok(RoundOutcome {
+            round: self.round,
+            results: self.results.values().cloned().collect(),
+            failures: self.failures.clone(),
+            updated,
+        })
     }
 
     /// Every asked client answered (or failed).

@@ -102,6 +102,10 @@ fn digest(m: &ToClient) -> u64 {
         } => (1u8, *round, Some(params), *seed),
         ToClient::Evaluate { round, params, .. } => (2, *round, Some(params), 0),
         ToClient::Finish => (3, 0, None, 0),
+        ToClient::SecAgg { round, stage } => {
+            serde_json::to_string(stage).expect("json").hash(&mut h);
+            (4, *round, None, 0)
+        }
     };
     (kind, round, seed).hash(&mut h);
     for (k, t) in params.into_iter().flatten() {
@@ -317,6 +321,7 @@ pub fn run_with(
                         ToClient::Fit { round, .. } => (*round, "fit"),
                         ToClient::Evaluate { round, .. } => (*round, "evaluate"),
                         ToClient::Finish => (0, ""),
+                        ToClient::SecAgg { round, .. } => (*round, "secure-aggregation stage"),
                     };
                     log(&format!("round {round}: {what} received"));
                     if !o.straggle.is_zero() {

@@ -53,6 +53,7 @@ pub fn task_header(m: &ToClient) -> (TaskHeader, Option<&ParamSet>) {
                 fit_config: encode_fit_config(config),
                 splits: vec![],
                 tensors: params.len() as u32,
+                secagg: String::new(),
             },
             Some(params),
         ),
@@ -77,7 +78,22 @@ pub fn task_header(m: &ToClient) -> (TaskHeader, Option<&ParamSet>) {
             },
             None,
         ),
+        ToClient::SecAgg { round, stage } => (
+            TaskHeader {
+                kind: TaskKind::Secagg as i32,
+                round: *round as u32,
+                secagg: serde_json::to_string(stage).expect("json"),
+                ..Default::default()
+            },
+            None,
+        ),
     }
+}
+
+/// A SecAgg+ body: JSON of the fl type, anything else refused with what was wrong.
+fn decode_secagg<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, WireError> {
+    serde_json::from_str(s)
+        .map_err(|e| WireError::Malformed(format!("secure-aggregation {what}: {e}")))
 }
 
 pub fn to_client(h: &TaskHeader, params: ParamSet) -> Result<ToClient, WireError> {
@@ -94,6 +110,10 @@ pub fn to_client(h: &TaskHeader, params: ParamSet) -> Result<ToClient, WireError
             splits: h.splits.clone(),
         },
         Ok(TaskKind::Finish) => ToClient::Finish,
+        Ok(TaskKind::Secagg) => ToClient::SecAgg {
+            round: h.round as usize,
+            stage: decode_secagg(&h.secagg, "stage")?,
+        },
         _ => return Err(WireError::Malformed(format!("task kind {}", h.kind))),
     })
 }
@@ -155,6 +175,20 @@ pub fn result_header<'a>(run: &str, m: &'a ToServer) -> (ResultHeader, Option<&'
             },
             None,
         ),
+        ToServer::SecAgg {
+            round,
+            client,
+            reply,
+        } => (
+            ResultHeader {
+                client: *client as u32,
+                round: *round as u32,
+                kind: ResultKind::SecaggRes as i32,
+                secagg: serde_json::to_string(reply).expect("json"),
+                ..base
+            },
+            None,
+        ),
         ToServer::Join { client } => (
             ResultHeader {
                 client: *client as u32,
@@ -205,6 +239,11 @@ pub fn to_server(h: &ResultHeader, params: ParamSet) -> Result<ToServer, WireErr
                 .map(|l| (l.split.clone(), l.loss, l.tokens as usize))
                 .collect(),
         },
+        Ok(ResultKind::SecaggRes) => ToServer::SecAgg {
+            round,
+            client,
+            reply: decode_secagg(&h.secagg, "reply")?,
+        },
         Ok(ResultKind::Failed) => ToServer::Failed {
             round,
             client,
@@ -230,6 +269,7 @@ mod tests {
             report_val: true,
             dp_clip: Some(0.5),
             dp_local_std: 0.125,
+            secagg: None,
         };
         let msg = ToClient::Fit {
             round: 4,

@@ -240,8 +240,15 @@ impl Federation for Svc {
         }
         let fit = head.kind == crate::pb::ResultKind::FitRes as i32;
         // An update carries exactly the tensors its task sent (which may be part of the adapter).
+        // A masked update (secure aggregation) carries the same names in u32 and its weight.
         let sent = hub.lock().tasks.get(&id).and_then(|t| match &**t {
-            ToClient::Fit { params, .. } => Some(layout(params)),
+            ToClient::Fit { params, config, .. } => {
+                let mut l = layout(params);
+                if config.secagg.is_some() {
+                    l.insert(fedllm_fl::secagg::WEIGHT.to_string(), vec![1]);
+                }
+                Some(l)
+            }
             _ => None,
         });
         let expect = sent.unwrap_or_else(|| hub.expect.clone());
@@ -268,6 +275,10 @@ impl Federation for Svc {
             | (
                 ToClient::Evaluate { round: r, .. },
                 ToServer::EvalRes { .. } | ToServer::Failed { .. },
+            )
+            | (
+                ToClient::SecAgg { round: r, .. },
+                ToServer::SecAgg { .. } | ToServer::Failed { .. },
             ) => *r == round,
             _ => false,
         });

@@ -65,13 +65,15 @@ pub fn encoded_len(enc: Encoding, n: usize) -> usize {
         Encoding::F32 => 4 * n,
         Encoding::F16 | Encoding::Bf16 => 2 * n,
         Encoding::Int8 => n + 4 * n.div_ceil(INT8_BLOCK),
+        Encoding::U32 => 4 * n,
     }
 }
 
 pub fn encode_values(v: &[f32], enc: Encoding) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded_len(enc, v.len()));
     match enc {
-        Encoding::F32 => {
+        // Ring elements are u32 tensors (`tensor_frames`), never floats.
+        Encoding::F32 | Encoding::U32 => {
             if cfg!(target_endian = "little") {
                 // SAFETY: f32 has no padding and u8 no alignment; the bytes are the LE encoding.
                 out.extend_from_slice(unsafe {
@@ -114,6 +116,7 @@ pub fn decode_values(b: &[u8], enc: Encoding, n: usize) -> Result<Vec<f32>> {
         ));
     }
     Ok(match enc {
+        Encoding::U32 => return bad("u32 values in a float tensor"),
         Encoding::F32 => b
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -146,20 +149,32 @@ pub fn decode_values(b: &[u8], enc: Encoding, n: usize) -> Result<Vec<f32>> {
 
 /// The frames of one tensor: its header, then chunks of at most `o.chunk` bytes.
 pub fn tensor_frames(name: &str, t: &Tensor, o: &WireOpts) -> candle_core::Result<Vec<Frame>> {
-    let v: Vec<f32> = t
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
-    let mut bytes = encode_values(&v, o.encoding);
-    drop(v);
-    if o.zstd {
+    // Masked inputs (u32) travel raw: any loss breaks the masks' cancellation, and uniformly
+    // random bytes do not compress.
+    let ring = t.dtype() == candle_core::DType::U32;
+    let (encoding, zstd) = if ring {
+        (Encoding::U32, false)
+    } else {
+        (o.encoding, o.zstd)
+    };
+    let mut bytes = if ring {
+        let v: Vec<u32> = t.flatten_all()?.to_vec1()?;
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    } else {
+        let v: Vec<f32> = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        encode_values(&v, encoding)
+    };
+    if zstd {
         bytes = zstd::bulk::compress(&bytes, 3).map_err(candle_core::Error::wrap)?;
     }
     let header = TensorHeader {
         name: name.to_string(),
         shape: t.dims().iter().map(|&d| d as u64).collect(),
-        encoding: o.encoding as i32,
-        zstd: o.zstd,
+        encoding: encoding as i32,
+        zstd,
         bytes: bytes.len() as u64,
         block: INT8_BLOCK as u32,
     };
@@ -298,6 +313,23 @@ impl Assembler {
         } else {
             buf
         };
+        if enc == Encoding::U32 {
+            if buf.len() != 4 * n {
+                return bad(format!(
+                    "tensor `{}`: {} bytes for {n} u32 values",
+                    h.name,
+                    buf.len()
+                ));
+            }
+            let v: Vec<u32> = buf
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)
+                .or_else(|e| bad(format!("tensor `{}`: {e}", h.name)))?;
+            self.done.insert(h.name, t);
+            return Ok(());
+        }
         let v = decode_values(&buf, enc, n)
             .map_err(|e| WireError::Malformed(format!("tensor `{}`: {e}", h.name)))?;
         // A NaN or infinity would poison every aggregate it enters.

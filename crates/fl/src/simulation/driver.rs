@@ -30,7 +30,7 @@ impl Simulation {
     }
 
     /// Every request answered by the in-process clients, each with its own state.
-    fn answer_here(
+    pub(super) fn answer_here(
         &mut self,
         round: usize,
         reqs: Vec<(usize, ToClient)>,
@@ -39,7 +39,7 @@ impl Simulation {
         let mut out = Vec::with_capacity(reqs.len());
         for (c, msg) in reqs {
             let mut state = self.local.take(c)?;
-            match self.clients[c].handle(msg, &self.shared(), &mut state) {
+            match self.answer_as(c, msg, &mut state) {
                 Ok(Some(m)) => out.push(m),
                 Ok(None) => {}
                 Err(e) => out.push(ToServer::Failed {
@@ -56,6 +56,9 @@ impl Simulation {
 
     /// One round's fit: requests out, answers in, aggregation.
     fn fit_round(&mut self, progress: bool, log: &mut impl FnMut(&str)) -> Result<RoundOutcome> {
+        if self.cfg.secagg.enabled {
+            return self.secure_fit_round(log);
+        }
         let reqs = self.server.start_round()?;
         let round = self.server.round;
         let total = self.cfg.federate.total_round_num;

@@ -28,6 +28,7 @@ mod driver;
 mod evaluate;
 mod persist;
 mod role;
+mod secure;
 mod setup;
 
 pub use setup::load_model;
@@ -61,6 +62,8 @@ pub struct Simulation {
     last_failures: Vec<String>,
     /// A distributed client: the global tensors it last received (for its final adapter).
     last_shared: ParamSet,
+    /// Secure aggregation: the open round's state of each client answered here.
+    secagg: std::collections::BTreeMap<usize, crate::secagg::client::ClientRound>,
 }
 
 #[derive(Debug, Clone)]

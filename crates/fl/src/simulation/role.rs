@@ -27,8 +27,7 @@ impl Simulation {
             self.save_own_adapter(i)?;
         }
         let mut state = self.local.take(i)?;
-        let client = self.clients.iter().find(|c| c.id == i).expect("own data");
-        let out = client.handle(msg, &self.shared(), &mut state);
+        let out = self.answer_as(i, msg, &mut state);
         if eval {
             self.adapter.attach(&mut self.model, true)?;
         }

@@ -145,6 +145,7 @@ impl Simulation {
             pad_id,
             last_failures: Vec::new(),
             last_shared: ParamSet::new(),
+            secagg: Default::default(),
         })
     }
 }

@@ -64,6 +64,8 @@ pub struct FitConfig {
     pub dp_clip: Option<f64>,
     /// Local DP: Gaussian noise of this standard deviation on the clipped update.
     pub dp_local_std: f64,
+    /// Secure aggregation: send the update masked (stage 3), with these envelopes.
+    pub secagg: Option<crate::secagg::protocol::FitMask>,
 }
 
 pub trait Strategy: Send {

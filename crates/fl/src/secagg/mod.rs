@@ -4,7 +4,12 @@
 //! X25519 agreement (+ for j > i, − for j < i), so pairwise masks cancel in the sum. The seeds
 //! b_i and the clients' X25519 secret keys are Shamir-shared with threshold t among the
 //! neighbours; the server removes the survivors' self masks and the dropped clients' pairwise
-//! masks from the shares. The message flow over the transport is not built yet.
+//! masks from the shares. `client` and `server` run the four stages (keys, shares, masked
+//! input, unmasking) on top of these; the round driver moves their messages.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
 
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20::ChaCha20;
@@ -37,9 +42,25 @@ fn inv(a: u64) -> u64 {
     pow(a, P - 2)
 }
 
+/// One Shamir share: x and the 8 polynomials' values there.
+pub type Share = (u64, [u64; 8]);
+
 /// Shares of a 32-byte secret: 8 field elements (4 bytes each), each on its own polynomial of
 /// degree t − 1; share k (k = 1..=n) is the polynomials' values at x = k.
-pub fn share(secret: &[u8; 32], t: usize, n: usize, rng: &mut Rng) -> Result<Vec<(u64, [u64; 8])>> {
+pub fn share(secret: &[u8; 32], t: usize, n: usize, rng: &mut Rng) -> Result<Vec<Share>> {
+    let xs: Vec<u64> = (1..=n as u64).collect();
+    share_at(secret, t, &xs, || rng.next_u64())
+}
+
+/// Shares at the given distinct, non-zero x (in SecAgg+, x = holder's client id + 1), the
+/// polynomials' other coefficients drawn from `coeff` (a secret source in the protocol).
+pub fn share_at(
+    secret: &[u8; 32],
+    t: usize,
+    xs: &[u64],
+    mut coeff: impl FnMut() -> u64,
+) -> Result<Vec<Share>> {
+    let n = xs.len();
     if t == 0 || t > n {
         return Err(FlError::Config(format!(
             "secure aggregation: threshold {t} must be in 1..={n}"
@@ -49,12 +70,13 @@ pub fn share(secret: &[u8; 32], t: usize, n: usize, rng: &mut Rng) -> Result<Vec
         .map(|c| {
             let mut p =
                 vec![u32::from_le_bytes(secret[4 * c..4 * c + 4].try_into().unwrap()) as u64];
-            p.extend((1..t).map(|_| rng.next_u64() % P));
+            p.extend((1..t).map(|_| coeff() % P));
             p
         })
         .collect();
-    Ok((1..=n as u64)
-        .map(|x| {
+    Ok(xs
+        .iter()
+        .map(|&x| {
             let mut ys = [0u64; 8];
             for (c, p) in polys.iter().enumerate() {
                 // Horner.
@@ -67,7 +89,7 @@ pub fn share(secret: &[u8; 32], t: usize, n: usize, rng: &mut Rng) -> Result<Vec
 
 /// The secret from any t shares (Lagrange interpolation at 0); shares must have distinct,
 /// non-zero x and values in the field, else a clear error (a malformed share is refused).
-pub fn reconstruct(shares: &[(u64, [u64; 8])]) -> Result<[u8; 32]> {
+pub fn reconstruct(shares: &[Share]) -> Result<[u8; 32]> {
     let bad = |m: String| FlError::Protocol(format!("secure aggregation: {m}"));
     for (i, (x, ys)) in shares.iter().enumerate() {
         if *x == 0 || *x >= P || ys.iter().any(|&y| y >= P) {
@@ -183,6 +205,64 @@ pub fn add_into(y: &mut [u32], m: &[u32], plus: bool) {
             a.wrapping_sub(*b)
         };
     }
+}
+
+/// The masked weight's tensor in a masked upload (the other tensors keep their names).
+pub const WEIGHT: &str = "secagg.weight";
+
+/// A masked vector as an upload: the shared tensors' names and shapes in u32, then the weight.
+pub fn masked_set(y: &[u32], layout: &[(String, Vec<usize>)]) -> Result<crate::params::ParamSet> {
+    let dev = candle_core::Device::Cpu;
+    let mut out = crate::params::ParamSet::new();
+    let mut at = 0;
+    for (name, shape) in layout {
+        let n: usize = shape.iter().product();
+        out.insert(
+            name.clone(),
+            candle_core::Tensor::from_slice(&y[at..at + n], shape.as_slice(), &dev)?,
+        );
+        at += n;
+    }
+    out.insert(
+        WEIGHT.into(),
+        candle_core::Tensor::from_slice(&y[at..at + 1], 1, &dev)?,
+    );
+    Ok(out)
+}
+
+/// The masked vector of an upload laid out as `layout` (+ the weight); an error names what
+/// does not fit.
+pub fn masked_values(
+    p: &crate::params::ParamSet,
+    layout: &[(String, Vec<usize>)],
+) -> std::result::Result<Vec<u32>, String> {
+    let wanted = layout.len() + 1;
+    if p.len() != wanted {
+        return Err(format!(
+            "a masked upload of {} tensors, expected {wanted}",
+            p.len()
+        ));
+    }
+    let one = (WEIGHT.to_string(), vec![1]);
+    let mut out = Vec::new();
+    for (name, shape) in layout.iter().chain(std::iter::once(&one)) {
+        let t = p
+            .get(name)
+            .ok_or_else(|| format!("masked tensor `{name}` missing"))?;
+        if t.dims() != shape.as_slice() || t.dtype() != candle_core::DType::U32 {
+            return Err(format!(
+                "masked tensor `{name}` is {:?} {:?}, expected u32 {shape:?}",
+                t.dtype(),
+                t.dims()
+            ));
+        }
+        out.extend(
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<u32>())
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
