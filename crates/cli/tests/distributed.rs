@@ -469,13 +469,25 @@ fn garbage_and_malformed_uploads_do_not_stop_the_server() {
         let chunk = |n: usize| Frame {
             body: Some(Body::Chunk(vec![7; n])),
         };
+        let secagg = |json: &str| Frame {
+            body: Some(Body::Result(ResultHeader {
+                run: run.clone(),
+                client: 1,
+                round: 1,
+                kind: ResultKind::SecaggRes as i32,
+                secagg: json.into(),
+                ..Default::default()
+            })),
+        };
         let cases: Vec<Vec<Frame>> = vec![
-            vec![chunk(16)],                              // no header
+            vec![chunk(16)],                                               // no header
             vec![head(2)],                                // another client's result
             vec![head(1), chunk(3)],                      // chunk before a tensor
             vec![head(1), tensor("nope", 16), chunk(16)], // unknown tensor
             vec![head(1), tensor("x", u64::MAX)],         // absurd size
             vec![head(1), Frame { body: None }],          // empty frame
+            vec![secagg(r#"{"Unmask": {"b": [[0, [1, 2]]], "sk": []}}"#)], // malformed shares
+            vec![secagg("not json")],                     // not a reply at all
         ];
         let mut out = Vec::new();
         for c in cases {
@@ -500,7 +512,7 @@ fn garbage_and_malformed_uploads_do_not_stop_the_server() {
         "{statuses:?}"
     );
     assert!(
-        statuses[..6].iter().all(|s| s == "InvalidArgument"),
+        statuses[..8].iter().all(|s| s == "InvalidArgument"),
         "{statuses:?}"
     );
     // The server still runs a round for real clients.
@@ -510,6 +522,11 @@ fn garbage_and_malformed_uploads_do_not_stop_the_server() {
         assert!(c.wait(30), "{}", c.text());
     }
     assert!(s.text().contains("rejected upload"), "{}", s.text());
+    assert!(
+        s.text().contains("secure-aggregation reply"),
+        "{}",
+        s.text()
+    );
 }
 
 #[test]
@@ -802,4 +819,106 @@ fn dp_runs_distributed_as_standalone() {
         .map(|r| r["strategy"]["dp_epsilon"][0].as_f64().unwrap())
         .collect();
     assert!(eps[0] > 0.0 && eps[1] > eps[0], "{eps:?}");
+}
+
+const SECAGG: &str = "secagg: {enabled: true, clip_range: 1.0}\n";
+
+/// SecAgg+ over gRPC: the masks cancel exactly in the ring, so three client processes give
+/// the standalone secure run's adapter bit for bit (which is FedAvg's within the quantisation
+/// bound: fl/tests/secagg.rs); every client's input was aggregated in both rounds.
+#[test]
+fn secure_aggregation_runs_distributed_as_standalone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 2, SECAGG);
+    let mut s = server(d, &cfg, &[]);
+    let mut cs: Vec<Proc> = (0..3).map(|i| client(d, &cfg, i, &[])).collect();
+    assert!(s.wait(120), "{}", s.text());
+    for c in &mut cs {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    let t = s.text();
+    for r in [1, 2] {
+        let line = format!("round {r}: secagg: aggregated the masked inputs of clients [0, 1, 2]");
+        assert!(t.contains(&line), "{t}");
+    }
+    assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
+}
+
+/// A client killed (-9) after its masked input arrived: its neighbours' shares rebuild its
+/// mask seed, so the round completes with its update in the sum — the standalone adapter bit
+/// for bit, where nobody died. (Threshold 1: with three clients each secret has two holders,
+/// and one of them is the dead client.)
+#[test]
+fn secure_round_survives_a_client_killed_after_its_masked_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(
+        d,
+        free_port(),
+        1,
+        "secagg: {enabled: true, clip_range: 1.0, threshold: 1}\n",
+    );
+    let mut s = server(d, &cfg, &["distributed.round_timeout_s=8"]);
+    let mut c0 = client(d, &cfg, 0, &[]);
+    let mut c1 = client(d, &cfg, 1, &[]);
+    // It waits 1.5 s before answering each task, so it is killed before it answers stage 4.
+    let mut c2 = client(d, &cfg, 2, &["--straggle-ms", "1500"]);
+    c2.wait_for("round 1: fit result accepted", 60);
+    c2.kill9();
+    assert!(s.wait(120), "{}", s.text());
+    for c in [&mut c0, &mut c1] {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    let t = s.text();
+    assert!(t.contains("without clients [2]"), "{t}");
+    assert!(
+        t.contains("aggregated the masked inputs of clients [0, 1, 2]"),
+        "{t}"
+    );
+    assert_eq!(
+        adapter(d),
+        standalone(d, &cfg),
+        "the sum lost the killed client's input"
+    );
+}
+
+/// A client killed before it announced its keys leaves each survivor one neighbour, below the
+/// threshold 2: round 1 is abandoned (the global adapter stays, the log says why) and round 2,
+/// with the client restarted, aggregates all three.
+#[test]
+fn secure_round_below_threshold_is_abandoned_then_next_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cfg = config(d, free_port(), 2, SECAGG);
+    let mut s = server(d, &cfg, &["distributed.round_timeout_s=6"]);
+    let mut c0 = client(d, &cfg, 0, &[]);
+    let mut c1 = client(d, &cfg, 1, &[]);
+    let mut c2 = client(d, &cfg, 2, &["--straggle-ms", "2000"]);
+    c2.wait_for("round 1: secure-aggregation stage received", 60);
+    c2.kill9();
+    s.wait_for("round   1:", 60);
+    let mut c2 = client(d, &cfg, 2, &[]);
+    assert!(s.wait(120), "{}", s.text());
+    for c in [&mut c0, &mut c1, &mut c2] {
+        assert!(c.wait(30), "{}", c.text());
+    }
+    let t = s.text();
+    assert!(t.contains("round 1: secagg: round abandoned"), "{t}");
+    assert!(
+        t.contains("round 2: secagg: aggregated the masked inputs of clients [0, 1, 2]"),
+        "{t}"
+    );
+    let recs = records(d);
+    assert!(
+        recs[1]["client_train_loss"].as_object().unwrap().is_empty(),
+        "{:?}",
+        recs[1]
+    );
+    assert_eq!(
+        recs[2]["client_train_loss"].as_object().unwrap().len(),
+        3,
+        "{:?}",
+        recs[2]
+    );
 }

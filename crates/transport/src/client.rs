@@ -90,6 +90,18 @@ fn describe(s: &Status) -> String {
         .to_string()
 }
 
+/// "round R: <what>" of an upload, for the client's log.
+fn upload_label(m: &ToServer) -> String {
+    let (round, what) = match m {
+        ToServer::FitRes { round, .. } => (*round, "fit result"),
+        ToServer::EvalRes { round, .. } => (*round, "evaluation"),
+        ToServer::Failed { round, .. } => (*round, "failure report"),
+        ToServer::SecAgg { round, .. } => (*round, "secure-aggregation reply"),
+        ToServer::Join { .. } => (0, "join"),
+    };
+    format!("round {round}: {what}")
+}
+
 /// Identifies a task by kind, round, seed and parameter values.
 fn digest(m: &ToClient) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -348,7 +360,9 @@ pub fn run_with(
                 }
             };
             let (ok, why) = push(c, &run, &reply, opts, &mut stats).await?;
-            if !ok {
+            if ok {
+                log(&format!("{} accepted", upload_label(&reply)));
+            } else {
                 log(&format!("server ignored the result: {why}"));
             }
             Ok(false)

@@ -304,3 +304,179 @@ fn kind(r: &Reply) -> &'static str {
         Reply::Unmask { .. } => "unmasking shares",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secagg::client::ClientRound;
+    use crate::secagg::{quantize, Share};
+
+    const LEN: usize = 300;
+
+    fn params() -> Params {
+        Params {
+            threshold: 2,
+            clip_range: 1.0,
+            bits: 24,
+            max_weight: 100.0,
+        }
+    }
+
+    /// Five clients (complete graph, t = 2) through stages 1–3 in memory; client 4 drops
+    /// before its masked input, so each survivor's seed has three live holders (one spare).
+    /// Returns the server, the survivors' states, their stage-4 replies and the exact quantised
+    /// sum the server must find.
+    type Case = (
+        ServerRound,
+        BTreeMap<usize, ClientRound>,
+        Vec<(usize, Reply)>,
+        Vec<u32>,
+    );
+
+    fn four_survivors() -> Case {
+        let ids = [0usize, 1, 2, 3, 4];
+        let (mut sr, s1) = ServerRound::new(1, params(), &ids, None, 7);
+        let mut cs = BTreeMap::new();
+        let mut r1 = Vec::new();
+        for (c, st) in s1 {
+            let Stage::Setup { params, neighbours } = st else {
+                panic!()
+            };
+            let (cr, reply) = ClientRound::setup(1, c, params, neighbours).unwrap();
+            cs.insert(c, cr);
+            r1.push((c, reply));
+        }
+        let mut log = |_: String| {};
+        let s2 = sr.on_keys(r1, &mut log);
+        let r2 = s2
+            .into_iter()
+            .map(|(c, st)| {
+                let Stage::ShareKeys { keys } = st else {
+                    panic!()
+                };
+                (c, cs.get_mut(&c).unwrap().share_keys(keys).unwrap())
+            })
+            .collect();
+        let fits = sr.on_shares(r2, &mut log);
+        let mut want = vec![0u32; LEN + 1];
+        for c in [0usize, 1, 2, 3] {
+            let delta: Vec<f32> = (0..LEN)
+                .map(|k| ((k * (c + 3)) % 17) as f32 / 100.0 - 0.08)
+                .collect();
+            let y = cs
+                .get_mut(&c)
+                .unwrap()
+                .mask_update(&fits[&c], &delta, 50)
+                .unwrap();
+            let mut x: Vec<f32> = delta.iter().map(|d| (*d as f64 * 0.5) as f32).collect();
+            x.push(0.5);
+            add_into(&mut want, &quantize(&x, 1.0, 24), true);
+            sr.on_masked(c, y, LEN + 1).unwrap();
+        }
+        let s4 = sr.unmask_requests().unwrap();
+        let r4 = s4
+            .into_iter()
+            .map(|(c, st)| {
+                let Stage::Unmask { survivors, dropped } = st else {
+                    panic!()
+                };
+                (
+                    c,
+                    cs.get_mut(&c)
+                        .unwrap()
+                        .unmask(&survivors, &dropped)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        (sr, cs, r4, want)
+    }
+
+    /// The dropped client's pairwise masks and the survivors' self masks come off exactly.
+    #[test]
+    fn survivors_sum_is_exact_after_a_dropout() {
+        let (sr, _, r4, want) = four_survivors();
+        assert_eq!(sr.finish(r4, &mut |_| {}).unwrap(), want);
+    }
+
+    /// A wrong share (in the field, so it decodes) is caught — the rebuilt value is no secret
+    /// (not 32-bit limbs) or fails the seed's commitment — and skipped when a spare exists;
+    /// with no spare the round is abandoned, never mis-summed.
+    #[test]
+    fn a_bad_share_is_skipped_or_the_round_abandoned() {
+        let (sr, _, mut r4, want) = four_survivors();
+        let Reply::Unmask { b, .. } = &mut r4[0].1 else {
+            panic!()
+        };
+        b[0].1 .1[0] = (b[0].1 .1[0] + 1) % crate::secagg::P;
+        let mut lines = Vec::new();
+        assert_eq!(sr.finish(r4.clone(), &mut |l| lines.push(l)).unwrap(), want);
+        let Reply::Unmask { b: bad_b, .. } = r4[0].1.clone() else {
+            panic!()
+        };
+        let owner = bad_b[0].0;
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("client {owner}'s"))),
+            "{lines:?}"
+        );
+        // Only the bad share and one good one left for that owner: one good share, below t.
+        let keep: Vec<(usize, Reply)> = r4
+            .into_iter()
+            .enumerate()
+            .map(|(k, (c, r))| match r {
+                Reply::Unmask { b, sk } if k == 2 => {
+                    let b: Vec<(usize, Share)> =
+                        b.into_iter().filter(|(o, _)| *o != owner).collect();
+                    (c, Reply::Unmask { b, sk })
+                }
+                r => (c, r),
+            })
+            .collect();
+        let e = sr.finish(keep, &mut |_| {}).unwrap_err();
+        assert!(e.contains(&format!("client {owner}'s secret")), "{e}");
+    }
+
+    /// A client reveals nothing twice, nothing for a request naming one client both survivor
+    /// and dropped (that would unmask it), and refuses an altered envelope.
+    #[test]
+    fn clients_refuse_requests_that_would_unmask_an_input() {
+        let (_, mut cs, _, _) = four_survivors();
+        let c0 = cs.get_mut(&0).unwrap();
+        assert!(c0
+            .unmask(&[0, 1, 2, 3], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let (mut sr, s1) = ServerRound::new(2, params(), &[0, 1, 2], None, 7);
+        let mut cs = BTreeMap::new();
+        let mut r1 = Vec::new();
+        for (c, st) in s1 {
+            let Stage::Setup { params, neighbours } = st else {
+                panic!()
+            };
+            let (cr, reply) = ClientRound::setup(2, c, params, neighbours).unwrap();
+            cs.insert(c, cr);
+            r1.push((c, reply));
+        }
+        let s2 = sr.on_keys(r1, &mut |_| {});
+        let r2 = s2
+            .into_iter()
+            .map(|(c, st)| {
+                let Stage::ShareKeys { keys } = st else {
+                    panic!()
+                };
+                (c, cs.get_mut(&c).unwrap().share_keys(keys).unwrap())
+            })
+            .collect();
+        let mut fits = sr.on_shares(r2, &mut |_| {});
+        let c1 = cs.get_mut(&1).unwrap();
+        let e = c1.unmask(&[0, 1, 2], &[2]).unwrap_err().to_string();
+        assert!(e.contains("inconsistent"), "{e}");
+        let f = fits.get_mut(&1).unwrap();
+        f.sealed[0].data[3] ^= 1;
+        let e = c1.mask_update(f, &[0.1; 4], 10).unwrap_err().to_string();
+        assert!(e.contains("do not open"), "{e}");
+    }
+}
