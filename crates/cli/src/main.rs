@@ -256,6 +256,22 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// One round with and without secure aggregation (SecAgg+) over loopback gRPC, clients as
+    /// threads answering with synthetic updates: time and wire bytes
+    Secagg {
+        /// Clients per round to compare
+        #[arg(long, value_delimiter = ',', default_value = "3,10,50")]
+        clients: Vec<usize>,
+        /// Update size in MB of fp32
+        #[arg(long, default_value_t = 4.2)]
+        mb: f64,
+        /// Tensors the update is split into
+        #[arg(long, default_value_t = 64)]
+        tensors: usize,
+        /// Neighbours per client in SecAgg+'s graph (even; default: every other client)
+        #[arg(long)]
+        neighbours: Option<usize>,
+    },
     /// One fit exchange over loopback gRPC (server → client → server): latency, wire bytes, RSS
     Transport {
         /// Update size in MB of fp32 (default: a 4.2 MB-class LoRA update)
@@ -371,6 +387,12 @@ fn run(cli: Cli) -> Result<()> {
         } => train_cmd::cmd_merge(&model, &adapter, &out, quant),
         Cmd::Bench(BenchCmd::Aggregate { clients, params }) => cmd_bench_aggregate(clients, params),
         Cmd::Bench(BenchCmd::Gemm { rows, reps }) => cmd_bench_gemm(rows, reps),
+        Cmd::Bench(BenchCmd::Secagg {
+            clients,
+            mb,
+            tensors,
+            neighbours,
+        }) => cmd_bench_secagg(&clients, mb, tensors, neighbours),
         Cmd::Bench(BenchCmd::Transport {
             mb,
             tensors,
@@ -591,6 +613,39 @@ fn cmd_bench_transport(
             r.wire_down as f64 / r.raw_bytes as f64,
             r.wire_up as f64 / 1e6,
             r.wire_up as f64 / r.raw_bytes as f64,
+            bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+fn cmd_bench_secagg(
+    clients: &[usize],
+    mb: f64,
+    tensors: usize,
+    neighbours: Option<usize>,
+) -> Result<()> {
+    use fedllm_transport::bench::{secure_round, synthetic};
+    let params = synthetic((mb * 1e6) as usize, tensors)?;
+    let k = neighbours.map_or("all others".to_string(), |k| k.to_string());
+    println!(
+        "bench secagg: {mb:.1} MB fp32 updates in {tensors} tensors, one round on loopback, clients as threads, {} cores; SecAgg+ neighbours: {k}",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    for &n in clients {
+        let plain = secure_round(n, params.clone(), None)?;
+        let sec = secure_round(n, params.clone(), Some(neighbours))?;
+        let mb_of = |b: usize| b as f64 / 1e6;
+        println!(
+            "{n:>3} clients: plain {:.2} s, wire {:.1} MB down {:.1} MB up | SecAgg+ {:.2} s ({:.2}x), wire {:.1} MB down {:.1} MB up ({:.2}x the bytes) | peak RSS {:.0} MB",
+            plain.seconds,
+            mb_of(plain.wire_down),
+            mb_of(plain.wire_up),
+            sec.seconds,
+            sec.seconds / plain.seconds,
+            mb_of(sec.wire_down),
+            mb_of(sec.wire_up),
+            (sec.wire_down + sec.wire_up) as f64 / (plain.wire_down + plain.wire_up) as f64,
             bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
         );
     }

@@ -8,6 +8,8 @@ use x25519_dalek::StaticSecret;
 use super::protocol::{open, seal, seed_hash, FitMask, Params, PeerKeys, Reply};
 use super::{keypair, mask, pair_seed, prg, quantize, share_at, Share};
 use crate::error::{FlError, Result};
+use crate::message::{ToClient, ToServer};
+use crate::params::{flatten, layout};
 
 fn bad(m: String) -> FlError {
     FlError::Protocol(format!("secure aggregation: {m}"))
@@ -186,5 +188,78 @@ impl ClientRound {
             b: pick(&s, false),
             sk: pick(&d, true),
         })
+    }
+}
+
+/// Client `c`'s answer to `msg` with its secure-aggregation state in `states`: stages here, a
+/// masked fit as `plain`'s result with the update masked, anything else by `plain` alone.
+pub fn answer(
+    states: &mut BTreeMap<usize, ClientRound>,
+    c: usize,
+    msg: ToClient,
+    plain: impl FnOnce(ToClient) -> Result<Option<ToServer>>,
+) -> Result<Option<ToServer>> {
+    let missing = |round: usize| {
+        bad(format!(
+            "no keys of round {round} (this client missed stage 1)"
+        ))
+    };
+    match msg {
+        ToClient::SecAgg { round, stage } => {
+            let reply = match stage {
+                super::protocol::Stage::Setup { params, neighbours } => {
+                    let (st, reply) = ClientRound::setup(round, c, params, neighbours)?;
+                    states.insert(c, st);
+                    reply
+                }
+                other => {
+                    let st = states
+                        .get_mut(&c)
+                        .filter(|s| s.round == round)
+                        .ok_or_else(|| missing(round))?;
+                    match other {
+                        super::protocol::Stage::ShareKeys { keys } => st.share_keys(keys)?,
+                        super::protocol::Stage::Unmask { survivors, dropped } => {
+                            st.unmask(&survivors, &dropped)?
+                        }
+                        super::protocol::Stage::Setup { .. } => unreachable!("matched above"),
+                    }
+                }
+            };
+            Ok(Some(ToServer::SecAgg {
+                round,
+                client: c,
+                reply,
+            }))
+        }
+        ToClient::Fit {
+            round,
+            params,
+            config,
+            seed,
+        } if config.secagg.is_some() => {
+            let sent = params.clone();
+            let fm = config.secagg.clone().expect("checked");
+            let Some(ToServer::FitRes { round, mut result }) = plain(ToClient::Fit {
+                round,
+                params,
+                config,
+                seed,
+            })?
+            else {
+                return Err(bad("a fit without a result".into()));
+            };
+            let st = states
+                .get_mut(&c)
+                .filter(|s| s.round == round)
+                .ok_or_else(|| missing(round))?;
+            let (new, old) = (flatten(&result.params)?, flatten(&sent)?);
+            let delta: Vec<f32> = new.iter().zip(&old).map(|(a, b)| a - b).collect();
+            let y = st.mask_update(&fm, &delta, result.num_samples)?;
+            result.params = super::masked_set(&y, &layout(&sent))?;
+            result.num_samples = 0;
+            Ok(Some(ToServer::FitRes { round, result }))
+        }
+        msg => plain(msg),
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod protocol;
+pub mod round;
 pub mod server;
 
 use chacha20::cipher::{KeyIvInit, StreamCipher};
