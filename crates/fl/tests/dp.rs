@@ -10,18 +10,7 @@ use fedllm_fl::params::ParamSet;
 use fedllm_fl::Simulation;
 
 fn run(dir: &std::path::Path, name: &str, extra: &[&str]) -> (Simulation, fedllm_fl::Summary) {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let data = data(dir, 60);
-    let mut all = vec![
-        "federate.total_round_num=1",
-        "eval.freq=0",
-        "adapter.dropout=0",
-        "federate.sample_client_num=3",
-    ];
-    all.extend_from_slice(extra);
-    let mut sim = Simulation::new(config(&d, &data, &all)).unwrap();
-    let s = sim.run(false, None, |_| {}).unwrap();
+    let (sim, s, _) = common::one_round_logged(dir, name, extra);
     (sim, s)
 }
 

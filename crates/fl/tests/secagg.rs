@@ -9,26 +9,7 @@ use common::{config, data};
 use fedllm_fl::params::ParamSet;
 use fedllm_fl::Simulation;
 
-fn run(
-    dir: &std::path::Path,
-    name: &str,
-    extra: &[&str],
-) -> (Simulation, fedllm_fl::Summary, Vec<String>) {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let data = data(dir, 60);
-    let mut all = vec![
-        "federate.total_round_num=1",
-        "eval.freq=0",
-        "adapter.dropout=0",
-        "federate.sample_client_num=3",
-    ];
-    all.extend_from_slice(extra);
-    let mut sim = Simulation::new(config(&d, &data, &all)).unwrap();
-    let mut lines = Vec::new();
-    let s = sim.run(false, None, |l| lines.push(l.to_string())).unwrap();
-    (sim, s, lines)
-}
+use common::one_round_logged as run;
 
 fn values(p: &ParamSet) -> Vec<f64> {
     p.values()
@@ -199,26 +180,12 @@ fn a_masked_upload_is_independent_of_the_update() {
     x.push(w as f32);
     let q = fedllm_fl::secagg::quantize(&x, 1.0, 24);
     let n = q.len() as f64;
-    let r = correlation(&q, &y);
+    let r = fedllm_testing::correlation(&q, &y);
     assert!(r.abs() < 4.0 / n.sqrt(), "correlation {r} over {n} values");
     let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n;
     let se = 2f64.powi(32) / (12.0 * n).sqrt();
     assert!((mean - 2f64.powi(31)).abs() < 4.0 * se, "mean {mean}");
     assert_eq!(masked.num_samples, 0, "the weight travels masked only");
-}
-
-fn correlation(a: &[u32], b: &[u32]) -> f64 {
-    let n = a.len() as f64;
-    let ma = a.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let mb = b.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64 - ma, *y as f64 - mb);
-        sab += x * y;
-        saa += x * x;
-        sbb += y * y;
-    }
-    sab / (saa * sbb).sqrt()
 }
 
 /// Secure aggregation refuses what cannot work with it, each problem named with its key.

@@ -178,3 +178,18 @@ pub fn deep_model(dir: &std::path::Path, golden: &str, layers: usize) -> PathBuf
     candle_core::safetensors::save(&new, out.join("model.safetensors")).unwrap();
     out
 }
+
+/// Pearson's sample correlation of two equally long sequences of ring values.
+pub fn correlation(a: &[u32], b: &[u32]) -> f64 {
+    let n = a.len() as f64;
+    let ma = a.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let mb = b.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64 - ma, *y as f64 - mb);
+        sab += x * y;
+        saa += x * x;
+        sbb += y * y;
+    }
+    sab / (saa * sbb).sqrt()
+}

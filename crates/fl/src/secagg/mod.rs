@@ -384,22 +384,8 @@ mod tests {
         }
         assert_eq!(sum, want);
         let (x, y) = (&inputs[alive[0]], &masked[0].1);
-        let corr = correlation(x, y);
+        let corr = fedllm_testing::correlation(x, y);
         // For independent uniform masks the sample correlation is ~N(0, 1/len): |r| < 4/√2000.
         assert!(corr.abs() < 4.0 / (len as f64).sqrt(), "{corr}");
-    }
-
-    fn correlation(a: &[u32], b: &[u32]) -> f64 {
-        let n = a.len() as f64;
-        let ma = a.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let mb = b.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-        for (x, y) in a.iter().zip(b) {
-            let (x, y) = (*x as f64 - ma, *y as f64 - mb);
-            sab += x * y;
-            saa += x * x;
-            sbb += y * y;
-        }
-        sab / (saa * sbb).sqrt()
     }
 }

@@ -309,6 +309,7 @@ fn kind(r: &Reply) -> &'static str {
 mod tests {
     use super::*;
     use crate::secagg::client::ClientRound;
+    use crate::secagg::protocol::FitMask;
     use crate::secagg::{quantize, Share};
 
     const LEN: usize = 300;
@@ -333,21 +334,27 @@ mod tests {
         Vec<u32>,
     );
 
-    fn four_survivors() -> Case {
-        let ids = [0usize, 1, 2, 3, 4];
-        let (mut sr, s1) = ServerRound::new(1, params(), &ids, None, 7);
+    type Shared = (
+        ServerRound,
+        BTreeMap<usize, ClientRound>,
+        BTreeMap<usize, FitMask>,
+    );
+
+    /// Stages 1 and 2 in memory for `ids` (complete graph): the server, the clients' states
+    /// and each client's stage-3 envelopes.
+    fn keys_and_shares(round: usize, ids: &[usize]) -> Shared {
+        let (mut sr, s1) = ServerRound::new(round, params(), ids, None, 7);
         let mut cs = BTreeMap::new();
         let mut r1 = Vec::new();
         for (c, st) in s1 {
             let Stage::Setup { params, neighbours } = st else {
                 panic!()
             };
-            let (cr, reply) = ClientRound::setup(1, c, params, neighbours).unwrap();
+            let (cr, reply) = ClientRound::setup(round, c, params, neighbours).unwrap();
             cs.insert(c, cr);
             r1.push((c, reply));
         }
-        let mut log = |_: String| {};
-        let s2 = sr.on_keys(r1, &mut log);
+        let s2 = sr.on_keys(r1, &mut |_| {});
         let r2 = s2
             .into_iter()
             .map(|(c, st)| {
@@ -357,7 +364,12 @@ mod tests {
                 (c, cs.get_mut(&c).unwrap().share_keys(keys).unwrap())
             })
             .collect();
-        let fits = sr.on_shares(r2, &mut log);
+        let fits = sr.on_shares(r2, &mut |_| {});
+        (sr, cs, fits)
+    }
+
+    fn four_survivors() -> Case {
+        let (mut sr, mut cs, fits) = keys_and_shares(1, &[0, 1, 2, 3, 4]);
         let mut want = vec![0u32; LEN + 1];
         for c in [0usize, 1, 2, 3] {
             let delta: Vec<f32> = (0..LEN)
@@ -449,28 +461,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("twice"));
-        let (mut sr, s1) = ServerRound::new(2, params(), &[0, 1, 2], None, 7);
-        let mut cs = BTreeMap::new();
-        let mut r1 = Vec::new();
-        for (c, st) in s1 {
-            let Stage::Setup { params, neighbours } = st else {
-                panic!()
-            };
-            let (cr, reply) = ClientRound::setup(2, c, params, neighbours).unwrap();
-            cs.insert(c, cr);
-            r1.push((c, reply));
-        }
-        let s2 = sr.on_keys(r1, &mut |_| {});
-        let r2 = s2
-            .into_iter()
-            .map(|(c, st)| {
-                let Stage::ShareKeys { keys } = st else {
-                    panic!()
-                };
-                (c, cs.get_mut(&c).unwrap().share_keys(keys).unwrap())
-            })
-            .collect();
-        let mut fits = sr.on_shares(r2, &mut |_| {});
+        let (_, mut cs, mut fits) = keys_and_shares(2, &[0, 1, 2]);
         let c1 = cs.get_mut(&1).unwrap();
         let e = c1.unmask(&[0, 1, 2], &[2]).unwrap_err().to_string();
         assert!(e.contains("inconsistent"), "{e}");

@@ -90,3 +90,26 @@ pub fn one_round(
 pub fn deep_model(dir: &Path, golden: &str, layers: usize) -> PathBuf {
     fedllm_testing::deep_model(dir, golden, layers)
 }
+
+/// One round (no evaluation, no dropout, 3 clients sampled) of the toy config in `dir/name`
+/// with `extra` overrides: the simulation, its summary and its log lines.
+pub fn one_round_logged(
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> (Simulation, fedllm_fl::Summary, Vec<String>) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let data = data(dir, 60);
+    let mut all = vec![
+        "federate.total_round_num=1",
+        "eval.freq=0",
+        "adapter.dropout=0",
+        "federate.sample_client_num=3",
+    ];
+    all.extend_from_slice(extra);
+    let mut sim = Simulation::new(config(&d, &data, &all)).unwrap();
+    let mut lines = Vec::new();
+    let s = sim.run(false, None, |l| lines.push(l.to_string())).unwrap();
+    (sim, s, lines)
+}
