@@ -214,6 +214,7 @@ impl Linear {
         if self.lora.is_some()
             || h.dtype() != DType::F32
             || self.bias.as_ref().is_some_and(|b| b.track_op())
+            || self.decodes_blockwise(h)?
         {
             return Ok(None);
         }
@@ -278,6 +279,20 @@ impl Linear {
             _ => {}
         }
         kernel_isa(self.precision)
+    }
+
+    /// A few inference rows against block-quantized weights: `base` reads the blocks directly,
+    /// where the fused residual ops would dequantize the whole matrix for them.
+    fn decodes_blockwise(&self, x: &Tensor) -> Result<bool> {
+        let Weight::Quant(q) = &self.weight else {
+            return Ok(false);
+        };
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+        Ok(x.device().is_cpu()
+            && !x.track_op()
+            && !self.in_out
+            && rows <= QMATVEC_MAX_ROWS
+            && crate::ops::qmatvec::supported(q.dtype()))
     }
 
     fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
