@@ -840,8 +840,13 @@ fn cmd_bench_generate(
         "prefill {:>4} tok: {:.1} tokens/s",
         r.prompt_len, r.prefill_tokens_per_s
     );
-    for (b, tps, ctx) in &r.decode {
+    for ((b, tps, ctx), (_, phases)) in r.decode.iter().zip(&r.phases) {
         println!("decode batch {b:>2}: {tps:.1} tokens/s total ({decode_tokens} steps after {ctx} tokens)");
+        let parts: Vec<String> = phases
+            .iter()
+            .map(|(name, s)| format!("{name} {:.2}", s * 1e3))
+            .collect();
+        println!("  ms per step:   {}", parts.join(", "));
     }
     if let Some(rss) = bench::peak_rss_bytes() {
         println!("peak RSS:        {:.1} MiB", rss as f64 / (1 << 20) as f64);

@@ -9,6 +9,7 @@ use crate::cache::KvCache;
 use crate::error::Result;
 use crate::generate::{sample, Sampling};
 use crate::model::CausalLm;
+use crate::profile::{Phase, PHASES};
 use fedllm_rng::Rng;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -17,6 +18,8 @@ pub struct GenBench {
     pub prefill_tokens_per_s: f64,
     /// (batch, decode tokens/s summed over the batch, context length at the start of decoding)
     pub decode: Vec<(usize, f64, usize)>,
+    /// Per decode batch: seconds per step in each phase, then the rest ("glue").
+    pub phases: Vec<(usize, Vec<(&'static str, f64)>)>,
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
@@ -60,6 +63,7 @@ pub fn bench_generate(
         best = best.min(t0.elapsed().as_secs_f64());
     }
     let mut decode = Vec::new();
+    let mut phases = Vec::new();
     for &b in batches {
         let rows: Vec<u32> = (0..b)
             .flat_map(|_| prompt(&mut rng, decode_ctx, vocab))
@@ -71,22 +75,35 @@ pub fn bench_generate(
             .logits(&h.narrow(1, decode_ctx - 1, 1)?)?
             .squeeze(1)?
             .to_vec2::<f32>()?;
+        crate::profile::enable(true);
         let t0 = Instant::now();
         for _ in 0..decode_tokens {
-            let next: Vec<u32> = logits
-                .iter()
-                .map(|l| sample(l, &Sampling::greedy(), &mut rng))
-                .collect();
+            let next: Vec<u32> = crate::profile::span(Phase::Sampling, || {
+                logits
+                    .iter()
+                    .map(|l| sample(l, &Sampling::greedy(), &mut rng))
+                    .collect()
+            });
             let x = Tensor::from_vec(next, (b, 1), dev)?;
             let h = model.forward_hidden(&x, None, Some(&mut cache))?;
             logits = model.logits(&h)?.squeeze(1)?.to_vec2::<f32>()?;
         }
         let dt = t0.elapsed().as_secs_f64();
+        let per = |s: f64| s / decode_tokens.max(1) as f64;
+        let mut p: Vec<(&'static str, f64)> = PHASES
+            .iter()
+            .map(|&ph| (ph.name(), per(crate::profile::seconds(ph))))
+            .collect();
+        let spans: f64 = p.iter().map(|x| x.1).sum();
+        p.push(("glue", per(dt) - spans));
+        crate::profile::enable(false);
+        phases.push((b, p));
         decode.push((b, (b * decode_tokens) as f64 / dt, decode_ctx));
     }
     Ok(GenBench {
         prompt_len,
         prefill_tokens_per_s: prompt_len as f64 / best,
         decode,
+        phases,
     })
 }

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod profile;
 pub mod tokenizer;
 pub mod weights;
 

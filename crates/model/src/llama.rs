@@ -77,7 +77,9 @@ impl Attention {
         let (cos, sin) = ctx.rope.as_ref().expect("llama needs rotary tables");
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
-        let (k, v) = crate::cache::append(cache, k, v)?;
+        let (k, v) = crate::profile::span(crate::profile::Phase::Attention, || {
+            crate::cache::append(cache, k, v)
+        })?;
         let n_rep = self.num_heads / self.num_kv_heads;
         let y = ops::gqa_attention(&q, &k, &v, n_rep, scale, ctx.bias.as_ref())?;
         let y = y

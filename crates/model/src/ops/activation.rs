@@ -10,6 +10,12 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// silu(gate) · up, LLaMA's MLP gate.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    crate::profile::span(crate::profile::Phase::NormRope, || {
+        swiglu_unprofiled(gate, up)
+    })
+}
+
+fn swiglu_unprofiled(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if fused_f32(&[gate, up]) && gate.shape() == up.shape() {
         return gate
             .contiguous()?

@@ -67,6 +67,19 @@ pub fn gqa_attention(
     scale: f64,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    crate::profile::span(crate::profile::Phase::Attention, || {
+        gqa_attention_unprofiled(q, k, v, n_rep, scale, bias)
+    })
+}
+
+fn gqa_attention_unprofiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_rep: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
     // Decoding steps (few new tokens); a long prefill is better served by matmuls.
     let few = q.dim(2)? <= 16;
@@ -148,6 +161,19 @@ impl<'a> View<'a> {
         })
     }
 
+    /// Row (i0, i1, i2) of length `out.len()`: borrowed when stored as f32, else widened into
+    /// `out`.
+    fn row_ref<'b>(&'b self, i0: usize, i1: usize, i2: usize, out: &'b mut [f32]) -> &'b [f32] {
+        let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
+        match self.data {
+            Data::F32(v) => &v[at..at + out.len()],
+            Data::Bf16(_) => {
+                self.row(i0, i1, i2, out);
+                out
+            }
+        }
+    }
+
     /// Row (i0, i1, i2) of length `n`, widened into `out`.
     fn row(&self, i0: usize, i1: usize, i2: usize, out: &mut [f32]) {
         let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
@@ -162,22 +188,79 @@ impl<'a> View<'a> {
     }
 }
 
-/// Dot product in 16 independent lanes (a sequential f32 sum would not vectorize).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *A.get_or_init(|| is_x86_feature_detected!("avx512f"))
     }
-    acc.iter().sum::<f32>() + tail
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// a · b (equal lengths). The build targets baseline x86-64, so the plain loop would run in
+/// 4-wide SSE: decode attention spends its time here and in `axpy`.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F was detected; both slices have a.len() elements.
+        return unsafe { dot_avx512(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// y += w · x.
+fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F was detected; both slices have y.len() elements.
+        return unsafe { axpy_avx512(w, x, y) };
+    }
+    y.iter_mut().zip(x).for_each(|(o, v)| *o += w * v);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        acc = _mm512_fmadd_ps(
+            _mm512_loadu_ps(a.as_ptr().add(i)),
+            _mm512_loadu_ps(b.as_ptr().add(i)),
+            acc,
+        );
+        i += 16;
+    }
+    let mut s = _mm512_reduce_add_ps(acc);
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn axpy_avx512(w: f32, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let wv = _mm512_set1_ps(w);
+    let mut i = 0;
+    while i + 16 <= n {
+        let p = y.as_mut_ptr().add(i);
+        _mm512_storeu_ps(
+            p,
+            _mm512_fmadd_ps(wv, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(p)),
+        );
+        i += 16;
+    }
+    while i < n {
+        y[i] += w * x[i];
+        i += 1;
+    }
 }
 
 impl candle_core::CustomOp3 for InferAttention {
@@ -198,39 +281,59 @@ impl candle_core::CustomOp3 for InferAttention {
         let (q, k, v) = (View::new(s1, l1)?, View::new(s2, l2)?, View::new(s3, l3)?);
         let (h, t, s, d) = (self.h, self.t, self.s, self.d);
         let mut out = vec![0f32; self.b * h * t * d];
-        out.par_chunks_mut(d).enumerate().for_each_init(
-            || (vec![0f32; d], vec![0f32; d], vec![0f32; s]),
-            |(qr, kr, p), (row, o)| {
-                let (bi, hi, ti) = (row / (h * t), (row / t) % h, row % t);
-                let kv = hi / self.n_rep;
-                q.row(bi, hi, ti, qr);
-                let bias = self
-                    .bias
-                    .as_ref()
-                    .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
-                let mut max = f32::NEG_INFINITY;
-                for (j, pj) in p.iter_mut().enumerate() {
-                    k.row(bi, kv, j, kr);
-                    let dot = dot(qr, kr);
-                    *pj = dot * self.scale + bias.map_or(0.0, |b| b[j]);
-                    max = max.max(*pj);
-                }
-                let mut sum = 0f32;
-                for pj in p.iter_mut() {
-                    *pj = (*pj - max).exp();
-                    sum += *pj;
-                }
-                let inv = 1.0 / sum;
-                for (j, &pj) in p.iter().enumerate() {
-                    let w = pj * inv;
-                    if w == 0.0 {
-                        continue;
+        let r = self.n_rep;
+        // One task per (batch, kv head, query position): its n_rep query heads share every K
+        // and V row, which is then read once for all of them.
+        let groups: Vec<Vec<f32>> = (0..self.b * (h / r) * t)
+            .into_par_iter()
+            .map_init(
+                || (vec![0f32; d], vec![0f32; r * s]),
+                |(kr, p), g| {
+                    let (bi, kv, ti) = (g / ((h / r) * t), (g / t) % (h / r), g % t);
+                    let qs: Vec<Vec<f32>> = (0..r)
+                        .map(|i| {
+                            let mut qr = vec![0f32; d];
+                            q.row(bi, kv * r + i, ti, &mut qr);
+                            qr
+                        })
+                        .collect();
+                    let bias = self
+                        .bias
+                        .as_ref()
+                        .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
+                    for j in 0..s {
+                        let krow = k.row_ref(bi, kv, j, kr);
+                        let bj = bias.map_or(0.0, |b| b[j]);
+                        for (i, qr) in qs.iter().enumerate() {
+                            p[i * s + j] = dot(qr, krow) * self.scale + bj;
+                        }
                     }
-                    v.row(bi, kv, j, kr);
-                    o.iter_mut().zip(kr.iter()).for_each(|(x, y)| *x += w * y);
-                }
-            },
-        );
+                    for pi in p.chunks_mut(s) {
+                        let max = pi.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let inv = 1.0 / fedllm_kernels::vexp::exp_sub(pi, max, 1.0);
+                        pi.iter_mut().for_each(|x| *x *= inv);
+                    }
+                    let mut o = vec![0f32; r * d];
+                    for j in 0..s {
+                        let vrow = v.row_ref(bi, kv, j, kr);
+                        for (i, oi) in o.chunks_mut(d).enumerate() {
+                            let w = p[i * s + j];
+                            if w != 0.0 {
+                                axpy(w, vrow, oi);
+                            }
+                        }
+                    }
+                    o
+                },
+            )
+            .collect();
+        for (g, o) in groups.iter().enumerate() {
+            let (bi, kv, ti) = (g / ((h / r) * t), (g / t) % (h / r), g % t);
+            for (i, oi) in o.chunks(d).enumerate() {
+                let row = (bi * h + kv * r + i) * t + ti;
+                out[row * d..(row + 1) * d].copy_from_slice(oi);
+            }
+        }
         let shape = candle_core::Shape::from((self.b, h, t, d));
         let storage = match s1 {
             candle_core::CpuStorage::BF16(_) => {

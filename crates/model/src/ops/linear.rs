@@ -110,7 +110,7 @@ impl Linear {
             *out.last_mut().unwrap() = y.dim(1)?;
             return y.reshape(out);
         }
-        let y = self.base(&x2, rows)?;
+        let y = crate::profile::span(crate::profile::Phase::Matvec, || self.base(&x2, rows))?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
@@ -183,7 +183,8 @@ impl Linear {
                 let r2 = res
                     .reshape((h2.dim(0)?, res.elem_count() / h2.dim(0)?))?
                     .contiguous()?;
-                h2.apply_op2(&r2, op)?.reshape(shape)
+                crate::profile::span(crate::profile::Phase::Matvec, || h2.apply_op2(&r2, op))?
+                    .reshape(shape)
             }
             None => res + self.forward(h)?,
         }
@@ -204,7 +205,8 @@ impl Linear {
                 let g2 = gate.reshape((rows, k))?.contiguous()?;
                 let u2 = up.reshape((rows, k))?.contiguous()?;
                 let r2 = res.reshape((rows, res.elem_count() / rows))?.contiguous()?;
-                g2.apply_op3(&u2, &r2, op)?.reshape(shape)
+                crate::profile::span(crate::profile::Phase::Matvec, || g2.apply_op3(&u2, &r2, op))?
+                    .reshape(shape)
             }
             _ => res + self.forward(&crate::ops::swiglu(gate, up)?)?,
         }
@@ -936,6 +938,56 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use candle_core::Var;
+
+    /// Decode rows against block-quantized weights take the block kernel in the fused
+    /// residual products too, with the same values as the dequantized matrix: res + x·Wᵀ and
+    /// res + silu(g)·u·Wᵀ for 1 and 8 rows. Both sides are f32 sums of the same products in
+    /// another order: 1e-4 relative covers k = 256 terms of rounding.
+    #[test]
+    fn decode_rows_through_quantized_residual_products() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let w = fedllm_testing::randn(201, 0f32, 1.0, (96, 256), &dev).unwrap();
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, t).unwrap();
+            let wd = q.dequantize(&dev).unwrap();
+            let lin = Linear::new(Weight::Quant(std::sync::Arc::new(q)), None).unwrap();
+            for rows in [1usize, 8] {
+                let x = fedllm_testing::randn(202, 0f32, 1.0, (rows, 256), &dev).unwrap();
+                let u = fedllm_testing::randn(203, 0f32, 1.0, (rows, 256), &dev).unwrap();
+                let res = fedllm_testing::randn(204, 0f32, 1.0, (rows, 96), &dev).unwrap();
+                let want = (&res + x.matmul(&wd.t().unwrap()).unwrap()).unwrap();
+                let got = lin.forward_residual(&x, &res).unwrap();
+                let scale = 1.0
+                    + want
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                let d = fedllm_testing::max_abs_diff(&got, &want).unwrap();
+                assert!(d <= 1e-4 * scale, "{t:?} rows {rows}: {d}");
+                let sw = crate::ops::swiglu(&x, &u).unwrap();
+                let want = (&res + sw.matmul(&wd.t().unwrap()).unwrap()).unwrap();
+                let got = lin.forward_swiglu_residual(&x, &u, &res).unwrap();
+                let d = fedllm_testing::max_abs_diff(&got, &want).unwrap();
+                assert!(
+                    d <= 1e-4
+                        * scale.max(
+                            1.0 + want
+                                .abs()
+                                .unwrap()
+                                .max_all()
+                                .unwrap()
+                                .to_scalar::<f32>()
+                                .unwrap()
+                        ),
+                    "{t:?} swiglu rows {rows}: {d}"
+                );
+            }
+        }
+    }
 
     /// FrozenLinear's backward (input gradient only) against plain candle ops.
     #[test]

@@ -25,7 +25,9 @@ fn use_avx512() -> bool {
     {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| {
-            std::env::var_os("FEDLLM_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f")
+            std::env::var_os("FEDLLM_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("f16c")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -65,78 +67,134 @@ fn dot_scalar(t: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
     acc
 }
 
+/// Most activation rows one pass over a weight row serves (one accumulator register each).
+const ROWS: usize = 8;
+
+/// Σx over each 32-value block of each row of x [m, k]: Q4_1's offset term m·Σx per block.
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(32).map(|b| b.iter().sum()).collect()
+}
+
+/// An f16's bits to f32 with the F16C instruction (the `half` crate's portable path is the
+/// slowest part of a block otherwise).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(t: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn h2f(bits: u16) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = _mm512_setzero_ps();
-    let mut tail = 0f32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Up to `ROWS` rows of x against one weight row: each block is decoded once for all of
+/// them. `out[j]` = x_j · w.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn dots_avx512(
+    t: GgmlDType,
+    row: &[u8],
+    x: &[f32],
+    xsum: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let m = out.len();
+    let nb = k / 32;
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let mut off = [0f32; ROWS];
     match t {
         GgmlDType::Q4_1 => {
             let mask = _mm_set1_epi8(0x0F);
-            for (b, blk) in row.chunks_exact(20).enumerate() {
-                let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-                let qs = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
-                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)));
-                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
-                    _mm_srli_epi16(qs, 4),
-                    mask,
-                )));
-                let x0 = _mm512_loadu_ps(x.as_ptr().add(b * 32));
-                let x1 = _mm512_loadu_ps(x.as_ptr().add(b * 32 + 16));
-                let s = _mm512_fmadd_ps(lo, x0, _mm512_mul_ps(hi, x1));
-                acc = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc);
-                // m · Σx over the block
-                let xs = _mm512_add_ps(x0, x1);
-                acc = _mm512_fmadd_ps(xs, _mm512_set1_ps(m), acc);
+            for b in 0..nb {
+                let blk = row.as_ptr().add(b * 20);
+                let d = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
+                let mn = h2f(u16::from_le_bytes([*blk.add(2), *blk.add(3)]));
+                let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                let dv = _mm512_set1_ps(d);
+                let lo = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask))),
+                    dv,
+                );
+                let hi = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                        _mm_srli_epi16(qs, 4),
+                        mask,
+                    ))),
+                    dv,
+                );
+                for (j, (aj, oj)) in acc.iter_mut().zip(off.iter_mut()).enumerate().take(m) {
+                    let xp = x.as_ptr().add(j * k + b * 32);
+                    let a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), *aj);
+                    *aj = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), a);
+                    *oj += mn * xsum[j * nb + b];
+                }
             }
         }
         GgmlDType::Q8_0 => {
-            for (b, blk) in row.chunks_exact(34).enumerate() {
-                let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                let q0 = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
-                let q1 = _mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i);
-                let f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
-                let f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
-                let x0 = _mm512_loadu_ps(x.as_ptr().add(b * 32));
-                let x1 = _mm512_loadu_ps(x.as_ptr().add(b * 32 + 16));
-                let s = _mm512_fmadd_ps(f0, x0, _mm512_mul_ps(f1, x1));
-                acc = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc);
+            for b in 0..nb {
+                let blk = row.as_ptr().add(b * 34);
+                let dv = _mm512_set1_ps(h2f(u16::from_le_bytes([*blk, *blk.add(1)])));
+                let f0 = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(2) as *const __m128i
+                    ))),
+                    dv,
+                );
+                let f1 = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(18) as *const __m128i
+                    ))),
+                    dv,
+                );
+                for (j, aj) in acc.iter_mut().enumerate().take(m) {
+                    let xp = x.as_ptr().add(j * k + b * 32);
+                    let a = _mm512_fmadd_ps(f0, _mm512_loadu_ps(xp), *aj);
+                    *aj = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xp.add(16)), a);
+                }
             }
         }
-        _ => tail = f32::NAN,
+        _ => unreachable!("unsupported type"),
     }
-    _mm512_reduce_add_ps(acc) + tail
+    for ((o, a), f) in out.iter_mut().zip(acc).zip(off) {
+        *o = _mm512_reduce_add_ps(a) + f;
+    }
 }
 
-/// y [m, n] for x [m, k] (row-major f32) and raw blocks of W [n, k].
+/// y [m, n] for x [m, k] (row-major f32) and raw blocks of W [n, k]. The weight rows are
+/// split into one contiguous range per thread (decode runs hundreds of these per token, so
+/// fewer, larger tasks), and each weight row is read once for every group of `ROWS` x rows.
 pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let (be, bb) = block(t).expect("supported type");
     assert!(k.is_multiple_of(be) && w.len() == n * k / be * bb && x.len() == m * k);
     let row_bytes = k / be * bb;
     let avx = use_avx512();
+    let xsum = block_sums(x);
+    let per = n.div_ceil(rayon::current_num_threads().max(1)).max(16);
     let mut yt = vec![0f32; n * m]; // [n, m]: each weight row is read once for all m rows
-    yt.par_chunks_mut(m * 64).enumerate().for_each(|(c, out)| {
+    yt.par_chunks_mut(m * per).enumerate().for_each(|(c, out)| {
         for (i, o) in out.chunks_mut(m).enumerate() {
-            let r = c * 64 + i;
+            let r = c * per + i;
             let row = &w[r * row_bytes..(r + 1) * row_bytes];
-            for (j, oj) in o.iter_mut().enumerate() {
-                let xr = &x[j * k..(j + 1) * k];
-                *oj = if avx {
+            for (g, og) in o.chunks_mut(ROWS).enumerate() {
+                let j0 = g * ROWS;
+                let xs = &x[j0 * k..(j0 + og.len()) * k];
+                if avx {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX-512F was detected at run time; the slices cover whole blocks.
                     unsafe {
-                        dot_avx512(t, row, xr)
+                        dots_avx512(t, row, xs, &xsum[j0 * (k / 32)..], k, og)
                     }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    dot_scalar(t, row, xr)
                 } else {
-                    dot_scalar(t, row, xr)
-                };
+                    for (j, oj) in og.iter_mut().enumerate() {
+                        *oj = dot_scalar(t, row, &xs[j * k..(j + 1) * k]);
+                    }
+                }
             }
         }
     });
+    if m == 1 {
+        return yt;
+    }
     let mut y = vec![0f32; m * n];
     for r in 0..n {
         for j in 0..m {
@@ -156,7 +214,7 @@ mod tests {
     fn matches_dequantized_matmul_on_both_paths() {
         let dev = Device::Cpu;
         for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for (n, k, m) in [(37, 64, 1), (5, 96, 3), (130, 32, 8)] {
+            for (n, k, m) in [(37, 64, 1), (5, 96, 3), (130, 32, 8), (20, 64, 11)] {
                 let w = fedllm_testing::randn(301, 0f32, 1.0, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, t).unwrap();
                 let wd = q.dequantize(&dev).unwrap();

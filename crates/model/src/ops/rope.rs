@@ -7,6 +7,12 @@ use super::fused_f32;
 /// Non-interleaved rotary embedding (transformers' `rotate_half` form).
 /// x: [B, H, T, D]; cos, sin: [B, 1, T, D].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    crate::profile::span(crate::profile::Phase::NormRope, || {
+        rope_unprofiled(x, cos, sin)
+    })
+}
+
+fn rope_unprofiled(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_f32(&[x, cos, sin]) {
         let (b, h, t, d) = x.dims4()?;
         if cos.dims4()? == (b, 1, t, d) && sin.dims4()? == (b, 1, t, d) {
