@@ -283,21 +283,37 @@ impl Linear {
         kernel_isa(self.precision)
     }
 
-    /// A few inference rows against block-quantized weights: `base` reads the blocks directly,
-    /// where the fused residual ops would dequantize the whole matrix for them.
+    /// A few inference rows (decoding): `base` streams the weight once — reading quantized
+    /// blocks directly, or dense f32 rows — where the fused residual ops would dequantize or
+    /// repack the whole matrix for them.
     fn decodes_blockwise(&self, x: &Tensor) -> Result<bool> {
-        let Weight::Quant(q) = &self.weight else {
-            return Ok(false);
+        let kind_ok = match &self.weight {
+            Weight::Quant(q) => crate::ops::qmatvec::supported(q.dtype()),
+            Weight::Dense(w) => w.dtype() == DType::F32 && !w.track_op() && x.dtype() == DType::F32,
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-        Ok(x.device().is_cpu()
+        Ok(kind_ok
+            && x.device().is_cpu()
             && !x.track_op()
             && !self.in_out
-            && rows <= QMATVEC_MAX_ROWS
-            && crate::ops::qmatvec::supported(q.dtype()))
+            && rows <= QMATVEC_MAX_ROWS)
     }
 
     fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        if let Weight::Dense(w) = &self.weight {
+            if self.decodes_blockwise(x)? {
+                let (n, k) = w.dims2()?;
+                let wv = w.contiguous()?;
+                let (st, l) = wv.storage_and_layout();
+                let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*st else {
+                    candle_core::bail!("dense decode weight is not f32 on the CPU");
+                };
+                let wd = &data[l.start_offset()..l.start_offset() + n * k];
+                let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let y = crate::ops::qmatvec::dense_matmul(wd, n, k, &xv, rows);
+                return Tensor::from_vec(y, (rows, n), x.device());
+            }
+        }
         if let Weight::Quant(q) = &self.weight {
             if x.device().is_cpu() && !x.track_op() && !self.in_out && rows <= QMATVEC_MAX_ROWS {
                 if crate::ops::qmatvec::supported(q.dtype()) {
@@ -939,8 +955,8 @@ mod tests {
     use candle_core::Device;
     use candle_core::Var;
 
-    /// Decode rows against block-quantized weights take the block kernel in the fused
-    /// residual products too, with the same values as the dequantized matrix: res + x·Wᵀ and
+    /// Decode rows against block-quantized (and dense f32) weights take the streaming kernels
+    /// in the fused residual products too, with the same values as the dequantized matrix: res + x·Wᵀ and
     /// res + silu(g)·u·Wᵀ for 1 and 8 rows. Both sides are f32 sums of the same products in
     /// another order: 1e-4 relative covers k = 256 terms of rounding.
     #[test]
@@ -948,10 +964,14 @@ mod tests {
         use candle_core::quantized::{GgmlDType, QTensor};
         let dev = Device::Cpu;
         let w = fedllm_testing::randn(201, 0f32, 1.0, (96, 256), &dev).unwrap();
-        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
             let q = QTensor::quantize(&w, t).unwrap();
             let wd = q.dequantize(&dev).unwrap();
-            let lin = Linear::new(Weight::Quant(std::sync::Arc::new(q)), None).unwrap();
+            let weight = match t {
+                GgmlDType::F32 => Weight::Dense(wd.clone()),
+                _ => Weight::Quant(std::sync::Arc::new(q)),
+            };
+            let lin = Linear::new(weight, None).unwrap();
             for rows in [1usize, 8] {
                 let x = fedllm_testing::randn(202, 0f32, 1.0, (rows, 256), &dev).unwrap();
                 let u = fedllm_testing::randn(203, 0f32, 1.0, (rows, 256), &dev).unwrap();

@@ -160,6 +160,74 @@ unsafe fn dots_avx512(
     }
 }
 
+/// Up to `ROWS` rows of x against one dense f32 weight row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dense_dots_avx512(row: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let m = out.len();
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let mut i = 0;
+    while i + 16 <= k {
+        let w = _mm512_loadu_ps(row.as_ptr().add(i));
+        for (j, aj) in acc.iter_mut().enumerate().take(m) {
+            *aj = _mm512_fmadd_ps(w, _mm512_loadu_ps(x.as_ptr().add(j * k + i)), *aj);
+        }
+        i += 16;
+    }
+    for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+        let tail: f32 = (i..k).map(|c| row[c] * x[j * k + c]).sum();
+        *o = _mm512_reduce_add_ps(a) + tail;
+    }
+}
+
+/// y [m, n] = x [m, k] · W [n, k]ᵀ for a few rows of x and a dense f32 W: one streaming pass
+/// over W (a GEMM would repack all of W for a handful of rows).
+pub fn dense_matmul(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    assert!(w.len() == n * k && x.len() == m * k);
+    let avx = use_avx512();
+    let per = n.div_ceil(rayon::current_num_threads().max(1)).max(16);
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(m * per).enumerate().for_each(|(c, out)| {
+        for (i, o) in out.chunks_mut(m).enumerate() {
+            let r = c * per + i;
+            let row = &w[r * k..(r + 1) * k];
+            for (g, og) in o.chunks_mut(ROWS).enumerate() {
+                let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
+                if avx {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
+                    unsafe {
+                        dense_dots_avx512(row, xs, k, og)
+                    }
+                } else {
+                    for (j, oj) in og.iter_mut().enumerate() {
+                        *oj = row
+                            .iter()
+                            .zip(&xs[j * k..(j + 1) * k])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                    }
+                }
+            }
+        }
+    });
+    transpose(yt, n, m)
+}
+
+fn transpose(yt: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for r in 0..n {
+        for j in 0..m {
+            y[j * n + r] = yt[r * m + j];
+        }
+    }
+    y
+}
+
 /// y [m, n] for x [m, k] (row-major f32) and raw blocks of W [n, k]. The weight rows are
 /// split into one contiguous range per thread (decode runs hundreds of these per token, so
 /// fewer, larger tasks), and each weight row is read once for every group of `ROWS` x rows.
@@ -192,16 +260,7 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
             }
         }
     });
-    if m == 1 {
-        return yt;
-    }
-    let mut y = vec![0f32; m * n];
-    for r in 0..n {
-        for j in 0..m {
-            y[j * n + r] = yt[r * m + j];
-        }
-    }
-    y
+    transpose(yt, n, m)
 }
 
 #[cfg(test)]
