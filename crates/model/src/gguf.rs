@@ -418,7 +418,24 @@ impl GgufFile {
                 qtensor_from_ggml(dtype, &buf, info.shape.clone(), device)?
             }
         };
+        self.release(info.start, info.len);
         Ok(q)
+    }
+
+    /// Drops the mapped pages of bytes already copied out, so that a model being loaded does
+    /// not hold both the file's pages and its own copy (peak memory twice the weights). The
+    /// mapping is private and read-only: pages read again come back from the file.
+    fn release(&self, start: usize, len: usize) {
+        const PAGE: usize = 4096;
+        let (a, b) = (start.div_ceil(PAGE) * PAGE, (start + len) / PAGE * PAGE);
+        if b > a {
+            // SAFETY: nothing borrows these bytes past this point (the tensor owns its copy),
+            // and a read-only private file mapping refills dropped pages from the file.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+            };
+        }
     }
 }
 
