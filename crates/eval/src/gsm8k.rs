@@ -5,8 +5,7 @@
 use std::path::Path;
 
 use fedllm_model::{
-    generate, generate_after, prefix_cache, strip_prefix, CausalLm, GenerateConfig, Sampling,
-    Tokenizer,
+    generate_continuous, prefix_cache, strip_prefix, CausalLm, GenerateConfig, Sampling, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -162,27 +161,36 @@ pub fn evaluate(
     let shot_ids = fedllm_model::generate::prefix_ids(tok, &few_shot())?;
     let shot_cache = prefix_cache(model, &shot_ids)?;
     let bar = fedllm_train::Progress::new("gsm8k", "questions", todo.len() as u64, true);
-    for chunk in todo.chunks(batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk
+    let cfg = GenerateConfig {
+        max_new_tokens: max_new,
+        sampling: Sampling::greedy(),
+        stop_token_ids: tok.eos_token_ids.clone(),
+        stop_strings: vec!["\n\nQ:".into(), "\nQ:".into()],
+    };
+    let prompts: Vec<Vec<u32>> = todo
+        .iter()
+        .map(|(_, q)| tok.encode(&prompt(&q.question), true))
+        .collect::<std::result::Result<_, _>>()?;
+    // Questions continue the shots' cache (computed once); a prompt whose tokens do not start
+    // with the shots' (a merge across the boundary) is read whole, in a second pass.
+    let (after, whole): (Vec<usize>, Vec<usize>) =
+        (0..todo.len()).partition(|&j| strip_prefix(&prompts[j], &shot_ids).is_some());
+    let passes = [(after, Some(&shot_cache)), (whole, None)];
+    // An error writing a result row stops decoding; it is reported as itself, not as a model
+    // error.
+    let mut write_err = None;
+    for (rows, prefix) in passes {
+        let ps: Vec<Vec<u32>> = rows
             .iter()
-            .map(|(_, q)| tok.encode(&prompt(&q.question), true))
-            .collect::<std::result::Result<_, _>>()?;
-        let cfg = GenerateConfig {
-            max_new_tokens: max_new,
-            sampling: Sampling::greedy(),
-            stop_token_ids: tok.eos_token_ids.clone(),
-            stop_strings: vec!["\n\nQ:".into(), "\nQ:".into()],
-        };
-        // The shots' cache is computed once; each batch reads only its questions.
-        let suffixes: Option<Vec<Vec<u32>>> = prompts
-            .iter()
-            .map(|p| strip_prefix(p, &shot_ids).map(<[u32]>::to_vec))
+            .map(|&j| match prefix {
+                Some(_) => strip_prefix(&prompts[j], &shot_ids)
+                    .expect("partitioned")
+                    .to_vec(),
+                None => prompts[j].clone(),
+            })
             .collect();
-        let gens = match suffixes {
-            Some(s) => generate_after(model, Some(tok), Some(&shot_cache), &s, &cfg)?,
-            None => generate(model, Some(tok), &prompts, &cfg)?,
-        };
-        for ((i, q), g) in chunk.iter().zip(gens) {
+        let mut score = |r: usize, g: &fedllm_model::Generation| -> fedllm_model::Result<()> {
+            let (i, q) = todo[rows[r]];
             let text = tok.decode(&g.tokens, true)?;
             let text = fedllm_model::generate::truncate_at_stop(&text, &cfg.stop_strings);
             let pred = extract(&text);
@@ -191,13 +199,22 @@ pub fn evaluate(
             correct += ok as usize;
             count += 1;
             if let Some(o) = out {
-                append(
-                    o,
-                    &serde_json::json!({"key": i.to_string(), "prediction": pred, "reference": gold, "correct": ok, "completion": text}),
-                )?;
+                let row = serde_json::json!({"key": i.to_string(), "prediction": pred, "reference": gold, "correct": ok, "completion": text});
+                if let Err(e) = append(o, &row) {
+                    let msg = e.to_string();
+                    write_err = Some(e);
+                    return Err(fedllm_model::ModelError::Config(msg));
+                }
             }
             bar.inc(1);
+            Ok(())
+        };
+        // Several questions decode together; a finished one's slot takes the next question.
+        let r = generate_continuous(model, Some(tok), prefix, &ps, &cfg, batch, &mut score);
+        if let Some(e) = write_err.take() {
+            return Err(e);
         }
+        r?;
     }
     bar.finish();
     Ok(Score {

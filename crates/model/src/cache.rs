@@ -84,6 +84,41 @@ impl KvCache {
         &mut self.slots[layer]
     }
 
+    /// Adds `other`'s rows after this cache's (waiting prompts join a batched generation). The
+    /// shorter side is left-padded with masked positions, so both share one length; a row's
+    /// positions come from its own mask, so padding changes none of its numbers.
+    pub fn append_rows(&mut self, other: &KvCache) -> Result<()> {
+        let len = self.len.max(other.len);
+        let pad = |t: &Tensor, have: usize| -> Result<Tensor> {
+            let t = t.contiguous()?;
+            if have == len {
+                return Ok(t);
+            }
+            let (b, h, _, d) = t.dims4()?;
+            let z = Tensor::zeros((b, h, len - have, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&z, &t], 2)
+        };
+        if self.slots.len() != other.slots.len() {
+            candle_core::bail!("caches of different depths cannot share a batch");
+        }
+        for (a, o) in self.slots.iter_mut().zip(&other.slots) {
+            a.kv = match (&a.kv, &o.kv) {
+                (Some((ka, va)), Some((kb, vb))) => Some((
+                    Tensor::cat(&[&pad(ka, self.len)?, &pad(kb, other.len)?], 0)?,
+                    Tensor::cat(&[&pad(va, self.len)?, &pad(vb, other.len)?], 0)?,
+                )),
+                _ => candle_core::bail!("a cache layer without keys cannot share a batch"),
+            };
+            a.buf = None;
+        }
+        let left = |m: &Vec<u8>, have: usize| [vec![0u8; len - have], m.clone()].concat();
+        let mut mask: Vec<Vec<u8>> = self.mask.iter().map(|m| left(m, self.len)).collect();
+        mask.extend(other.mask.iter().map(|m| left(m, other.len)));
+        self.mask = mask;
+        self.len = len;
+        Ok(())
+    }
+
     /// Keeps only the given batch rows (finished rows leave a batched generation).
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         if rows.is_empty() {

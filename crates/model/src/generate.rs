@@ -182,7 +182,46 @@ pub fn generate_streaming(
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         return Err(crate::ModelError::Config(format!("prompt {i} is empty")));
     }
-    let len = prompts.iter().map(Vec::len).max().unwrap();
+    let (mut cache, mut logits) = prefill(model, prefix, prompts)?;
+    let mut rng = Rng::new(cfg.sampling.seed);
+    // `active[j]` = original index of the j-th row still in the batch.
+    let mut active: Vec<usize> = (0..n).collect();
+    for step in 0..cfg.max_new_tokens {
+        let mut next = Vec::with_capacity(active.len());
+        let mut keep = Vec::with_capacity(active.len());
+        for (j, &row) in active.iter().enumerate() {
+            let tok = sample(&logits[j], &cfg.sampling, &mut rng);
+            let g = &mut out[row];
+            g.tokens.push(tok);
+            on_token(row, tok)?;
+            if !check_finish(g, tok, tokenizer, cfg)? {
+                keep.push(j);
+                next.push(tok);
+            }
+        }
+        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        if keep.len() != active.len() {
+            cache.select_rows(&keep)?;
+            active = keep.iter().map(|&j| active[j]).collect();
+        }
+        let input = Tensor::from_vec(next, (active.len(), 1), &model.device)?;
+        let hidden = model.forward_hidden(&input, None, Some(&mut cache))?;
+        logits = last_logits(model, &hidden)?;
+    }
+    Ok(out)
+}
+
+/// The prompts (left-padded to one length) read after `prefix`: their cache and each one's
+/// next-token logits.
+fn prefill(
+    model: &CausalLm,
+    prefix: Option<&KvCache>,
+    prompts: &[Vec<u32>],
+) -> Result<(KvCache, Vec<Vec<f32>>)> {
+    let n = prompts.len();
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(n * len);
     let mut mask = Vec::with_capacity(n);
     for p in prompts {
@@ -208,37 +247,103 @@ pub fn generate_streaming(
     };
     let hidden =
         model.forward_hidden(&input, padded.then_some(mask.as_slice()), Some(&mut cache))?;
-    let mut logits = last_logits(model, &hidden)?;
+    let logits = last_logits(model, &hidden)?;
+    Ok((cache, logits))
+}
+
+/// Whether `g` just finished with its last token `tok` (end of sequence or a stop string).
+fn check_finish(
+    g: &mut Generation,
+    tok: u32,
+    tokenizer: Option<&Tokenizer>,
+    cfg: &GenerateConfig,
+) -> Result<bool> {
+    if cfg.stop_token_ids.contains(&tok) {
+        g.finish = Finish::Eos;
+    } else if !cfg.stop_strings.is_empty() {
+        if let Some(tk) = tokenizer {
+            let text = tk.decode(&g.tokens, false)?;
+            if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                g.finish = Finish::StopString;
+            }
+        }
+    }
+    Ok(g.finish != Finish::Length)
+}
+
+/// Greedy generation for many prompts, at most `slots` decoding together: when a row finishes,
+/// the next waiting prompts are read and join the batch (continuous batching), so no slot idles
+/// behind the longest answer of a fixed batch. Each row's numbers do not depend on its
+/// neighbours (per-row products, masked padding), so every result equals decoding its prompt
+/// alone. `on_done(i, generation)` hears each prompt as it finishes; results in prompt order.
+pub fn generate_continuous(
+    model: &CausalLm,
+    tokenizer: Option<&Tokenizer>,
+    prefix: Option<&KvCache>,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    slots: usize,
+    on_done: &mut dyn FnMut(usize, &Generation) -> Result<()>,
+) -> Result<Vec<Generation>> {
+    if cfg.sampling.temperature > 0.0 {
+        return Err(crate::ModelError::Config(
+            "continuous batching decodes greedily (a sampled row's draws would depend on its neighbours)".into(),
+        ));
+    }
+    let n = prompts.len();
+    let mut out: Vec<Generation> = (0..n)
+        .map(|_| Generation {
+            tokens: vec![],
+            finish: Finish::Length,
+        })
+        .collect();
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(crate::ModelError::Config(format!("prompt {i} is empty")));
+    }
+    if cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let slots = slots.max(1);
+    let mut waiting = 0..n;
+    let mut active: Vec<usize> = Vec::new();
+    let mut cache = KvCache::new();
+    let mut logits: Vec<Vec<f32>> = Vec::new();
     let mut rng = Rng::new(cfg.sampling.seed);
-    // `active[j]` = original index of the j-th row still in the batch.
-    let mut active: Vec<usize> = (0..n).collect();
-    for step in 0..cfg.max_new_tokens {
+    loop {
+        let join: Vec<usize> = waiting.by_ref().take(slots - active.len()).collect();
+        if !join.is_empty() {
+            let ps: Vec<Vec<u32>> = join.iter().map(|&i| prompts[i].clone()).collect();
+            let (c, l) = prefill(model, prefix, &ps)?;
+            if active.is_empty() {
+                cache = c;
+            } else {
+                cache.append_rows(&c)?;
+            }
+            active.extend(join);
+            logits.extend(l);
+        }
+        if active.is_empty() {
+            return Ok(out);
+        }
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (j, &row) in active.iter().enumerate() {
             let tok = sample(&logits[j], &cfg.sampling, &mut rng);
             let g = &mut out[row];
             g.tokens.push(tok);
-            on_token(row, tok)?;
-            if cfg.stop_token_ids.contains(&tok) {
-                g.finish = Finish::Eos;
-            } else if !cfg.stop_strings.is_empty() {
-                if let Some(tk) = tokenizer {
-                    let text = tk.decode(&g.tokens, false)?;
-                    if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
-                        g.finish = Finish::StopString;
-                    }
-                }
-            }
-            if g.finish == Finish::Length {
+            if check_finish(g, tok, tokenizer, cfg)? || g.tokens.len() == cfg.max_new_tokens {
+                on_done(row, g)?;
+            } else {
                 keep.push(j);
                 next.push(tok);
             }
         }
-        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
-            break;
-        }
         if keep.len() != active.len() {
+            if keep.is_empty() {
+                active.clear();
+                logits.clear();
+                continue;
+            }
             cache.select_rows(&keep)?;
             active = keep.iter().map(|&j| active[j]).collect();
         }
@@ -246,7 +351,6 @@ pub fn generate_streaming(
         let hidden = model.forward_hidden(&input, None, Some(&mut cache))?;
         logits = last_logits(model, &hidden)?;
     }
-    Ok(out)
 }
 
 /// Cuts a generated text at the first stop string.

@@ -1,0 +1,109 @@
+//! Continuous batching: prompts joining and leaving a batch as others finish decode exactly as
+//! each would alone, on both golden architectures and on SmolLM2 kept quantized (the decode
+//! kernels' path), with and without a shared prefix cache.
+
+use fedllm_model::{
+    generate, generate_after, generate_continuous, prefix_cache, CausalLm, Finish, GenerateConfig,
+    LoadOptions, Sampling,
+};
+
+/// Prompts of different lengths decoded 2 at a time; the end token is one the first prompt
+/// produces early, so that rows leave at different steps and waiting prompts join mid-way.
+fn check(model: &CausalLm, prompts: &[Vec<u32>], prefix: &[u32]) {
+    let cache = prefix_cache(model, prefix).unwrap();
+    let pre = (!prefix.is_empty()).then_some(&cache);
+    let run_alone = |cfg: &GenerateConfig| -> Vec<Vec<u32>> {
+        prompts
+            .iter()
+            .map(|p| {
+                let g = match pre {
+                    Some(c) => generate_after(model, None, Some(c), std::slice::from_ref(p), cfg),
+                    None => generate(model, None, std::slice::from_ref(p), cfg),
+                };
+                g.unwrap().remove(0).tokens
+            })
+            .collect()
+    };
+    let mut cfg = GenerateConfig {
+        max_new_tokens: 12,
+        sampling: Sampling::greedy(),
+        stop_token_ids: vec![],
+        stop_strings: vec![],
+    };
+    cfg.stop_token_ids = vec![run_alone(&cfg)[0][3]];
+    let alone = run_alone(&cfg);
+    let mut order = Vec::new();
+    let got = generate_continuous(model, None, pre, prompts, &cfg, 2, &mut |i, _| {
+        order.push(i);
+        Ok(())
+    })
+    .unwrap();
+    let early = got.iter().filter(|g| g.finish == Finish::Eos).count();
+    assert!(
+        early > 0 && early < got.len(),
+        "{early} of {} stopped early",
+        got.len()
+    );
+    let got: Vec<Vec<u32>> = got.into_iter().map(|g| g.tokens).collect();
+    assert_eq!(got, alone);
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..prompts.len()).collect::<Vec<_>>(),
+        "each prompt reported once"
+    );
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![5, 9, 13],
+        vec![7; 9],
+        vec![40, 41],
+        vec![3, 100, 101, 102, 103, 104],
+        vec![250],
+    ]
+}
+
+#[test]
+fn continuous_batches_decode_as_alone_on_the_golden_models() {
+    for name in ["llama-tiny", "gpt2-tiny"] {
+        let dir = fedllm_testing::golden_dir().join(name);
+        let m = CausalLm::load(&dir, LoadOptions::default()).unwrap().model;
+        check(&m, &prompts(), &[]);
+        check(&m, &prompts(), &[11, 12, 13, 14]);
+    }
+}
+
+#[test]
+fn continuous_batches_decode_as_alone_on_smollm2_kept_quantized() {
+    let path = fedllm_testing::smollm2().expect("SmolLM2 GGUF");
+    let m = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
+    let ps: Vec<Vec<u32>> = prompts()
+        .into_iter()
+        .map(|p| p.iter().map(|t| t + 1000).collect())
+        .collect();
+    check(&m, &ps, &[]);
+    check(&m, &ps, &[504, 3458, 282]);
+}
+
+/// Sampling would make a row's draws depend on who shares its batch: refused.
+#[test]
+fn continuous_batching_refuses_sampling() {
+    let dir = fedllm_testing::golden_dir().join("llama-tiny");
+    let m = CausalLm::load(&dir, LoadOptions::default()).unwrap().model;
+    let cfg = GenerateConfig {
+        max_new_tokens: 4,
+        sampling: Sampling {
+            temperature: 0.7,
+            top_k: None,
+            top_p: None,
+            seed: 1,
+        },
+        stop_token_ids: vec![],
+        stop_strings: vec![],
+    };
+    let e =
+        generate_continuous(&m, None, None, &prompts(), &cfg, 2, &mut |_, _| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("greedily"), "{e}");
+}
