@@ -170,20 +170,26 @@ fn now_ms() -> u128 {
 
 /// The same config run in-process (`fedllm run`, standalone): the reference adapter bytes.
 fn standalone(dir: &Path, cfg: &Path) -> Vec<u8> {
-    let out = dir.join("standalone");
-    let o = Command::new(bin())
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--no-progress",
-            "federate.mode=standalone",
-            &format!("outdir={}", out.display()),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = standalone_in(dir, cfg, "standalone", &[]);
     std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
+/// `cfg` run standalone in `dir/name` with `extra` overrides; returns that folder.
+fn standalone_in(dir: &Path, cfg: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let outdir = format!("outdir={}", out.display());
+    let mut args = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--no-progress",
+        "federate.mode=standalone",
+        &outdir,
+    ];
+    args.extend_from_slice(extra);
+    let o = Command::new(bin()).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
 }
 
 fn adapter(dir: &Path) -> Vec<u8> {
@@ -845,20 +851,7 @@ fn secure_aggregation_runs_distributed_as_standalone() {
     let line = "round 1: secagg: aggregated the masked inputs of clients [0, 1, 2]";
     assert!(t.contains(line), "{t}");
     assert_eq!(adapter(d), standalone(d, &cfg), "distributed != standalone");
-    let plain_dir = d.join("plain");
-    let o = Command::new(bin())
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--no-progress",
-            "federate.mode=standalone",
-            "secagg.enabled=false",
-            &format!("outdir={}", plain_dir.display()),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plain_dir = standalone_in(d, &cfg, "plain", &["secagg.enabled=false"]);
     let load = |p: PathBuf| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
     let sec = load(d.join("run/adapter/adapter_model.safetensors"));
     let plain = load(plain_dir.join("adapter/adapter_model.safetensors"));

@@ -170,17 +170,9 @@ pub fn generate_streaming(
     on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
 ) -> Result<Vec<Generation>> {
     let n = prompts.len();
-    let mut out: Vec<Generation> = (0..n)
-        .map(|_| Generation {
-            tokens: vec![],
-            finish: Finish::Length,
-        })
-        .collect();
+    let mut out = blank(prompts)?;
     if n == 0 || cfg.max_new_tokens == 0 {
         return Ok(out);
-    }
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(crate::ModelError::Config(format!("prompt {i} is empty")));
     }
     let (mut cache, mut logits) = prefill(model, prefix, prompts)?;
     let mut rng = Rng::new(cfg.sampling.seed);
@@ -211,6 +203,20 @@ pub fn generate_streaming(
         logits = last_logits(model, &hidden)?;
     }
     Ok(out)
+}
+
+/// One empty generation per prompt; an empty prompt is an error.
+fn blank(prompts: &[Vec<u32>]) -> Result<Vec<Generation>> {
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(crate::ModelError::Config(format!("prompt {i} is empty")));
+    }
+    Ok(prompts
+        .iter()
+        .map(|_| Generation {
+            tokens: vec![],
+            finish: Finish::Length,
+        })
+        .collect())
 }
 
 /// The prompts (left-padded to one length) read after `prefix`: their cache and each one's
@@ -291,15 +297,7 @@ pub fn generate_continuous(
         ));
     }
     let n = prompts.len();
-    let mut out: Vec<Generation> = (0..n)
-        .map(|_| Generation {
-            tokens: vec![],
-            finish: Finish::Length,
-        })
-        .collect();
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(crate::ModelError::Config(format!("prompt {i} is empty")));
-    }
+    let mut out = blank(prompts)?;
     if cfg.max_new_tokens == 0 {
         return Ok(out);
     }
