@@ -106,6 +106,13 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     cand[probs.len() - 1].0 as u32
 }
 
+/// One token per cached row read: the next logits of each row.
+fn decode_step(model: &CausalLm, cache: &mut KvCache, next: Vec<u32>) -> Result<Vec<Vec<f32>>> {
+    let input = Tensor::from_vec(next, (cache.mask.len(), 1), &model.device)?;
+    let hidden = model.forward_hidden(&input, None, Some(cache))?;
+    Ok(last_logits(model, &hidden)?)
+}
+
 fn last_logits(model: &CausalLm, hidden: &Tensor) -> CResult<Vec<Vec<f32>>> {
     let t = hidden.dim(1)?;
     let last = hidden.narrow(1, t - 1, 1)?;
@@ -198,9 +205,7 @@ pub fn generate_streaming(
             cache.select_rows(&keep)?;
             active = keep.iter().map(|&j| active[j]).collect();
         }
-        let input = Tensor::from_vec(next, (active.len(), 1), &model.device)?;
-        let hidden = model.forward_hidden(&input, None, Some(&mut cache))?;
-        logits = last_logits(model, &hidden)?;
+        logits = decode_step(model, &mut cache, next)?;
     }
     Ok(out)
 }
@@ -345,9 +350,7 @@ pub fn generate_continuous(
             cache.select_rows(&keep)?;
             active = keep.iter().map(|&j| active[j]).collect();
         }
-        let input = Tensor::from_vec(next, (active.len(), 1), &model.device)?;
-        let hidden = model.forward_hidden(&input, None, Some(&mut cache))?;
-        logits = last_logits(model, &hidden)?;
+        logits = decode_step(model, &mut cache, next)?;
     }
 }
 

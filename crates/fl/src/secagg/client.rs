@@ -47,7 +47,8 @@ impl ClientRound {
         params: Params,
         neighbours: Vec<usize>,
     ) -> Result<(Self, Reply)> {
-        if neighbours.contains(&me) || neighbours.len() < params.threshold {
+        if params.threshold == 0 || neighbours.contains(&me) || neighbours.len() < params.threshold
+        {
             return Err(bad(format!(
                 "client {me} was given neighbours {neighbours:?} for threshold {}",
                 params.threshold
@@ -94,7 +95,8 @@ impl ClientRound {
         }
         let xs: Vec<u64> = self.peers.keys().map(|&j| j as u64 + 1).collect();
         // Coefficients from a keystream on a fresh secret: as unpredictable as the secrets.
-        let stream = prg(&os_secret()?, 16 * t * xs.len());
+        // Two secrets × 8 polynomials × (t − 1) coefficients, a u64 from each pair of words.
+        let stream = prg(&os_secret()?, 32 * (t - 1));
         let mut words = stream
             .chunks_exact(2)
             .map(|w| (w[0] as u64) << 32 | w[1] as u64);

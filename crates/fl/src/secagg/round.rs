@@ -124,7 +124,6 @@ pub fn run(
                 .and_then(|sum| mean(&sum, sr.survivors().len(), &params, &lay))
         }
     };
-    masked.retain(|(r, _)| sr.survivors().contains(&r.client));
     Ok(Outcome {
         masked,
         other,

@@ -138,10 +138,8 @@ impl ServerRound {
         self.sealed_for
             .keys()
             .map(|&i| {
-                let mut sealed: Vec<Sealed> = self.forward.remove(&i).unwrap_or_default();
-                // Only envelopes from clients that completed stage 2 (an envelope is kept only
-                // when its whole set was accepted, so this holds already).
-                sealed.retain(|e| self.sealed_for.contains_key(&e.from));
+                // Envelopes are kept only when their sender's whole set was accepted.
+                let sealed: Vec<Sealed> = self.forward.remove(&i).unwrap_or_default();
                 (i, FitMask { sealed })
             })
             .collect()

@@ -11,17 +11,13 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// silu(gate) · up, LLaMA's MLP gate.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::NormRope, || {
-        swiglu_unprofiled(gate, up)
+        if fused_f32(&[gate, up]) && gate.shape() == up.shape() {
+            return gate
+                .contiguous()?
+                .apply_op2(&up.contiguous()?, crate::ops::fused::SwiGlu);
+        }
+        silu(gate)? * up
     })
-}
-
-fn swiglu_unprofiled(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fused_f32(&[gate, up]) && gate.shape() == up.shape() {
-        return gate
-            .contiguous()?
-            .apply_op2(&up.contiguous()?, crate::ops::fused::SwiGlu);
-    }
-    silu(gate)? * up
 }
 
 /// GPT-2's `gelu_new` (tanh approximation); candle's `gelu` is exactly that form.

@@ -68,46 +68,35 @@ pub fn gqa_attention(
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::Attention, || {
-        gqa_attention_unprofiled(q, k, v, n_rep, scale, bias)
-    })
-}
-
-fn gqa_attention_unprofiled(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    n_rep: usize,
-    scale: f64,
-    bias: Option<&Tensor>,
-) -> Result<Tensor> {
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    // Decoding steps (few new tokens); a long prefill is better served by matmuls.
-    let few = q.dim(2)? <= 16;
-    if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
-        let (b, h, t, d) = q.dims4()?;
-        let s = k.dim(2)?;
-        let bias = host_bias(bias)?;
-        let op = InferAttention {
-            scale: scale as f32,
+        let tracked = q.track_op() || k.track_op() || v.track_op();
+        // Decoding steps (few new tokens); a long prefill is better served by matmuls.
+        let few = q.dim(2)? <= 16;
+        if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
+            let (b, h, t, d) = q.dims4()?;
+            let s = k.dim(2)?;
+            let bias = host_bias(bias)?;
+            let op = InferAttention {
+                scale: scale as f32,
+                bias,
+                b,
+                h,
+                t,
+                s,
+                d,
+                n_rep,
+            };
+            return q.apply_op3_no_bwd(k, v, &op);
+        }
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        attention(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            scale,
             bias,
-            b,
-            h,
-            t,
-            s,
-            d,
-            n_rep,
-        };
-        return q.apply_op3_no_bwd(k, v, &op);
-    }
-    let k = repeat_kv(k, n_rep)?;
-    let v = repeat_kv(v, n_rep)?;
-    attention(
-        &q.contiguous()?,
-        &k.contiguous()?,
-        &v.contiguous()?,
-        scale,
-        bias,
-    )
+        )
+    })
 }
 
 /// The additive attention bias as host f32 values, shared by the op and its backward.

@@ -300,36 +300,37 @@ impl Linear {
     }
 
     fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
-        if let Weight::Dense(w) = &self.weight {
-            if self.decodes_blockwise(x)? {
-                let (n, k) = w.dims2()?;
-                let wv = w.contiguous()?;
-                let (st, l) = wv.storage_and_layout();
-                let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*st else {
-                    candle_core::bail!("dense decode weight is not f32 on the CPU");
-                };
-                let wd = &data[l.start_offset()..l.start_offset() + n * k];
-                let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let y = crate::ops::qmatvec::dense_matmul(wd, n, k, &xv, rows);
-                return Tensor::from_vec(y, (rows, n), x.device());
-            }
+        if self.decodes_blockwise(x)? {
+            let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let (y, n) = match &self.weight {
+                Weight::Dense(w) => {
+                    let (n, k) = w.dims2()?;
+                    let wv = w.contiguous()?;
+                    let (st, l) = wv.storage_and_layout();
+                    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*st else {
+                        candle_core::bail!("dense decode weight is not f32 on the CPU");
+                    };
+                    let wd = &data[l.start_offset()..l.start_offset() + n * k];
+                    (crate::ops::qmatvec::dense_matmul(wd, n, k, &xv, rows), n)
+                }
+                // Our block kernel: f32 activations, all cores, AVX-512 where available.
+                Weight::Quant(q) => {
+                    let (n, k) = q.shape().dims2()?;
+                    (
+                        crate::ops::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows),
+                        n,
+                    )
+                }
+            };
+            return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype());
         }
         if let Weight::Quant(q) = &self.weight {
-            if x.device().is_cpu() && !x.track_op() && !self.in_out && rows <= QMATVEC_MAX_ROWS {
-                if crate::ops::qmatvec::supported(q.dtype()) {
-                    // Our block kernel: f32 activations, all cores, AVX-512 where available.
-                    let (n, k) = q.shape().dims2()?;
-                    let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    let y = crate::ops::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows);
-                    return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype());
-                }
-                if rows <= QMATMUL_MAX_ROWS {
-                    // Quantized vec-dot kernels take f32 activations (inference only: no backward).
-                    let mm = QMatMul::from_arc(q.clone())?;
-                    return mm
-                        .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
-                        .to_dtype(x.dtype());
-                }
+            if x.device().is_cpu() && !x.track_op() && !self.in_out && rows <= QMATMUL_MAX_ROWS {
+                // Quantized vec-dot kernels take f32 activations (inference only: no backward).
+                let mm = QMatMul::from_arc(q.clone())?;
+                return mm
+                    .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(x.dtype());
             }
         }
         if let Some(isa) = self.kernel_isa(x) {

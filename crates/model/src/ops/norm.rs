@@ -7,16 +7,12 @@ use super::{fused_f32, wide};
 /// LLaMA RMSNorm, computed in f32 as transformers does, then cast back before the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::NormRope, || {
-        rms_norm_unprofiled(x, weight, eps)
+        if fused_f32(&[x, weight]) {
+            let op = crate::ops::fused::RmsNorm { eps: eps as f32 };
+            return x.contiguous()?.apply_op2(&weight.contiguous()?, op);
+        }
+        rms_norm_composite(x, weight, eps)
     })
-}
-
-fn rms_norm_unprofiled(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_f32(&[x, weight]) {
-        let op = crate::ops::fused::RmsNorm { eps: eps as f32 };
-        return x.contiguous()?.apply_op2(&weight.contiguous()?, op);
-    }
-    rms_norm_composite(x, weight, eps)
 }
 
 pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

@@ -8,26 +8,22 @@ use super::fused_f32;
 /// x: [B, H, T, D]; cos, sin: [B, 1, T, D].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::NormRope, || {
-        rope_unprofiled(x, cos, sin)
-    })
-}
-
-fn rope_unprofiled(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fused_f32(&[x, cos, sin]) {
-        let (b, h, t, d) = x.dims4()?;
-        if cos.dims4()? == (b, 1, t, d) && sin.dims4()? == (b, 1, t, d) {
-            let host = |c: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
-                Ok(std::sync::Arc::new(c.flatten_all()?.to_vec1()?))
-            };
-            let op = crate::ops::fused::Rope {
-                cos: host(cos)?,
-                sin: host(sin)?,
-                dims: (b, h, t, d),
-            };
-            return x.contiguous()?.apply_op1(op);
+        if fused_f32(&[x, cos, sin]) {
+            let (b, h, t, d) = x.dims4()?;
+            if cos.dims4()? == (b, 1, t, d) && sin.dims4()? == (b, 1, t, d) {
+                let host = |c: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
+                    Ok(std::sync::Arc::new(c.flatten_all()?.to_vec1()?))
+                };
+                let op = crate::ops::fused::Rope {
+                    cos: host(cos)?,
+                    sin: host(sin)?,
+                    dims: (b, h, t, d),
+                };
+                return x.contiguous()?.apply_op1(op);
+            }
         }
-    }
-    rope_composite(x, cos, sin)
+        rope_composite(x, cos, sin)
+    })
 }
 
 pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
