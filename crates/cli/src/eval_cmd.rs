@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use fedllm_eval::{gsm8k, humaneval, mmlu, sandbox::Limits};
 use fedllm_model::{CausalLm, LoadOptions};
-use fedllm_peft::{Adapter, AdapterConfig};
+use fedllm_peft::Adapter;
 use serde_json::json;
 
 /// What every evaluation shares: the model, an adapter, the data, a limit and the result file.
@@ -162,13 +162,16 @@ fn finish(out: &Option<PathBuf>, result: serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn generation_adapter_ok(a: &Option<Adapter>) -> Result<()> {
-    if let Some(ad) = a {
-        if !matches!(ad.config, AdapterConfig::Lora(_) | AdapterConfig::Full(_)) {
-            bail!("generation-based evaluation supports LoRA and full adapters (prompt-type adapters: use mmlu or loss)");
-        }
-    }
-    Ok(())
+/// What generation continues from: a prompt-type adapter's virtual tokens (LoRA and full
+/// adapters are in the weights already).
+fn generation_start(
+    model: &CausalLm,
+    a: &Option<Adapter>,
+) -> Result<Option<fedllm_model::KvCache>> {
+    Ok(match a {
+        Some(ad) => ad.generation_prefix(model)?,
+        None => None,
+    })
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
@@ -200,9 +203,10 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 Some(c) => humaneval::read_jsonl(c)?,
                 None => {
                     let (model, tok, ad) = load(a)?;
-                    generation_adapter_ok(&ad)?;
+                    let start = generation_start(&model, &ad)?;
                     humaneval::generate_completions(
                         &model,
+                        start.as_ref(),
                         &tok,
                         &problems,
                         n,
@@ -247,9 +251,10 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
             let mut qs: Vec<gsm8k::Question> = humaneval::read_jsonl(&data)?;
             qs.truncate(a.limit.unwrap_or(usize::MAX));
             let (model, tok, ad) = load(a)?;
-            generation_adapter_ok(&ad)?;
+            let start = generation_start(&model, &ad)?;
             let s = gsm8k::evaluate(
                 &model,
+                start.as_ref(),
                 &tok,
                 &qs,
                 *max_new_tokens,
@@ -287,6 +292,7 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
                 every: *every,
                 shots: *shots,
                 max_len: *max_len,
+                only: None,
             };
             let s = mmlu::evaluate(&model, ad.as_ref(), &tok, &qs, &o, samples.as_deref())?;
             println!(

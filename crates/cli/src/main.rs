@@ -78,6 +78,10 @@ enum Cmd {
     /// rounds, trials continued from their checkpoints when promoted
     #[command(allow_negative_numbers = true)]
     Tune(Box<tune_cmd::TuneArgs>),
+    /// The paper's experiment tables: every cell of a study folder trained, scored and reported
+    /// (REPORT.md, SVG plots); resumable after a kill
+    #[command(allow_negative_numbers = true)]
+    Experiment(ExperimentArgs),
     /// Check a run config without running it: the resolved config, or every problem at once
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -116,6 +120,56 @@ enum Cmd {
     /// Benchmarks (throughput and memory)
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    /// The study folder: experiment.yaml and one run config per cell under its table's folder
+    study: PathBuf,
+    /// Output folder: cells/<table>/<cell>/ (run, logs, scores), REPORT.md, plots, hpo/
+    #[arg(long)]
+    out: PathBuf,
+    /// Only cells whose id (<table>/<cell>) matches: a glob with `*`, else a substring
+    /// (`hpo` selects the HPO section)
+    #[arg(long)]
+    only: Option<String>,
+    /// Continue the experiment in --out: finished cells are kept, the rest run or continue
+    #[arg(long)]
+    resume: bool,
+    /// A scale profile of experiment.yaml (`smoke`: tiny models, minutes; not results)
+    #[arg(long)]
+    scale: Option<String>,
+    /// Overrides for every cell, key.sub=value (after the scale's)
+    overrides: Vec<String>,
+}
+
+fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
+    let command = std::iter::once("fedllm".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let o = fedllm_experiment::Options {
+        study_dir: a.study,
+        out: a.out,
+        only: a.only,
+        resume: a.resume,
+        scale: a.scale,
+        overrides: a.overrides,
+        exe: std::env::current_exe().context("locating the fedllm binary")?,
+        command,
+    };
+    let t0 = Instant::now();
+    let done = fedllm_experiment::run(&o, &mut |l| println!("{l}"))?;
+    for (id, why) in &done.not_run {
+        println!("not run: {id}: {why}");
+    }
+    println!(
+        "{} finished this time, in {:.1} min; report: {}",
+        done.ran.len(),
+        t0.elapsed().as_secs_f64() / 60.0,
+        done.report.display()
+    );
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -362,6 +416,7 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => cmd_run(config, resume, no_progress, overwrite, &overrides),
         Cmd::Tune(t) => tune_cmd::cmd_tune(*t),
+        Cmd::Experiment(a) => cmd_experiment(a),
         Cmd::Data(d) => data_cmd::run(d),
         Cmd::Config(ConfigCmd::Check { config, overrides }) => {
             let cfg = fedllm_fl::RunConfig::from_file(&config, &overrides)?;

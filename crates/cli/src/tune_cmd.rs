@@ -102,7 +102,7 @@ pub fn cmd_tune(a: TuneArgs) -> Result<()> {
     };
     // Every mistake in the plan (space, budgets) before the first model load.
     let plan = t.plan()?;
-    let n: usize = plan.iter().map(|(b, _)| b[0].trials).sum();
+    let n = tune::planned_trials(&plan);
     eprintln!(
         "tune: {:?}, {} bracket(s), {n} trials, {}..={} rounds, metric {} ({}) → {}",
         t.scheduler,
@@ -119,24 +119,8 @@ pub fn cmd_tune(a: TuneArgs) -> Result<()> {
             println!("{l}");
         }
     })?;
-    let mut csv = String::from("bracket,rung,trial,rounds,metric,seconds,point\n");
-    for r in &results {
-        csv += &format!(
-            "{},{},{},{},{},{:.2},\"{}\"\n",
-            r.bracket,
-            r.rung,
-            r.trial,
-            r.rounds,
-            r.metric,
-            r.seconds,
-            r.point.join(" ")
-        );
-    }
-    let p = out.join("trials.csv");
-    std::fs::write(&p, csv).with_context(|| format!("writing {}", p.display()))?;
-    if let Some((best, yaml)) = tune::best(&t, &out, &results)? {
-        let p = out.join("best.yaml");
-        std::fs::write(&p, yaml).with_context(|| format!("writing {}", p.display()))?;
+    let c = tune::conclude(&t, &out, n, &results)?;
+    if let Some(best) = &c.best {
         println!(
             "best: trial {} ({}) {} = {:.5} at {} rounds → {}",
             best.trial,
@@ -144,22 +128,12 @@ pub fn cmd_tune(a: TuneArgs) -> Result<()> {
             t.metric,
             best.metric,
             best.rounds,
-            p.display()
+            out.join("best.yaml").display()
         );
     }
-    let curves = tune::report::curves(&t, &out, n)?;
-    tune::report::plot(&out.join("trials.svg"), &t.metric, &curves)?;
-    let rho = tune::report::fidelity_correlations(&curves);
-    for (r, v, k) in &rho {
+    for (r, v, k) in &c.rho {
         println!("rank correlation, round {r} vs the largest budget: {v:.3} ({k} trials)");
     }
-    let p = out.join("correlations.json");
-    let j: Vec<serde_json::Value> = rho
-        .iter()
-        .map(|(r, v, k)| serde_json::json!({"round": r, "spearman": v, "trials": k}))
-        .collect();
-    std::fs::write(&p, serde_json::to_string_pretty(&j)?)
-        .with_context(|| format!("writing {}", p.display()))?;
     println!(
         "{} trial runs in {:.1}s",
         results.len(),

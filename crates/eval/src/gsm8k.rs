@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use fedllm_model::{
-    generate_continuous, prefix_cache, strip_prefix, CausalLm, GenerateConfig, Sampling, Tokenizer,
+    generate_continuous, prefix_cache_after, strip_prefix, CausalLm, GenerateConfig, KvCache,
+    Sampling, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -131,8 +132,11 @@ pub struct Score {
 }
 
 /// Greedy 8-shot evaluation; per-question rows appended to `out` (and skipped when present).
+/// `start`: a prompt-type adapter's virtual tokens, which every prompt continues
+/// (`Adapter::generation_prefix`; None for LoRA and full adapters, which live in the weights).
 pub fn evaluate(
     model: &CausalLm,
+    start: Option<&KvCache>,
     tok: &Tokenizer,
     qs: &[Question],
     max_new: usize,
@@ -159,7 +163,7 @@ pub fn evaluate(
         })
         .collect();
     let shot_ids = fedllm_model::generate::prefix_ids(tok, &few_shot())?;
-    let shot_cache = prefix_cache(model, &shot_ids)?;
+    let shot_cache = prefix_cache_after(model, start, &shot_ids)?;
     let bar = fedllm_train::Progress::new("gsm8k", "questions", todo.len() as u64, true);
     let cfg = GenerateConfig {
         max_new_tokens: max_new,
@@ -175,7 +179,7 @@ pub fn evaluate(
     // with the shots' (a merge across the boundary) is read whole, in a second pass.
     let (after, whole): (Vec<usize>, Vec<usize>) =
         (0..todo.len()).partition(|&j| strip_prefix(&prompts[j], &shot_ids).is_some());
-    let passes = [(after, Some(&shot_cache)), (whole, None)];
+    let passes = [(after, Some(&shot_cache)), (whole, start)];
     // An error writing a result row stops decoding; it is reported as itself, not as a model
     // error.
     let mut write_err = None;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::Path;
 
-use fedllm_model::{generate, CausalLm, GenerateConfig, Sampling, Tokenizer};
+use fedllm_model::{generate_after, CausalLm, GenerateConfig, KvCache, Sampling, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -225,9 +225,11 @@ pub fn sampling(seed: u64) -> Sampling {
     }
 }
 
-/// `n` completions per problem (raw prompt, stop sequences cut).
+/// `n` completions per problem (raw prompt, stop sequences cut); prompts continue `start`
+/// (a prompt-type adapter's virtual tokens) when given.
 pub fn generate_completions(
     model: &CausalLm,
+    start: Option<&KvCache>,
     tok: &Tokenizer,
     problems: &[Problem],
     n: usize,
@@ -249,7 +251,7 @@ pub fn generate_completions(
             stop_token_ids: tok.eos_token_ids.clone(),
             stop_strings: STOPS.iter().map(|s| s.to_string()).collect(),
         };
-        let gens = generate(model, Some(tok), &vec![ids; n], &cfg)?;
+        let gens = generate_after(model, Some(tok), start, &vec![ids; n], &cfg)?;
         for g in gens {
             out.push(Completion {
                 task_id: p.task_id.clone(),

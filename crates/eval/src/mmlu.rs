@@ -105,6 +105,9 @@ pub struct Options {
     pub shots: usize,
     /// Prompt budget in tokens; shots shrink until the prompt fits.
     pub max_len: usize,
+    /// Only these question indices (e.g. a run's held-out split; shots still come from every
+    /// question of the topic). None = all.
+    pub only: Option<std::collections::BTreeSet<usize>>,
 }
 
 fn last_logits(model: &CausalLm, h: &Tensor) -> Result<Vec<f32>> {
@@ -131,12 +134,15 @@ pub fn evaluate(
     let (n_shots, max_len) = (o.shots, o.max_len);
     let n = o.limit.unwrap_or(qs.len()).min(qs.len());
     let mut per_topic: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    let bar =
-        fedllm_train::Progress::new("mmlu", "questions", n.div_ceil(o.every.max(1)) as u64, true);
+    let picked: Vec<usize> = (0..n)
+        .filter(|i| o.only.as_ref().is_none_or(|s| s.contains(i)))
+        .step_by(o.every.max(1))
+        .collect();
+    let bar = fedllm_train::Progress::new("mmlu", "questions", picked.len() as u64, true);
     // (shots text, its tokens, its cache): LoRA/full adapters live in the weights, so the
     // shots' keys and values are shared by the topic's questions.
     let mut shared: Option<(String, Vec<u32>, fedllm_model::KvCache)> = None;
-    for i in (0..n).step_by(o.every.max(1)) {
+    for i in picked {
         let q = &qs[i];
         let ok = match done.get(&i.to_string()) {
             Some(v) => v["correct"].as_bool().unwrap_or(false),

@@ -132,7 +132,17 @@ pub fn generate(
 /// The cache of a prompt prefix that many prompts share (few-shot examples): computed once,
 /// then every batch starts from it instead of re-reading the shots.
 pub fn prefix_cache(model: &CausalLm, prefix: &[u32]) -> Result<KvCache> {
-    let mut cache = KvCache::new();
+    prefix_cache_after(model, None, prefix)
+}
+
+/// `prefix_cache` continuing `start` (a prompt-type adapter's virtual tokens), so few-shot
+/// examples are read after them, as the adapter saw every input in training.
+pub fn prefix_cache_after(
+    model: &CausalLm,
+    start: Option<&KvCache>,
+    prefix: &[u32],
+) -> Result<KvCache> {
+    let mut cache = start.cloned().unwrap_or_else(KvCache::new);
     if !prefix.is_empty() {
         let x = Tensor::new(prefix, &model.device)?.unsqueeze(0)?;
         model.forward_hidden(&x, None, Some(&mut cache))?;

@@ -58,8 +58,11 @@ impl Simulation {
             return Ok(None);
         }
         self.adapter.set_tensors(&self.server.global)?;
+        // Prompt-type adapters act through the virtual tokens generation continues from.
+        let start = self.adapter.generation_prefix(&self.model)?;
         let s = fedllm_eval::gsm8k::evaluate(
             &self.model,
+            start.as_ref(),
             &self.tokenizer,
             &self.accuracy_set,
             self.cfg.eval.accuracy_max_new_tokens,

@@ -304,3 +304,59 @@ pub fn best(
     cfg.federate.total_round_num = top;
     Ok(Some((best.clone(), cfg.to_yaml())))
 }
+
+/// What a finished tuning run concludes, also written beside its trials: `trials.csv`,
+/// `best.yaml` (the best trial's runnable config), `trials.svg` and `correlations.json`.
+#[derive(Debug, Clone)]
+pub struct Conclusion {
+    pub best: Option<TrialResult>,
+    /// (round r, Spearman's ρ between the ranking at r and at the largest budget, trials).
+    pub rho: Vec<(usize, f64, usize)>,
+}
+
+/// Writes a finished tuning run's outputs; `trials` = how many trials the plan started.
+pub fn conclude(
+    tune: &Tune,
+    out: &Path,
+    trials: usize,
+    results: &[TrialResult],
+) -> Result<Conclusion> {
+    let mut csv = String::from("bracket,rung,trial,rounds,metric,seconds,point\n");
+    for r in results {
+        csv += &format!(
+            "{},{},{},{},{},{:.2},\"{}\"\n",
+            r.bracket,
+            r.rung,
+            r.trial,
+            r.rounds,
+            r.metric,
+            r.seconds,
+            r.point.join(" ")
+        );
+    }
+    let p = out.join("trials.csv");
+    std::fs::write(&p, csv).map_err(|e| io(&p, e))?;
+    let best = match best(tune, out, results)? {
+        Some((b, yaml)) => {
+            let p = out.join("best.yaml");
+            std::fs::write(&p, yaml).map_err(|e| io(&p, e))?;
+            Some(b)
+        }
+        None => None,
+    };
+    let curves = report::curves(tune, out, trials)?;
+    report::plot(&out.join("trials.svg"), &tune.metric, &curves)?;
+    let rho = report::fidelity_correlations(&curves);
+    let j: Vec<serde_json::Value> = rho
+        .iter()
+        .map(|(r, v, k)| serde_json::json!({"round": r, "spearman": v, "trials": k}))
+        .collect();
+    let p = out.join("correlations.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&j).expect("json")).map_err(|e| io(&p, e))?;
+    Ok(Conclusion { best, rho })
+}
+
+/// How many trials `plan` starts (the first rung of every bracket).
+pub fn planned_trials(plan: &[(Bracket, Vec<Point>)]) -> usize {
+    plan.iter().map(|(b, _)| b[0].trials).sum()
+}
