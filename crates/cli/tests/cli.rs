@@ -578,3 +578,106 @@ fn merge_hf_base_to_gguf_loads_back_with_the_merged_logits_and_tokenizer() {
     assert_clean_failure(&o, &["LLaMA-family"]);
     assert!(!tmp.path().join("x.gguf").exists() && !tmp.path().join("y.gguf").exists());
 }
+
+/// A minimal study: one main table whose cells are the given (name, YAML) pairs.
+fn tiny_study(dir: &Path, cells: &[(&str, &str)]) -> PathBuf {
+    let s = dir.join("study");
+    std::fs::create_dir_all(s.join("t")).unwrap();
+    std::fs::write(
+        s.join("experiment.yaml"),
+        "title: t\ntables:\n  t: {title: T, kind: main, task: gsm8k}\neval:\n  gsm8k: {limit: 1, max_new_tokens: 4, batch: 1}\n  humaneval: {limit: 1, n: 1, max_new_tokens: 4}\n  mmlu: {limit: 1, shots: 0, max_len: 64}\nscales:\n  small: {overrides: [federate.total_round_num=1]}\n",
+    )
+    .unwrap();
+    for (name, yaml) in cells {
+        std::fs::write(s.join("t").join(format!("{name}.yaml")), yaml).unwrap();
+    }
+    s
+}
+
+/// Malformed studies are refused in one line naming the cell or key at fault, before anything
+/// runs (no experiment folder is started); a finished or missing experiment is not restarted
+/// or resumed by mistake.
+#[test]
+fn experiment_refuses_bad_studies_and_wrong_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = golden("llama-tiny");
+    let good = format!(
+        "model: {{path: {}}}\nfederate: {{client_num: 2, sample_client_num: 2}}\ndata: {{source: fed-gsm8k-3}}\n",
+        model.display()
+    );
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    let s = tiny_study(tmp.path(), &[("a", &good), ("bad", "train: {lrr: 1}\n")]);
+    assert_clean_failure(
+        &fedllm(&["experiment", s.to_str().unwrap(), "--out", o]),
+        &["cell t/bad", "lrr"],
+    );
+    assert!(!out.join("experiment.json").exists());
+    std::fs::remove_file(s.join("t/bad.yaml")).unwrap();
+    // The same row twice.
+    std::fs::write(s.join("t/b.yaml"), &good).unwrap();
+    assert_clean_failure(
+        &fedllm(&["experiment", s.to_str().unwrap(), "--out", o]),
+        &["cell t/b", "same row as t/a"],
+    );
+    std::fs::remove_file(s.join("t/b.yaml")).unwrap();
+    assert_clean_failure(
+        &fedllm(&[
+            "experiment",
+            s.to_str().unwrap(),
+            "--out",
+            o,
+            "--scale",
+            "huge",
+        ]),
+        &["--scale huge", "small"],
+    );
+    assert_clean_failure(
+        &fedllm(&["experiment", s.to_str().unwrap(), "--out", o, "--resume"]),
+        &["--resume", "holds no experiment"],
+    );
+    // A cell outside any table's folder, and a table without a task.
+    std::fs::write(s.join("stray.yaml"), &good).unwrap();
+    assert_clean_failure(
+        &fedllm(&["experiment", s.to_str().unwrap(), "--out", o]),
+        &["stray.yaml", "table's folder"],
+    );
+    std::fs::remove_file(s.join("stray.yaml")).unwrap();
+    let e = std::fs::read_to_string(s.join("experiment.yaml")).unwrap();
+    std::fs::write(
+        s.join("experiment.yaml"),
+        e.replace("kind: main, task: gsm8k", "kind: main"),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &fedllm(&["experiment", s.to_str().unwrap(), "--out", o]),
+        &["experiment.yaml", "needs a task"],
+    );
+    std::fs::write(s.join("experiment.yaml"), e).unwrap();
+    // An experiment already started is continued only with --resume, and with its settings.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("experiment.json"),
+        format!(
+            "{{\"study\": {:?}, \"scale\": null, \"overrides\": []}}",
+            std::fs::canonicalize(&s).unwrap()
+        ),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &fedllm(&["experiment", s.to_str().unwrap(), "--out", o]),
+        &["already holds an experiment", "--resume"],
+    );
+    assert_clean_failure(
+        &fedllm(&[
+            "experiment",
+            s.to_str().unwrap(),
+            "--out",
+            o,
+            "--resume",
+            "--scale",
+            "small",
+        ]),
+        &["--resume", "resume it with the same"],
+    );
+}

@@ -201,3 +201,43 @@ pub fn selected(id: &str, only: Option<&str>) -> bool {
         Some(p) => id.contains(p),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(yaml: &str) -> RunConfig {
+        RunConfig::from_yaml(yaml, &[]).unwrap()
+    }
+
+    /// The row comes from what the config runs, whatever the file is called.
+    #[test]
+    fn rows_are_read_from_the_config() {
+        let c = cfg("adapter: {type: ptuning}\nfederate: {baseline: global}\n");
+        assert_eq!(classify(&c, false), (Method::Ptuning, Setting::Global));
+        let c = cfg("adapter: {type: lora}\nfederate: {baseline: local}\n");
+        assert_eq!(classify(&c, false), (Method::Lora, Setting::Local));
+        let c = cfg(
+            "adapter: {type: full}\noffsite: {enabled: true, drop_ratio: 0.2, align_steps: 3, align_data: x.json}\n",
+        );
+        let (m, s) = classify(&c, false);
+        assert_eq!(
+            (m.label(), s),
+            ("FedOT (drop 0.2, aligned)".to_string(), Setting::Fed)
+        );
+        let c = cfg("personal: {method: ditto}\n");
+        assert_eq!(classify(&c, false).0, Method::Personal("ditto".into()));
+        // In a pFL table plain FedAvg is the `none` method.
+        let c = cfg("adapter: {type: lora}\n");
+        assert_eq!(classify(&c, true).0, Method::Personal("none".into()));
+    }
+
+    #[test]
+    fn only_selects_by_glob_or_substring() {
+        assert!(selected("fed-mmlu/lora-fed", Some("lora")));
+        assert!(selected("fed-mmlu/lora-fed", Some("fed-mmlu/*-fed")));
+        assert!(!selected("fed-mmlu/lora-local", Some("fed-mmlu/*-fed")));
+        assert!(!selected("pfl/ditto", Some("lora")));
+        assert!(selected("pfl/ditto", None));
+    }
+}

@@ -74,6 +74,29 @@ fn tally(claim: &'static str, pairs: Vec<(String, bool)>, what: &str) -> Finding
     }
 }
 
+/// For every trained method of every table with both rows: (label, claim direction) comparing
+/// its Fed row's `value` with its `other` row's; `holds` None leaves the pair out (a tie).
+fn paired(
+    tables: &[(&str, &[CellResult])],
+    other: Setting,
+    value: impl Fn(&CellResult) -> Option<f64>,
+    holds: impl Fn(f64, f64) -> Option<bool>,
+) -> Vec<(String, bool)> {
+    let mut pairs = Vec::new();
+    for (t, rows) in tables {
+        for m in trained_methods(rows) {
+            let f = find(rows, &m, Setting::Fed).and_then(&value);
+            let o = find(rows, &m, other).and_then(&value);
+            if let Some((a, b)) = f.zip(o) {
+                if let Some(h) = holds(a, b) {
+                    pairs.push((format!("{t} {}: {a:.3} vs {b:.3}", m.label()), h));
+                }
+            }
+        }
+    }
+    pairs
+}
+
 fn trained_methods(rows: &[CellResult]) -> Vec<Method> {
     let mut m: Vec<Method> = rows
         .iter()
@@ -88,62 +111,27 @@ fn trained_methods(rows: &[CellResult]) -> Vec<Method> {
 pub fn check(inp: &Inputs) -> Vec<Finding> {
     let tables = main_rows(inp);
     let mut out = Vec::new();
-    // Fed vs Local, on held-out loss.
-    let mut pairs = Vec::new();
-    for (t, rows) in &tables {
-        for m in trained_methods(rows) {
-            if let (Some(f), Some(l)) =
-                (find(rows, &m, Setting::Fed), find(rows, &m, Setting::Local))
-            {
-                if let (Some(a), Some(b)) = (f.heldout, l.heldout) {
-                    pairs.push((format!("{t} {}: {a:.3} vs {b:.3}", m.label()), a < b));
-                }
-            }
-        }
-    }
+    let loss = |r: &CellResult| r.heldout;
+    let fed_vs_local = paired(&tables, Setting::Local, loss, |f, l| Some(f < l));
     out.push(tally(
         "Federated fine-tuning beats each client fine-tuning alone (Fed's held-out loss below Local's client mean)",
-        pairs,
+        fed_vs_local,
         "method × dataset pairs",
     ));
-    let mut pairs = Vec::new();
-    for (t, rows) in &tables {
-        for m in trained_methods(rows) {
-            let f = find(rows, &m, Setting::Fed).and_then(score_value);
-            let l = find(rows, &m, Setting::Local).and_then(score_value);
-            if let (Some(a), Some(b)) = (f, l) {
-                if a != b {
-                    pairs.push((format!("{t} {}: {a:.3} vs {b:.3}", m.label()), a > b));
-                }
-            }
-        }
-    }
+    let by_score = paired(&tables, Setting::Local, score_value, |f, l| {
+        (f != l).then_some(f > l)
+    });
     out.push(tally(
         "… and on the task score (Fed's score above Local's client mean; ties left out)",
-        pairs,
+        by_score,
         "method × dataset pairs",
     ));
-    // Fed close to Global: within 5% of Global's held-out loss.
-    let mut pairs = Vec::new();
-    for (t, rows) in &tables {
-        for m in trained_methods(rows) {
-            if let (Some(f), Some(g)) = (
-                find(rows, &m, Setting::Fed),
-                find(rows, &m, Setting::Global),
-            ) {
-                if let (Some(a), Some(b)) = (f.heldout, g.heldout) {
-                    let gap = (a - b) / b.abs().max(1e-12);
-                    pairs.push((
-                        format!("{t} {}: {:+.1}%", m.label(), gap * 100.0),
-                        gap <= 0.05,
-                    ));
-                }
-            }
-        }
-    }
+    let near_global = paired(&tables, Setting::Global, loss, |f, g| {
+        Some((f - g) / g.abs().max(1e-12) <= 0.05)
+    });
     out.push(tally(
         "Federated fine-tuning comes close to pooling all data (Fed's held-out loss within 5% of Global's)",
-        pairs,
+        near_global,
         "method × dataset pairs",
     ));
     // LoRA the best PEFT method (Fed rows, held-out loss).
@@ -266,4 +254,34 @@ pub fn check(inp: &Inputs) -> Vec<Finding> {
         "personalised methods",
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[bool]) -> Vec<(String, bool)> {
+        v.iter()
+            .enumerate()
+            .map(|(i, b)| (format!("p{i}"), *b))
+            .collect()
+    }
+
+    /// A finding holds when most of its paired comparisons go its way; a tie says nothing;
+    /// the comparisons against it are named.
+    #[test]
+    fn majority_decides_and_names_the_exceptions() {
+        let f = tally("c", pairs(&[true, true, false]), "pairs");
+        assert_eq!(f.verdict, Verdict::Holds);
+        assert_eq!(f.evidence, "2 of 3 pairs (against: p2)");
+        assert_eq!(
+            tally("c", pairs(&[true, false]), "x").verdict,
+            Verdict::Inconclusive
+        );
+        assert_eq!(
+            tally("c", pairs(&[false, false, true]), "x").verdict,
+            Verdict::DoesNotHold
+        );
+        assert_eq!(tally("c", vec![], "x").verdict, Verdict::NotMeasured);
+    }
 }

@@ -213,7 +213,11 @@ pub fn run(o: &Options, log: &mut dyn FnMut(&str)) -> Result<Outcome> {
             rows.push(r);
         }
         for c in cells.iter().filter(|c| &c.table == key) {
-            if let Some(r) = load_result(&o.out, &c.id)? {
+            if let Some(mut r) = load_result(&o.out, &c.id)? {
+                // Counted again from the files, so a report always states what its runs hold.
+                r.trainable_params =
+                    runner::adapter_params(&run_dir(&o.out, &c.id).join("adapter"))
+                        .map_err(|e| error::cell_err(&c.id, e))?;
                 rows.push(r);
             }
         }

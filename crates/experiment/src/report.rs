@@ -127,7 +127,7 @@ fn main_table(
         .collect();
     writeln!(
         s,
-        "\nHeld-out loss: {} (mean token NLL after the last round).\n",
+        "\nHeld-out loss: {} (mean token NLL after the last round, on at most `eval.max_samples` records per split).\n",
         losses.into_iter().collect::<Vec<_>>().join("; ")
     )
     .ok();
@@ -144,7 +144,7 @@ fn main_table(
     let lp = format!("{}-loss.svg", key);
     write_file(
         &out.join(&lp),
-        &svg::lines(&format!("{title}: held-out loss"), "round", "loss", &series),
+        &svg::lines(&format!("{title}: training loss"), "round", "loss", &series),
     )?;
     let bars: Vec<(String, f64, (f64, f64))> = rows
         .iter()
@@ -166,7 +166,7 @@ fn main_table(
     )?;
     writeln!(
         s,
-        "![held-out loss per round]({lp})\n\n![{metric} with 95% intervals]({bp})\n"
+        "![training loss per round]({lp})\n\n![{metric} with 95% intervals]({bp})\n"
     )
     .ok();
     Ok(())
@@ -280,7 +280,7 @@ pub fn write(out: &Path, h: &Header, inp: &Inputs) -> Result<String> {
         h.wall_seconds / 60.0
     )
     .ok();
-    writeln!(s, "Rows: Global = one client holding all clients' data; Fed = federated; Local = each client alone (mean over clients, and the best one). Intervals: Wilson 95% (HumanEval's counts tasks, not samples). Each cell's config (with FS-LLM's value beside every scaled setting) is `configs/paper/<cell>.yaml`.\n").ok();
+    writeln!(s, "Rows: Global = one client holding all clients' data; Fed = federated; Local = each client alone (mean over clients, and the best one). Intervals: Wilson 95% (HumanEval's counts tasks, not samples). MB and seconds per round are means over the training rounds; the last round's include its evaluation (the request to the clients counts as bytes down). Peak RSS is the training process's (scoring runs in the experiment's own process). Each cell's config (with FS-LLM's value beside every scaled setting) is `configs/paper/<cell>.yaml`.\n").ok();
     for (key, spec) in &inp.study.tables {
         let rows = inp.results.get(key).map(Vec::as_slice).unwrap_or(&[]);
         match spec.kind {

@@ -34,8 +34,9 @@ pub struct CellResult {
     pub seconds_per_round: f64,
     /// The training process's peak resident set (its last start, if it was resumed).
     pub peak_rss_mb: Option<f64>,
-    /// Which held-out loss `loss_curve` follows.
+    /// Which held-out loss `heldout` is.
     pub loss_name: String,
+    /// The training loss per round (token-weighted over the round's clients).
     pub loss_curve: Vec<(usize, f64)>,
     /// After the last round (Local: mean over clients; `heldout_best`: the best client).
     pub heldout: Option<f64>,
@@ -183,17 +184,17 @@ fn records(run: &Path) -> Result<Vec<RoundRecord>> {
         .collect()
 }
 
-/// Elements of every tensor in a saved adapter folder (what one client trains and sends).
-fn adapter_params(dir: &Path) -> Result<usize> {
-    let mut n = 0;
-    for e in std::fs::read_dir(dir).map_err(|e| file_err(dir, e))? {
-        let p = e.map_err(|e| file_err(dir, e))?.path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            let t = candle_core::safetensors::load(&p, &candle_core::Device::Cpu)?;
-            n += t.values().map(|x| x.elem_count()).sum::<usize>();
-        }
-    }
-    Ok(n)
+/// Elements of the tensors a saved adapter folder holds (what one client trains and sends):
+/// fedllm's own file, else PEFT's (both hold the same tensors; counting both doubled them).
+pub fn adapter_params(dir: &Path) -> Result<usize> {
+    let own = dir.join("fedllm_adapter.safetensors");
+    let p = if own.exists() {
+        own
+    } else {
+        dir.join("adapter_model.safetensors")
+    };
+    let t = candle_core::safetensors::load(&p, &candle_core::Device::Cpu)?;
+    Ok(t.values().map(|x| x.elem_count()).sum())
 }
 
 fn mean_per_client(recs: &[RoundRecord], f: impl Fn(&RoundRecord) -> f64) -> f64 {
@@ -208,26 +209,17 @@ fn per_client(m: &BTreeMap<usize, usize>) -> f64 {
 /// The cell's measurements from its run folder (losses, bytes, time), before task scores.
 fn measure(cell: &Cell, run: &Path, trained: &Trained) -> Result<CellResult> {
     let recs = records(run)?;
-    let (loss_name, curve): (&str, Vec<(usize, f64)>) = match (&cell.method, cell.setting) {
-        (_, Setting::Local) => (
-            "clients' own test, mean",
-            recs.iter()
-                .filter_map(|r| Some((r.round, r.client_test_mean?)))
-                .collect(),
-        ),
-        (Method::Fedot { .. }, _) => (
-            "plug-in (full model) test",
-            recs.iter()
-                .filter_map(|r| Some((r.round, r.plugin_test_loss?)))
-                .collect(),
-        ),
-        _ => (
-            "server test",
-            recs.iter()
-                .filter_map(|r| Some((r.round, r.server_test_loss?)))
-                .collect(),
-        ),
+    let held = |f: fn(&RoundRecord) -> Option<f64>| recs.iter().rev().find_map(f);
+    let (loss_name, heldout) = match (&cell.method, cell.setting) {
+        (_, Setting::Local) => ("clients' own test, mean", held(|r| r.client_test_mean)),
+        (Method::Fedot { .. }, _) => ("plug-in (full model) test", held(|r| r.plugin_test_loss)),
+        _ => ("server test", held(|r| r.server_test_loss)),
     };
+    // Every round has a training loss; held-out losses only where the config evaluates.
+    let curve: Vec<(usize, f64)> = recs
+        .iter()
+        .filter_map(|r| Some((r.round, r.train_loss?)))
+        .collect();
     let last = recs.last();
     let local = cell.setting == Setting::Local;
     let own = last.and_then(|r| r.spread("test"));
@@ -244,7 +236,7 @@ fn measure(cell: &Cell, run: &Path, trained: &Trained) -> Result<CellResult> {
         seconds_per_round: mean_per_client(&recs, |r| r.seconds),
         peak_rss_mb: trained.peak_rss_mb,
         loss_name: loss_name.into(),
-        heldout: curve.last().map(|x| x.1),
+        heldout,
         heldout_best: if local {
             last.and_then(|r| r.client_test_best.map(|b| b.1))
         } else {
@@ -395,7 +387,9 @@ pub fn run_hpo(
     let t = match read_json::<Tune>(&dir.join("tune.json"))? {
         Some(t) => t,
         None => {
-            let base = RunConfig::from_file(&base_path, overrides)?;
+            let mut o = overrides.to_vec();
+            o.extend(spec.overrides.iter().cloned());
+            let base = RunConfig::from_file(&base_path, &o)?;
             Tune {
                 base: base.to_yaml(),
                 space: serde_yaml::to_string(&spec.space)

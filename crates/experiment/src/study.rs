@@ -153,6 +153,10 @@ pub struct HpoSpec {
     pub metric: String,
     #[serde(default)]
     pub maximize: bool,
+    /// Overrides of the base cell for the trials (e.g. `eval.freq=1`: every round's metric, so
+    /// early rounds' rankings can be compared with the last).
+    #[serde(default)]
+    pub overrides: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
