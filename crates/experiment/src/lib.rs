@@ -179,7 +179,9 @@ pub fn run(o: &Options, log: &mut dyn FnMut(&str)) -> Result<Outcome> {
                 .join("data_manifest.json")
                 .exists();
             if load_result(&o.out, &id)?.is_none() {
-                if selected(&id, only) && has_run {
+                if !selected(&id, only) {
+                    not_run.push((id, "not selected by --only".into()));
+                } else if has_run {
                     runner::run_base(&study, task, first, &o.out, log)?;
                     ran.push(id);
                 } else {
