@@ -1592,9 +1592,22 @@ mod tests {
                 }
             }
         }
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-        for f in std::fs::read_dir(dir).unwrap() {
-            let p = f.unwrap().path();
+        // Every shipped run config, the paper's cells included (their study file is no run
+        // config).
+        let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")];
+        let mut files = Vec::new();
+        while let Some(d) = dirs.pop() {
+            for f in std::fs::read_dir(d).unwrap() {
+                let p = f.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.file_name().is_some_and(|n| n != "experiment.yaml") {
+                    files.push(p);
+                }
+            }
+        }
+        assert!(files.len() > 60, "{files:?}");
+        for p in files {
             let v: Value = serde_yaml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
             fn conform(v: &Value, s: &serde_json::Value, path: &str) {
                 if let Value::Mapping(m) = v {
