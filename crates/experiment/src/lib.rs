@@ -215,12 +215,8 @@ pub fn run(o: &Options, log: &mut dyn FnMut(&str)) -> Result<Outcome> {
             rows.push(r);
         }
         for c in cells.iter().filter(|c| &c.table == key) {
-            if let Some(mut r) = load_result(&o.out, &c.id)? {
-                // Counted again from the files, so a report always states what its runs hold.
-                r.trainable_params =
-                    runner::adapter_params(&run_dir(&o.out, &c.id).join("adapter"))
-                        .map_err(|e| error::cell_err(&c.id, e))?;
-                rows.push(r);
+            if let Some(r) = load_result(&o.out, &c.id)? {
+                rows.push(runner::remeasure(c, &o.out, r)?);
             }
         }
         rows.sort_by(|a, b| (&a.method, a.setting).cmp(&(&b.method, b.setting)));

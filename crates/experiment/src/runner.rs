@@ -211,6 +211,11 @@ fn measure(cell: &Cell, run: &Path, trained: &Trained) -> Result<CellResult> {
     let recs = records(run)?;
     let held = |f: fn(&RoundRecord) -> Option<f64>| recs.iter().rev().find_map(f);
     let (loss_name, heldout) = match (&cell.method, cell.setting) {
+        // A FedOT client holds only the emulator: its own test loss is the emulator's.
+        (Method::Fedot { .. }, Setting::Local) => (
+            "clients' own test with the emulator, mean",
+            held(|r| r.client_test_mean),
+        ),
         (_, Setting::Local) => ("clients' own test, mean", held(|r| r.client_test_mean)),
         (Method::Fedot { .. }, _) => ("plug-in (full model) test", held(|r| r.plugin_test_loss)),
         _ => ("server test", held(|r| r.server_test_loss)),
@@ -249,6 +254,19 @@ fn measure(cell: &Cell, run: &Path, trained: &Trained) -> Result<CellResult> {
         train_seconds: trained.seconds,
         eval_seconds: 0.0,
     })
+}
+
+/// A finished cell's measurements taken again from its run folder (scores, peak RSS and times
+/// as stored), so a report states what the runs hold under the current reading of them.
+pub fn remeasure(cell: &Cell, out: &Path, stored: CellResult) -> Result<CellResult> {
+    let t = Trained {
+        peak_rss_mb: stored.peak_rss_mb,
+        seconds: stored.train_seconds,
+    };
+    let mut r = measure(cell, &run_dir(out, &cell.id), &t).map_err(|e| cell_err(&cell.id, e))?;
+    r.scores = stored.scores;
+    r.eval_seconds = stored.eval_seconds;
+    Ok(r)
 }
 
 /// Trains (unless done), measures and scores one cell; writes `result.json` last.
