@@ -157,7 +157,14 @@ pub fn run(o: &Options, log: &mut dyn FnMut(&str)) -> Result<Outcome> {
             for c in &tc {
                 not_run.push((
                     c.id.clone(),
-                    format!("its data is missing ({})", p.display()),
+                    // Relative to the working directory where it lies under it: no machine
+                    // paths in a committed report.
+                    format!(
+                        "its data is missing ({})",
+                        p.strip_prefix(std::env::current_dir().unwrap_or_default())
+                            .unwrap_or(&p)
+                            .display()
+                    ),
                 ));
             }
             continue;
