@@ -13,6 +13,7 @@ pub mod fused;
 pub mod gemm;
 pub mod isa;
 mod micro;
+pub mod pool;
 pub mod strided;
 pub mod vexp;
 

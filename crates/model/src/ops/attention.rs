@@ -266,55 +266,62 @@ impl candle_core::CustomOp3 for InferAttention {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
         let (q, k, v) = (View::new(s1, l1)?, View::new(s2, l2)?, View::new(s3, l3)?);
         let (h, t, s, d) = (self.h, self.t, self.s, self.d);
         let mut out = vec![0f32; self.b * h * t * d];
         let r = self.n_rep;
         // One task per (batch, kv head, query position): its n_rep query heads share every K
-        // and V row, which is then read once for all of them.
-        let groups: Vec<Vec<f32>> = (0..self.b * (h / r) * t)
-            .into_par_iter()
-            .map_init(
-                || (vec![0f32; d], vec![0f32; r * s]),
-                |(kr, p), g| {
-                    let (bi, kv, ti) = (g / ((h / r) * t), (g / t) % (h / r), g % t);
-                    let qs: Vec<Vec<f32>> = (0..r)
-                        .map(|i| {
-                            let mut qr = vec![0f32; d];
-                            q.row(bi, kv * r + i, ti, &mut qr);
-                            qr
-                        })
-                        .collect();
-                    let bias = self
-                        .bias
-                        .as_ref()
-                        .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
-                    for j in 0..s {
-                        let krow = k.row_ref(bi, kv, j, kr);
-                        let bj = bias.map_or(0.0, |b| b[j]);
-                        for (i, qr) in qs.iter().enumerate() {
-                            p[i * s + j] = dot(qr, krow) * self.scale + bj;
-                        }
+        // and V row, which is then read once for all of them. Tasks go to the decode pool:
+        // this runs once per layer per decoded token, too short for rayon's wake-ups.
+        let group = |g: usize| -> Vec<f32> {
+            let (mut kr, mut p) = (vec![0f32; d], vec![0f32; r * s]);
+            let (bi, kv, ti) = (g / ((h / r) * t), (g / t) % (h / r), g % t);
+            let qs: Vec<Vec<f32>> = (0..r)
+                .map(|i| {
+                    let mut qr = vec![0f32; d];
+                    q.row(bi, kv * r + i, ti, &mut qr);
+                    qr
+                })
+                .collect();
+            let bias = self
+                .bias
+                .as_ref()
+                .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
+            for j in 0..s {
+                let krow = k.row_ref(bi, kv, j, &mut kr);
+                let bj = bias.map_or(0.0, |b| b[j]);
+                for (i, qr) in qs.iter().enumerate() {
+                    p[i * s + j] = dot(qr, krow) * self.scale + bj;
+                }
+            }
+            for pi in p.chunks_mut(s) {
+                let max = pi.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let inv = 1.0 / fedllm_kernels::vexp::exp_sub(pi, max, 1.0);
+                pi.iter_mut().for_each(|x| *x *= inv);
+            }
+            let mut o = vec![0f32; r * d];
+            for j in 0..s {
+                let vrow = v.row_ref(bi, kv, j, &mut kr);
+                for (i, oi) in o.chunks_mut(d).enumerate() {
+                    let w = p[i * s + j];
+                    if w != 0.0 {
+                        axpy(w, vrow, oi);
                     }
-                    for pi in p.chunks_mut(s) {
-                        let max = pi.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                        let inv = 1.0 / fedllm_kernels::vexp::exp_sub(pi, max, 1.0);
-                        pi.iter_mut().for_each(|x| *x *= inv);
-                    }
-                    let mut o = vec![0f32; r * d];
-                    for j in 0..s {
-                        let vrow = v.row_ref(bi, kv, j, kr);
-                        for (i, oi) in o.chunks_mut(d).enumerate() {
-                            let w = p[i * s + j];
-                            if w != 0.0 {
-                                axpy(w, vrow, oi);
-                            }
-                        }
-                    }
-                    o
-                },
-            )
+                }
+            }
+            o
+        };
+        let n = self.b * (h / r) * t;
+        let slots: Vec<std::sync::OnceLock<Vec<f32>>> =
+            (0..n).map(|_| std::sync::OnceLock::new()).collect();
+        fedllm_kernels::pool::global().for_chunks(n, 1, &|gs| {
+            for g in gs {
+                let _ = slots[g].set(group(g));
+            }
+        });
+        let groups: Vec<Vec<f32>> = slots
+            .into_iter()
+            .map(|o| o.into_inner().expect("every group ran"))
             .collect();
         for (g, o) in groups.iter().enumerate() {
             let (bi, kv, ti) = (g / ((h / r) * t), (g / t) % (h / r), g % t);

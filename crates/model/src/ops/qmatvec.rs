@@ -5,7 +5,6 @@
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
-use rayon::prelude::*;
 
 /// Block geometry of the supported types: (elements, bytes).
 fn block(t: GgmlDType) -> Option<(usize, usize)> {
@@ -160,6 +159,60 @@ unsafe fn dots_avx512(
     }
 }
 
+/// One activation row against one weight row, with independent accumulators for alternate
+/// blocks: at batch 1 a single accumulator makes every block wait on the previous block's
+/// FMA latency, which (not bandwidth or decoding) was the bound.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn dot1_avx512(t: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32], k: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = k / 32;
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut off = [0f32; 2];
+    match t {
+        GgmlDType::Q4_1 => {
+            let mask = _mm512_set1_epi32(0x0F);
+            for b in 0..nb {
+                let blk = row.as_ptr().add(b * 20);
+                let d = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
+                let mn = h2f(u16::from_le_bytes([*blk.add(2), *blk.add(3)]));
+                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
+                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, mask));
+                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                let xp = x.as_ptr().add(b * 32);
+                let s = _mm512_fmadd_ps(
+                    lo,
+                    _mm512_loadu_ps(xp),
+                    _mm512_mul_ps(hi, _mm512_loadu_ps(xp.add(16))),
+                );
+                acc[b & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc[b & 1]);
+                off[b & 1] += mn * xsum[b];
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for b in 0..nb {
+                let blk = row.as_ptr().add(b * 34);
+                let d = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    blk.add(2) as *const __m128i,
+                )));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    blk.add(18) as *const __m128i,
+                )));
+                let xp = x.as_ptr().add(b * 32);
+                let s = _mm512_fmadd_ps(
+                    q0,
+                    _mm512_loadu_ps(xp),
+                    _mm512_mul_ps(q1, _mm512_loadu_ps(xp.add(16))),
+                );
+                acc[b & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc[b & 1]);
+            }
+        }
+        _ => unreachable!("unsupported type"),
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (off[0] + off[1])
+}
+
 /// Up to `ROWS` rows of x against one dense f32 weight row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -186,30 +239,55 @@ unsafe fn dense_dots_avx512(row: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
 pub fn dense_matmul(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert!(w.len() == n * k && x.len() == m * k);
     let avx = use_avx512();
-    let per = n.div_ceil(rayon::current_num_threads().max(1)).max(16);
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(m * per).enumerate().for_each(|(c, out)| {
-        for (i, o) in out.chunks_mut(m).enumerate() {
-            let r = c * per + i;
-            let row = &w[r * k..(r + 1) * k];
-            for (g, og) in o.chunks_mut(ROWS).enumerate() {
-                let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
-                if avx {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
-                    unsafe {
-                        dense_dots_avx512(row, xs, k, og)
-                    }
-                } else {
-                    for (j, oj) in og.iter_mut().enumerate() {
-                        *oj = row
-                            .iter()
-                            .zip(&xs[j * k..(j + 1) * k])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                    }
+    rows_in_parallel(n, m, &|r, o| {
+        let row = &w[r * k..(r + 1) * k];
+        for (g, og) in o.chunks_mut(ROWS).enumerate() {
+            let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
+            if avx {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
+                unsafe {
+                    dense_dots_avx512(row, xs, k, og)
+                }
+            } else {
+                for (j, oj) in og.iter_mut().enumerate() {
+                    *oj = row
+                        .iter()
+                        .zip(&xs[j * k..(j + 1) * k])
+                        .map(|(a, b)| a * b)
+                        .sum();
                 }
             }
+        }
+    })
+}
+
+/// The output pointer the pool's threads write disjoint rows through.
+struct Out(*mut f32);
+// SAFETY: each weight row's outputs are written by exactly one chunk.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `[at, at + len)` must lie in the buffer and be written by this caller alone.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}
+
+/// y [m, n] where `row(r, out)` fills `out[j]` = x_j · W_r: weight rows in chunks across the
+/// decode pool, then transposed.
+fn rows_in_parallel(n: usize, m: usize, row: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+    let pool = fedllm_kernels::pool::global();
+    let chunk = n.div_ceil(4 * pool.threads()).max(16);
+    let mut yt = vec![0f32; n * m]; // [n, m]: each weight row is read once for all m rows
+    let out = Out(yt.as_mut_ptr());
+    pool.for_chunks(n, chunk, &|rs| {
+        for r in rs {
+            // SAFETY: row r's m outputs lie inside yt and belong to this chunk alone.
+            let o = unsafe { out.slice(r * m, m) };
+            row(r, o);
         }
     });
     transpose(yt, n, m)
@@ -237,30 +315,28 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     let row_bytes = k / be * bb;
     let avx = use_avx512();
     let xsum = block_sums(x);
-    let per = n.div_ceil(rayon::current_num_threads().max(1)).max(16);
-    let mut yt = vec![0f32; n * m]; // [n, m]: each weight row is read once for all m rows
-    yt.par_chunks_mut(m * per).enumerate().for_each(|(c, out)| {
-        for (i, o) in out.chunks_mut(m).enumerate() {
-            let r = c * per + i;
-            let row = &w[r * row_bytes..(r + 1) * row_bytes];
-            for (g, og) in o.chunks_mut(ROWS).enumerate() {
-                let j0 = g * ROWS;
-                let xs = &x[j0 * k..(j0 + og.len()) * k];
-                if avx {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX-512F was detected at run time; the slices cover whole blocks.
-                    unsafe {
+    rows_in_parallel(n, m, &|r, o| {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (g, og) in o.chunks_mut(ROWS).enumerate() {
+            let j0 = g * ROWS;
+            let xs = &x[j0 * k..(j0 + og.len()) * k];
+            if avx {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F was detected at run time; the slices cover whole blocks.
+                unsafe {
+                    if og.len() == 1 {
+                        og[0] = dot1_avx512(t, row, xs, &xsum[j0 * (k / 32)..], k);
+                    } else {
                         dots_avx512(t, row, xs, &xsum[j0 * (k / 32)..], k, og)
                     }
-                } else {
-                    for (j, oj) in og.iter_mut().enumerate() {
-                        *oj = dot_scalar(t, row, &xs[j * k..(j + 1) * k]);
-                    }
+                }
+            } else {
+                for (j, oj) in og.iter_mut().enumerate() {
+                    *oj = dot_scalar(t, row, &xs[j * k..(j + 1) * k]);
                 }
             }
         }
-    });
-    transpose(yt, n, m)
+    })
 }
 
 #[cfg(test)]
