@@ -5,19 +5,27 @@ use rayon::prelude::*;
 
 const ROWS_PER_TASK: usize = 16;
 
+/// Below this many elements a row-wise op runs on the calling thread: handing a decode step's
+/// few rows to rayon's pool costs more than the op (a cross-thread wake-up per call).
+const PAR_MIN: usize = 16384;
+
 /// y = x / sqrt(mean(x²) + eps) · w over rows of `h`.
 pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let h = w.len();
+    let rows = |(y, x): (&mut [f32], &[f32])| {
+        for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            let r = rstd(x, eps);
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        }
+    };
+    if x.len() < PAR_MIN {
+        return rows((y, x));
+    }
     y.par_chunks_mut(h * ROWS_PER_TASK)
         .zip(x.par_chunks(h * ROWS_PER_TASK))
-        .for_each(|(y, x)| {
-            for (y, x) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
-                let r = rstd(x, eps);
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = x * r * w;
-                }
-            }
-        });
+        .for_each(rows);
 }
 
 fn rstd(x: &[f32], eps: f32) -> f32 {
@@ -63,14 +71,21 @@ pub fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) -
 
 /// y = silu(gate) · up.
 pub fn swiglu_fwd(gate: &[f32], up: &[f32], y: &mut [f32]) {
+    let part = |(y, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+        crate::vexp::sigmoid(g, y);
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y *= g * u;
+        }
+    };
+    if gate.len() < PAR_MIN {
+        return y
+            .chunks_mut(4096)
+            .zip(gate.chunks(4096).zip(up.chunks(4096)))
+            .for_each(part);
+    }
     y.par_chunks_mut(4096)
         .zip(gate.par_chunks(4096).zip(up.par_chunks(4096)))
-        .for_each(|(y, (g, u))| {
-            crate::vexp::sigmoid(g, y);
-            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y *= g * u;
-            }
-        });
+        .for_each(part);
 }
 
 /// (d gate, d up) of `swiglu_fwd` given dy.

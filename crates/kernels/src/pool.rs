@@ -198,9 +198,12 @@ mod tests {
         let pool = Pool::new(3);
         for round in 0..3 {
             let seen: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
-            assert_eq!(pool.broadcast(&|i| {
-                seen[i].fetch_add(1, Relaxed);
-            }), 3);
+            assert_eq!(
+                pool.broadcast(&|i| {
+                    seen[i].fetch_add(1, Relaxed);
+                }),
+                3
+            );
             assert!(seen.iter().all(|h| h.load(Relaxed) == 1), "round {round}");
             // Wait until every worker has stopped spinning and sleeps: the next job must
             // still wake them (a lost wake-up hangs this test).
@@ -216,9 +219,12 @@ mod tests {
         let inner = AtomicUsize::new(0);
         pool.broadcast(&|i| {
             if i == 0 {
-                assert_eq!(pool.broadcast(&|_| {
-                    inner.fetch_add(1, Relaxed);
-                }), 1);
+                assert_eq!(
+                    pool.broadcast(&|_| {
+                        inner.fetch_add(1, Relaxed);
+                    }),
+                    1
+                );
             }
         });
         assert_eq!(inner.load(Relaxed), 1);
@@ -231,6 +237,10 @@ mod tests {
             pool.broadcast(&|i| assert!(i == 0, "worker fails"))
         }));
         assert!(r.is_err());
-        assert_eq!(pool.broadcast(&|_| {}), 2, "the pool still works after a panic");
+        assert_eq!(
+            pool.broadcast(&|_| {}),
+            2,
+            "the pool still works after a panic"
+        );
     }
 }

@@ -65,16 +65,10 @@ pub fn bench_generate(
     let mut decode = Vec::new();
     let mut phases = Vec::new();
     for &b in batches {
-        let rows: Vec<u32> = (0..b)
-            .flat_map(|_| prompt(&mut rng, decode_ctx, vocab))
+        let rows: Vec<Vec<u32>> = (0..b)
+            .map(|_| prompt(&mut rng, decode_ctx, vocab))
             .collect();
-        let ids = Tensor::from_vec(rows, (b, decode_ctx), dev)?;
-        let mut cache = KvCache::new();
-        let h = model.forward_hidden(&ids, None, Some(&mut cache))?;
-        let mut logits = model
-            .logits(&h.narrow(1, decode_ctx - 1, 1)?)?
-            .squeeze(1)?
-            .to_vec2::<f32>()?;
+        let (mut cache, mut logits) = crate::generate::prefill(model, None, &rows, decode_tokens)?;
         crate::profile::enable(true);
         let t0 = Instant::now();
         for _ in 0..decode_tokens {

@@ -22,6 +22,10 @@ const GROW: usize = 256;
 pub(crate) struct LayerKv {
     kv: Option<Slot>,
     buf: Option<Slot>,
+    /// Spare positions a new buffer gets (0: `GROW`).
+    room: usize,
+    /// What inference buffers store (None: the keys' own dtype).
+    dtype: Option<DType>,
 }
 
 #[derive(Debug, Default)]
@@ -31,6 +35,10 @@ pub struct KvCache {
     pub len: usize,
     /// The 0/1 key mask for the cached positions, one row per batch element.
     pub mask: Vec<Vec<u8>>,
+    /// Spare positions each layer's buffer is allocated with (0: `GROW`).
+    room: usize,
+    /// The dtype inference buffers store keys/values in (set by the model; None: as computed).
+    pub(crate) dtype: Option<DType>,
 }
 
 impl Clone for KvCache {
@@ -44,10 +52,14 @@ impl Clone for KvCache {
                 .map(|l| LayerKv {
                     kv: l.kv.clone(),
                     buf: None,
+                    room: l.room,
+                    dtype: l.dtype,
                 })
                 .collect(),
             len: self.len,
             mask: self.mask.clone(),
+            room: self.room,
+            dtype: self.dtype,
         }
     }
 }
@@ -70,18 +82,38 @@ impl KvCache {
                 .map(|s| LayerKv {
                     kv: Some(s),
                     buf: None,
+                    room: 0,
+                    dtype: None,
                 })
                 .collect(),
             len: n,
             mask: vec![vec![1u8; n]; b],
+            room: 0,
+            dtype: None,
         })
+    }
+
+    /// The dtype the first layer's keys are stored in (None while empty).
+    pub fn stored_dtype(&self) -> Option<DType> {
+        self.slots
+            .iter()
+            .find_map(|l| l.kv.as_ref().map(|(k, _)| k.dtype()))
+    }
+
+    /// Makes each layer's next buffer hold `positions` more than it stores (a generation
+    /// reserves its new tokens once, so the cache neither reallocates nor idles spare room).
+    pub fn reserve(&mut self, positions: usize) {
+        self.room = positions.max(1);
     }
 
     pub(crate) fn slot(&mut self, layer: usize) -> &mut LayerKv {
         if self.slots.len() <= layer {
             self.slots.resize_with(layer + 1, LayerKv::default);
         }
-        &mut self.slots[layer]
+        let slot = &mut self.slots[layer];
+        slot.room = self.room;
+        slot.dtype = self.dtype;
+        slot
     }
 
     /// Adds `other`'s rows after this cache's (waiting prompts join a batched generation). The
@@ -169,19 +201,25 @@ pub(crate) fn append(slot: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result
             Some((ok, ov)) => (Tensor::cat(&[&ok, &k], 2)?, Tensor::cat(&[&ov, &v], 2)?),
         }
     } else {
+        let (k, v) = match slot.dtype {
+            Some(dt) if dt != k.dtype() => (k.to_dtype(dt)?, v.to_dtype(dt)?),
+            _ => (k, v),
+        };
         let have = old.as_ref().map_or(Ok(0), |(ok, _)| ok.dim(2))?;
         let need = have + k.dim(2)?;
         let fits = slot.buf.as_ref().is_some_and(|(bk, _)| {
-            bk.dim(2).is_ok_and(|c| c >= need) && bk.dims()[..2] == k.dims()[..2]
+            bk.dim(2).is_ok_and(|c| c >= need)
+                && bk.dims()[..2] == k.dims()[..2]
+                && bk.dtype() == k.dtype()
         });
         if !fits {
             let (b, h, _, d) = k.dims4()?;
-            let cap = need + GROW;
+            let cap = need + if slot.room > 0 { slot.room } else { GROW };
             let bk = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
             let bv = Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?;
             if let Some((ok, ov)) = &old {
-                bk.slice_set(&ok.contiguous()?, 2, 0)?;
-                bv.slice_set(&ov.contiguous()?, 2, 0)?;
+                bk.slice_set(&ok.to_dtype(k.dtype())?.contiguous()?, 2, 0)?;
+                bv.slice_set(&ov.to_dtype(k.dtype())?.contiguous()?, 2, 0)?;
             }
             slot.buf = Some((bk, bv));
         }
@@ -335,6 +373,55 @@ pub fn build_ctx(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reserved cache allocates once, with exactly the reserved room after the prompt, and
+    /// the decode steps that follow write into that buffer (no copy, no spare positions).
+    #[test]
+    fn reserved_room_is_allocated_once() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new();
+        cache.reserve(10);
+        let kv = |t: usize| {
+            let k = Tensor::ones((2, 3, t, 4), DType::F32, &dev).unwrap();
+            (k.clone(), k)
+        };
+        let (k, v) = kv(5);
+        append(Some(cache.slot(0)), k, v).unwrap();
+        let cap = |c: &KvCache| c.slots[0].buf.as_ref().unwrap().0.dim(2).unwrap();
+        let first = cache.slots[0].buf.as_ref().unwrap().0.id();
+        assert_eq!(cap(&cache), 15);
+        for _ in 0..10 {
+            let (k, v) = kv(1);
+            append(Some(cache.slot(0)), k, v).unwrap();
+            assert_eq!(cache.slots[0].buf.as_ref().unwrap().0.id(), first);
+        }
+        assert_eq!(cache.slots[0].kv.as_ref().unwrap().0.dim(2).unwrap(), 15);
+        // Past the reservation the buffer grows by the same room again.
+        let (k, v) = kv(1);
+        append(Some(cache.slot(0)), k, v).unwrap();
+        assert_eq!(cap(&cache), 16 + 10);
+    }
+
+    /// A cache given a storage dtype keeps keys/values in it, whatever the layer computes.
+    #[test]
+    fn stores_in_the_cache_dtype() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new();
+        cache.dtype = Some(DType::F16);
+        let k = Tensor::new(&[[[[1.0f32, 0.1]]]], &dev).unwrap();
+        let (ck, cv) = append(Some(cache.slot(0)), k.clone(), k).unwrap();
+        assert_eq!((ck.dtype(), cv.dtype()), (DType::F16, DType::F16));
+        assert_eq!(cache.stored_dtype(), Some(DType::F16));
+        let back: Vec<f32> = ck
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // 0.1 is not exact in f16: it comes back as the nearest f16 (0.0999755859375).
+        assert_eq!(back, vec![1.0, 0.0999755859375]);
+    }
 
     #[test]
     fn left_padding_positions_and_mask() {

@@ -191,7 +191,7 @@ pub fn generate_streaming(
     if n == 0 || cfg.max_new_tokens == 0 {
         return Ok(out);
     }
-    let (mut cache, mut logits) = prefill(model, prefix, prompts)?;
+    let (mut cache, mut logits) = prefill(model, prefix, prompts, cfg.max_new_tokens)?;
     let mut rng = Rng::new(cfg.sampling.seed);
     // `active[j]` = original index of the j-th row still in the batch.
     let mut active: Vec<usize> = (0..n).collect();
@@ -234,25 +234,30 @@ fn blank(prompts: &[Vec<u32>]) -> Result<Vec<Generation>> {
         .collect())
 }
 
-/// The prompts (left-padded to one length) read after `prefix`: their cache and each one's
-/// next-token logits.
-fn prefill(
+/// Most tokens (rows × positions) one prefill forward reads: a long or wide prompt is read in
+/// chunks of positions, so activations and attention scores stay bounded (the cache is what
+/// grows). Each position's numbers are the same either way: products are per row, and the
+/// attention of a chunk sees the cached positions before it through the same mask.
+pub const PREFILL_TOKENS: usize = 512;
+
+/// The prompts (left-padded to one length) read after `prefix`: their cache, with room for
+/// `room` more positions, and each one's next-token logits.
+pub fn prefill(
     model: &CausalLm,
     prefix: Option<&KvCache>,
     prompts: &[Vec<u32>],
+    room: usize,
 ) -> Result<(KvCache, Vec<Vec<f32>>)> {
     let n = prompts.len();
     let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(n * len);
+    let mut ids = Vec::with_capacity(n);
     let mut mask = Vec::with_capacity(n);
     for p in prompts {
         let pad = len - p.len();
-        ids.extend(std::iter::repeat_n(0u32, pad));
-        ids.extend_from_slice(p);
+        ids.push([vec![0u32; pad], p.clone()].concat());
         mask.push([vec![0u8; pad], vec![1u8; p.len()]].concat());
     }
     let padded = mask.iter().any(|m| m[0] == 0);
-    let input = Tensor::from_vec(ids, (n, len), &model.device)?;
     let mut cache = match prefix {
         Some(p) if p.len > 0 => {
             if p.mask.len() != 1 {
@@ -266,8 +271,18 @@ fn prefill(
         }
         _ => KvCache::new(),
     };
-    let hidden =
-        model.forward_hidden(&input, padded.then_some(mask.as_slice()), Some(&mut cache))?;
+    cache.reserve(room);
+    let step = (PREFILL_TOKENS / n.max(1)).max(32);
+    let mut hidden = None;
+    for a in (0..len).step_by(step) {
+        let z = (a + step).min(len);
+        let chunk: Vec<u32> = ids.iter().flat_map(|r| r[a..z].iter().copied()).collect();
+        let input = Tensor::from_vec(chunk, (n, z - a), &model.device)?;
+        let m: Vec<Vec<u8>> = mask.iter().map(|r| r[a..z].to_vec()).collect();
+        hidden =
+            Some(model.forward_hidden(&input, padded.then_some(m.as_slice()), Some(&mut cache))?);
+    }
+    let hidden = hidden.expect("prompts are not empty");
     let logits = last_logits(model, &hidden)?;
     Ok((cache, logits))
 }
@@ -326,7 +341,7 @@ pub fn generate_continuous(
         let join: Vec<usize> = waiting.by_ref().take(slots - active.len()).collect();
         if !join.is_empty() {
             let ps: Vec<Vec<u32>> = join.iter().map(|&i| prompts[i].clone()).collect();
-            let (c, l) = prefill(model, prefix, &ps)?;
+            let (c, l) = prefill(model, prefix, &ps, cfg.max_new_tokens)?;
             if active.is_empty() {
                 cache = c;
             } else {

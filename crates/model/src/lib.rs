@@ -25,8 +25,8 @@ pub use cache::KvCache;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use generate::{
-    generate, generate_after, generate_continuous, prefix_cache, prefix_cache_after, strip_prefix,
-    Finish, GenerateConfig, Generation, Sampling,
+    generate, generate_after, generate_continuous, prefill, prefix_cache, prefix_cache_after,
+    strip_prefix, Finish, GenerateConfig, Generation, Sampling,
 };
 pub use ops::linear::MatmulPrecision;
 // The op layer's layers and quantized products keep their short paths for other crates.

@@ -154,6 +154,19 @@ impl CausalLm {
         self.hidden_from_embeds(x, mask, cache)
     }
 
+    /// What an inference KV cache stores. With GGUF-quantized weights kept in memory on the
+    /// CPU: f16, as llama.cpp does (half the cache; the weights' own 4–8-bit rounding is
+    /// far coarser than f16's 2⁻¹¹). Otherwise the compute dtype, so dense models decode
+    /// exactly as their full forward computes.
+    pub fn kv_dtype(&self) -> DType {
+        let quantized = self.storage.keys().any(|k| k.starts_with('Q'));
+        if quantized && self.device.is_cpu() && self.dtype == DType::F32 {
+            DType::F16
+        } else {
+            self.dtype
+        }
+    }
+
     /// Token embeddings [B, T, hidden] of ids [B, T].
     pub fn embed(&self, ids: &Tensor) -> CResult<Tensor> {
         let ids = ids.to_dtype(DType::U32)?;
@@ -203,6 +216,10 @@ impl CausalLm {
             sliding_window: window,
         };
         let ctx = build_ctx(&spec, inv_freq, self.dtype, &self.device)?;
+        let mut cache = cache;
+        if let Some(c) = cache.as_deref_mut() {
+            c.dtype = Some(self.kv_dtype());
+        }
         let out = match (&self.arch, cache) {
             (Arch::Llama(m), Some(c)) => {
                 let h = m.hidden(x, &ctx, Some(c))?;

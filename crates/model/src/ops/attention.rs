@@ -87,6 +87,9 @@ pub fn gqa_attention(
             };
             return q.apply_op3_no_bwd(k, v, &op);
         }
+        // A cache may store keys/values narrower than the queries (f16 beside quantized
+        // weights): widened for the matmul path.
+        let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
         attention(
@@ -130,6 +133,7 @@ struct View<'a> {
 enum Data<'a> {
     F32(&'a [f32]),
     Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
 }
 
 impl<'a> View<'a> {
@@ -141,6 +145,7 @@ impl<'a> View<'a> {
         let data = match s {
             candle_core::CpuStorage::F32(v) => Data::F32(v),
             candle_core::CpuStorage::BF16(v) => Data::Bf16(v),
+            candle_core::CpuStorage::F16(v) => Data::F16(v),
             _ => candle_core::bail!("attention: unsupported dtype"),
         };
         Ok(Self {
@@ -156,11 +161,33 @@ impl<'a> View<'a> {
         let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
         match self.data {
             Data::F32(v) => &v[at..at + out.len()],
-            Data::Bf16(_) => {
+            Data::Bf16(_) | Data::F16(_) => {
                 self.row(i0, i1, i2, out);
                 out
             }
         }
+    }
+
+    /// Σ_d q[d] · row[d] for row (i0, i1, i2); `tmp` holds a widened row where needed.
+    fn dot(&self, (i0, i1, i2): (usize, usize, usize), q: &[f32], tmp: &mut [f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if let (Data::F16(v), true) = (&self.data, f16c()) {
+            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
+            // SAFETY: AVX-512F and F16C were detected; the row has q.len() elements.
+            return unsafe { dot_f16_avx512(q, &v[at..at + q.len()]) };
+        }
+        dot(q, self.row_ref(i0, i1, i2, tmp))
+    }
+
+    /// out += w · row (i0, i1, i2).
+    fn axpy(&self, w: f32, (i0, i1, i2): (usize, usize, usize), out: &mut [f32], tmp: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let (Data::F16(v), true) = (&self.data, f16c()) {
+            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
+            // SAFETY: AVX-512F and F16C were detected; the row has out.len() elements.
+            return unsafe { axpy_f16_avx512(w, &v[at..at + out.len()], out) };
+        }
+        axpy(w, self.row_ref(i0, i1, i2, tmp), out)
     }
 
     /// Row (i0, i1, i2) of length `n`, widened into `out`.
@@ -173,6 +200,7 @@ impl<'a> View<'a> {
                 .iter_mut()
                 .zip(&v[at..at + n])
                 .for_each(|(o, x)| *o = x.to_f32()),
+            Data::F16(v) => widen_f16(&v[at..at + n], out),
         }
     }
 }
@@ -185,6 +213,82 @@ fn avx512() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *A.get_or_init(|| avx512() && is_x86_feature_detected!("f16c"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// f16 → f32 (one instruction per 16 values where the CPU has AVX-512 and F16C).
+fn widen_f16(src: &[half::f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        // SAFETY: AVX-512F and F16C were detected; both slices have out.len() elements.
+        return unsafe { widen_f16_avx512(src, out) };
+    }
+    out.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn widen_f16_avx512(src: &[half::f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(out.len());
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_cvtph_ps(_mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i));
+        _mm512_storeu_ps(out.as_mut_ptr().add(i), v);
+        i += 16;
+    }
+    while i < n {
+        out[i] = src[i].to_f32();
+        i += 1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn dot_f16_avx512(a: &[f32], b: &[half::f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        let bv = _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), bv, acc);
+        i += 16;
+    }
+    let mut s = _mm512_reduce_add_ps(acc);
+    while i < n {
+        s += a[i] * b[i].to_f32();
+        i += 1;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn axpy_f16_avx512(w: f32, x: &[half::f16], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let wv = _mm512_set1_ps(w);
+    let mut i = 0;
+    while i + 16 <= n {
+        let p = y.as_mut_ptr().add(i);
+        let xv = _mm512_cvtph_ps(_mm256_loadu_si256(x.as_ptr().add(i) as *const __m256i));
+        _mm512_storeu_ps(p, _mm512_fmadd_ps(wv, xv, _mm512_loadu_ps(p)));
+        i += 16;
+    }
+    while i < n {
+        y[i] += w * x[i].to_f32();
+        i += 1;
+    }
 }
 
 /// a · b (equal lengths). The build targets baseline x86-64, so the plain loop would run in
@@ -288,8 +392,12 @@ impl candle_core::CustomOp3 for InferAttention {
                 .as_ref()
                 .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
             for j in 0..s {
-                let krow = k.row_ref(bi, kv, j, &mut kr);
                 let bj = bias.map_or(0.0, |b| b[j]);
+                if r == 1 {
+                    p[j] = k.dot((bi, kv, j), &qs[0], &mut kr) * self.scale + bj;
+                    continue;
+                }
+                let krow = k.row_ref(bi, kv, j, &mut kr);
                 for (i, qr) in qs.iter().enumerate() {
                     p[i * s + j] = dot(qr, krow) * self.scale + bj;
                 }
@@ -301,6 +409,12 @@ impl candle_core::CustomOp3 for InferAttention {
             }
             let mut o = vec![0f32; r * d];
             for j in 0..s {
+                if r == 1 {
+                    if p[j] != 0.0 {
+                        v.axpy(p[j], (bi, kv, j), &mut o, &mut kr);
+                    }
+                    continue;
+                }
                 let vrow = v.row_ref(bi, kv, j, &mut kr);
                 for (i, oi) in o.chunks_mut(d).enumerate() {
                     let w = p[i * s + j];
@@ -631,6 +745,35 @@ mod tests {
                 .unwrap();
                 assert!(e < 1e-5, "gradient {e}");
             }
+        }
+    }
+
+    /// An f16 cache (quantized models) is read as the f32 values its entries round to: the
+    /// result equals the composite on those widened values up to summation order (f32, a few
+    /// dozen terms: 1e-5 as for the f32 kernel above). Head sizes past one 16-lane vector and
+    /// both the shared-head (n_rep 3) and single-head (n_rep 1) loops are covered.
+    #[test]
+    fn inference_attention_reads_an_f16_cache() {
+        let dev = Device::Cpu;
+        for (n_rep, seed) in [(3, 220), (1, 230)] {
+            let (b, kv, t, s, d) = (2, 2, 2, 11, 40);
+            let q = fedllm_testing::randn(seed, 0f32, 1.0, (b, kv * n_rep, t, d), &dev).unwrap();
+            let half = |seed| {
+                fedllm_testing::randn(seed, 0f32, 1.0, (b, kv, s, d), &dev)
+                    .unwrap()
+                    .to_dtype(DType::F16)
+                    .unwrap()
+            };
+            let (k, v) = (half(seed + 1), half(seed + 2));
+            let wide = |x: &Tensor| {
+                let x = x.to_dtype(DType::F32).unwrap();
+                repeat_kv(&x, n_rep).unwrap().contiguous().unwrap()
+            };
+            let want = attention_composite(&q, &wide(&k), &wide(&v), 0.3, None).unwrap();
+            let got = gqa_attention(&q, &k, &v, n_rep, 0.3, None).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            let e = max_abs_diff(&got, &want).unwrap();
+            assert!(e < 1e-5, "n_rep {n_rep}: {e}");
         }
     }
 

@@ -194,10 +194,10 @@ unsafe fn dot1_avx512(t: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32], k: usiz
                 let blk = row.as_ptr().add(b * 34);
                 let d = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
                 let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    blk.add(2) as *const __m128i,
+                    blk.add(2) as *const __m128i
                 )));
                 let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    blk.add(18) as *const __m128i,
+                    blk.add(18) as *const __m128i
                 )));
                 let xp = x.as_ptr().add(b * 32);
                 let s = _mm512_fmadd_ps(
