@@ -419,8 +419,8 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        // 0.1 is not exact in f16: it comes back as the nearest f16 (0.0999755859375).
-        assert_eq!(back, vec![1.0, 0.0999755859375]);
+        // 0.1 is not exact in f16: it comes back as the nearest f16, 1638 / 2^14.
+        assert_eq!(back, vec![1.0, 1638.0 / 16384.0]);
     }
 
     #[test]
