@@ -159,7 +159,11 @@ impl CausalLm {
     /// far coarser than f16's 2⁻¹¹). Otherwise the compute dtype, so dense models decode
     /// exactly as their full forward computes.
     pub fn kv_dtype(&self) -> DType {
-        let quantized = self.storage.keys().any(|k| k.starts_with('Q'));
+        let first = match &self.arch {
+            Arch::Llama(m) => m.layers.first().map(|(_, b)| &b.self_attn.q_proj),
+            Arch::Gpt2(m) => m.layers.first().map(|(_, b)| &b.attn.c_attn),
+        };
+        let quantized = first.is_some_and(|l| matches!(l.weight(), Weight::Quant(_)));
         if quantized && self.device.is_cpu() && self.dtype == DType::F32 {
             DType::F16
         } else {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
-use fedllm_model::{generate, prefill, CausalLm, GenerateConfig, LoadOptions, Sampling};
+use fedllm_model::{generate, prefill, CausalLm, GenerateConfig, LoadOptions, QuantMode, Sampling};
 
 fn golden(name: &str) -> PathBuf {
     fedllm_testing::golden_dir().join(name)
@@ -78,6 +78,15 @@ fn quantized_smollm2_decodes_the_golden_answer_from_an_f16_cache() {
     let Some(path) = fedllm_testing::smollm2() else {
         return;
     };
+    // Dequantized (evaluation's default, transformers' numbers), the cache stays f32.
+    let dense = LoadOptions {
+        quant: QuantMode::Dequantize,
+        ..Default::default()
+    };
+    assert_eq!(
+        CausalLm::load(&path, dense).unwrap().model.kv_dtype(),
+        DType::F32
+    );
     let model = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
     assert!(model.storage.contains_key("Q4_1"), "{:?}", model.storage);
     assert_eq!(model.kv_dtype(), DType::F16);

@@ -13,7 +13,7 @@ use crate::weights::Weight;
 /// Up to this many activation rows, candle's quantized vec-dot kernels beat dequantize + GEMM.
 const QMATMUL_MAX_ROWS: usize = 2;
 /// Up to this many rows (decoding a batch), our Q4_1/Q8_0 kernel reads the blocks directly.
-const QMATVEC_MAX_ROWS: usize = 8;
+const QMATVEC_MAX_ROWS: usize = 32;
 
 /// LoRA branch: y += dropout(x) Aᵀ Bᵀ · scale (A [r, in], B [out, r], as PEFT stores them).
 #[derive(Clone, Debug)]
