@@ -345,6 +345,30 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::Device;
 
+    /// The dense kernel (x rows in groups of 8, k not a multiple of 16) equals the plain triple loop in f64 up to f32 summation error: k ≤ 100
+    /// terms of magnitude ≤ ~3, so 1e-4 absolute.
+    #[test]
+    fn dense_matches_the_plain_product() {
+        for (n, k, m) in [(37, 40, 1), (6, 96, 3), (33, 100, 8), (21, 64, 11)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
+                .collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 104729) % 991) as f32 / 330.0 - 1.5)
+                .collect();
+            let got = dense_matmul(&w, n, k, &x, m);
+            for j in 0..m {
+                for r in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|c| w[r * k + c] as f64 * x[j * k + c] as f64)
+                        .sum();
+                    let e = (got[j * n + r] as f64 - want).abs();
+                    assert!(e < 1e-4, "{n}x{k} m={m} [{j},{r}]: {e}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn matches_dequantized_matmul_on_both_paths() {
         let dev = Device::Cpu;
