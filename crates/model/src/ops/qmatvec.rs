@@ -345,8 +345,9 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::Device;
 
-    /// The dense kernel (x rows in groups of 8, k not a multiple of 16) equals the plain triple loop in f64 up to f32 summation error: k ≤ 100
-    /// terms of magnitude ≤ ~3, so 1e-4 absolute.
+    /// The dense kernel (x rows in groups of 8, k not a multiple of 16) equals the plain
+    /// triple loop in f64 up to f32 summation error: k ≤ 100 terms of magnitude ≤ ~3, so 1e-4
+    /// absolute.
     #[test]
     fn dense_matches_the_plain_product() {
         for (n, k, m) in [(37, 40, 1), (6, 96, 3), (33, 100, 8), (21, 64, 11)] {
