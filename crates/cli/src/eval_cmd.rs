@@ -62,8 +62,8 @@ pub enum EvalCmd {
         /// New tokens per answer
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
-        /// Questions decoded together
-        #[arg(long, default_value_t = 4)]
+        /// Questions decoded together (continuous batching: a finished question's slot takes the next)
+        #[arg(long, default_value_t = 8)]
         batch: usize,
     },
     /// MMLU k-shot accuracy (shots from the same topic), per topic

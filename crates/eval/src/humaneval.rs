@@ -225,8 +225,9 @@ pub fn sampling(seed: u64) -> Sampling {
     }
 }
 
-/// `n` completions per problem (raw prompt, stop sequences cut); prompts continue `start`
-/// (a prompt-type adapter's virtual tokens) when given.
+/// `n` completions per problem (raw prompt, stop sequences cut), decoded together after one
+/// read of the prompt; prompts continue `start` (a prompt-type adapter's virtual tokens) when
+/// given.
 pub fn generate_completions(
     model: &CausalLm,
     start: Option<&KvCache>,
@@ -251,7 +252,16 @@ pub fn generate_completions(
             stop_token_ids: tok.eos_token_ids.clone(),
             stop_strings: STOPS.iter().map(|s| s.to_string()).collect(),
         };
-        let gens = generate_after(model, Some(tok), start, &vec![ids; n], &cfg)?;
+        // The prompt is read once; its n samples continue that one cache as one batch.
+        let (head, last) = ids.split_at(ids.len().saturating_sub(1));
+        let shared = fedllm_model::prefix_cache_after(model, start, head)?;
+        let gens = generate_after(
+            model,
+            Some(tok),
+            Some(&shared),
+            &vec![last.to_vec(); n],
+            &cfg,
+        )?;
         for g in gens {
             out.push(Completion {
                 task_id: p.task_id.clone(),
