@@ -52,17 +52,20 @@ pub struct Generation {
     pub finish: Finish,
 }
 
+/// The greedy choice: the first largest logit.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Picks the next token from one row of logits.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
-            }
-        }
-        best as u32
-    };
+    let argmax = || argmax(logits);
     if s.temperature <= 0.0 {
         return argmax();
     }
@@ -307,11 +310,73 @@ fn check_finish(
     Ok(g.finish != Finish::Length)
 }
 
+/// A batch decoding step by step whose rows may join and leave between steps (continuous
+/// batching). Each row's numbers do not depend on its neighbours (per-row products, masked
+/// padding), so a row decodes exactly as it would alone. Used by `generate_continuous`
+/// (evaluation) and by the server, whose requests join a running batch.
+pub struct Running<'a> {
+    model: &'a CausalLm,
+    prefix: Option<&'a KvCache>,
+    room: usize,
+    cache: KvCache,
+    rows: usize,
+}
+
+impl<'a> Running<'a> {
+    /// An empty batch; joining prompts continue `prefix` and reserve `room` new tokens.
+    pub fn new(model: &'a CausalLm, prefix: Option<&'a KvCache>, room: usize) -> Self {
+        Running {
+            model,
+            prefix,
+            room,
+            cache: KvCache::new(),
+            rows: 0,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Reads `prompts` as new rows after the current ones: their next-token logits.
+    pub fn join(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if prompts.is_empty() {
+            return Ok(vec![]);
+        }
+        let (c, l) = prefill(self.model, self.prefix, prompts, self.room)?;
+        if self.rows == 0 {
+            self.cache = c;
+        } else {
+            self.cache.append_rows(&c)?;
+        }
+        self.rows += prompts.len();
+        Ok(l)
+    }
+
+    /// Keeps only these rows (in this order); the others leave.
+    pub fn keep(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.len() == self.rows && rows.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok(());
+        }
+        if rows.is_empty() {
+            self.cache = KvCache::new();
+        } else {
+            self.cache.select_rows(rows)?;
+        }
+        self.rows = rows.len();
+        Ok(())
+    }
+
+    /// Feeds each row its next token: the logits after it.
+    pub fn step(&mut self, next: Vec<u32>) -> Result<Vec<Vec<f32>>> {
+        decode_step(self.model, &mut self.cache, next)
+    }
+}
+
 /// Greedy generation for many prompts, at most `slots` decoding together: when a row finishes,
 /// the next waiting prompts are read and join the batch (continuous batching), so no slot idles
-/// behind the longest answer of a fixed batch. Each row's numbers do not depend on its
-/// neighbours (per-row products, masked padding), so every result equals decoding its prompt
-/// alone. `on_done(i, generation)` hears each prompt as it finishes; results in prompt order.
+/// behind the longest answer of a fixed batch; every result equals decoding its prompt alone.
+/// `on_done(i, generation)` hears each prompt as it finishes; results in prompt order.
 pub fn generate_continuous(
     model: &CausalLm,
     tokenizer: Option<&Tokenizer>,
@@ -334,22 +399,14 @@ pub fn generate_continuous(
     let slots = slots.max(1);
     let mut waiting = 0..n;
     let mut active: Vec<usize> = Vec::new();
-    let mut cache = KvCache::new();
+    let mut batch = Running::new(model, prefix, cfg.max_new_tokens);
     let mut logits: Vec<Vec<f32>> = Vec::new();
     let mut rng = Rng::new(cfg.sampling.seed);
     loop {
         let join: Vec<usize> = waiting.by_ref().take(slots - active.len()).collect();
-        if !join.is_empty() {
-            let ps: Vec<Vec<u32>> = join.iter().map(|&i| prompts[i].clone()).collect();
-            let (c, l) = prefill(model, prefix, &ps, cfg.max_new_tokens)?;
-            if active.is_empty() {
-                cache = c;
-            } else {
-                cache.append_rows(&c)?;
-            }
-            active.extend(join);
-            logits.extend(l);
-        }
+        let ps: Vec<Vec<u32>> = join.iter().map(|&i| prompts[i].clone()).collect();
+        logits.extend(batch.join(&ps)?);
+        active.extend(join);
         if active.is_empty() {
             return Ok(out);
         }
@@ -366,16 +423,13 @@ pub fn generate_continuous(
                 next.push(tok);
             }
         }
-        if keep.len() != active.len() {
-            if keep.is_empty() {
-                active.clear();
-                logits.clear();
-                continue;
-            }
-            cache.select_rows(&keep)?;
-            active = keep.iter().map(|&j| active[j]).collect();
-        }
-        logits = decode_step(model, &mut cache, next)?;
+        batch.keep(&keep)?;
+        active = keep.iter().map(|&j| active[j]).collect();
+        logits = if active.is_empty() {
+            Vec::new()
+        } else {
+            batch.step(next)?
+        };
     }
 }
 

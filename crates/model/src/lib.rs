@@ -26,7 +26,7 @@ pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use generate::{
     generate, generate_after, generate_continuous, prefill, prefix_cache, prefix_cache_after,
-    strip_prefix, Finish, GenerateConfig, Generation, Sampling,
+    strip_prefix, Finish, GenerateConfig, Generation, Running, Sampling,
 };
 pub use ops::linear::MatmulPrecision;
 // The op layer's layers and quantized products keep their short paths for other crates.

@@ -17,10 +17,11 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fedllm_model::generate::{generate_streaming, GenerateConfig, Sampling};
+use fedllm_model::generate::{argmax, generate_streaming, GenerateConfig, Running, Sampling};
 use fedllm_model::{CausalLm, ChatMessage, KvCache, Tokenizer};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 /// One servable model: the base with an adapter attached, or its virtual-token cache.
@@ -347,10 +348,13 @@ fn async_stream(
         .map(Ok)
 }
 
-/// Decodes what waits: the first job and, behind it, every greedy job for the same model (up
-/// to `max_batch`); the others wait for their own turn in arrival order.
+/// Decodes what waits. Greedy jobs decode in one running batch per model: a job that arrives
+/// while it runs joins at the next step (continuous batching, up to `max_batch` rows), and each
+/// leaves as soon as it is done; its answer equals its solo answer (rows do not mix). A
+/// sampled job decodes alone (its draws would depend on neighbours). Others wait their turn
+/// in arrival order.
 fn worker(slots: BTreeMap<String, Slot>, tok: Tokenizer, rx: Receiver<Job>, max_batch: usize) {
-    let mut waiting: std::collections::VecDeque<Job> = Default::default();
+    let mut waiting: VecDeque<Job> = Default::default();
     loop {
         if waiting.is_empty() {
             match rx.recv() {
@@ -358,96 +362,109 @@ fn worker(slots: BTreeMap<String, Slot>, tok: Tokenizer, rx: Receiver<Job>, max_
                 Err(_) => return,
             }
         }
-        while let Ok(j) = rx.try_recv() {
-            waiting.push_back(j);
-        }
         let first = waiting.pop_front().expect("one job");
-        let mut batch = vec![first];
-        if batch[0].sampling.temperature == 0.0 {
-            let mut rest = std::collections::VecDeque::new();
-            while let Some(j) = waiting.pop_front() {
-                if batch.len() < max_batch
-                    && j.model == batch[0].model
-                    && j.sampling.temperature == 0.0
-                {
-                    batch.push(j);
-                } else {
-                    rest.push_back(j);
-                }
-            }
-            waiting = rest;
+        let slot = &slots[&first.model];
+        if first.sampling.temperature > 0.0 {
+            run_sampled(slot, &tok, first);
+        } else {
+            run_greedy(slot, &tok, first, &mut waiting, &rx, max_batch);
         }
-        run_batch(&slots[&batch[0].model], &tok, batch);
     }
 }
 
-fn run_batch(slot: &Slot, tok: &Tokenizer, jobs: Vec<Job>) {
-    let n = jobs.len();
+/// One job's answer so far: tokens, text already sent, largest batch it decoded in.
+struct RowState {
+    toks: Vec<u32>,
+    sent: String,
+    batch: usize,
+}
+
+impl RowState {
+    fn new() -> Self {
+        RowState {
+            toks: Vec::new(),
+            sent: String::new(),
+            batch: 1,
+        }
+    }
+}
+
+/// Takes token `t` for `job`: streams the new complete text, and reports whether the answer
+/// is done (end token, a stop string, or its token limit), having sent `Done` if so.
+fn emit(job: &Job, st: &mut RowState, tok: &Tokenizer, eos: &[u32], t: u32) -> bool {
+    let done = |st: &RowState, finish: &'static str| {
+        let _ = job.tx.send(Out::Done {
+            finish,
+            prompt: job.ids.len(),
+            completion: st.toks.len(),
+            batch: st.batch,
+        });
+    };
+    if eos.contains(&t) {
+        done(st, "stop");
+        return true;
+    }
+    st.toks.push(t);
+    let text = match tok.decode(&st.toks, true) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = job.tx.send(Out::Failed(e.to_string()));
+            return true;
+        }
+    };
+    let (text, stopped) = match job.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        Some(cut) => (text[..cut].to_string(), true),
+        None => (text, false),
+    };
+    // Send only complete characters (a token may end inside one), and never what a stop
+    // string might still claim.
+    let hold = if stopped {
+        0
+    } else {
+        job.stop.iter().map(|s| s.len()).max().unwrap_or(0)
+    };
+    let mut ready = text.len().saturating_sub(hold);
+    while !text.is_char_boundary(ready) {
+        ready -= 1;
+    }
+    if !text.ends_with('\u{fffd}') && ready > st.sent.len() && text.starts_with(st.sent.as_str()) {
+        let _ = job
+            .tx
+            .send(Out::Text(text[st.sent.len()..ready].to_string()));
+        st.sent = text[..ready].to_string();
+    }
+    let length = st.toks.len() >= job.max_tokens;
+    if stopped || length {
+        // The answer is complete: what is left goes out as decoded, as `generate` prints it.
+        if text.len() > st.sent.len() && text.starts_with(st.sent.as_str()) {
+            let _ = job.tx.send(Out::Text(text[st.sent.len()..].to_string()));
+        }
+        done(st, if stopped { "stop" } else { "length" });
+        return true;
+    }
+    false
+}
+
+fn stop_ids(slot: &Slot, tok: &Tokenizer) -> Vec<u32> {
+    let mut s = slot.model.config.eos_token_ids().to_vec();
+    s.extend(&tok.eos_token_ids);
+    s
+}
+
+/// A sampled job, alone.
+fn run_sampled(slot: &Slot, tok: &Tokenizer, job: Job) {
     let cfg = GenerateConfig {
-        max_new_tokens: jobs.iter().map(|j| j.max_tokens).max().unwrap_or(1),
-        sampling: jobs[0].sampling.clone(),
-        stop_token_ids: {
-            let mut s = slot.model.config.eos_token_ids().to_vec();
-            s.extend(&tok.eos_token_ids);
-            s
-        },
+        max_new_tokens: job.max_tokens,
+        sampling: job.sampling.clone(),
+        stop_token_ids: stop_ids(slot, tok),
         stop_strings: vec![],
     };
-    let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.ids.clone()).collect();
-    // Per row: tokens so far, text already sent, finished.
-    let mut rows: Vec<(Vec<u32>, String, bool)> = vec![(Vec::new(), String::new(), false); n];
     let eos = cfg.stop_token_ids.clone();
-    let mut on_token = |row: usize, t: u32| -> fedllm_model::Result<()> {
-        let (toks, sent, done) = &mut rows[row];
-        if *done {
-            return Ok(());
-        }
-        let job = &jobs[row];
-        if eos.contains(&t) {
-            *done = true;
-            let _ = job.tx.send(Out::Done {
-                finish: "stop",
-                prompt: job.ids.len(),
-                completion: toks.len(),
-                batch: n,
-            });
-            return Ok(());
-        }
-        toks.push(t);
-        let text = tok.decode(toks, true)?;
-        let (text, stopped) = match job.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            Some(cut) => (text[..cut].to_string(), true),
-            None => (text, false),
-        };
-        // Send only complete characters (a token may end inside one), and never what a stop
-        // string might still claim.
-        let hold = if stopped {
-            0
-        } else {
-            job.stop.iter().map(|s| s.len()).max().unwrap_or(0)
-        };
-        let mut ready = text.len().saturating_sub(hold);
-        while !text.is_char_boundary(ready) {
-            ready -= 1;
-        }
-        if !text.ends_with('\u{fffd}') && ready > sent.len() && text.starts_with(sent.as_str()) {
-            let _ = job.tx.send(Out::Text(text[sent.len()..ready].to_string()));
-            *sent = text[..ready].to_string();
-        }
-        let length = toks.len() >= job.max_tokens;
-        if stopped || length {
-            // The answer is complete: what is left goes out as decoded, as `generate` prints it.
-            if text.len() > sent.len() && text.starts_with(sent.as_str()) {
-                let _ = job.tx.send(Out::Text(text[sent.len()..].to_string()));
-            }
-            *done = true;
-            let finish = if stopped { "stop" } else { "length" };
-            let _ = job.tx.send(Out::Done {
-                finish,
-                prompt: job.ids.len(),
-                completion: toks.len(),
-                batch: n,
-            });
+    let mut st = RowState::new();
+    let mut finished = false;
+    let mut on_token = |_: usize, t: u32| -> fedllm_model::Result<()> {
+        if !finished {
+            finished = emit(&job, &mut st, tok, &eos, t);
         }
         Ok(())
     };
@@ -455,31 +472,114 @@ fn run_batch(slot: &Slot, tok: &Tokenizer, jobs: Vec<Job>) {
         &slot.model,
         Some(tok),
         slot.prefix.as_ref(),
-        &prompts,
+        std::slice::from_ref(&job.ids),
         &cfg,
         &mut on_token,
     );
-    for (i, job) in jobs.iter().enumerate() {
-        match &r {
-            Err(e) => {
-                let _ = job.tx.send(Out::Failed(e.to_string()));
-            }
-            Ok(_) if !rows[i].2 => {
-                // Decoding ended (every row hit the batch's limit): flush what was held back.
-                let (toks, sent, _) = &rows[i];
-                if let Ok(text) = tok.decode(toks, true) {
-                    if text.len() > sent.len() && text.starts_with(sent.as_str()) {
-                        let _ = job.tx.send(Out::Text(text[sent.len()..].to_string()));
-                    }
+    if let Err(e) = r {
+        let _ = job.tx.send(Out::Failed(e.to_string()));
+    }
+}
+
+/// Greedy jobs of `first`'s model in one running batch, admitting waiting ones between steps.
+fn run_greedy(
+    slot: &Slot,
+    tok: &Tokenizer,
+    first: Job,
+    waiting: &mut VecDeque<Job>,
+    rx: &Receiver<Job>,
+    max_batch: usize,
+) {
+    let eos = stop_ids(slot, tok);
+    let mut batch = Running::new(&slot.model, slot.prefix.as_ref(), first.max_tokens);
+    let mut rows: Vec<(Job, RowState, Vec<f32>)> = Vec::new();
+    let model = first.model.clone();
+    let mut joining = vec![first];
+    loop {
+        admit(&model, &mut joining, rows.len(), waiting, rx, max_batch);
+        if !joining.is_empty() {
+            let prompts: Vec<Vec<u32>> = joining.iter().map(|j| j.ids.clone()).collect();
+            match batch.join(&prompts) {
+                Ok(ls) => rows.extend(
+                    joining
+                        .drain(..)
+                        .zip(ls)
+                        .map(|(j, l)| (j, RowState::new(), l)),
+                ),
+                Err(e) => {
+                    return fail(joining.into_iter().chain(rows.into_iter().map(|r| r.0)), &e)
                 }
-                let _ = job.tx.send(Out::Done {
-                    finish: "length",
-                    prompt: job.ids.len(),
-                    completion: toks.len(),
-                    batch: n,
-                });
             }
-            Ok(_) => {}
         }
+        if rows.is_empty() {
+            return;
+        }
+        let n = rows.len();
+        let mut keep = Vec::with_capacity(n);
+        let mut next = Vec::with_capacity(n);
+        for (i, (job, st, logits)) in rows.iter_mut().enumerate() {
+            st.batch = st.batch.max(n);
+            if job.tx.is_closed() {
+                continue; // the client left: its row leaves the batch
+            }
+            let t = argmax(logits);
+            if !emit(job, st, tok, &eos, t) {
+                keep.push(i);
+                next.push(t);
+            }
+        }
+        if let Err(e) = batch.keep(&keep) {
+            return fail(rows.into_iter().map(|r| r.0), &e);
+        }
+        let mut kept: Vec<Option<(Job, RowState, Vec<f32>)>> = rows.into_iter().map(Some).collect();
+        rows = keep
+            .iter()
+            .map(|&i| kept[i].take().expect("kept once"))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        match batch.step(next) {
+            Ok(ls) => rows.iter_mut().zip(ls).for_each(|(r, l)| r.2 = l),
+            Err(e) => return fail(rows.into_iter().map(|r| r.0), &e),
+        }
+    }
+}
+
+/// Moves greedy jobs for `model` into `joining` while the batch has room: first those already
+/// waiting, then from the queue until it is empty or yields another kind of job (which waits,
+/// in order, for its own turn). Jobs stay in the bounded queue while the batch is full, so a
+/// full queue still answers 429.
+fn admit(
+    model: &str,
+    joining: &mut Vec<Job>,
+    rows: usize,
+    waiting: &mut VecDeque<Job>,
+    rx: &Receiver<Job>,
+    max_batch: usize,
+) {
+    let room = |joining: &Vec<Job>| rows + joining.len() < max_batch.max(1);
+    let fits = |j: &Job| j.model == model && j.sampling.temperature == 0.0;
+    let mut rest = VecDeque::new();
+    while let Some(j) = waiting.pop_front() {
+        if room(joining) && fits(&j) {
+            joining.push(j);
+        } else {
+            rest.push_back(j);
+        }
+    }
+    *waiting = rest;
+    while waiting.is_empty() && room(joining) {
+        match rx.try_recv() {
+            Ok(j) if fits(&j) => joining.push(j),
+            Ok(j) => waiting.push_back(j),
+            Err(_) => break,
+        }
+    }
+}
+
+fn fail(jobs: impl Iterator<Item = Job>, e: &fedllm_model::ModelError) {
+    for j in jobs {
+        let _ = j.tx.send(Out::Failed(e.to_string()));
     }
 }

@@ -88,7 +88,7 @@ unsafe fn h2f(bits: u16) -> f32 {
 /// them. `out[j]` = x_j · w.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn dots_avx512(
+unsafe fn dots_avx512<const M: usize>(
     t: GgmlDType,
     row: &[u8],
     x: &[f32],
@@ -97,10 +97,14 @@ unsafe fn dots_avx512(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let m = out.len();
+    let m = M;
     let nb = k / 32;
-    let mut acc = [_mm512_setzero_ps(); ROWS];
-    let mut off = [0f32; ROWS];
+    // Two accumulators per row, alternating by block, as in `dot1_avx512`: a row's sums come
+    // out bit for bit the same whatever the batch (continuous batching relies on it).
+    // M is a constant so the accumulators stay in registers (a runtime count spills them,
+    // which at batch 1 cost a third of the step).
+    let mut acc = [[_mm512_setzero_ps(); M]; 2];
+    let mut off = [[0f32; M]; 2];
     match t {
         GgmlDType::Q4_1 => {
             let mask = _mm_set1_epi8(0x0F);
@@ -121,6 +125,7 @@ unsafe fn dots_avx512(
                     ))),
                     dv,
                 );
+                let (acc, off) = (&mut acc[b & 1], &mut off[b & 1]);
                 for (j, (aj, oj)) in acc.iter_mut().zip(off.iter_mut()).enumerate().take(m) {
                     let xp = x.as_ptr().add(j * k + b * 32);
                     let a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), *aj);
@@ -145,7 +150,7 @@ unsafe fn dots_avx512(
                     ))),
                     dv,
                 );
-                for (j, aj) in acc.iter_mut().enumerate().take(m) {
+                for (j, aj) in acc[b & 1].iter_mut().enumerate().take(m) {
                     let xp = x.as_ptr().add(j * k + b * 32);
                     let a = _mm512_fmadd_ps(f0, _mm512_loadu_ps(xp), *aj);
                     *aj = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xp.add(16)), a);
@@ -154,63 +159,9 @@ unsafe fn dots_avx512(
         }
         _ => unreachable!("unsupported type"),
     }
-    for ((o, a), f) in out.iter_mut().zip(acc).zip(off) {
-        *o = _mm512_reduce_add_ps(a) + f;
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][j], acc[1][j])) + (off[0][j] + off[1][j]);
     }
-}
-
-/// One activation row against one weight row, with independent accumulators for alternate
-/// blocks: at batch 1 a single accumulator makes every block wait on the previous block's
-/// FMA latency, which (not bandwidth or decoding) was the bound.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn dot1_avx512(t: GgmlDType, row: &[u8], x: &[f32], xsum: &[f32], k: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let nb = k / 32;
-    let mut acc = [_mm512_setzero_ps(); 2];
-    let mut off = [0f32; 2];
-    match t {
-        GgmlDType::Q4_1 => {
-            let mask = _mm512_set1_epi32(0x0F);
-            for b in 0..nb {
-                let blk = row.as_ptr().add(b * 20);
-                let d = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
-                let mn = h2f(u16::from_le_bytes([*blk.add(2), *blk.add(3)]));
-                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
-                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, mask));
-                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                let xp = x.as_ptr().add(b * 32);
-                let s = _mm512_fmadd_ps(
-                    lo,
-                    _mm512_loadu_ps(xp),
-                    _mm512_mul_ps(hi, _mm512_loadu_ps(xp.add(16))),
-                );
-                acc[b & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc[b & 1]);
-                off[b & 1] += mn * xsum[b];
-            }
-        }
-        GgmlDType::Q8_0 => {
-            for b in 0..nb {
-                let blk = row.as_ptr().add(b * 34);
-                let d = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
-                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    blk.add(2) as *const __m128i
-                )));
-                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    blk.add(18) as *const __m128i
-                )));
-                let xp = x.as_ptr().add(b * 32);
-                let s = _mm512_fmadd_ps(
-                    q0,
-                    _mm512_loadu_ps(xp),
-                    _mm512_mul_ps(q1, _mm512_loadu_ps(xp.add(16))),
-                );
-                acc[b & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc[b & 1]);
-            }
-        }
-        _ => unreachable!("unsupported type"),
-    }
-    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (off[0] + off[1])
 }
 
 /// Up to `ROWS` rows of x against one dense f32 weight row.
@@ -324,10 +275,16 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512F was detected at run time; the slices cover whole blocks.
                 unsafe {
-                    if og.len() == 1 {
-                        og[0] = dot1_avx512(t, row, xs, &xsum[j0 * (k / 32)..], k);
-                    } else {
-                        dots_avx512(t, row, xs, &xsum[j0 * (k / 32)..], k, og)
+                    let sums = &xsum[j0 * (k / 32)..];
+                    match og.len() {
+                        1 => dots_avx512::<1>(t, row, xs, sums, k, og),
+                        2 => dots_avx512::<2>(t, row, xs, sums, k, og),
+                        3 => dots_avx512::<3>(t, row, xs, sums, k, og),
+                        4 => dots_avx512::<4>(t, row, xs, sums, k, og),
+                        5 => dots_avx512::<5>(t, row, xs, sums, k, og),
+                        6 => dots_avx512::<6>(t, row, xs, sums, k, og),
+                        7 => dots_avx512::<7>(t, row, xs, sums, k, og),
+                        _ => dots_avx512::<ROWS>(t, row, xs, sums, k, og),
                     }
                 }
             } else {
@@ -365,6 +322,35 @@ mod tests {
                         .sum();
                     let e = (got[j * n + r] as f64 - want).abs();
                     assert!(e < 1e-4, "{n}x{k} m={m} [{j},{r}]: {e}");
+                }
+            }
+        }
+    }
+
+    /// A row's products are bit for bit the same alone and inside a batch of any size, so a
+    /// request decodes the same tokens whoever shares its batch (continuous batching).
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (n, k) = (24, 96);
+            let w = fedllm_testing::randn(311, 0f32, 1.0, (n, k), &dev).unwrap();
+            let raw = QTensor::quantize(&w, t).unwrap().data().unwrap().to_vec();
+            let x: Vec<f32> = fedllm_testing::randn(312, 0f32, 1.0, (11, k), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for m in 1..=11 {
+                let batch = matmul(t, &raw, n, k, &x[..m * k], m);
+                for j in 0..m {
+                    let alone = matmul(t, &raw, n, k, &x[j * k..(j + 1) * k], 1);
+                    assert_eq!(
+                        &batch[j * n..(j + 1) * n],
+                        &alone[..],
+                        "{t:?} m={m} row {j}"
+                    );
                 }
             }
         }
