@@ -97,12 +97,14 @@ unsafe fn dots_avx512<const M: usize>(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let m = M;
+    let m = out.len().min(M);
     let nb = k / 32;
-    // Two accumulators per row, alternating by block, as in `dot1_avx512`: a row's sums come
-    // out bit for bit the same whatever the batch (continuous batching relies on it).
-    // M is a constant so the accumulators stay in registers (a runtime count spills them,
-    // which at batch 1 cost a third of the step).
+    // Two vector accumulators per row, alternating by block: at batch 1 a single one makes
+    // every block wait on the previous block's FMA latency. Every batch size sums a row the
+    // same way, so a row comes out bit for bit the same whatever the batch (continuous
+    // batching relies on it).
+    // M bounds the rows (`out.len()`); at M = 1 the accumulators stay in registers (a
+    // runtime count spills them, which at batch 1 cost a sixth of the step).
     let mut acc = [[_mm512_setzero_ps(); M]; 2];
     let mut off = [[0f32; M]; 2];
     match t {
@@ -276,15 +278,10 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 // SAFETY: AVX-512F was detected at run time; the slices cover whole blocks.
                 unsafe {
                     let sums = &xsum[j0 * (k / 32)..];
-                    match og.len() {
-                        1 => dots_avx512::<1>(t, row, xs, sums, k, og),
-                        2 => dots_avx512::<2>(t, row, xs, sums, k, og),
-                        3 => dots_avx512::<3>(t, row, xs, sums, k, og),
-                        4 => dots_avx512::<4>(t, row, xs, sums, k, og),
-                        5 => dots_avx512::<5>(t, row, xs, sums, k, og),
-                        6 => dots_avx512::<6>(t, row, xs, sums, k, og),
-                        7 => dots_avx512::<7>(t, row, xs, sums, k, og),
-                        _ => dots_avx512::<ROWS>(t, row, xs, sums, k, og),
+                    if og.len() == 1 {
+                        dots_avx512::<1>(t, row, xs, sums, k, og)
+                    } else {
+                        dots_avx512::<ROWS>(t, row, xs, sums, k, og)
                     }
                 }
             } else {
