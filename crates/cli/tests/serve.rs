@@ -268,13 +268,19 @@ fn requests_join_a_running_batch_and_a_full_queue_answers_429() {
     let Some(model) = fedllm_testing::smollm2() else {
         return;
     };
-    let long =
-        r#"{"model": "base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "stream": true}"#;
+    // The long request: 120 tokens while the queue fills (the queued request is answered after
+    // it), 2,000 while others join (so it is certainly still going when they are answered).
+    let long = |n: usize| {
+        format!(
+            r#"{{"model": "base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": {n}, "stream": true}}"#
+        )
+    };
     let short = |i: usize| {
         serde_json::json!({"model": "base", "prompt": format!("{i}, {}, {},", i + 1, i + 2), "max_tokens": 4}).to_string()
     };
     // Opens the long stream and returns once its first event is in (the worker is busy).
-    let busy = |addr: &str| {
+    let busy = |addr: &str, n: usize| {
+        let long = long(n);
         let mut s = TcpStream::connect(addr).unwrap();
         write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{long}", long.len()).unwrap();
         let mut r = BufReader::new(s);
@@ -296,7 +302,7 @@ fn requests_join_a_running_batch_and_a_full_queue_answers_429() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     };
     let s = serve(&model, &["--max-queue", "1", "--max-batch", "1"]);
-    let stream = busy(&s.addr);
+    let stream = busy(&s.addr, 120);
     let mut codes: Vec<u16> = three(s.addr.clone()).iter().map(|r| r.0).collect();
     codes.sort();
     assert_eq!(codes, [200, 429, 429]);
@@ -312,7 +318,7 @@ fn requests_join_a_running_batch_and_a_full_queue_answers_429() {
                 .to_string()
         })
         .collect();
-    let mut stream = busy(&s.addr);
+    let mut stream = busy(&s.addr, 2000);
     let together = three(s.addr.clone());
     for (i, (code, head, body)) in together.iter().enumerate() {
         assert_eq!(*code, 200, "{body}");
