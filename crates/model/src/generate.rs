@@ -65,9 +65,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Picks the next token from one row of logits.
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
-    let argmax = || argmax(logits);
     if s.temperature <= 0.0 {
-        return argmax();
+        return argmax(logits);
     }
     let mut cand: Vec<(usize, f64)> = logits
         .iter()
@@ -332,10 +331,6 @@ impl<'a> Running<'a> {
             cache: KvCache::new(),
             rows: 0,
         }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
     }
 
     /// Reads `prompts` as new rows after the current ones: their next-token logits.

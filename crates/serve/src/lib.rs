@@ -515,27 +515,22 @@ fn run_greedy(
             return;
         }
         let n = rows.len();
-        let mut keep = Vec::with_capacity(n);
-        let mut next = Vec::with_capacity(n);
-        for (i, (job, st, logits)) in rows.iter_mut().enumerate() {
-            st.batch = st.batch.max(n);
-            if job.tx.is_closed() {
-                continue; // the client left: its row leaves the batch
-            }
-            let t = argmax(logits);
-            if !emit(job, st, tok, &eos, t) {
-                keep.push(i);
-                next.push(t);
-            }
-        }
+        // Per row: its next token, or None once it is done (or its client left).
+        let next: Vec<Option<u32>> = rows
+            .iter_mut()
+            .map(|(job, st, logits)| {
+                st.batch = st.batch.max(n);
+                let t = argmax(logits);
+                (!job.tx.is_closed() && !emit(job, st, tok, &eos, t)).then_some(t)
+            })
+            .collect();
+        let keep: Vec<usize> = (0..n).filter(|&i| next[i].is_some()).collect();
         if let Err(e) = batch.keep(&keep) {
             return fail(rows.into_iter().map(|r| r.0), &e);
         }
-        let mut kept: Vec<Option<(Job, RowState, Vec<f32>)>> = rows.into_iter().map(Some).collect();
-        rows = keep
-            .iter()
-            .map(|&i| kept[i].take().expect("kept once"))
-            .collect();
+        let mut flags = next.iter();
+        rows.retain(|_| flags.next().is_some_and(Option::is_some));
+        let next: Vec<u32> = next.into_iter().flatten().collect();
         if rows.is_empty() {
             continue;
         }

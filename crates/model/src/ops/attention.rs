@@ -171,28 +171,6 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Σ_d q[d] · row[d] for row (i0, i1, i2); `tmp` holds a widened row where needed.
-    fn dot(&self, (i0, i1, i2): (usize, usize, usize), q: &[f32], tmp: &mut [f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if let (Data::F16(v), true) = (&self.data, f16c()) {
-            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
-            // SAFETY: AVX-512F and F16C were detected; the row has q.len() elements.
-            return unsafe { dot_f16_avx512(q, &v[at..at + q.len()]) };
-        }
-        dot(q, self.row_ref(i0, i1, i2, tmp))
-    }
-
-    /// out += w · row (i0, i1, i2).
-    fn axpy(&self, w: f32, (i0, i1, i2): (usize, usize, usize), out: &mut [f32], tmp: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if let (Data::F16(v), true) = (&self.data, f16c()) {
-            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
-            // SAFETY: AVX-512F and F16C were detected; the row has out.len() elements.
-            return unsafe { axpy_f16_avx512(w, &v[at..at + out.len()], out) };
-        }
-        axpy(w, self.row_ref(i0, i1, i2, tmp), out)
-    }
-
     /// Row (i0, i1, i2) of length `n`, widened into `out`.
     fn row(&self, i0: usize, i1: usize, i2: usize, out: &mut [f32]) {
         let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
@@ -251,45 +229,6 @@ unsafe fn widen_f16_avx512(src: &[half::f16], out: &mut [f32]) {
     }
     while i < n {
         out[i] = src[i].to_f32();
-        i += 1;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn dot_f16_avx512(a: &[f32], b: &[half::f16]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i + 16 <= n {
-        let bv = _mm512_cvtph_ps(_mm256_loadu_si256(b.as_ptr().add(i) as *const __m256i));
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), bv, acc);
-        i += 16;
-    }
-    let mut s = _mm512_reduce_add_ps(acc);
-    while i < n {
-        s += a[i] * b[i].to_f32();
-        i += 1;
-    }
-    s
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn axpy_f16_avx512(w: f32, x: &[half::f16], y: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = x.len().min(y.len());
-    let wv = _mm512_set1_ps(w);
-    let mut i = 0;
-    while i + 16 <= n {
-        let p = y.as_mut_ptr().add(i);
-        let xv = _mm512_cvtph_ps(_mm256_loadu_si256(x.as_ptr().add(i) as *const __m256i));
-        _mm512_storeu_ps(p, _mm512_fmadd_ps(wv, xv, _mm512_loadu_ps(p)));
-        i += 16;
-    }
-    while i < n {
-        y[i] += w * x[i].to_f32();
         i += 1;
     }
 }
@@ -396,10 +335,6 @@ impl candle_core::CustomOp3 for InferAttention {
                 .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
             for j in 0..s {
                 let bj = bias.map_or(0.0, |b| b[j]);
-                if r == 1 {
-                    p[j] = k.dot((bi, kv, j), &qs[0], &mut kr) * self.scale + bj;
-                    continue;
-                }
                 let krow = k.row_ref(bi, kv, j, &mut kr);
                 for (i, qr) in qs.iter().enumerate() {
                     p[i * s + j] = dot(qr, krow) * self.scale + bj;
@@ -412,12 +347,6 @@ impl candle_core::CustomOp3 for InferAttention {
             }
             let mut o = vec![0f32; r * d];
             for j in 0..s {
-                if r == 1 {
-                    if p[j] != 0.0 {
-                        v.axpy(p[j], (bi, kv, j), &mut o, &mut kr);
-                    }
-                    continue;
-                }
                 let vrow = v.row_ref(bi, kv, j, &mut kr);
                 for (i, oi) in o.chunks_mut(d).enumerate() {
                     let w = p[i * s + j];
@@ -753,8 +682,8 @@ mod tests {
 
     /// An f16 cache (quantized models) is read as the f32 values its entries round to: the
     /// result equals the composite on those widened values up to summation order (f32, a few
-    /// dozen terms: 1e-5 as for the f32 kernel above). Head sizes past one 16-lane vector and
-    /// both the shared-head (n_rep 3) and single-head (n_rep 1) loops are covered.
+    /// dozen terms: 1e-5 as for the f32 kernel above). Head sizes past one 16-lane vector, and
+    /// shared (n_rep 3) and single (n_rep 1) query heads per K/V head.
     #[test]
     fn inference_attention_reads_an_f16_cache() {
         let dev = Device::Cpu;

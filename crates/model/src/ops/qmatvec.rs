@@ -252,9 +252,9 @@ fn transpose(yt: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
     y
 }
 
-/// y [m, n] for x [m, k] (row-major f32) and raw blocks of W [n, k]. The weight rows are
-/// split into one contiguous range per thread (decode runs hundreds of these per token, so
-/// fewer, larger tasks), and each weight row is read once for every group of `ROWS` x rows.
+/// y [m, n] for x [m, k] (row-major f32) and raw blocks of W [n, k]. The weight rows go to
+/// the decode pool in chunks, and each weight row is read once for every group of `ROWS` x
+/// rows.
 pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let (be, bb) = block(t).expect("supported type");
     assert!(k.is_multiple_of(be) && w.len() == n * k / be * bb && x.len() == m * k);
