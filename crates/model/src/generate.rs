@@ -138,7 +138,8 @@ pub fn prefix_cache(model: &CausalLm, prefix: &[u32]) -> Result<KvCache> {
 }
 
 /// `prefix_cache` continuing `start` (a prompt-type adapter's virtual tokens), so few-shot
-/// examples are read after them, as the adapter saw every input in training.
+/// examples are read after them, as the adapter saw every input in training. Read in chunks
+/// like any prompt.
 pub fn prefix_cache_after(
     model: &CausalLm,
     start: Option<&KvCache>,
@@ -146,8 +147,7 @@ pub fn prefix_cache_after(
 ) -> Result<KvCache> {
     let mut cache = start.cloned().unwrap_or_else(KvCache::new);
     if !prefix.is_empty() {
-        let x = Tensor::new(prefix, &model.device)?.unsqueeze(0)?;
-        model.forward_hidden(&x, None, Some(&mut cache))?;
+        read_in_chunks(model, &mut cache, &[prefix.to_vec()], None)?;
     }
     Ok(cache)
 }
@@ -274,19 +274,30 @@ pub fn prefill(
         _ => KvCache::new(),
     };
     cache.reserve(room);
+    let hidden = read_in_chunks(model, &mut cache, &ids, padded.then_some(mask.as_slice()))?;
+    let logits = last_logits(model, &hidden)?;
+    Ok((cache, logits))
+}
+
+/// Rows of equal length (`mask` marks their padding) read into `cache`, at most
+/// `PREFILL_TOKENS` tokens a forward: the hidden states of the last chunk.
+fn read_in_chunks(
+    model: &CausalLm,
+    cache: &mut KvCache,
+    ids: &[Vec<u32>],
+    mask: Option<&[Vec<u8>]>,
+) -> Result<Tensor> {
+    let (n, len) = (ids.len(), ids[0].len());
     let step = (PREFILL_TOKENS / n.max(1)).max(32);
     let mut hidden = None;
     for a in (0..len).step_by(step) {
         let z = (a + step).min(len);
         let chunk: Vec<u32> = ids.iter().flat_map(|r| r[a..z].iter().copied()).collect();
         let input = Tensor::from_vec(chunk, (n, z - a), &model.device)?;
-        let m: Vec<Vec<u8>> = mask.iter().map(|r| r[a..z].to_vec()).collect();
-        hidden =
-            Some(model.forward_hidden(&input, padded.then_some(m.as_slice()), Some(&mut cache))?);
+        let m: Option<Vec<Vec<u8>>> = mask.map(|m| m.iter().map(|r| r[a..z].to_vec()).collect());
+        hidden = Some(model.forward_hidden(&input, m.as_deref(), Some(cache))?);
     }
-    let hidden = hidden.expect("prompts are not empty");
-    let logits = last_logits(model, &hidden)?;
-    Ok((cache, logits))
+    Ok(hidden.expect("rows are not empty"))
 }
 
 /// Whether `g` just finished with its last token `tok` (end of sequence or a stop string).
