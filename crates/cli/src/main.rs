@@ -386,7 +386,7 @@ fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option before any worker thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
-    if let Err(e) = fedllm_kernels::isa::env_cap() {
+    if let Err(e) = fedllm_kernels::isa::env_cap().and(fedllm_model::qmatvec::env_path()) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
@@ -885,9 +885,10 @@ fn cmd_bench_generate(
         }
     );
     println!(
-        "bench generate: {} ({mode}), {} threads",
+        "bench generate: {} ({mode}), {} threads, block products on {} (FEDLLM_DECODE)",
         m.model.display(),
-        candle_core::utils::get_num_threads()
+        candle_core::utils::get_num_threads(),
+        fedllm_model::qmatvec::selected().name()
     );
     println!("load:            {load_s:.3} s");
     let r = bench::bench_generate(model, prompt_len, decode_tokens, decode_ctx, batches, reps)?;

@@ -213,6 +213,19 @@ fn bad_arguments() {
     assert_clean_failure(&out, &["chat template"]);
 }
 
+/// A wrong `FEDLLM_DECODE` stops the binary before any work with one line naming the value
+/// (never a silent fall-back to another kernel path).
+#[test]
+fn an_unknown_decode_path_is_refused() {
+    let dir = golden("llama-tiny");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedllm"))
+        .args(["info", "--model", dir.to_str().unwrap()])
+        .env("FEDLLM_DECODE", "sse2")
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &["FEDLLM_DECODE", "sse2", "vnni"]);
+}
+
 /// `generate --adapter` with each adapter type of the golden PEFT folders: the printed ids are
 /// the prompt followed by the adapter's own greedy choice at every step (recomputed here from
 /// the adapter's full forward); a missing adapter folder is one error line naming it.

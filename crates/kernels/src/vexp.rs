@@ -34,6 +34,30 @@ pub fn exp_sub(x: &mut [f32], sub: f32, mul: f32) -> f32 {
     sum
 }
 
+/// x[i] = exp(x[i] − max) / Σ_j exp(x[j] − max), where every output is bit for bit the same
+/// wherever masked entries (those whose exp is 0) sit in the row and however many there are:
+/// each exp is computed alike at any position, and the sum runs over the nonzero terms in
+/// order (packed together on AVX-512, so lanes follow their rank, not their position). A row
+/// left-padded in a batch, or behind a shared prefix, then gets the probabilities it gets alone.
+pub fn softmax_masked(x: &mut [f32], max: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F was detected.
+        return unsafe { softmax_masked_avx512(x, max) };
+    }
+    softmax_masked_portable(x, max)
+}
+
+fn softmax_masked_portable(x: &mut [f32], max: f32) {
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v; // adding an exact 0 leaves the sum as it was
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// Σ exp(x[i] − sub), x unchanged.
 pub fn sum_exp(x: &[f32], sub: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -102,6 +126,43 @@ unsafe fn exp_sub_avx512(x: &mut [f32], sub: f32, mul: f32) -> f32 {
         *v = e * mul;
     }
     sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_masked_avx512(x: &mut [f32], max: f32) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let lanes = |left: usize| -> __mmask16 { ((1u32 << left.min(16)) - 1) as u16 };
+    let s = _mm512_set1_ps(max);
+    // The nonzero exps packed in order; a store may run 16 past the packed length.
+    let mut packed = vec![0f32; n + 16];
+    let mut len = 0;
+    for i in (0..n).step_by(16) {
+        let k = lanes(n - i);
+        let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(i));
+        let e = _mm512_maskz_mov_ps(k, imp::exp16(_mm512_sub_ps(v, s)));
+        _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), k, e);
+        let nz = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(e, _mm512_setzero_ps());
+        _mm512_storeu_ps(
+            packed.as_mut_ptr().add(len),
+            _mm512_maskz_compress_ps(nz, e),
+        );
+        len += nz.count_ones() as usize;
+    }
+    let mut acc = _mm512_setzero_ps();
+    for j in (0..len).step_by(16) {
+        acc = _mm512_add_ps(
+            acc,
+            _mm512_maskz_loadu_ps(lanes(len - j), packed.as_ptr().add(j)),
+        );
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(acc));
+    for i in (0..n).step_by(16) {
+        let k = lanes(n - i);
+        let p = x.as_mut_ptr().add(i);
+        _mm512_mask_storeu_ps(p, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), inv));
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -178,6 +239,50 @@ mod tests {
         for (&x, &s) in xs.iter().zip(&s) {
             let w = 1.0 / (1.0 + (-(x as f64)).exp());
             assert!(((s as f64) - w).abs() <= 1e-6, "sigmoid({x})");
+        }
+    }
+
+    /// A softmax row gives the same bits with masked entries (−∞, −1e30) inserted anywhere, in
+    /// any number (left padding, a gap behind a prefix, the causal future), and matches the
+    /// f64 softmax to f32 rounding (1e-6 relative: each value is one exp at 2e-7 and a sum of
+    /// ≤ 37 positive terms).
+    #[test]
+    fn masked_softmax_ignores_where_the_mask_sits() {
+        masked_rows_as_alone(softmax_masked);
+        masked_rows_as_alone(softmax_masked_portable);
+    }
+
+    fn masked_rows_as_alone(softmax_masked: fn(&mut [f32], f32)) {
+        let row: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 101) as f32 / 9.0 - 5.0)
+            .collect();
+        let max = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+        let mut alone = row.clone();
+        softmax_masked(&mut alone, max);
+        let z: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        for (&p, &v) in alone.iter().zip(&row) {
+            let want = ((v - max) as f64).exp() / z;
+            assert!(((p as f64) - want).abs() <= 1e-6 * want, "{p} vs {want}");
+        }
+        for (front, gap_at, gap, back) in
+            [(1, 0, 0, 0), (5, 20, 3, 0), (0, 16, 17, 2), (30, 3, 40, 9)]
+        {
+            let mut masked = vec![f32::NEG_INFINITY; front];
+            masked.extend(&row[..gap_at]);
+            masked.extend(vec![-1e30f32; gap]);
+            masked.extend(&row[gap_at..]);
+            masked.extend(vec![f32::NEG_INFINITY; back]);
+            softmax_masked(&mut masked, max);
+            let kept: Vec<f32> = masked[front..front + gap_at]
+                .iter()
+                .chain(&masked[front + gap_at + gap..front + gap + row.len()])
+                .copied()
+                .collect();
+            assert_eq!(
+                kept, alone,
+                "front {front}, gap {gap} at {gap_at}, back {back}"
+            );
+            assert!(masked[..front].iter().all(|&p| p == 0.0));
         }
     }
 }

@@ -83,8 +83,12 @@ fn continuous_batches_decode_as_alone_on_smollm2_kept_quantized() {
         .into_iter()
         .map(|p| p.iter().map(|t| t + 1000).collect())
         .collect();
-    check(&m, &ps, &[]);
-    check(&m, &ps, &[504, 3458, 282]);
+    for path in fedllm_model::qmatvec::available() {
+        fedllm_model::qmatvec::with_path(path, || {
+            check(&m, &ps, &[]);
+            check(&m, &ps, &[504, 3458, 282]);
+        });
+    }
 }
 
 /// Sampling would make a row's draws depend on who shares its batch: refused.

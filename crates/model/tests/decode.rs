@@ -71,7 +71,10 @@ fn chunked_prefill_equals_one_pass() {
 }
 
 /// SmolLM2 with its Q4_1 weights kept in memory stores its cache in f16 and still decodes the
-/// golden greedy answer (transformers, fp32) token for token.
+/// golden greedy answer (transformers, fp32) token for token on the f32 block-product paths.
+/// The opt-in VNNI path (8-bit activations, logits ~1% off) decodes the answer itself up to its
+/// end-of-turn token identically; the tokens generated past it include a step where the two
+/// best fp32 logits are 0.34 apart (34.76 vs 34.42), within that error, so they may differ.
 #[test]
 fn quantized_smollm2_decodes_the_golden_answer_from_an_f16_cache() {
     // Absent outside CI only: under CI=true `smollm2()` fails the test naming the path.
@@ -112,7 +115,16 @@ fn quantized_smollm2_decodes_the_golden_answer_from_an_f16_cache() {
         stop_token_ids: vec![],
         stop_strings: vec![],
     };
-    let out = generate(&model, None, std::slice::from_ref(&prompt), &cfg).unwrap();
-    let full: Vec<u32> = prompt.iter().chain(&out[0].tokens).copied().collect();
-    assert_eq!(full, want);
+    for path in fedllm_model::qmatvec::available() {
+        let out = fedllm_model::qmatvec::with_path(path, || {
+            generate(&model, None, std::slice::from_ref(&prompt), &cfg).unwrap()
+        });
+        let full: Vec<u32> = prompt.iter().chain(&out[0].tokens).copied().collect();
+        if path == fedllm_model::qmatvec::Path::Vnni {
+            let end = prompt.len() + want[prompt.len()..].iter().position(|&t| t == 2).unwrap();
+            assert_eq!(full[..=end], want[..=end], "{path:?}");
+        } else {
+            assert_eq!(full, want, "{path:?}");
+        }
+    }
 }

@@ -69,12 +69,10 @@ pub fn gqa_attention(
 ) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::Attention, || {
         let tracked = q.track_op() || k.track_op() || v.track_op();
-        // Decoding steps (few new tokens), and prompts of a batch (each row with its own
-        // copy of a shared prefix: repeating K/V per query head and batched matmuls would copy
-        // all of it for every chunk; measured 2x slower for 8 prompts after a 750-token
-        // prefix). One long prompt is better served by matmuls.
-        let few = q.dim(2)? <= 16 || q.dim(0)? > 1;
-        if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
+        // Inference reads the cache in place (GQA heads share K/V rows, no copies of a shared
+        // prefix per row) and sums each row's softmax without regard to where its padding
+        // sits, so a prompt gets the same numbers alone, in a batch, or read in chunks.
+        if !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
             let (b, h, t, d) = q.dims4()?;
             let s = k.dim(2)?;
             let bias = host_bias(bias)?;
@@ -340,10 +338,12 @@ impl candle_core::CustomOp3 for InferAttention {
                     p[i * s + j] = dot(qr, krow) * self.scale + bj;
                 }
             }
+            // A row's probabilities do not depend on where its padding sits (left of a short
+            // prompt in a batch, between a shared prefix and the prompt): with its products
+            // per row, a row decodes alone and in any batch with the same numbers.
             for pi in p.chunks_mut(s) {
                 let max = pi.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let inv = 1.0 / fedllm_kernels::vexp::exp_sub(pi, max, 1.0);
-                pi.iter_mut().for_each(|x| *x *= inv);
+                fedllm_kernels::vexp::softmax_masked(pi, max);
             }
             let mut o = vec![0f32; r * d];
             for j in 0..s {

@@ -287,8 +287,12 @@ impl Linear {
     /// blocks directly, or dense f32 rows — where the fused residual ops would dequantize or
     /// repack the whole matrix for them.
     fn decodes_blockwise(&self, x: &Tensor) -> Result<bool> {
+        let mut any_rows = false;
         let kind_ok = match &self.weight {
-            Weight::Quant(q) => crate::ops::qmatvec::supported(q.dtype()),
+            Weight::Quant(q) => {
+                any_rows = crate::ops::qmatvec::selected() == crate::ops::qmatvec::Path::Vnni;
+                crate::ops::qmatvec::supported(q.dtype())
+            }
             Weight::Dense(w) => w.dtype() == DType::F32 && !w.track_op() && x.dtype() == DType::F32,
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
@@ -296,7 +300,7 @@ impl Linear {
             && x.device().is_cpu()
             && !x.track_op()
             && !self.in_out
-            && rows <= QMATVEC_MAX_ROWS)
+            && (rows <= QMATVEC_MAX_ROWS || any_rows))
     }
 
     fn base(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
@@ -957,55 +961,60 @@ mod tests {
     use candle_core::Var;
 
     /// Decode rows against block-quantized (and dense f32) weights take the streaming kernels
-    /// in the fused residual products too, with the same values as the dequantized matrix: res + x·Wᵀ and
-    /// res + silu(g)·u·Wᵀ for 1 and 8 rows. Both sides are f32 sums of the same products in
-    /// another order: 1e-4 relative covers k = 256 terms of rounding.
+    /// in the fused residual products too: res + x·Wᵀ and res + silu(g)·u·Wᵀ for 1 and 8 rows,
+    /// on every block-product path. The f32 paths give the dequantized matrix's values (f32
+    /// sums of the same products in another order: 1e-4 relative covers k = 256 terms); the
+    /// VNNI path, whose 8-bit activations are checked in `qmatvec`, gives exactly res plus its
+    /// own product (the same kernel: nothing but the residual add differs).
     #[test]
     fn decode_rows_through_quantized_residual_products() {
+        use crate::ops::qmatvec::{self, Path};
         use candle_core::quantized::{GgmlDType, QTensor};
         let dev = Device::Cpu;
         let w = fedllm_testing::randn(201, 0f32, 1.0, (96, 256), &dev).unwrap();
         for t in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F32] {
             let q = QTensor::quantize(&w, t).unwrap();
             let wd = q.dequantize(&dev).unwrap();
+            let raw = q.data().unwrap().to_vec();
             let weight = match t {
                 GgmlDType::F32 => Weight::Dense(wd.clone()),
                 _ => Weight::Quant(std::sync::Arc::new(q)),
             };
             let lin = Linear::new(weight, None).unwrap();
-            for rows in [1usize, 8] {
+            for (path, rows) in qmatvec::available()
+                .into_iter()
+                .flat_map(|p| [(p, 1), (p, 8)])
+            {
                 let x = fedllm_testing::randn(202, 0f32, 1.0, (rows, 256), &dev).unwrap();
                 let u = fedllm_testing::randn(203, 0f32, 1.0, (rows, 256), &dev).unwrap();
                 let res = fedllm_testing::randn(204, 0f32, 1.0, (rows, 96), &dev).unwrap();
-                let want = (&res + x.matmul(&wd.t().unwrap()).unwrap()).unwrap();
-                let got = lin.forward_residual(&x, &res).unwrap();
-                let scale = 1.0
-                    + want
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                let d = fedllm_testing::max_abs_diff(&got, &want).unwrap();
-                assert!(d <= 1e-4 * scale, "{t:?} rows {rows}: {d}");
+                let own = path == Path::Vnni && t != GgmlDType::F32;
+                let product = |x: &Tensor| -> Tensor {
+                    if own {
+                        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                        let y = qmatvec::with_path(path, || {
+                            qmatvec::matmul(t, &raw, 96, 256, &xv, rows)
+                        });
+                        Tensor::from_vec(y, (rows, 96), &dev).unwrap()
+                    } else {
+                        x.matmul(&wd.t().unwrap()).unwrap()
+                    }
+                };
                 let sw = crate::ops::swiglu(&x, &u).unwrap();
-                let want = (&res + sw.matmul(&wd.t().unwrap()).unwrap()).unwrap();
-                let got = lin.forward_swiglu_residual(&x, &u, &res).unwrap();
-                let d = fedllm_testing::max_abs_diff(&got, &want).unwrap();
-                assert!(
-                    d <= 1e-4
-                        * scale.max(
-                            1.0 + want
-                                .abs()
-                                .unwrap()
-                                .max_all()
-                                .unwrap()
-                                .to_scalar::<f32>()
-                                .unwrap()
-                        ),
-                    "{t:?} swiglu rows {rows}: {d}"
-                );
+                let (got, got_sw) = qmatvec::with_path(path, || {
+                    (
+                        lin.forward_residual(&x, &res).unwrap(),
+                        lin.forward_swiglu_residual(&x, &u, &res).unwrap(),
+                    )
+                });
+                for (got, input, what) in [(got, &x, "x"), (got_sw, &sw, "swiglu")] {
+                    let want = (&res + product(input)).unwrap();
+                    let scale = 1.0
+                        + fedllm_testing::max_abs_diff(&want, &want.zeros_like().unwrap()).unwrap();
+                    let d = fedllm_testing::max_abs_diff(&got, &want).unwrap();
+                    let tol = if own { 0.0 } else { 1e-4 * scale };
+                    assert!(d <= tol, "{path:?} {t:?} {what} rows {rows}: {d}");
+                }
             }
         }
     }

@@ -1,7 +1,12 @@
 //! Decode-time products with GGUF-quantized weights: y[m, n] = x[m, k] · W[n, k]ᵀ for a few
-//! activation rows, reading the Q4_1 / Q8_0 blocks directly (no dequantized copy, activations
-//! kept in f32). candle's own kernels have no SIMD path for Q4_1 and quantize the activations;
-//! this one uses AVX-512 when the CPU has it, a portable loop otherwise, and all cores.
+//! activation rows, reading the Q4_1 / Q8_0 blocks directly (no dequantized copy). Three
+//! paths ([`Path`]): with AVX-512 VNNI the activations are rounded to 8 bits per 32-value
+//! block (as llama.cpp's Q8 activations) and each block is an integer dot product
+//! (`vpdpbusd`); with AVX-512F alone the activations stay f32; a portable loop otherwise. All
+//! run on the decode pool.
+
+use std::cell::Cell;
+use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -19,20 +24,113 @@ pub fn supported(t: GgmlDType) -> bool {
     block(t).is_some()
 }
 
-fn use_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            std::env::var_os("FEDLLM_NO_AVX512").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("f16c")
-        })
+/// The block kernels' code paths, slowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Path {
+    /// Scalar loops, f32 activations: any CPU.
+    Portable,
+    /// AVX-512F FMA on f32 activations.
+    Avx512,
+    /// Activations rounded to int8 per 32-value block, integer block dots with AVX-512 VNNI
+    /// (256-bit `vpdpbusd`), f32 scales and sums.
+    Vnni,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            Path::Avx512 => "avx512",
+            Path::Vnni => "vnni",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    pub fn parse(s: &str) -> Option<Path> {
+        [Path::Portable, Path::Avx512, Path::Vnni]
+            .into_iter()
+            .find(|p| p.name() == s.trim().to_ascii_lowercase())
     }
+
+    /// Whether this CPU runs the path.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c");
+            match self {
+                Path::Portable => true,
+                Path::Avx512 => f,
+                Path::Vnni => {
+                    f && is_x86_feature_detected!("avx512vnni")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512bw")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Path::Portable
+        }
+    }
+}
+
+/// Every path this CPU runs (what the tests iterate over).
+pub fn available() -> Vec<Path> {
+    [Path::Portable, Path::Avx512, Path::Vnni]
+        .into_iter()
+        .filter(|p| p.supported())
+        .collect()
+}
+
+/// `FEDLLM_DECODE`, parsed; Err names the bad value or a path this CPU lacks.
+pub fn env_path() -> Result<Option<Path>, String> {
+    match std::env::var("FEDLLM_DECODE") {
+        Ok(v) if !v.trim().is_empty() => match Path::parse(&v) {
+            Some(p) if p.supported() => Ok(Some(p)),
+            Some(p) => Err(format!(
+                "FEDLLM_DECODE={v:?}: this CPU cannot run {}",
+                p.name()
+            )),
+            None => Err(format!(
+                "FEDLLM_DECODE={v:?} is not one of vnni, avx512, portable"
+            )),
+        },
+        _ => Ok(None),
+    }
+}
+
+thread_local! {
+    static FORCED: Cell<Option<Path>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with this thread's products on `path` (the tests run every path in one process;
+/// the path is chosen on the calling thread, so parallel tests do not interfere).
+pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
+    assert!(path.supported(), "{path:?} is not supported on this CPU");
+    let before = FORCED.with(|c| c.replace(Some(path)));
+    struct Restore(Option<Path>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+/// The path products on this thread take: the forced one, else `FEDLLM_DECODE` (checked up
+/// front by the binary), else AVX-512 f32 where the CPU has it. VNNI is never the default: its
+/// 8-bit activations move SmolLM2's logits by ~1% (0.3 of 35), which flips transformers'
+/// greedy choice where two tokens are that close (one of the 20 golden tokens, past the answer).
+pub fn selected() -> Path {
+    if let Some(p) = FORCED.with(|c| c.get()) {
+        return p;
+    }
+    static S: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    *S.get_or_init(|| match env_path() {
+        Ok(Some(p)) => p,
+        _ if Path::Avx512.supported() => Path::Avx512,
+        _ => Path::Portable,
+    })
 }
 
 fn dot_scalar(t: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
@@ -87,6 +185,7 @@ unsafe fn h2f(bits: u16) -> f32 {
 /// Up to `ROWS` rows of x against one weight row: each block is decoded once for all of
 /// them. `out[j]` = x_j · w.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx512f,f16c")]
 unsafe fn dots_avx512<const M: usize>(
     t: GgmlDType,
@@ -99,56 +198,31 @@ unsafe fn dots_avx512<const M: usize>(
     use std::arch::x86_64::*;
     let m = out.len().min(M);
     let nb = k / 32;
-    // Two vector accumulators per row, alternating by block: at batch 1 a single one makes
-    // every block wait on the previous block's FMA latency. Every batch size sums a row the
-    // same way, so a row comes out bit for bit the same whatever the batch (continuous
-    // batching relies on it).
-    // M bounds the rows (`out.len()`); at M = 1 the accumulators stay in registers (a
-    // runtime count spills them, which at batch 1 cost a sixth of the step).
+    let (x, xsum) = (x.as_ptr(), xsum.as_ptr());
+    // Two vector accumulators per row, even blocks into one and odd into the other: at batch
+    // 1 a single one makes every block wait on the previous block's FMA latency. Every batch
+    // size sums a row the same way, so a row comes out bit for bit the same whatever the batch
+    // (continuous batching relies on it). Blocks go in pairs so that each accumulator is named
+    // statically: M bounds the rows, and the accumulators stay in registers (indexed by a
+    // runtime value they spill to the stack, a load and a store per FMA).
     let mut acc = [[_mm512_setzero_ps(); M]; 2];
     let mut off = [[0f32; M]; 2];
+    let [acc0, acc1] = &mut acc;
+    let [off0, off1] = &mut off;
     match t {
         GgmlDType::Q4_1 => {
-            let mask = _mm512_set1_epi32(0x0F);
-            for b in 0..nb {
-                let blk = row.as_ptr().add(b * 20);
-                // d and m converted together (one F16C conversion), the 16 bytes widened once
-                // (one shuffle) and split into low and high nibbles in 32-bit lanes.
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
-                let dv = _mm512_broadcastss_ps(dm);
-                let mn = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
-                let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), dv);
-                let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), dv);
-                let (acc, off) = (&mut acc[b & 1], &mut off[b & 1]);
-                for (j, (aj, oj)) in acc.iter_mut().zip(off.iter_mut()).enumerate().take(m) {
-                    let xp = x.as_ptr().add(j * k + b * 32);
-                    let a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), *aj);
-                    *aj = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), a);
-                    *oj += mn * xsum[j * nb + b];
+            for b in (0..nb).step_by(2) {
+                q4_1_f32::<M>(row, x, xsum, k, b, m, acc0, off0);
+                if b + 1 < nb {
+                    q4_1_f32::<M>(row, x, xsum, k, b + 1, m, acc1, off1);
                 }
             }
         }
         GgmlDType::Q8_0 => {
-            for b in 0..nb {
-                let blk = row.as_ptr().add(b * 34);
-                let dv = _mm512_set1_ps(h2f(u16::from_le_bytes([*blk, *blk.add(1)])));
-                let f0 = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        blk.add(2) as *const __m128i
-                    ))),
-                    dv,
-                );
-                let f1 = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        blk.add(18) as *const __m128i
-                    ))),
-                    dv,
-                );
-                for (j, aj) in acc[b & 1].iter_mut().enumerate().take(m) {
-                    let xp = x.as_ptr().add(j * k + b * 32);
-                    let a = _mm512_fmadd_ps(f0, _mm512_loadu_ps(xp), *aj);
-                    *aj = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xp.add(16)), a);
+            for b in (0..nb).step_by(2) {
+                q8_0_f32::<M>(row, x, k, b, m, acc0);
+                if b + 1 < nb {
+                    q8_0_f32::<M>(row, x, k, b + 1, m, acc1);
                 }
             }
         }
@@ -156,6 +230,70 @@ unsafe fn dots_avx512<const M: usize>(
     }
     for (j, o) in out.iter_mut().enumerate() {
         *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][j], acc[1][j])) + (off[0][j] + off[1][j]);
+    }
+}
+
+/// Block `b` of a Q4_1 row against `m` f32 rows of x (row stride k), into `acc` and `off`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_1_f32<const M: usize>(
+    row: &[u8],
+    x: *const f32,
+    xsum: *const f32,
+    k: usize,
+    b: usize,
+    m: usize,
+    acc: &mut [std::arch::x86_64::__m512; M],
+    off: &mut [f32; M],
+) {
+    use std::arch::x86_64::*;
+    let nb = k / 32;
+    let blk = row.as_ptr().add(b * 20);
+    // d and m converted together (one F16C conversion), the 16 bytes widened once (one
+    // shuffle) and split into low and high nibbles in 32-bit lanes.
+    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+    let dv = _mm512_broadcastss_ps(dm);
+    let mn = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+    let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
+    let mask = _mm512_set1_epi32(0x0F);
+    let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), dv);
+    let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), dv);
+    #[allow(clippy::needless_range_loop)] // j also strides the activation pointers
+    for j in 0..M.min(m) {
+        let xp = x.add(j * k + b * 32);
+        let a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[j]);
+        acc[j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), a);
+        off[j] += mn * *xsum.add(j * nb + b);
+    }
+}
+
+/// Block `b` of a Q8_0 row against `m` f32 rows of x, into `acc`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn q8_0_f32<const M: usize>(
+    row: &[u8],
+    x: *const f32,
+    k: usize,
+    b: usize,
+    m: usize,
+    acc: &mut [std::arch::x86_64::__m512; M],
+) {
+    use std::arch::x86_64::*;
+    let blk = row.as_ptr().add(b * 34);
+    let dv = _mm512_set1_ps(h2f(u16::from_le_bytes([*blk, *blk.add(1)])));
+    let wide = |at: usize| {
+        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(at) as *const __m128i));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), dv)
+    };
+    let (f0, f1) = (wide(2), wide(18));
+    #[allow(clippy::needless_range_loop)] // j also strides the activation pointers
+    for j in 0..M.min(m) {
+        let xp = x.add(j * k + b * 32);
+        let a = _mm512_fmadd_ps(f0, _mm512_loadu_ps(xp), acc[j]);
+        acc[j] = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xp.add(16)), a);
     }
 }
 
@@ -184,24 +322,26 @@ unsafe fn dense_dots_avx512(row: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
 /// over W (a GEMM would repack all of W for a handful of rows).
 pub fn dense_matmul(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert!(w.len() == n * k && x.len() == m * k);
-    let avx = use_avx512();
-    rows_in_parallel(n, m, &|r, o| {
-        let row = &w[r * k..(r + 1) * k];
-        for (g, og) in o.chunks_mut(ROWS).enumerate() {
-            let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
-            if avx {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
-                unsafe {
-                    dense_dots_avx512(row, xs, k, og)
-                }
-            } else {
-                for (j, oj) in og.iter_mut().enumerate() {
-                    *oj = row
-                        .iter()
-                        .zip(&xs[j * k..(j + 1) * k])
-                        .map(|(a, b)| a * b)
-                        .sum();
+    let avx = selected() >= Path::Avx512;
+    rows_in_parallel(n, m, &|rs, o| {
+        for (i, r) in rs.enumerate() {
+            let row = &w[r * k..(r + 1) * k];
+            for (g, og) in o[i * m..(i + 1) * m].chunks_mut(ROWS).enumerate() {
+                let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
+                if avx {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
+                    unsafe {
+                        dense_dots_avx512(row, xs, k, og)
+                    }
+                } else {
+                    for (j, oj) in og.iter_mut().enumerate() {
+                        *oj = row
+                            .iter()
+                            .zip(&xs[j * k..(j + 1) * k])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                    }
                 }
             }
         }
@@ -222,19 +362,21 @@ impl Out {
     }
 }
 
-/// y [m, n] where `row(r, out)` fills `out[j]` = x_j · W_r: weight rows in chunks across the
-/// decode pool, then transposed.
-fn rows_in_parallel(n: usize, m: usize, row: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Vec<f32> {
+/// y [m, n] where `rows(rs, out)` fills `out[i·m + j]` = x_j · W_(rs.start + i): weight rows
+/// in chunks across the decode pool, then transposed.
+fn rows_in_parallel(
+    n: usize,
+    m: usize,
+    rows: &(dyn Fn(Range<usize>, &mut [f32]) + Sync),
+) -> Vec<f32> {
     let pool = fedllm_kernels::pool::global();
     let chunk = n.div_ceil(4 * pool.threads()).max(16);
     let mut yt = vec![0f32; n * m]; // [n, m]: each weight row is read once for all m rows
     let out = Out(yt.as_mut_ptr());
     pool.for_chunks(n, chunk, &|rs| {
-        for r in rs {
-            // SAFETY: row r's m outputs lie inside yt and belong to this chunk alone.
-            let o = unsafe { out.slice(r * m, m) };
-            row(r, o);
-        }
+        // SAFETY: the chunk's rows' outputs lie inside yt and belong to this chunk alone.
+        let o = unsafe { out.slice(rs.start * m, rs.len() * m) };
+        rows(rs, o);
     });
     transpose(yt, n, m)
 }
@@ -259,31 +401,291 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     let (be, bb) = block(t).expect("supported type");
     assert!(k.is_multiple_of(be) && w.len() == n * k / be * bb && x.len() == m * k);
     let row_bytes = k / be * bb;
-    let avx = use_avx512();
+    let path = selected();
     let xsum = block_sums(x);
-    rows_in_parallel(n, m, &|r, o| {
-        let row = &w[r * row_bytes..(r + 1) * row_bytes];
-        for (g, og) in o.chunks_mut(ROWS).enumerate() {
-            let j0 = g * ROWS;
-            let xs = &x[j0 * k..(j0 + og.len()) * k];
-            if avx {
+    let q8 = (path == Path::Vnni).then(|| Q8Rows::new(x, true));
+    let nb = k / 32;
+    rows_in_parallel(n, m, &|rs, o| {
+        for j0 in (0..m).step_by(ROWS) {
+            let g = Group {
+                j0,
+                rows: (m - j0).min(ROWS),
+                stride: m,
+            };
+            let sums = &xsum[j0 * nb..];
+            match (path, &q8) {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F was detected at run time; the slices cover whole blocks.
-                unsafe {
-                    let sums = &xsum[j0 * (k / 32)..];
-                    if og.len() == 1 {
-                        dots_avx512::<1>(t, row, xs, sums, k, og)
+                // SAFETY: VNNI, AVX-512 BW/VL and F16C were detected (`Path::supported`); the
+                // slices cover whole blocks of these rows.
+                (Path::Vnni, Some(q8)) => unsafe {
+                    let a = q8.rows(j0, k);
+                    if g.rows == 1 {
+                        rows_vnni::<1>(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
                     } else {
-                        dots_avx512::<ROWS>(t, row, xs, sums, k, og)
+                        rows_vnni::<ROWS>(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
                     }
-                }
-            } else {
-                for (j, oj) in og.iter_mut().enumerate() {
-                    *oj = dot_scalar(t, row, &xs[j * k..(j + 1) * k]);
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F and F16C were detected; the slices cover whole blocks.
+                (Path::Avx512, _) => unsafe {
+                    let xs = &x[j0 * k..];
+                    if g.rows == 1 {
+                        rows_avx512::<1>(t, w, row_bytes, rs.clone(), xs, sums, k, o, g)
+                    } else {
+                        rows_avx512::<ROWS>(t, w, row_bytes, rs.clone(), xs, sums, k, o, g)
+                    }
+                },
+                _ => {
+                    for (i, r) in rs.clone().enumerate() {
+                        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+                        for j in 0..g.rows {
+                            let xj = &x[(j0 + j) * k..(j0 + j + 1) * k];
+                            o[i * m + j0 + j] = dot_scalar(t, row, xj);
+                        }
+                    }
                 }
             }
         }
     })
+}
+
+/// Which activation rows a kernel call serves: `rows` from `j0`, in outputs of `stride`
+/// values per weight row.
+#[derive(Clone, Copy)]
+struct Group {
+    j0: usize,
+    rows: usize,
+    stride: usize,
+}
+
+impl Group {
+    fn out<'a>(&self, o: &'a mut [f32], i: usize) -> &'a mut [f32] {
+        &mut o[i * self.stride + self.j0..i * self.stride + self.j0 + self.rows]
+    }
+}
+
+/// [`dots_vnni`] over the weight rows `rs` (the loop inside the target-feature function, so
+/// the kernel inlines: a call per row of 18 blocks cost a third of the product).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_vnni<const M: usize>(
+    t: GgmlDType,
+    w: &[u8],
+    row_bytes: usize,
+    rs: Range<usize>,
+    a: Q8View,
+    sums: &[f32],
+    k: usize,
+    o: &mut [f32],
+    g: Group,
+) {
+    for (i, r) in rs.enumerate() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        dots_vnni::<M>(t, row, a, sums, k, g.out(o, i));
+    }
+}
+
+/// [`dots_avx512`] over the weight rows `rs`, as [`rows_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_avx512<const M: usize>(
+    t: GgmlDType,
+    w: &[u8],
+    row_bytes: usize,
+    rs: Range<usize>,
+    x: &[f32],
+    sums: &[f32],
+    k: usize,
+    o: &mut [f32],
+    g: Group,
+) {
+    for (i, r) in rs.enumerate() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        dots_avx512::<M>(t, row, x, sums, k, g.out(o, i));
+    }
+}
+
+/// Rows of x rounded to int8 per 32-value block, as the VNNI path multiplies them: scale
+/// d = max|x|/127, q = round-half-even(x/d) (llama.cpp's Q8 activations).
+struct Q8Rows {
+    q: Vec<i8>,
+    /// [rows, blocks]: d.
+    d: Vec<f32>,
+    /// [rows, blocks]: d·Σq, Q8_0 weights' offset correction.
+    dq: Vec<f32>,
+}
+
+/// A window of [`Q8Rows`] starting at one row.
+#[derive(Clone, Copy)]
+struct Q8View<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    dq: &'a [f32],
+}
+
+impl Q8Rows {
+    /// `simd` picks the AVX-512 rounding loop where the CPU has it; both give the same bytes.
+    fn new(x: &[f32], simd: bool) -> Q8Rows {
+        let nb = x.len() / 32;
+        let mut r = Q8Rows {
+            q: vec![0; x.len()],
+            d: vec![0.0; nb],
+            dq: vec![0.0; nb],
+        };
+        let simd = simd && Path::Avx512.supported();
+        for (b, (xs, qs)) in x.chunks_exact(32).zip(r.q.chunks_exact_mut(32)).enumerate() {
+            let (d, sq) = if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F was detected; both blocks hold 32 values.
+                unsafe {
+                    round_block_avx512(xs, qs)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!()
+            } else {
+                round_block(xs, qs)
+            };
+            r.d[b] = d;
+            r.dq[b] = d * sq as f32;
+        }
+        r
+    }
+
+    fn rows(&self, j0: usize, k: usize) -> Q8View<'_> {
+        Q8View {
+            q: &self.q[j0 * k..],
+            d: &self.d[j0 * k / 32..],
+            dq: &self.dq[j0 * k / 32..],
+        }
+    }
+}
+
+/// One block to int8: (d, Σq).
+fn round_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0;
+    for (q, v) in q.iter_mut().zip(x) {
+        let r = (v * id).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (d, sum)
+}
+
+/// [`round_block`] on 512-bit registers (same operations, same bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    let v0 = _mm512_loadu_ps(x.as_ptr());
+    let v1 = _mm512_loadu_ps(x.as_ptr().add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let i0 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v0, id));
+    let i1 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v1, id));
+    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(
+        q.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtepi32_epi8(i1),
+    );
+    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)))
+}
+
+/// Σ of a 256-bit register's eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Up to `ROWS` int8 rows against one weight row, a block's integer dot at a time: Q4_1's
+/// nibbles are unsigned and multiply the signed activations directly; Q8_0's bytes are made
+/// unsigned by +128 and the 128·Σq this adds is taken off through `dq`. Each block's integer
+/// dot is exact; its scale and the sums are f32, summed as in [`dots_avx512`] (even and odd
+/// blocks apart, the same order at any batch size).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni,f16c")]
+unsafe fn dots_vnni<const M: usize>(
+    t: GgmlDType,
+    row: &[u8],
+    a: Q8View,
+    xsum: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let m = out.len().min(M);
+    let nb = k / 32;
+    let mut acc = [[_mm256_setzero_ps(); M]; 2];
+    let mut off = [[0f32; M]; 2];
+    let [acc0, acc1] = &mut acc;
+    let [off0, off1] = &mut off;
+    let q4 = t == GgmlDType::Q4_1;
+    assert!(q4 || t == GgmlDType::Q8_0, "unsupported type");
+    // Q4_1's offset m·Σx per block, Q8_0's -128·d·(d_x·Σq).
+    let sums = if q4 { xsum.as_ptr() } else { a.dq.as_ptr() };
+    for b in (0..nb).step_by(2) {
+        block_vnni::<M>(q4, row, a, sums, k, b, m, acc0, off0);
+        if b + 1 < nb {
+            block_vnni::<M>(q4, row, a, sums, k, b + 1, m, acc1, off1);
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = hsum256(_mm256_add_ps(acc[0][j], acc[1][j])) + (off[0][j] + off[1][j]);
+    }
+}
+
+/// Block `b` of a Q4_1 (`q4`) or Q8_0 row against `m` int8 rows, into `acc` and `off`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512vnni,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_vnni<const M: usize>(
+    q4: bool,
+    row: &[u8],
+    a: Q8View,
+    sums: *const f32,
+    k: usize,
+    b: usize,
+    m: usize,
+    acc: &mut [std::arch::x86_64::__m256; M],
+    off: &mut [f32; M],
+) {
+    use std::arch::x86_64::*;
+    let nb = k / 32;
+    let (w, dw, ow) = if q4 {
+        let blk = row.as_ptr().add(b * 20);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+        // Byte i holds value i (low nibble) and value i + 16 (high nibble).
+        let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+        let w = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
+        let w = _mm256_and_si256(w, _mm256_set1_epi8(0x0F));
+        (w, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+    } else {
+        let blk = row.as_ptr().add(b * 34);
+        let dw = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
+        let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        (_mm256_xor_si256(w, _mm256_set1_epi8(-128)), dw, -128.0 * dw)
+    };
+    let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
+    #[allow(clippy::needless_range_loop)] // j also strides the activation pointers
+    for j in 0..M.min(m) {
+        let qa = _mm256_loadu_si256(q.add(j * k + b * 32) as *const __m256i);
+        let dot = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, qa));
+        acc[j] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * *d.add(j * nb + b)), acc[j]);
+        off[j] += ow * *sums.add(j * nb + b);
+    }
 }
 
 #[cfg(test)]
@@ -317,76 +719,129 @@ mod tests {
         }
     }
 
-    /// A row's products are bit for bit the same alone and inside a batch of any size, so a
-    /// request decodes the same tokens whoever shares its batch (continuous batching).
+    /// A row's products are bit for bit the same alone and inside a batch of any size, on
+    /// every path, so a request decodes the same tokens whoever shares its batch (continuous
+    /// batching) and however many rows a prompt read has.
     #[test]
     fn a_rows_result_does_not_depend_on_the_batch() {
+        for p in available() {
+            with_path(p, || rows_alone_and_batched(p));
+        }
+    }
+
+    fn rows_alone_and_batched(p: Path) {
         let dev = Device::Cpu;
         for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (n, k) = (24, 96);
             let w = fedllm_testing::randn(311, 0f32, 1.0, (n, k), &dev).unwrap();
             let raw = QTensor::quantize(&w, t).unwrap().data().unwrap().to_vec();
-            let x: Vec<f32> = fedllm_testing::randn(312, 0f32, 1.0, (11, k), &dev)
+            let x: Vec<f32> = fedllm_testing::randn(312, 0f32, 1.0, (20, k), &dev)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            for m in 1..=11 {
+            for m in [1, 2, 7, 8, 9, 11, 20] {
                 let batch = matmul(t, &raw, n, k, &x[..m * k], m);
                 for j in 0..m {
                     let alone = matmul(t, &raw, n, k, &x[j * k..(j + 1) * k], 1);
                     assert_eq!(
                         &batch[j * n..(j + 1) * n],
                         &alone[..],
-                        "{t:?} m={m} row {j}"
+                        "{p:?} {t:?} m={m} row {j}"
                     );
                 }
             }
         }
     }
 
+    /// Every path against the dequantized product (candle's own dequantization and matmul).
+    /// The f32 paths differ only in summation order: 1e-3 relative. The VNNI path multiplies
+    /// x rounded as llama.cpp rounds Q8 activations (per 32 values d = max|x|/127, q =
+    /// round-half-even(x·(1/d)) in f32), and the exact Σx for Q4_1's offset: that product,
+    /// computed here in f64 from the dequantized weights (Q4_1's m is each block's minimum),
+    /// within f32 summation slack; and within the rounding bound Σ d/2·Σ|w − m| of the exact
+    /// product. Truncating, or rounding with another scale, misses the first by O(d).
     #[test]
-    fn matches_dequantized_matmul_on_both_paths() {
+    fn every_path_matches_the_dequantized_product() {
         let dev = Device::Cpu;
-        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for (n, k, m) in [(37, 64, 1), (5, 96, 3), (130, 32, 8), (20, 64, 11)] {
-                let w = fedllm_testing::randn(301, 0f32, 1.0, (n, k), &dev).unwrap();
-                let q = QTensor::quantize(&w, t).unwrap();
-                let wd = q.dequantize(&dev).unwrap();
-                let x = fedllm_testing::randn(302, 0f32, 1.0, (m, k), &dev).unwrap();
-                let want: Vec<f32> = x
-                    .matmul(&wd.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let raw = q.data().unwrap();
-                let got = matmul(t, &raw, n, k, &xv, m);
-                let row_bytes = raw.len() / n;
-                let scalar: Vec<f32> = (0..m)
-                    .flat_map(|j| (0..n).map(move |r| (j, r)))
-                    .map(|(j, r)| {
-                        dot_scalar(
-                            t,
-                            &raw[r * row_bytes..(r + 1) * row_bytes],
-                            &xv[j * k..(j + 1) * k],
-                        )
-                    })
-                    .collect();
-                for ((a, b), c) in got.iter().zip(&want).zip(&scalar) {
-                    assert!(
-                        (a - b).abs() < 1e-3 * (1.0 + b.abs()),
-                        "{t:?} {n}x{k} m={m}: {a} vs {b}"
-                    );
-                    assert!(
-                        (c - b).abs() < 1e-3 * (1.0 + b.abs()),
-                        "{t:?} scalar: {c} vs {b}"
-                    );
+        for p in available() {
+            for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                for (n, k, m) in [(37, 64, 1), (5, 96, 3), (130, 32, 8), (20, 64, 11)] {
+                    let w = fedllm_testing::randn(301, 0f32, 1.0, (n, k), &dev).unwrap();
+                    let q = QTensor::quantize(&w, t).unwrap();
+                    let wd: Vec<f32> = q
+                        .dequantize(&dev)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let x = fedllm_testing::randn(302, 0f32, 1.0, (m, k), &dev).unwrap();
+                    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                    let raw = q.data().unwrap();
+                    let got = with_path(p, || matmul(t, &raw, n, k, &xv, m));
+                    for (j, r) in (0..m).flat_map(|j| (0..n).map(move |r| (j, r))) {
+                        let (wr, xj) = (&wd[r * k..(r + 1) * k], &xv[j * k..(j + 1) * k]);
+                        let want: f64 = wr.iter().zip(xj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let size: f64 = wr.iter().zip(xj).map(|(a, b)| (a * b).abs() as f64).sum();
+                        let y = got[j * n + r] as f64;
+                        if p != Path::Vnni {
+                            let e = (y - want).abs();
+                            assert!(e <= 1e-3 * (1.0 + want.abs()), "{p:?} {t:?} [{j},{r}]: {e}");
+                            continue;
+                        }
+                        let (mut int8, mut rounding) = (0f64, 0f64);
+                        for (wb, xb) in wr.chunks(32).zip(xj.chunks(32)) {
+                            let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                            let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                            let min = wb.iter().fold(f32::MAX, |a, v| a.min(*v));
+                            let mb = if t == GgmlDType::Q4_1 {
+                                min as f64
+                            } else {
+                                0.0
+                            };
+                            for (w, x) in wb.iter().zip(xb) {
+                                let xq = d as f64 * (x * id).round_ties_even() as f64;
+                                int8 += (*w as f64 - mb) * xq + mb * *x as f64;
+                                rounding += d as f64 * 0.5 * (*w as f64 - mb).abs();
+                            }
+                        }
+                        let slack = 1e-5 * (1.0 + size);
+                        let e = (y - int8).abs();
+                        assert!(e <= slack, "{t:?} {n}x{k} m={m} [{j},{r}]: {e} from int8");
+                        let e = (y - want).abs();
+                        assert!(e <= rounding * (1.0 + 1e-6) + slack, "{t:?} [{j},{r}]: {e}");
+                    }
                 }
             }
         }
+    }
+
+    /// The AVX-512 rounding of activations gives the scalar loop's bytes and scales (the
+    /// kernels' exactness rests on both paths quantizing alike), zero blocks included.
+    #[test]
+    fn activation_rounding_is_the_same_with_and_without_simd() {
+        if !Path::Avx512.supported() {
+            eprintln!("note: no AVX-512 here, the SIMD rounding is not exercised");
+            return;
+        }
+        let dev = Device::Cpu;
+        let mut x: Vec<f32> = fedllm_testing::randn(303, 0f32, 3.0, (4, 96), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        x[32..64].fill(0.0);
+        let (a, b) = (Q8Rows::new(&x, true), Q8Rows::new(&x, false));
+        assert_eq!((&a.q, &a.d, &a.dq), (&b.q, &b.d, &b.dq));
+        assert_eq!((a.d[1], a.dq[1]), (0.0, 0.0));
+        // By hand: a block of 0..31 has d = 31/127 and q = round(v·127/31): 1 → 4 (4.10),
+        // 8 → 33 (32.77, where truncation gives 32).
+        let ramp: Vec<f32> = (0..32).map(|v| v as f32).collect();
+        let r = Q8Rows::new(&ramp, true);
+        assert_eq!(r.d[0], 31.0 / 127.0);
+        assert_eq!((r.q[1], r.q[8], r.q[31]), (4, 33, 127));
     }
 }
