@@ -169,6 +169,61 @@ impl<'a> View<'a> {
         }
     }
 
+    /// `p[i·s + j] = (q_i · k_j)·scale + bias_j` for the queries `qs` against rows j < s of
+    /// (i0, i1), on AVX-512 for f32 or f16 rows of whole 16-lane vectors: the same sums as
+    /// `dot` (one accumulator, 16 lanes, then reduced), without a call per row. False when
+    /// this path does not apply (the caller loops over `dot`).
+    #[allow(unused_variables)]
+    fn scores(
+        &self,
+        (i0, i1): (usize, usize),
+        qs: &[Vec<f32>],
+        scale: f32,
+        bias: Option<&[f32]>,
+        p: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if f16c() && qs[0].len().is_multiple_of(16) {
+            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1];
+            let st = self.stride[2];
+            // SAFETY: AVX-512F and F16C were detected; rows j < s of d values lie at
+            // at + j·st inside the storage (the layout the op was given).
+            match self.data {
+                Data::F32(v) => unsafe {
+                    scores_avx512::<false>(v[at..].as_ptr().cast(), st, qs, scale, bias, p)
+                },
+                Data::F16(v) => unsafe {
+                    scores_avx512::<true>(v[at..].as_ptr().cast(), st, qs, scale, bias, p)
+                },
+                Data::Bf16(_) => return false,
+            }
+            return true;
+        }
+        false
+    }
+
+    /// `o_i += p[i·s + j] · v_j` for the r = `o.len() / d` outputs over rows j < s of (i0, i1)
+    /// in order, skipping zero weights, with the fused multiply-adds of the `axpy` loop, on
+    /// AVX-512; false as `scores`.
+    #[allow(unused_variables)]
+    fn mix(&self, (i0, i1): (usize, usize), d: usize, p: &[f32], o: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if f16c() && d.is_multiple_of(16) {
+            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1];
+            let st = self.stride[2];
+            // SAFETY: as in `scores`.
+            match self.data {
+                Data::F32(v) => unsafe {
+                    mix_avx512::<false>(v[at..].as_ptr().cast(), st, d, p, o)
+                },
+                Data::F16(v) => unsafe { mix_avx512::<true>(v[at..].as_ptr().cast(), st, d, p, o) },
+                Data::Bf16(_) => return false,
+            }
+            return true;
+        }
+        false
+    }
+
     /// Row (i0, i1, i2) of length `n`, widened into `out`.
     fn row(&self, i0: usize, i1: usize, i2: usize, out: &mut [f32]) {
         let at = self.start + i0 * self.stride[0] + i1 * self.stride[1] + i2 * self.stride[2];
@@ -296,6 +351,83 @@ unsafe fn axpy_avx512(w: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// 16 values of a cache row at `row + c·16`, f16 (`H`) or f32, as f32.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn load16<const H: bool>(row: *const u8, c: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if H {
+        _mm512_cvtph_ps(_mm256_loadu_si256(row.add(c * 32) as *const __m256i))
+    } else {
+        _mm512_loadu_ps((row as *const f32).add(c * 16))
+    }
+}
+
+/// See `View::scores`: rows start at `base` and are `stride` elements apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn scores_avx512<const H: bool>(
+    base: *const u8,
+    stride: usize,
+    qs: &[Vec<f32>],
+    scale: f32,
+    bias: Option<&[f32]>,
+    p: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, s) = (qs[0].len(), p.len() / qs.len());
+    let bytes = if H { 2 } else { 4 };
+    for j in 0..s {
+        let row = base.add(j * stride * bytes);
+        let bj = bias.map_or(0.0, |b| b[j]);
+        for (i, q) in qs.iter().enumerate() {
+            let mut acc = _mm512_setzero_ps();
+            for c in 0..d / 16 {
+                acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(q.as_ptr().add(c * 16)),
+                    load16::<H>(row, c),
+                    acc,
+                );
+            }
+            p[i * s + j] = _mm512_reduce_add_ps(acc) * scale + bj;
+        }
+    }
+}
+
+/// See `View::mix`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn mix_avx512<const H: bool>(
+    base: *const u8,
+    stride: usize,
+    d: usize,
+    p: &[f32],
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let r = o.len() / d;
+    let s = p.len() / r;
+    let bytes = if H { 2 } else { 4 };
+    for j in 0..s {
+        let row = base.add(j * stride * bytes);
+        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
+            let w = p[i * s + j];
+            if w == 0.0 {
+                continue;
+            }
+            let wv = _mm512_set1_ps(w);
+            for c in 0..d / 16 {
+                let y = oi.as_mut_ptr().add(c * 16);
+                _mm512_storeu_ps(
+                    y,
+                    _mm512_fmadd_ps(wv, load16::<H>(row, c), _mm512_loadu_ps(y)),
+                );
+            }
+        }
+    }
+}
+
 impl candle_core::CustomOp3 for InferAttention {
     fn name(&self) -> &'static str {
         "infer-attention"
@@ -331,11 +463,13 @@ impl candle_core::CustomOp3 for InferAttention {
                 .bias
                 .as_ref()
                 .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
-            for j in 0..s {
-                let bj = bias.map_or(0.0, |b| b[j]);
-                let krow = k.row_ref(bi, kv, j, &mut kr);
-                for (i, qr) in qs.iter().enumerate() {
-                    p[i * s + j] = dot(qr, krow) * self.scale + bj;
+            if !k.scores((bi, kv), &qs, self.scale, bias, &mut p) {
+                for j in 0..s {
+                    let bj = bias.map_or(0.0, |b| b[j]);
+                    let krow = k.row_ref(bi, kv, j, &mut kr);
+                    for (i, qr) in qs.iter().enumerate() {
+                        p[i * s + j] = dot(qr, krow) * self.scale + bj;
+                    }
                 }
             }
             // A row's probabilities do not depend on where its padding sits (left of a short
@@ -346,12 +480,14 @@ impl candle_core::CustomOp3 for InferAttention {
                 fedllm_kernels::vexp::softmax_masked(pi, max);
             }
             let mut o = vec![0f32; r * d];
-            for j in 0..s {
-                let vrow = v.row_ref(bi, kv, j, &mut kr);
-                for (i, oi) in o.chunks_mut(d).enumerate() {
-                    let w = p[i * s + j];
-                    if w != 0.0 {
-                        axpy(w, vrow, oi);
+            if !v.mix((bi, kv), d, &p, &mut o) {
+                for j in 0..s {
+                    let vrow = v.row_ref(bi, kv, j, &mut kr);
+                    for (i, oi) in o.chunks_mut(d).enumerate() {
+                        let w = p[i * s + j];
+                        if w != 0.0 {
+                            axpy(w, vrow, oi);
+                        }
                     }
                 }
             }
@@ -677,6 +813,63 @@ mod tests {
                 .unwrap();
                 assert!(e < 1e-5, "gradient {e}");
             }
+        }
+    }
+
+    /// The row loops over a whole cache block (`View::scores`, `View::mix`) give the bits of
+    /// the per-row `dot` and `axpy` calls they replace, from f32 and from f16 storage, with
+    /// zero weights skipped (evaluation's scores rest on decoding exactly as before).
+    #[test]
+    fn cache_block_loops_equal_the_row_calls() {
+        let (s, d, r) = (37, 64, 3);
+        let vals: Vec<f32> = (0..s * d)
+            .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+            .collect();
+        let halves: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let qs: Vec<Vec<f32>> = (0..r)
+            .map(|i| {
+                (0..d)
+                    .map(|c| ((i * 31 + c * 17) % 29) as f32 / 14.0 - 1.0)
+                    .collect()
+            })
+            .collect();
+        let bias: Vec<f32> = (0..s)
+            .map(|j| if j % 5 == 0 { -1e30 } else { 0.1 * j as f32 })
+            .collect();
+        let layout = candle_core::Layout::contiguous((1, 1, s, d));
+        for st in [
+            candle_core::CpuStorage::F32(vals.clone()),
+            candle_core::CpuStorage::F16(halves),
+        ] {
+            let view = View::new(&st, &layout).unwrap();
+            let mut fast = vec![0f32; r * s];
+            if !view.scores((0, 0), &qs, 0.125, Some(&bias), &mut fast) {
+                eprintln!("note: no AVX-512 here, the block loops are not exercised");
+                return;
+            }
+            let mut row = vec![0f32; d];
+            let mut slow = vec![0f32; r * s];
+            for j in 0..s {
+                let k = view.row_ref(0, 0, j, &mut row).to_vec();
+                for (i, q) in qs.iter().enumerate() {
+                    slow[i * s + j] = dot(q, &k) * 0.125 + bias[j];
+                }
+            }
+            assert_eq!(fast, slow);
+            let p: Vec<f32> = (0..r * s)
+                .map(|i| if i % 4 == 0 { 0.0 } else { i as f32 / 97.0 })
+                .collect();
+            let (mut fo, mut so) = (vec![0f32; r * d], vec![0f32; r * d]);
+            assert!(view.mix((0, 0), d, &p, &mut fo));
+            for j in 0..s {
+                let v = view.row_ref(0, 0, j, &mut row).to_vec();
+                for (i, oi) in so.chunks_mut(d).enumerate() {
+                    if p[i * s + j] != 0.0 {
+                        axpy(p[i * s + j], &v, oi);
+                    }
+                }
+            }
+            assert_eq!(fo, so);
         }
     }
 
