@@ -111,3 +111,41 @@ fn continuous_batching_refuses_sampling() {
         generate_continuous(&m, None, None, &prompts(), &cfg, 2, &mut |_, _| Ok(())).unwrap_err();
     assert!(e.to_string().contains("greedily"), "{e}");
 }
+
+/// On the VNNI path (when the CPU has it) a row's logits are bit for bit the same alone and
+/// in a batch, for prompts longer than a decoding step's few tokens (read with the
+/// inference attention, whatever their padding) and for the decode steps after them.
+#[test]
+fn vnni_rows_have_the_same_logits_alone_and_batched() {
+    use fedllm_model::qmatvec::{self, Path};
+    use fedllm_model::Running;
+    if !Path::Vnni.supported() {
+        eprintln!("note: no AVX-512 VNNI here, the batch-exact path is not exercised");
+        return;
+    }
+    let path = fedllm_testing::smollm2().expect("SmolLM2 GGUF");
+    let m = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
+    let ps: Vec<Vec<u32>> = vec![
+        (0..40).map(|i| 1000 + 37 * i).collect(),
+        vec![1250],
+        (0..23).map(|i| 3000 + 11 * i).collect(),
+    ];
+    qmatvec::with_path(Path::Vnni, || {
+        let mut all = Running::new(&m, None, 4);
+        let first = all.join(&ps).unwrap();
+        let next = all.step(vec![5, 6, 7]).unwrap();
+        for (i, p) in ps.iter().enumerate() {
+            let mut one = Running::new(&m, None, 4);
+            assert_eq!(
+                one.join(std::slice::from_ref(p)).unwrap()[0],
+                first[i],
+                "prompt {i}"
+            );
+            assert_eq!(
+                one.step(vec![5 + i as u32]).unwrap()[0],
+                next[i],
+                "step {i}"
+            );
+        }
+    });
+}

@@ -69,14 +69,21 @@ pub fn gqa_attention(
 ) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::Attention, || {
         let tracked = q.track_op() || k.track_op() || v.track_op();
-        // Inference reads the cache in place (GQA heads share K/V rows, no copies of a shared
-        // prefix per row) and sums each row's softmax without regard to where its padding
-        // sits, so a prompt gets the same numbers alone, in a batch, or read in chunks.
-        if !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
+        // Decoding steps (few new tokens), and prompts of a batch (each row with its own
+        // copy of a shared prefix: repeating K/V per query head and batched matmuls would copy
+        // all of it for every chunk; measured 2x slower for 8 prompts after a 750-token
+        // prefix). One long prompt is better served by matmuls — except on the VNNI decode
+        // path, which promises a row the same numbers alone and in any batch: there every
+        // prompt takes this kernel, whose softmax then ignores where padding sits. (The f32
+        // paths keep the numbers they had, which evaluation's scores were taken with.)
+        let batch_exact = crate::ops::qmatvec::selected() == crate::ops::qmatvec::Path::Vnni;
+        let few = batch_exact || q.dim(2)? <= 16 || q.dim(0)? > 1;
+        if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
             let (b, h, t, d) = q.dims4()?;
             let s = k.dim(2)?;
             let bias = host_bias(bias)?;
             let op = InferAttention {
+                batch_exact,
                 scale: scale as f32,
                 bias,
                 b,
@@ -114,6 +121,9 @@ fn host_bias(bias: Option<&Tensor>) -> Result<Option<std::sync::Arc<Vec<f32>>>> 
 }
 
 struct InferAttention {
+    /// Softmax sums that ignore where masked entries sit (`vexp::softmax_masked`); otherwise
+    /// the plain vector sum (`vexp::exp_sub`), whose lanes follow positions.
+    batch_exact: bool,
     scale: f32,
     bias: Option<std::sync::Arc<Vec<f32>>>,
     b: usize,
@@ -472,12 +482,16 @@ impl candle_core::CustomOp3 for InferAttention {
                     }
                 }
             }
-            // A row's probabilities do not depend on where its padding sits (left of a short
-            // prompt in a batch, between a shared prefix and the prompt): with its products
-            // per row, a row decodes alone and in any batch with the same numbers.
+            // With `batch_exact`, a row's probabilities do not depend on where its padding sits
+            // (left of a short prompt in a batch, between a shared prefix and the prompt).
             for pi in p.chunks_mut(s) {
                 let max = pi.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                fedllm_kernels::vexp::softmax_masked(pi, max);
+                if self.batch_exact {
+                    fedllm_kernels::vexp::softmax_masked(pi, max);
+                } else {
+                    let inv = 1.0 / fedllm_kernels::vexp::exp_sub(pi, max, 1.0);
+                    pi.iter_mut().for_each(|x| *x *= inv);
+                }
             }
             let mut o = vec![0f32; r * d];
             if !v.mix((bi, kv), d, &p, &mut o) {
