@@ -151,11 +151,26 @@ impl KvCache {
         Ok(())
     }
 
-    /// Keeps only the given batch rows (finished rows leave a batched generation).
+    /// Keeps only the given batch rows (finished rows leave a batched generation), and drops
+    /// the leading positions every kept row masks: a joining row is left-padded to the running
+    /// length, so under continuous batching the cache would otherwise grow by one position a
+    /// step for as long as the batch runs (seen: 4.7 GB and 2 s per GSM8K question after 650).
+    /// Positions come from each row's mask, so dropping masked columns changes none of them.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
+        let cut = rows
+            .iter()
+            .map(|&r| {
+                self.mask[r]
+                    .iter()
+                    .position(|&m| m != 0)
+                    .unwrap_or(self.len)
+            })
+            .min()
+            .unwrap_or(0)
+            .min(self.len.saturating_sub(1));
         let dev = self
             .slots
             .iter()
@@ -168,15 +183,23 @@ impl KvCache {
                 rows.len(),
                 &dev,
             )?;
+            let keep = self.len - cut;
             for l in self.slots.iter_mut() {
                 if let Some((k, v)) = &mut l.kv {
-                    *k = k.contiguous()?.index_select(&idx, 0)?;
-                    *v = v.contiguous()?.index_select(&idx, 0)?;
+                    *k = k
+                        .narrow(2, cut, keep)?
+                        .contiguous()?
+                        .index_select(&idx, 0)?;
+                    *v = v
+                        .narrow(2, cut, keep)?
+                        .contiguous()?
+                        .index_select(&idx, 0)?;
                 }
                 l.buf = None;
             }
         }
-        self.mask = rows.iter().map(|&r| self.mask[r].clone()).collect();
+        self.mask = rows.iter().map(|&r| self.mask[r][cut..].to_vec()).collect();
+        self.len -= cut;
         Ok(())
     }
 }
@@ -373,6 +396,42 @@ pub fn build_ctx(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows leaving drop the positions every remaining row masks, and only those: the kept
+    /// rows' keys and masks are their old ones minus those leading columns.
+    #[test]
+    fn leaving_rows_take_the_common_padding_with_them() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new();
+        let k = Tensor::arange(0f32, 3.0 * 2.0 * 5.0 * 4.0, &dev)
+            .unwrap()
+            .reshape((3, 2, 5, 4))
+            .unwrap();
+        append(Some(cache.slot(0)), k.clone(), k.clone()).unwrap();
+        cache.len = 5;
+        cache.mask = vec![
+            vec![1, 1, 1, 1, 1],
+            vec![0, 0, 0, 1, 1],
+            vec![0, 0, 1, 1, 1],
+        ];
+        cache.select_rows(&[2, 1]).unwrap();
+        assert_eq!(cache.len, 3);
+        assert_eq!(cache.mask, vec![vec![1, 1, 1], vec![0, 1, 1]]);
+        let got = cache.slots[0].kv.as_ref().unwrap().0.clone();
+        let want = Tensor::cat(&[&k.get(2).unwrap(), &k.get(1).unwrap()], 0)
+            .unwrap()
+            .reshape((2, 2, 5, 4))
+            .unwrap()
+            .narrow(2, 2, 3)
+            .unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // A kept row without padding keeps every position.
+        cache.select_rows(&[0]).unwrap();
+        assert_eq!((cache.len, cache.mask.clone()), (3, vec![vec![1, 1, 1]]));
+    }
 
     /// A reserved cache allocates once, with exactly the reserved room after the prompt, and
     /// the decode steps that follow write into that buffer (no copy, no spare positions).

@@ -321,9 +321,11 @@ fn check_finish(
 }
 
 /// A batch decoding step by step whose rows may join and leave between steps (continuous
-/// batching). Each row's numbers do not depend on its neighbours (per-row products, masked
-/// padding), so a row decodes exactly as it would alone. Used by `generate_continuous`
-/// (evaluation) and by the server, whose requests join a running batch.
+/// batching). Products are per row and padding is masked, so a row decodes as it would alone:
+/// bit for bit on the VNNI decode path; on the f32 paths up to the last bits where a long
+/// prompt alone takes the GEMM and, in a small batch, the block products (the tested prompts'
+/// tokens agree). Used by `generate_continuous` (evaluation) and by the server, whose requests
+/// join a running batch.
 pub struct Running<'a> {
     model: &'a CausalLm,
     prefix: Option<&'a KvCache>,
