@@ -287,13 +287,18 @@ impl Linear {
     /// blocks directly, or dense f32 rows — where the fused residual ops would dequantize or
     /// repack the whole matrix for them.
     fn decodes_blockwise(&self, x: &Tensor) -> Result<bool> {
-        let mut any_rows = false;
-        let kind_ok = match &self.weight {
-            Weight::Quant(q) => {
-                any_rows = crate::ops::qmatvec::selected() == crate::ops::qmatvec::Path::Vnni;
-                crate::ops::qmatvec::supported(q.dtype())
-            }
-            Weight::Dense(w) => w.dtype() == DType::F32 && !w.track_op() && x.dtype() == DType::F32,
+        use crate::ops::qmatvec::{self, Path};
+        // On the VNNI path block products serve every row count (a row's numbers then never
+        // depend on how many rows share the call).
+        let (kind_ok, any_rows) = match &self.weight {
+            Weight::Quant(q) => (
+                qmatvec::supported(q.dtype()),
+                qmatvec::selected() == Path::Vnni,
+            ),
+            Weight::Dense(w) => (
+                w.dtype() == DType::F32 && !w.track_op() && x.dtype() == DType::F32,
+                false,
+            ),
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         Ok(kind_ok
