@@ -107,7 +107,8 @@ fn machine() -> String {
         .map(|n| n.get())
         .unwrap_or(1);
     format!(
-        "{model}, {cores} cores; AVX-512 {}, AVX512-BF16 {}, AMX {}; no GPU used",
+        "{model}, {cores} cores; AVX2 {}, AVX-512 {}, AVX512-BF16 {}, AMX {}; no GPU used",
+        if has("avx2") { "yes" } else { "no" },
         if has("avx512f") { "yes" } else { "no" },
         if has("avx512_bf16") { "yes" } else { "no" },
         if has("amx_bf16") { "yes" } else { "no" }

@@ -262,9 +262,15 @@ fn dequant_as<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
 fn dequant(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     use k_quants::*;
     #[cfg(target_arch = "x86_64")]
-    if matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) && avx512() {
-        // SAFETY: AVX-512F was detected; `dequant_avx512` reads whole blocks only.
-        return unsafe { dequant_avx512(t, bytes, out) };
+    if matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        if avx512() {
+            // SAFETY: AVX-512F was detected; `dequant_avx512` reads whole blocks only.
+            return unsafe { dequant_avx512(t, bytes, out) };
+        }
+        if crate::isa::supports(Isa::Avx2) && is_x86_feature_detected!("f16c") {
+            // SAFETY: AVX2, FMA and F16C were detected; whole blocks only.
+            return unsafe { dequant_avx2(t, bytes, out) };
+        }
     }
     match t {
         GgmlDType::Q4_0 => dequant_as::<BlockQ4_0>(bytes, out),
@@ -324,6 +330,46 @@ unsafe fn dequant_avx512(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
                     _mm512_storeu_ps(
                         o.as_mut_ptr().add(16 * h),
                         _mm512_mul_ps(_mm512_cvtepi32_ps(q), d),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// [`dequant_avx512`] 8 lanes at a time (the same values: every step is exact or rounds once,
+/// alike at either width).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_avx2(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let f16 = |b: &[u8]| _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([b[0], b[1]])));
+    match t {
+        GgmlDType::Q4_1 => {
+            for (blk, o) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+                let (d, m) = (f16(&blk[0..2]), f16(&blk[2..4]));
+                for h in 0..2 {
+                    let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        blk.as_ptr().add(4 + 8 * h) as *const __m128i
+                    ));
+                    let lo = _mm256_and_si256(q, _mm256_set1_epi32(0x0f));
+                    let hi = _mm256_srli_epi32::<4>(q);
+                    let at = o.as_mut_ptr().add(8 * h);
+                    _mm256_storeu_ps(at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), d, m));
+                    _mm256_storeu_ps(at.add(16), _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), d, m));
+                }
+            }
+        }
+        _ => {
+            for (blk, o) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                let d = f16(&blk[0..2]);
+                for h in 0..4 {
+                    let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        blk.as_ptr().add(2 + 8 * h) as *const __m128i
+                    ));
+                    _mm256_storeu_ps(
+                        o.as_mut_ptr().add(8 * h),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(q), d),
                     );
                 }
             }
@@ -400,7 +446,7 @@ pub fn matmul_into(
     }
     let isa = crate::isa::usable(isa);
     let cp = SyncPtr(c.as_mut_ptr());
-    if isa == Isa::Avx512 {
+    if isa.f32_fma() {
         let af;
         let a = match a {
             ASrc::F32(x) => x,
@@ -412,7 +458,7 @@ pub fn matmul_into(
                 &af
             }
         };
-        return f32_path(a, m, k, n, b, &cp, accumulate);
+        return f32_path(isa, a, m, k, n, b, &cp, accumulate);
     }
     let (mp, kp) = (round_up(m, MB), round_up(k, KB));
     let ap = pack_a(a, m, k, mp, kp);
@@ -452,6 +498,7 @@ pub fn matmul_into(
 ///   panel up front measured 10% slower).
 #[allow(clippy::too_many_arguments)]
 fn f32_path(
+    isa: Isa,
     a: &[f32],
     m: usize,
     k: usize,
@@ -460,6 +507,7 @@ fn f32_path(
     cp: &SyncPtr,
     accumulate: bool,
 ) -> Result<(), String> {
+    let block = micro::f32_kernel(isa);
     let panels = n.div_ceil(NR);
     // Enough tasks (≥ 8 per thread) that an odd panel count cannot leave a thread idle for a
     // task's length (9 panels on 2 threads ran 5:4); each extra row chunk refills its panel,
@@ -534,7 +582,7 @@ fn f32_path(
                         // SAFETY: rows i0..i0+rows and columns j0..j0+cols of C belong to this
                         // task.
                         unsafe {
-                            micro::f32_block(
+                            block(
                                 a.as_ptr().add(i0 * k + kk0),
                                 k,
                                 rows,
@@ -607,7 +655,7 @@ mod tests {
         n: usize,
     ) -> Vec<f32> {
         let r = |x: f32| {
-            if isa == Isa::Avx512 {
+            if isa.f32_fma() {
                 x
             } else {
                 bf16::round(x)
@@ -800,6 +848,18 @@ mod tests {
     /// Our AVX-512 block decoding equals candle's `to_float`, value for value.
     #[test]
     fn block_decoding_is_exact() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::avx2::available() {
+            // The AVX2 decoder too, wherever the dispatch would pick AVX-512.
+            for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                let w = Tensor::from_vec(data(8 * 64, 9), (8, 64), &Device::Cpu).unwrap();
+                let (q, want) = quantized(&w, dtype);
+                let mut got = vec![0f32; want.len()];
+                // SAFETY: AVX2, FMA and F16C were detected.
+                unsafe { dequant_avx2(dtype, &q.data().unwrap(), &mut got) };
+                assert_eq!(got, want, "avx2 {dtype:?}");
+            }
+        }
         let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = Tensor::from_vec(data(8 * 64, 9), (8, 64), &dev).unwrap();
@@ -807,6 +867,51 @@ mod tests {
             let mut got = vec![0f32; want.len()];
             dequant(dtype, &q.data().unwrap(), &mut got);
             assert_eq!(got, want, "{dtype:?}");
+        }
+    }
+
+    /// The AVX2 f32 path gives the AVX-512 path's bits (each element one chain of FMAs over
+    /// k in the same order), dense and quantized, accumulating or not, on every way B is
+    /// widened (whole, by slabs for k > 4096, per task).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_path_gives_the_avx512_bits() {
+        if !crate::avx2::twins_comparable("f32 GEMM") {
+            return;
+        }
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[(5, 33, 17), (70, 96, 130), (200, 64, 64), (13, 4160, 70)] {
+            let a = data(m * k, 11);
+            let w = data(n * k, 12);
+            let wt = Tensor::from_vec(w.clone(), (n, k), &dev).unwrap();
+            let (q, _) = quantized(&wt, GgmlDType::Q4_1);
+            let raw = q.data().unwrap();
+            let bs = [
+                BSrc::F32 {
+                    data: &w,
+                    rows: n,
+                    cols: k,
+                    t: true,
+                },
+                BSrc::Quant {
+                    dtype: GgmlDType::Q4_1,
+                    data: &raw,
+                    rows: n,
+                    cols: k,
+                    t: true,
+                },
+            ];
+            for b in bs {
+                for acc in [false, true] {
+                    let prior = data(m * n, 13);
+                    let run = |isa| {
+                        let mut c = prior.clone();
+                        matmul_into(ASrc::F32(&a), m, b, &mut c, isa, acc).unwrap();
+                        c
+                    };
+                    assert_eq!(run(Isa::Avx2), run(Isa::Avx512), "{m}x{k}x{n} acc={acc}");
+                }
+            }
         }
     }
 

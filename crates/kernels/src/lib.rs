@@ -2,10 +2,12 @@
 //! plain f32 reference on any machine); `model` wraps them as candle ops with backward.
 //!
 //! Which instruction set runs is decided once per process ([`isa::selected`]): the best the CPU
-//! and kernel allow, capped by `FEDLLM_KERNELS=amx|avx512bf16|portable` so every path can be
+//! and kernel allow, capped by `FEDLLM_KERNELS=amx|avx512|avx512bf16|avx2|portable` so every path can be
 //! forced (tests run all of them; a machine where AMX misbehaves can opt out).
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod bf16;

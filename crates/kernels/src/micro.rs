@@ -180,6 +180,20 @@ mod amx {
     }
 }
 
+/// The f32 block kernel of an f32 FMA path (`isa.f32_fma()`).
+#[allow(clippy::type_complexity)]
+pub(crate) fn f32_kernel(
+    isa: Isa,
+) -> unsafe fn(*const f32, usize, usize, *const f32, usize, *mut f32, usize, usize, bool, *const f32)
+{
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        return f32_block_avx2;
+    }
+    debug_assert!(isa.f32_fma());
+    f32_block
+}
+
 /// C[rows, cols] (= or +=) A[rows, kc] (stride lda) · B[kc, NR]; rows ≤ MR, cols ≤ NR.
 /// 6 rows × 4 vectors = 24 accumulators; A values are broadcast straight from memory.
 ///
@@ -243,6 +257,69 @@ pub(crate) unsafe fn f32_block(
     for r in 0..rows {
         for v in 0..4 {
             _mm512_mask_storeu_ps(c.add(r * ldc + v * 16), masks[v], acc[r][v]);
+        }
+    }
+}
+
+/// The AVX2 twin of [`f32_block`]: the same products in the same order (each element of C is
+/// one chain of FMAs over kk, from C or from zero), so both paths give the same bits. The 64
+/// columns go as four 16-column strips of 6 rows × 2 vectors: 12 accumulators, 2 B vectors and
+/// a broadcast fill the 16 registers.
+///
+/// # Safety
+/// As [`f32_block`], with AVX2 and FMA in place of AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+pub(crate) unsafe fn f32_block_avx2(
+    a: *const f32,
+    lda: usize,
+    rows: usize,
+    b: *const f32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+    next: *const f32,
+) {
+    use crate::gemm::{MR, NR};
+    use std::arch::x86_64::*;
+    let ar: [*const f32; MR] = std::array::from_fn(|r| a.add(if r < rows { r * lda } else { 0 }));
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for s in (0..cols).step_by(16) {
+        // Lanes of the strip's two vectors that hold columns of C.
+        let masks: [__m256i; 2] = std::array::from_fn(|v| {
+            let live = cols.saturating_sub(s + v * 8).min(8) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(live), lane)
+        });
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        if accumulate {
+            for r in 0..rows {
+                for v in 0..2 {
+                    acc[r][v] = _mm256_maskload_ps(c.add(r * ldc + s + v * 8), masks[v]);
+                }
+            }
+        }
+        for kk in 0..kc {
+            if s == 0 && kk % 16 == 0 {
+                for r in 0..MR {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * lda + kk) as *const i8);
+                }
+            }
+            let bk = b.add(kk * NR + s);
+            let bv = [_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8))];
+            for r in 0..MR {
+                let av = _mm256_broadcast_ss(&*ar[r].add(kk));
+                for v in 0..2 {
+                    acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+                }
+            }
+        }
+        for r in 0..rows {
+            for v in 0..2 {
+                _mm256_maskstore_ps(c.add(r * ldc + s + v * 8), masks[v], acc[r][v]);
+            }
         }
     }
 }

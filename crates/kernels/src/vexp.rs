@@ -1,6 +1,7 @@
 //! exp over slices, 16 lanes at a time on AVX-512 (range reduction to [-ln2/2, ln2/2], degree-6
 //! polynomial, `vscalefps`): relative error ≤ 2e-7 against libm, which the softmaxes of
 //! attention and the 49k-vocabulary cross-entropy call hundreds of millions of times a step.
+//! Without AVX-512, the AVX2 twins ([`crate::avx2`]) run the same steps on two 8-lane halves.
 
 use std::sync::OnceLock;
 
@@ -25,6 +26,11 @@ pub fn exp_sub(x: &mut [f32], sub: f32, mul: f32) -> f32 {
         // SAFETY: AVX-512F was detected.
         return unsafe { exp_sub_avx512(x, sub, mul) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx2::available() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { exp_sub_avx2(x, sub, mul) };
+    }
     let mut sum = 0f32;
     for v in x.iter_mut() {
         let e = (*v - sub).exp();
@@ -44,6 +50,11 @@ pub fn softmax_masked(x: &mut [f32], max: f32) {
     if avx512() {
         // SAFETY: AVX-512F was detected.
         return unsafe { softmax_masked_avx512(x, max) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx2::available() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { softmax_masked_avx2(x, max) };
     }
     softmax_masked_portable(x, max)
 }
@@ -65,6 +76,11 @@ pub fn sum_exp(x: &[f32], sub: f32) -> f32 {
         // SAFETY: AVX-512F was detected.
         return unsafe { sum_exp_avx512(x, sub) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx2::available() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { sum_exp_avx2(x, sub) };
+    }
     x.iter().map(|&v| (v - sub).exp()).sum()
 }
 
@@ -74,6 +90,11 @@ pub fn sigmoid(x: &[f32], out: &mut [f32]) {
     if avx512() {
         // SAFETY: AVX-512F was detected.
         return unsafe { sigmoid_avx512(x, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx2::available() {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { sigmoid_avx2(x, out) };
     }
     for (o, &v) in out.iter_mut().zip(x) {
         *o = 1.0 / (1.0 + (-v).exp());
@@ -209,6 +230,116 @@ unsafe fn sigmoid_avx512(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`exp_sub_avx512`] on 8-lane halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sub_avx2(x: &mut [f32], sub: f32, mul: f32) -> f32 {
+    use crate::avx2::{exp8, reduce16};
+    use std::arch::x86_64::*;
+    let (s, m) = (_mm256_set1_ps(sub), _mm256_set1_ps(mul));
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (h, a) in acc.iter_mut().enumerate() {
+            let p = c.as_mut_ptr().add(8 * h);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), s));
+            *a = _mm256_add_ps(*a, e);
+            _mm256_storeu_ps(p, _mm256_mul_ps(e, m));
+        }
+    }
+    let mut sum = reduce16(acc[0], acc[1]);
+    for v in chunks.into_remainder() {
+        let e = (*v - sub).exp();
+        sum += e;
+        *v = e * mul;
+    }
+    sum
+}
+
+/// [`softmax_masked_avx512`] on 8-lane halves: every entry through `exp8` (the tail too), the
+/// nonzero exps packed in order and summed 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_masked_avx2(x: &mut [f32], max: f32) {
+    use crate::avx2::{exp8, reduce16};
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let s = _mm256_set1_ps(max);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    // Zero-padded to whole 16-lane chunks: the padding adds exact zeros, as masked lanes do.
+    let mut packed = vec![0f32; n + 16];
+    let mut len = 0;
+    let mut e8 = [0f32; 8];
+    for i in (0..n).step_by(8) {
+        let k = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - i).min(8) as i32), lane);
+        let p = x.as_mut_ptr().add(i);
+        let e = _mm256_and_ps(
+            exp8(_mm256_sub_ps(_mm256_maskload_ps(p, k), s)),
+            _mm256_castsi256_ps(k),
+        );
+        _mm256_maskstore_ps(p, k, e);
+        _mm256_storeu_ps(e8.as_mut_ptr(), e);
+        for &v in e8.iter().filter(|&&v| v != 0.0) {
+            packed[len] = v;
+            len += 1;
+        }
+    }
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for j in (0..len).step_by(16) {
+        for (h, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_add_ps(*a, _mm256_loadu_ps(packed.as_ptr().add(j + 8 * h)));
+        }
+    }
+    let inv = 1.0 / reduce16(acc[0], acc[1]);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// [`sum_exp_avx512`] on 8-lane halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_exp_avx2(x: &[f32], sub: f32) -> f32 {
+    use crate::avx2::{exp8, reduce16};
+    use std::arch::x86_64::*;
+    let s = _mm256_set1_ps(sub);
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (h, a) in acc.iter_mut().enumerate() {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr().add(8 * h)), s));
+            *a = _mm256_add_ps(*a, e);
+        }
+    }
+    reduce16(acc[0], acc[1])
+        + chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v - sub).exp())
+            .sum::<f32>()
+}
+
+/// [`sigmoid_avx512`] on 8-lane halves (the same 16-value chunks, the same scalar tail).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sigmoid_avx2(x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let one = _mm256_set1_ps(1.0);
+    let n = x.len().min(out.len());
+    let whole = n / 16 * 16;
+    for i in (0..whole).step_by(8) {
+        let e = crate::avx2::exp8(_mm256_sub_ps(
+            _mm256_setzero_ps(),
+            _mm256_loadu_ps(x.as_ptr().add(i)),
+        ));
+        _mm256_storeu_ps(
+            out.as_mut_ptr().add(i),
+            _mm256_div_ps(one, _mm256_add_ps(one, e)),
+        );
+    }
+    for j in whole..n {
+        out[j] = 1.0 / (1.0 + (-x[j]).exp());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +381,47 @@ mod tests {
     fn masked_softmax_ignores_where_the_mask_sits() {
         masked_rows_as_alone(softmax_masked);
         masked_rows_as_alone(softmax_masked_portable);
+        #[cfg(target_arch = "x86_64")]
+        if crate::avx2::available() {
+            masked_rows_as_alone(|x, m| unsafe { softmax_masked_avx2(x, m) });
+        }
+    }
+
+    /// The AVX2 twins compute the AVX-512 functions' bits (same steps, same order), over
+    /// values across exp's whole range, masked entries and lengths off the 16-lane grid.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_twins_give_the_avx512_bits() {
+        if !crate::avx2::twins_comparable("vexp") {
+            return;
+        }
+        for n in [1, 7, 16, 37, 200, 3201] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| match i % 11 {
+                    0 => -1e30,
+                    1 => f32::NEG_INFINITY,
+                    _ => ((i * 7919) % 4001) as f32 * 0.045 - 95.0,
+                })
+                .collect();
+            let (mut a, mut b) = (xs.clone(), xs.clone());
+            // SAFETY: both ISAs were detected.
+            unsafe {
+                let sa = exp_sub_avx512(&mut a, 1.5, 0.7);
+                let sb = exp_sub_avx2(&mut b, 1.5, 0.7);
+                assert_eq!((sa.to_bits(), &a), (sb.to_bits(), &b), "exp_sub n={n}");
+                let max = xs.iter().fold(f32::MIN, |m, &v| m.max(v));
+                let (mut a, mut b) = (xs.clone(), xs.clone());
+                softmax_masked_avx512(&mut a, max);
+                softmax_masked_avx2(&mut b, max);
+                assert_eq!(a, b, "softmax_masked n={n}");
+                let (sa, sb) = (sum_exp_avx512(&xs, 2.0), sum_exp_avx2(&xs, 2.0));
+                assert_eq!(sa.to_bits(), sb.to_bits(), "sum_exp n={n}");
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                sigmoid_avx512(&xs, &mut a);
+                sigmoid_avx2(&xs, &mut b);
+                assert_eq!(a, b, "sigmoid n={n}");
+            }
+        }
     }
 
     fn masked_rows_as_alone(softmax_masked: fn(&mut [f32], f32)) {

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use fedllm_kernels::Isa;
 use fedllm_model::{Batch, CausalLm, LoadOptions, MatmulPrecision};
 use fedllm_peft::full::FullConfig;
 use fedllm_peft::lora::LoraConfig;
@@ -137,8 +136,8 @@ struct Tolerance {
 fn tolerance(p: MatmulPrecision, layers: usize, logit_scale: f32, loss: f64) -> Tolerance {
     let bf16 = match p {
         MatmulPrecision::F32 => false,
-        MatmulPrecision::Kernel(isa) => fedllm_kernels::isa::usable(isa) != Isa::Avx512,
-        MatmulPrecision::Bf16 => fedllm_kernels::isa::selected() != Isa::Avx512,
+        MatmulPrecision::Kernel(isa) => !fedllm_kernels::isa::usable(isa).f32_fma(),
+        MatmulPrecision::Bf16 => !fedllm_kernels::isa::selected().f32_fma(),
     };
     if !bf16 {
         return Tolerance {

@@ -209,6 +209,22 @@ impl<'a> View<'a> {
             }
             return true;
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx2() && qs[0].len().is_multiple_of(16) {
+            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1];
+            let st = self.stride[2];
+            // SAFETY: AVX2, FMA and F16C were detected; rows as above.
+            match self.data {
+                Data::F32(v) => unsafe {
+                    scores_avx2::<false>(v[at..].as_ptr().cast(), st, qs, scale, bias, p)
+                },
+                Data::F16(v) => unsafe {
+                    scores_avx2::<true>(v[at..].as_ptr().cast(), st, qs, scale, bias, p)
+                },
+                Data::Bf16(_) => return false,
+            }
+            return true;
+        }
         false
     }
 
@@ -227,6 +243,18 @@ impl<'a> View<'a> {
                     mix_avx512::<false>(v[at..].as_ptr().cast(), st, d, p, o)
                 },
                 Data::F16(v) => unsafe { mix_avx512::<true>(v[at..].as_ptr().cast(), st, d, p, o) },
+                Data::Bf16(_) => return false,
+            }
+            return true;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2() && d.is_multiple_of(16) {
+            let at = self.start + i0 * self.stride[0] + i1 * self.stride[1];
+            let st = self.stride[2];
+            // SAFETY: as in `scores`.
+            match self.data {
+                Data::F32(v) => unsafe { mix_avx2::<false>(v[at..].as_ptr().cast(), st, d, p, o) },
+                Data::F16(v) => unsafe { mix_avx2::<true>(v[at..].as_ptr().cast(), st, d, p, o) },
                 Data::Bf16(_) => return false,
             }
             return true;
@@ -269,12 +297,27 @@ fn f16c() -> bool {
     false
 }
 
+/// Without AVX-512: the AVX2 twins (AVX2, FMA, F16C), which compute the AVX-512 kernels' bits.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !avx512() && fedllm_kernels::avx2::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// f16 → f32 (one instruction per 16 values where the CPU has AVX-512 and F16C).
 fn widen_f16(src: &[half::f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if f16c() {
         // SAFETY: AVX-512F and F16C were detected; both slices have out.len() elements.
         return unsafe { widen_f16_avx512(src, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: F16C was detected; both slices have out.len() elements.
+        return unsafe { widen_f16_avx2(src, out) };
     }
     out.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
 }
@@ -304,6 +347,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: AVX-512F was detected; both slices have a.len() elements.
         return unsafe { dot_avx512(a, b) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA were detected; both slices have a.len() elements.
+        return unsafe { dot_avx2(a, b) };
+    }
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
@@ -313,6 +361,11 @@ fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
     if avx512() {
         // SAFETY: AVX-512F was detected; both slices have y.len() elements.
         return unsafe { axpy_avx512(w, x, y) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA were detected; both slices have y.len() elements.
+        return unsafe { axpy_avx2(w, x, y) };
     }
     y.iter_mut().zip(x).for_each(|(o, v)| *o += w * v);
 }
@@ -433,6 +486,144 @@ unsafe fn mix_avx512<const H: bool>(
                     y,
                     _mm512_fmadd_ps(wv, load16::<H>(row, c), _mm512_loadu_ps(y)),
                 );
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f16_avx2(src: &[half::f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(out.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(i) as *const __m128i));
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+        i += 8;
+    }
+    while i < n {
+        out[i] = src[i].to_f32();
+        i += 1;
+    }
+}
+
+/// [`dot_avx512`] on 8-lane halves (the same 16-value steps, reduction and scalar tail).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        for (h, c) in acc.iter_mut().enumerate() {
+            let (x, y) = (a.as_ptr().add(i + 8 * h), b.as_ptr().add(i + 8 * h));
+            *c = _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(y), *c);
+        }
+        i += 16;
+    }
+    let mut s = fedllm_kernels::avx2::reduce16(acc[0], acc[1]);
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+/// [`axpy_avx512`] on 8-lane halves (fused over whole 16-value steps, the tail unfused).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(w: f32, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let whole = n / 16 * 16;
+    let wv = _mm256_set1_ps(w);
+    for i in (0..whole).step_by(8) {
+        let p = y.as_mut_ptr().add(i);
+        _mm256_storeu_ps(
+            p,
+            _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
+        );
+    }
+    for i in whole..n {
+        y[i] += w * x[i];
+    }
+}
+
+/// Values 8h..8h+8 of 16-value chunk `c` of a cache row, f16 (`H`) or f32, as f32.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn load8<const H: bool>(row: *const u8, c: usize, h: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    if H {
+        _mm256_cvtph_ps(_mm_loadu_si128(row.add(c * 32 + h * 16) as *const __m128i))
+    } else {
+        _mm256_loadu_ps((row as *const f32).add(c * 16 + h * 8))
+    }
+}
+
+/// [`scores_avx512`] on 8-lane halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_avx2<const H: bool>(
+    base: *const u8,
+    stride: usize,
+    qs: &[Vec<f32>],
+    scale: f32,
+    bias: Option<&[f32]>,
+    p: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, s) = (qs[0].len(), p.len() / qs.len());
+    let bytes = if H { 2 } else { 4 };
+    for j in 0..s {
+        let row = base.add(j * stride * bytes);
+        let bj = bias.map_or(0.0, |b| b[j]);
+        for (i, q) in qs.iter().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for c in 0..d / 16 {
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(c * 16 + h * 8));
+                    *a = _mm256_fmadd_ps(qv, load8::<H>(row, c, h), *a);
+                }
+            }
+            p[i * s + j] = fedllm_kernels::avx2::reduce16(acc[0], acc[1]) * scale + bj;
+        }
+    }
+}
+
+/// [`mix_avx512`] on 8-lane halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mix_avx2<const H: bool>(
+    base: *const u8,
+    stride: usize,
+    d: usize,
+    p: &[f32],
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let r = o.len() / d;
+    let s = p.len() / r;
+    let bytes = if H { 2 } else { 4 };
+    for j in 0..s {
+        let row = base.add(j * stride * bytes);
+        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
+            let w = p[i * s + j];
+            if w == 0.0 {
+                continue;
+            }
+            let wv = _mm256_set1_ps(w);
+            for c in 0..d / 16 {
+                for h in 0..2 {
+                    let y = oi.as_mut_ptr().add(c * 16 + h * 8);
+                    _mm256_storeu_ps(
+                        y,
+                        _mm256_fmadd_ps(wv, load8::<H>(row, c, h), _mm256_loadu_ps(y)),
+                    );
+                }
             }
         }
     }
@@ -728,6 +919,61 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
     use fedllm_testing::max_abs_diff;
+
+    /// Decode attention's AVX2 twins give the AVX-512 kernels' bits: dot and axpy on lengths
+    /// off the 16-lane grid, scores and mix over f32 and f16 cache rows (zero weights too).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_twins_give_the_avx512_bits() {
+        if !fedllm_kernels::avx2::twins_comparable("decode attention") || !f16c() {
+            return;
+        }
+        let vals = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed * 104729) % 1999) as f32 / 999.0 - 1.0)
+                .collect()
+        };
+        // SAFETY: AVX-512F, AVX2, FMA and F16C were detected; every row read lies in `rows`.
+        unsafe {
+            for n in [5, 16, 37, 64, 100] {
+                let (a, b) = (vals(n, 1), vals(n, 2));
+                assert_eq!(dot_avx512(&a, &b).to_bits(), dot_avx2(&a, &b).to_bits());
+                let (mut y1, mut y2) = (b.clone(), b.clone());
+                axpy_avx512(0.37, &a, &mut y1);
+                axpy_avx2(0.37, &a, &mut y2);
+                assert_eq!(y1, y2, "axpy n={n}");
+            }
+            let (d, s, stride) = (64, 9, 80);
+            let rows = vals(s * stride, 3);
+            let half: Vec<half::f16> = rows.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let qs: Vec<Vec<f32>> = (0..3).map(|i| vals(d, 4 + i)).collect();
+            let bias = vals(s, 7);
+            let mut p = vals(3 * s, 8);
+            p[4] = 0.0;
+            for h in [false, true] {
+                let base: *const u8 = if h {
+                    half.as_ptr().cast()
+                } else {
+                    rows.as_ptr().cast()
+                };
+                let (mut s1, mut s2) = (vec![0f32; 3 * s], vec![0f32; 3 * s]);
+                let (mut o1, mut o2) = (vals(3 * d, 9), vals(3 * d, 9));
+                if h {
+                    scores_avx512::<true>(base, stride, &qs, 0.125, Some(&bias), &mut s1);
+                    scores_avx2::<true>(base, stride, &qs, 0.125, Some(&bias), &mut s2);
+                    mix_avx512::<true>(base, stride, d, &p, &mut o1);
+                    mix_avx2::<true>(base, stride, d, &p, &mut o2);
+                } else {
+                    scores_avx512::<false>(base, stride, &qs, 0.125, Some(&bias), &mut s1);
+                    scores_avx2::<false>(base, stride, &qs, 0.125, Some(&bias), &mut s2);
+                    mix_avx512::<false>(base, stride, d, &p, &mut o1);
+                    mix_avx2::<false>(base, stride, d, &p, &mut o2);
+                }
+                assert_eq!(s1, s2, "scores f16={h}");
+                assert_eq!(o1, o2, "mix f16={h}");
+            }
+        }
+    }
     /// The one-op self-attention equals split heads + RoPE + repeated K/V + the composite,
     /// value and all three gradients, with causal and padding masks and grouped heads.
     #[test]

@@ -366,13 +366,10 @@ fn kernel_isa(p: MatmulPrecision) -> Option<Isa> {
     match p {
         MatmulPrecision::Bf16 => Some(sel),
         MatmulPrecision::Kernel(isa) => Some(fedllm_kernels::isa::usable(isa)),
-        // Exact f32 products only on the f32 FMA path (never rounding through bf16).
-        MatmulPrecision::F32
-            if sel >= Isa::Avx512 && fedllm_kernels::isa::supports(Isa::Avx512) =>
-        {
-            Some(Isa::Avx512)
-        }
-        MatmulPrecision::F32 => None,
+        // Exact f32 products only on an f32 FMA path (never rounding through bf16).
+        MatmulPrecision::F32 => [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|&i| i <= sel && fedllm_kernels::isa::supports(i)),
     }
 }
 
@@ -449,7 +446,7 @@ pub(crate) fn frozen_product(
     accumulate: bool,
     isa: Isa,
 ) -> Result<()> {
-    if let (Weight::Dense(wt), Isa::Avx512) = (w, isa) {
+    if let (Weight::Dense(wt), true) = (w, isa.f32_fma()) {
         if wt.dtype() == DType::F32 {
             // Dense f32 on the f32 path: candle's gemm is the faster f32 GEMM here (bench gemm:
             // 246–297 against our 231–278 GFLOP/s), and numerics are the same.

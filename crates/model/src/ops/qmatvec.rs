@@ -2,8 +2,9 @@
 //! activation rows, reading the Q4_1 / Q8_0 blocks directly (no dequantized copy). Three
 //! paths ([`Path`]): with AVX-512 VNNI the activations are rounded to 8 bits per 32-value
 //! block (as llama.cpp's Q8 activations) and each block is an integer dot product
-//! (`vpdpbusd`); with AVX-512F alone the activations stay f32; a portable loop otherwise. All
-//! run on the decode pool.
+//! (`vpdpbusd`); with AVX-512F alone the activations stay f32; without AVX-512, AVX2 twins of
+//! the f32 kernels give the same bits ([`fedllm_kernels::avx2`]); a portable loop otherwise.
+//! All run on the decode pool.
 
 use std::cell::Cell;
 use std::ops::Range;
@@ -29,6 +30,8 @@ pub fn supported(t: GgmlDType) -> bool {
 pub enum Path {
     /// Scalar loops, f32 activations: any CPU.
     Portable,
+    /// The AVX-512 f32 kernels on 8-lane halves (AVX2, FMA, F16C): the same bits.
+    Avx2,
     /// AVX-512F FMA on f32 activations.
     Avx512,
     /// Activations rounded to int8 per 32-value block, integer block dots with AVX-512 VNNI
@@ -40,13 +43,14 @@ impl Path {
     pub fn name(self) -> &'static str {
         match self {
             Path::Portable => "portable",
+            Path::Avx2 => "avx2",
             Path::Avx512 => "avx512",
             Path::Vnni => "vnni",
         }
     }
 
     pub fn parse(s: &str) -> Option<Path> {
-        [Path::Portable, Path::Avx512, Path::Vnni]
+        [Path::Portable, Path::Avx2, Path::Avx512, Path::Vnni]
             .into_iter()
             .find(|p| p.name() == s.trim().to_ascii_lowercase())
     }
@@ -58,6 +62,7 @@ impl Path {
             let f = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c");
             match self {
                 Path::Portable => true,
+                Path::Avx2 => fedllm_kernels::avx2::available(),
                 Path::Avx512 => f,
                 Path::Vnni => {
                     f && is_x86_feature_detected!("avx512vnni")
@@ -75,7 +80,7 @@ impl Path {
 
 /// Every path this CPU runs (what the tests iterate over).
 pub fn available() -> Vec<Path> {
-    [Path::Portable, Path::Avx512, Path::Vnni]
+    [Path::Portable, Path::Avx2, Path::Avx512, Path::Vnni]
         .into_iter()
         .filter(|p| p.supported())
         .collect()
@@ -91,7 +96,7 @@ pub fn env_path() -> Result<Option<Path>, String> {
                 p.name()
             )),
             None => Err(format!(
-                "FEDLLM_DECODE={v:?} is not one of vnni, avx512, portable"
+                "FEDLLM_DECODE={v:?} is not one of vnni, avx512, avx2, portable"
             )),
         },
         _ => Ok(None),
@@ -118,7 +123,7 @@ pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
 }
 
 /// The path products on this thread take: the forced one, else `FEDLLM_DECODE` (checked up
-/// front by the binary), else AVX-512 f32 where the CPU has it. VNNI is never the default: its
+/// front by the binary), else AVX-512 f32 where the CPU has it, else its AVX2 twin. VNNI is never the default: its
 /// 8-bit activations move SmolLM2's logits by ~1% (0.3 of 35), which flips transformers'
 /// greedy choice where two tokens are that close (one of the 20 golden tokens, past the answer).
 pub fn selected() -> Path {
@@ -129,6 +134,7 @@ pub fn selected() -> Path {
     *S.get_or_init(|| match env_path() {
         Ok(Some(p)) => p,
         _ if Path::Avx512.supported() => Path::Avx512,
+        _ if Path::Avx2.supported() => Path::Avx2,
         _ => Path::Portable,
     })
 }
@@ -318,21 +324,54 @@ unsafe fn dense_dots_avx512(row: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
     }
 }
 
+/// [`dense_dots_avx512`] on 8-lane halves, two rows of x at a time (four accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dense_dots_avx2(row: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
+    use fedllm_kernels::avx2::reduce16;
+    use std::arch::x86_64::*;
+    for (p, op) in out.chunks_mut(2).enumerate() {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+        let mut i = 0;
+        while i + 16 <= k {
+            for h in 0..2 {
+                let w = _mm256_loadu_ps(row.as_ptr().add(i + 8 * h));
+                for (j, aj) in acc.iter_mut().enumerate().take(op.len()) {
+                    let xp = x.as_ptr().add((2 * p + j) * k + i + 8 * h);
+                    aj[h] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp), aj[h]);
+                }
+            }
+            i += 16;
+        }
+        for (j, (o, a)) in op.iter_mut().zip(acc).enumerate() {
+            let xj = &x[(2 * p + j) * k..];
+            let tail: f32 = (i..k).map(|c| row[c] * xj[c]).sum();
+            *o = reduce16(a[0], a[1]) + tail;
+        }
+    }
+}
+
 /// y [m, n] = x [m, k] · W [n, k]ᵀ for a few rows of x and a dense f32 W: one streaming pass
 /// over W (a GEMM would repack all of W for a handful of rows).
 pub fn dense_matmul(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert!(w.len() == n * k && x.len() == m * k);
-    let avx = selected() >= Path::Avx512;
+    let path = selected();
     rows_in_parallel(n, m, &|rs, o| {
         for (i, r) in rs.enumerate() {
             let row = &w[r * k..(r + 1) * k];
             for (g, og) in o[i * m..(i + 1) * m].chunks_mut(ROWS).enumerate() {
                 let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
-                if avx {
+                if path >= Path::Avx512 {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
                     unsafe {
                         dense_dots_avx512(row, xs, k, og)
+                    }
+                } else if path == Path::Avx2 {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 and FMA were detected; slices are k-strided rows.
+                    unsafe {
+                        dense_dots_avx2(row, xs, k, og)
                     }
                 } else {
                     for (j, oj) in og.iter_mut().enumerate() {
@@ -435,6 +474,11 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                         rows_avx512::<ROWS>(t, w, row_bytes, rs.clone(), xs, sums, k, o, g)
                     }
                 },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2, FMA and F16C were detected; the slices cover whole blocks.
+                (Path::Avx2, _) => unsafe {
+                    rows_avx2(t, w, row_bytes, rs.clone(), &x[j0 * k..], sums, k, o, g)
+                },
                 _ => {
                     for (i, r) in rs.clone().enumerate() {
                         let row = &w[r * row_bytes..(r + 1) * row_bytes];
@@ -504,6 +548,155 @@ unsafe fn rows_avx512<const M: usize>(
     for (i, r) in rs.enumerate() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
         dots_avx512::<M>(t, row, x, sums, k, g.out(o, i));
+    }
+}
+
+/// [`rows_avx512`] with the AVX2 twins: each weight row against the group's rows of x two at
+/// a time (the row stays in L1 between the pairs; 16 registers hold two rows' accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_avx2(
+    t: GgmlDType,
+    w: &[u8],
+    row_bytes: usize,
+    rs: Range<usize>,
+    x: &[f32],
+    sums: &[f32],
+    k: usize,
+    o: &mut [f32],
+    g: Group,
+) {
+    let nb = k / 32;
+    for (i, r) in rs.enumerate() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (p, out) in g.out(o, i).chunks_mut(2).enumerate() {
+            let (xs, ss) = (&x[2 * p * k..], &sums[2 * p * nb..]);
+            if out.len() == 2 {
+                dots_avx2::<2>(t, row, xs, ss, k, out)
+            } else {
+                dots_avx2::<1>(t, row, xs, ss, k, out)
+            }
+        }
+    }
+}
+
+/// [`dots_avx512`] on 8-lane halves: each 16-lane accumulator of the original is a pair (lanes
+/// 0–7, 8–15), every lane gets the same FMAs in the same order, and the final sum reduces as
+/// `_mm512_reduce_add_ps` does.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_avx2<const M: usize>(
+    t: GgmlDType,
+    row: &[u8],
+    x: &[f32],
+    xsum: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let m = out.len().min(M);
+    let nb = k / 32;
+    let (x, xsum) = (x.as_ptr(), xsum.as_ptr());
+    let mut acc = [[[_mm256_setzero_ps(); 2]; M]; 2];
+    let mut off = [[0f32; M]; 2];
+    let [acc0, acc1] = &mut acc;
+    let [off0, off1] = &mut off;
+    match t {
+        GgmlDType::Q4_1 => {
+            for b in (0..nb).step_by(2) {
+                q4_1_avx2::<M>(row, x, xsum, k, b, m, acc0, off0);
+                if b + 1 < nb {
+                    q4_1_avx2::<M>(row, x, xsum, k, b + 1, m, acc1, off1);
+                }
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for b in (0..nb).step_by(2) {
+                q8_0_avx2::<M>(row, x, k, b, m, acc0);
+                if b + 1 < nb {
+                    q8_0_avx2::<M>(row, x, k, b + 1, m, acc1);
+                }
+            }
+        }
+        _ => unreachable!("unsupported type"),
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        let lo = _mm256_add_ps(acc[0][j][0], acc[1][j][0]);
+        let hi = _mm256_add_ps(acc[0][j][1], acc[1][j][1]);
+        *o = fedllm_kernels::avx2::reduce16(lo, hi) + (off[0][j] + off[1][j]);
+    }
+}
+
+/// [`q4_1_f32`] on halves: values 0–15 are the low nibbles of bytes 0–15, 16–31 the high.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_1_avx2<const M: usize>(
+    row: &[u8],
+    x: *const f32,
+    xsum: *const f32,
+    k: usize,
+    b: usize,
+    m: usize,
+    acc: &mut [[std::arch::x86_64::__m256; 2]; M],
+    off: &mut [f32; M],
+) {
+    use std::arch::x86_64::*;
+    let nb = k / 32;
+    let blk = row.as_ptr().add(b * 20);
+    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+    let dv = _mm256_broadcastss_ps(dm);
+    let mn = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+    let mask = _mm256_set1_epi32(0x0F);
+    // [half][lo, hi]: bytes 8h..8h+8 as values 8h.. (low nibbles) and 16+8h.. (high).
+    let v: [[__m256; 2]; 2] = std::array::from_fn(|h| {
+        let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(blk.add(4 + 8 * h) as *const __m128i));
+        [
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, mask)), dv),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(q)), dv),
+        ]
+    });
+    #[allow(clippy::needless_range_loop)] // j also strides the activation pointers
+    for j in 0..M.min(m) {
+        let xp = x.add(j * k + b * 32);
+        for h in 0..2 {
+            let a = _mm256_fmadd_ps(v[h][0], _mm256_loadu_ps(xp.add(8 * h)), acc[j][h]);
+            acc[j][h] = _mm256_fmadd_ps(v[h][1], _mm256_loadu_ps(xp.add(16 + 8 * h)), a);
+        }
+        off[j] += mn * *xsum.add(j * nb + b);
+    }
+}
+
+/// [`q8_0_f32`] on halves.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_avx2<const M: usize>(
+    row: &[u8],
+    x: *const f32,
+    k: usize,
+    b: usize,
+    m: usize,
+    acc: &mut [[std::arch::x86_64::__m256; 2]; M],
+) {
+    use std::arch::x86_64::*;
+    let blk = row.as_ptr().add(b * 34);
+    let dv = _mm256_set1_ps(h2f(u16::from_le_bytes([*blk, *blk.add(1)])));
+    // Values 8i..8i+8.
+    let f: [__m256; 4] = std::array::from_fn(|i| {
+        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * i) as *const __m128i));
+        _mm256_mul_ps(_mm256_cvtepi32_ps(q), dv)
+    });
+    #[allow(clippy::needless_range_loop)] // j also strides the activation pointers
+    for j in 0..M.min(m) {
+        let xp = x.add(j * k + b * 32);
+        for h in 0..2 {
+            let a = _mm256_fmadd_ps(f[h], _mm256_loadu_ps(xp.add(8 * h)), acc[j][h]);
+            acc[j][h] = _mm256_fmadd_ps(f[2 + h], _mm256_loadu_ps(xp.add(16 + 8 * h)), a);
+        }
     }
 }
 
@@ -814,6 +1007,43 @@ mod tests {
                         assert!(e <= rounding * (1.0 + 1e-6) + slack, "{t:?} [{j},{r}]: {e}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The AVX2 twins give the AVX-512 f32 kernels' bits: quantized (single rows and groups,
+    /// odd block counts) and dense weights.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_twins_give_the_avx512_bits() {
+        if !fedllm_kernels::avx2::twins_comparable("qmatvec")
+            || !Path::Avx2.supported()
+            || !Path::Avx512.supported()
+        {
+            return;
+        }
+        let dev = Device::Cpu;
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (n, k, m) in [(37, 96, 1), (20, 64, 3), (33, 160, 8), (9, 32, 11)] {
+                let w = fedllm_testing::randn(321, 0f32, 1.0, (n, k), &dev).unwrap();
+                let raw = QTensor::quantize(&w, t).unwrap().data().unwrap().to_vec();
+                let x: Vec<f32> = fedllm_testing::randn(322, 0f32, 1.0, (m, k), &dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let run = |p| with_path(p, || matmul(t, &raw, n, k, &x, m));
+                assert_eq!(run(Path::Avx2), run(Path::Avx512), "{t:?} {n}x{k} m={m}");
+                // Dense rows one value longer: the scalar tail past the 16-lane steps.
+                let wd: Vec<f32> = (0..n * (k + 1))
+                    .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+                    .collect();
+                let xd: Vec<f32> = (0..m * (k + 1))
+                    .map(|i| (i % 7) as f32 * 0.3 - 0.9)
+                    .collect();
+                let run = |p| with_path(p, || dense_matmul(&wd, n, k + 1, &xd, m));
+                assert_eq!(run(Path::Avx2), run(Path::Avx512), "dense {n}x{k} m={m}");
             }
         }
     }
