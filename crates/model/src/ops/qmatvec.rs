@@ -551,8 +551,8 @@ unsafe fn rows_avx512<const M: usize>(
     }
 }
 
-/// [`rows_avx512`] with the AVX2 twins: each weight row against the group's rows of x two at
-/// a time (the row stays in L1 between the pairs; 16 registers hold two rows' accumulators).
+/// [`rows_avx512`] with the AVX2 twins: each weight row against the group's rows of x four at
+/// a time (the row stays in L1 between the fours).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -570,12 +570,13 @@ unsafe fn rows_avx2(
     let nb = k / 32;
     for (i, r) in rs.enumerate() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
-        for (p, out) in g.out(o, i).chunks_mut(2).enumerate() {
-            let (xs, ss) = (&x[2 * p * k..], &sums[2 * p * nb..]);
-            if out.len() == 2 {
-                dots_avx2::<2>(t, row, xs, ss, k, out)
-            } else {
-                dots_avx2::<1>(t, row, xs, ss, k, out)
+        for (p, out) in g.out(o, i).chunks_mut(4).enumerate() {
+            let (xs, ss) = (&x[4 * p * k..], &sums[4 * p * nb..]);
+            match out.len() {
+                4 => dots_avx2::<4>(t, row, xs, ss, k, out),
+                3 => dots_avx2::<3>(t, row, xs, ss, k, out),
+                2 => dots_avx2::<2>(t, row, xs, ss, k, out),
+                _ => dots_avx2::<1>(t, row, xs, ss, k, out),
             }
         }
     }
@@ -583,7 +584,9 @@ unsafe fn rows_avx2(
 
 /// [`dots_avx512`] on 8-lane halves: each 16-lane accumulator of the original is a pair (lanes
 /// 0–7, 8–15), every lane gets the same FMAs in the same order, and the final sum reduces as
-/// `_mm512_reduce_add_ps` does.
+/// `_mm512_reduce_add_ps` does. The even blocks run first, then the odd ones: each parity's
+/// accumulators are their own chains, so the order within each is kept, and only one
+/// parity's (2 per row) need registers at a time — room for 4 rows beside a decoded block.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -607,17 +610,17 @@ unsafe fn dots_avx2<const M: usize>(
         GgmlDType::Q4_1 => {
             for b in (0..nb).step_by(2) {
                 q4_1_avx2::<M>(row, x, xsum, k, b, m, acc0, off0);
-                if b + 1 < nb {
-                    q4_1_avx2::<M>(row, x, xsum, k, b + 1, m, acc1, off1);
-                }
+            }
+            for b in (1..nb).step_by(2) {
+                q4_1_avx2::<M>(row, x, xsum, k, b, m, acc1, off1);
             }
         }
         GgmlDType::Q8_0 => {
             for b in (0..nb).step_by(2) {
                 q8_0_avx2::<M>(row, x, k, b, m, acc0);
-                if b + 1 < nb {
-                    q8_0_avx2::<M>(row, x, k, b + 1, m, acc1);
-                }
+            }
+            for b in (1..nb).step_by(2) {
+                q8_0_avx2::<M>(row, x, k, b, m, acc1);
             }
         }
         _ => unreachable!("unsupported type"),
