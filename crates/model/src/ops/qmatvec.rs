@@ -584,9 +584,11 @@ unsafe fn rows_avx2(
 
 /// [`dots_avx512`] on 8-lane halves: each 16-lane accumulator of the original is a pair (lanes
 /// 0–7, 8–15), every lane gets the same FMAs in the same order, and the final sum reduces as
-/// `_mm512_reduce_add_ps` does. The even blocks run first, then the odd ones: each parity's
-/// accumulators are their own chains, so the order within each is kept, and only one
-/// parity's (2 per row) need registers at a time — room for 4 rows beside a decoded block.
+/// `_mm512_reduce_add_ps` does. From 3 rows on, the even blocks run first, then the odd ones:
+/// each parity's accumulators are their own chains, so the order within each is kept, and
+/// only one parity's (2 per row) need registers at a time — room for 4 rows beside a decoded
+/// block. Fewer rows alternate the parities as the original does: with only two chains per
+/// row in flight, a block would wait on the previous block's FMA latency.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -607,7 +609,7 @@ unsafe fn dots_avx2<const M: usize>(
     let [acc0, acc1] = &mut acc;
     let [off0, off1] = &mut off;
     match t {
-        GgmlDType::Q4_1 => {
+        GgmlDType::Q4_1 if M >= 3 => {
             for b in (0..nb).step_by(2) {
                 q4_1_avx2::<M>(row, x, xsum, k, b, m, acc0, off0);
             }
@@ -615,12 +617,28 @@ unsafe fn dots_avx2<const M: usize>(
                 q4_1_avx2::<M>(row, x, xsum, k, b, m, acc1, off1);
             }
         }
-        GgmlDType::Q8_0 => {
+        GgmlDType::Q4_1 => {
+            for b in (0..nb).step_by(2) {
+                q4_1_avx2::<M>(row, x, xsum, k, b, m, acc0, off0);
+                if b + 1 < nb {
+                    q4_1_avx2::<M>(row, x, xsum, k, b + 1, m, acc1, off1);
+                }
+            }
+        }
+        GgmlDType::Q8_0 if M >= 3 => {
             for b in (0..nb).step_by(2) {
                 q8_0_avx2::<M>(row, x, k, b, m, acc0);
             }
             for b in (1..nb).step_by(2) {
                 q8_0_avx2::<M>(row, x, k, b, m, acc1);
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for b in (0..nb).step_by(2) {
+                q8_0_avx2::<M>(row, x, k, b, m, acc0);
+                if b + 1 < nb {
+                    q8_0_avx2::<M>(row, x, k, b + 1, m, acc1);
+                }
             }
         }
         _ => unreachable!("unsupported type"),
