@@ -35,7 +35,8 @@ pub enum Path {
     /// AVX-512F FMA on f32 activations.
     Avx512,
     /// Activations rounded to int8 per 32-value block, integer block dots with AVX-512 VNNI
-    /// (256-bit `vpdpbusd`), f32 scales and sums.
+    /// (256-bit `vpdpbusd`), f32 scales and sums. Without VNNI, the same exact integer dots
+    /// from AVX2 (`vpmaddubsw`, `vpmaddwd`), so the same bits.
     Vnni,
 }
 
@@ -64,11 +65,7 @@ impl Path {
                 Path::Portable => true,
                 Path::Avx2 => fedllm_kernels::avx2::available(),
                 Path::Avx512 => f,
-                Path::Vnni => {
-                    f && is_x86_feature_detected!("avx512vnni")
-                        && is_x86_feature_detected!("avx512vl")
-                        && is_x86_feature_detected!("avx512bw")
-                }
+                Path::Vnni => vnni_hw() || fedllm_kernels::avx2::available(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -76,6 +73,23 @@ impl Path {
             self == Path::Portable
         }
     }
+}
+
+/// Whether the CPU has AVX-512 VNNI (with BW, VL, F16C) for [`Path::Vnni`]'s own kernels.
+fn vnni_hw() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Every path this CPU runs (what the tests iterate over).
@@ -355,7 +369,12 @@ unsafe fn dense_dots_avx2(row: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
 /// over W (a GEMM would repack all of W for a handful of rows).
 pub fn dense_matmul(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert!(w.len() == n * k && x.len() == m * k);
-    let path = selected();
+    // Dense rows have no int8 form: the VNNI path takes the f32 kernels, the AVX2 twin where
+    // the CPU lacks AVX-512 (its VNNI path being the AVX2 twin too).
+    let path = match selected() {
+        Path::Vnni if !Path::Avx512.supported() => Path::Avx2,
+        p => p,
+    };
     rows_in_parallel(n, m, &|rs, o| {
         for (i, r) in rs.enumerate() {
             let row = &w[r * k..(r + 1) * k];
@@ -454,8 +473,15 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
             let sums = &xsum[j0 * nb..];
             match (path, &q8) {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: VNNI, AVX-512 BW/VL and F16C were detected (`Path::supported`); the
+                // SAFETY: without VNNI, `Path::supported` detected AVX2, FMA and F16C; the
                 // slices cover whole blocks of these rows.
+                (Path::Vnni, Some(q8)) if !vnni_hw() => unsafe {
+                    let a = q8.rows(j0, k);
+                    rows_vnni_avx2(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: VNNI, AVX-512 BW/VL and F16C were detected (`vnni_hw`); the slices
+                // cover whole blocks of these rows.
                 (Path::Vnni, Some(q8)) => unsafe {
                     let a = q8.rows(j0, k);
                     if g.rows == 1 {
@@ -739,6 +765,17 @@ struct Q8View<'a> {
     dq: &'a [f32],
 }
 
+impl<'a> Q8View<'a> {
+    /// The window `rows` rows (of k values) further on.
+    fn skip(self, rows: usize, k: usize) -> Q8View<'a> {
+        Q8View {
+            q: &self.q[rows * k..],
+            d: &self.d[rows * k / 32..],
+            dq: &self.dq[rows * k / 32..],
+        }
+    }
+}
+
 impl Q8Rows {
     /// `simd` picks the AVX-512 rounding loop where the CPU has it; both give the same bytes.
     fn new(x: &[f32], simd: bool) -> Q8Rows {
@@ -897,6 +934,125 @@ unsafe fn block_vnni<const M: usize>(
     for j in 0..M.min(m) {
         let qa = _mm256_loadu_si256(q.add(j * k + b * 32) as *const __m256i);
         let dot = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, qa));
+        acc[j] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * *d.add(j * nb + b)), acc[j]);
+        off[j] += ow * *sums.add(j * nb + b);
+    }
+}
+
+/// [`rows_vnni`] on AVX2 alone: each weight row against the group's int8 rows, four at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_vnni_avx2(
+    t: GgmlDType,
+    w: &[u8],
+    row_bytes: usize,
+    rs: Range<usize>,
+    a: Q8View,
+    sums: &[f32],
+    k: usize,
+    o: &mut [f32],
+    g: Group,
+) {
+    let nb = k / 32;
+    for (i, r) in rs.enumerate() {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for (p, out) in g.out(o, i).chunks_mut(4).enumerate() {
+            let (a, ss) = (a.skip(4 * p, k), &sums[4 * p * nb..]);
+            match out.len() {
+                4 => dots_vnni_avx2::<4>(t, row, a, ss, k, out),
+                3 => dots_vnni_avx2::<3>(t, row, a, ss, k, out),
+                2 => dots_vnni_avx2::<2>(t, row, a, ss, k, out),
+                _ => dots_vnni_avx2::<1>(t, row, a, ss, k, out),
+            }
+        }
+    }
+}
+
+/// [`dots_vnni`] with [`block_vnni_avx2`]: the same f32 steps in the same order.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_vnni_avx2<const M: usize>(
+    t: GgmlDType,
+    row: &[u8],
+    a: Q8View,
+    xsum: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let m = out.len().min(M);
+    let nb = k / 32;
+    let mut acc = [[_mm256_setzero_ps(); M]; 2];
+    let mut off = [[0f32; M]; 2];
+    let [acc0, acc1] = &mut acc;
+    let [off0, off1] = &mut off;
+    let q4 = t == GgmlDType::Q4_1;
+    assert!(q4 || t == GgmlDType::Q8_0, "unsupported type");
+    let sums = if q4 { xsum.as_ptr() } else { a.dq.as_ptr() };
+    for b in (0..nb).step_by(2) {
+        block_vnni_avx2::<M>(q4, row, a, sums, k, b, m, acc0, off0);
+        if b + 1 < nb {
+            block_vnni_avx2::<M>(q4, row, a, sums, k, b + 1, m, acc1, off1);
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = hsum256(_mm256_add_ps(acc[0][j], acc[1][j])) + (off[0][j] + off[1][j]);
+    }
+}
+
+/// [`block_vnni`] on AVX2. `vpdpbusd` sums four u8·i8 products per 32-bit lane; here
+/// `vpmaddubsw` sums pairs into 16 bits and `vpmaddwd` pairs of those into the same lanes, all
+/// exact: Q4_1's pairs reach 2·15·127. Q8_0's weights are multiplied signed (|w|, and x with
+/// w's sign: pairs reach 2·128·127), and the +128 of the VNNI form is added back as 128·Σx
+/// per lane, so every lane holds the VNNI path's integer.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_vnni_avx2<const M: usize>(
+    q4: bool,
+    row: &[u8],
+    a: Q8View,
+    sums: *const f32,
+    k: usize,
+    b: usize,
+    m: usize,
+    acc: &mut [std::arch::x86_64::__m256; M],
+    off: &mut [f32; M],
+) {
+    use std::arch::x86_64::*;
+    let nb = k / 32;
+    let ones16 = _mm256_set1_epi16(1);
+    let (w, dw, ow) = if q4 {
+        let blk = row.as_ptr().add(b * 20);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+        let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+        let w = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
+        let w = _mm256_and_si256(w, _mm256_set1_epi8(0x0F));
+        (w, _mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+    } else {
+        let blk = row.as_ptr().add(b * 34);
+        let dw = h2f(u16::from_le_bytes([*blk, *blk.add(1)]));
+        let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        (w, dw, -128.0 * dw)
+    };
+    let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
+    #[allow(clippy::needless_range_loop)] // j also strides the activation pointers
+    for j in 0..M.min(m) {
+        let qa = _mm256_loadu_si256(q.add(j * k + b * 32) as *const __m256i);
+        let lanes = if q4 {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, qa), ones16)
+        } else {
+            let signed = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(qa, w)),
+                ones16,
+            );
+            let xs = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), qa), ones16);
+            _mm256_add_epi32(signed, _mm256_slli_epi32::<7>(xs))
+        };
+        let dot = _mm256_cvtepi32_ps(lanes);
         acc[j] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * *d.add(j * nb + b)), acc[j]);
         off[j] += ow * *sums.add(j * nb + b);
     }
@@ -1065,6 +1221,42 @@ mod tests {
                     .collect();
                 let run = |p| with_path(p, || dense_matmul(&wd, n, k + 1, &xd, m));
                 assert_eq!(run(Path::Avx2), run(Path::Avx512), "dense {n}x{k} m={m}");
+            }
+        }
+    }
+
+    /// The AVX2 form of the VNNI path gives the VNNI kernels' bits (the same integer per lane,
+    /// the same f32 steps), Q4_1 and Q8_0, one row and groups.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_twin_gives_the_vnni_bits() {
+        if !vnni_hw() {
+            eprintln!("note: no AVX-512 VNNI here: its AVX2 twin was not compared with it");
+            return;
+        }
+        let dev = Device::Cpu;
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (n, k, m) in [(37, 96, 1), (20, 64, 3), (33, 160, 8)] {
+                let w = fedllm_testing::randn(331, 0f32, 1.0, (n, k), &dev).unwrap();
+                let raw = QTensor::quantize(&w, t).unwrap().data().unwrap().to_vec();
+                let x: Vec<f32> = fedllm_testing::randn(332, 0f32, 2.0, (m, k), &dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let hw = with_path(Path::Vnni, || matmul(t, &raw, n, k, &x, m));
+                let (q8, sums) = (Q8Rows::new(&x, true), block_sums(&x));
+                let mut yt = vec![0f32; n * m];
+                let g = Group {
+                    j0: 0,
+                    rows: m,
+                    stride: m,
+                };
+                let rb = raw.len() / n;
+                // SAFETY: VNNI hardware implies AVX2, FMA and F16C; whole blocks.
+                unsafe { rows_vnni_avx2(t, &raw, rb, 0..n, q8.rows(0, k), &sums, k, &mut yt, g) };
+                assert_eq!(transpose(yt, n, m), hw, "{t:?} {n}x{k} m={m}");
             }
         }
     }
