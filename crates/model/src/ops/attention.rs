@@ -564,7 +564,9 @@ unsafe fn load8<const H: bool>(row: *const u8, c: usize, h: usize) -> std::arch:
     }
 }
 
-/// [`scores_avx512`] on 8-lane halves.
+/// [`scores_avx512`] on 8-lane halves. Each score keeps its own chain in the original's
+/// order; tiles of two keys by up to three queries keep a dozen chains in flight and read
+/// each key half once per tile rather than once per query.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores_avx2<const H: bool>(
@@ -575,26 +577,74 @@ unsafe fn scores_avx2<const H: bool>(
     bias: Option<&[f32]>,
     p: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let (d, s) = (qs[0].len(), p.len() / qs.len());
+    let s = p.len() / qs.len();
     let bytes = if H { 2 } else { 4 };
-    for j in 0..s {
+    let mut j = 0;
+    while j < s {
+        let keys = (s - j).min(2);
         let row = base.add(j * stride * bytes);
-        let bj = bias.map_or(0.0, |b| b[j]);
-        for (i, q) in qs.iter().enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 2];
-            for c in 0..d / 16 {
-                for (h, a) in acc.iter_mut().enumerate() {
-                    let qv = _mm256_loadu_ps(q.as_ptr().add(c * 16 + h * 8));
-                    *a = _mm256_fmadd_ps(qv, load8::<H>(row, c, h), *a);
+        let mut i = 0;
+        while i < qs.len() {
+            let q = &qs[i..(i + 3).min(qs.len())];
+            let at = p.as_mut_ptr().add(i * s + j);
+            let st = stride * bytes;
+            match (q.len(), keys) {
+                (3, 2) => score_tile::<H, 3, 2>(row, st, q, at, s),
+                (2, 2) => score_tile::<H, 2, 2>(row, st, q, at, s),
+                (1, 2) => score_tile::<H, 1, 2>(row, st, q, at, s),
+                (3, _) => score_tile::<H, 3, 1>(row, st, q, at, s),
+                (2, _) => score_tile::<H, 2, 1>(row, st, q, at, s),
+                _ => score_tile::<H, 1, 1>(row, st, q, at, s),
+            }
+            i += q.len();
+        }
+        for jj in j..j + keys {
+            let bj = bias.map_or(0.0, |b| b[jj]);
+            for i in 0..qs.len() {
+                p[i * s + jj] = p[i * s + jj] * scale + bj;
+            }
+        }
+        j += keys;
+    }
+}
+
+/// Raw dot products of Q queries with K key rows (`row`, `st` bytes apart) into
+/// `at[i·s + j]`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // indices name a register tile's cells
+unsafe fn score_tile<const H: bool, const Q: usize, const K: usize>(
+    row: *const u8,
+    st: usize,
+    qs: &[Vec<f32>],
+    at: *mut f32,
+    s: usize,
+) {
+    use std::arch::x86_64::*;
+    let d = qs[0].len();
+    let mut acc = [[[_mm256_setzero_ps(); 2]; K]; Q];
+    for c in 0..d / 16 {
+        for h in 0..2 {
+            let kv: [__m256; K] = std::array::from_fn(|j| load8::<H>(row.add(j * st), c, h));
+            for (i, q) in qs.iter().enumerate().take(Q) {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(c * 16 + h * 8));
+                for j in 0..K {
+                    acc[i][j][h] = _mm256_fmadd_ps(qv, kv[j], acc[i][j][h]);
                 }
             }
-            p[i * s + j] = fedllm_kernels::avx2::reduce16(acc[0], acc[1]) * scale + bj;
+        }
+    }
+    for (i, ai) in acc.iter().enumerate() {
+        for (j, a) in ai.iter().enumerate() {
+            *at.add(i * s + j) = fedllm_kernels::avx2::reduce16(a[0], a[1]);
         }
     }
 }
 
-/// [`mix_avx512`] on 8-lane halves.
+/// [`mix_avx512`] on 8-lane halves. Each output lane takes its weighted rows in the
+/// original's order; the outputs stay in registers, up to three queries by 16 lanes at a
+/// time, instead of a load and a store per row and query.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn mix_avx2<const H: bool>(
@@ -604,28 +654,55 @@ unsafe fn mix_avx2<const H: bool>(
     p: &[f32],
     o: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
     let r = o.len() / d;
     let s = p.len() / r;
-    let bytes = if H { 2 } else { 4 };
-    for j in 0..s {
-        let row = base.add(j * stride * bytes);
-        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
-            let w = p[i * s + j];
-            if w == 0.0 {
-                continue;
-            }
-            let wv = _mm256_set1_ps(w);
-            for c in 0..d / 16 {
-                for h in 0..2 {
-                    let y = oi.as_mut_ptr().add(c * 16 + h * 8);
-                    _mm256_storeu_ps(
-                        y,
-                        _mm256_fmadd_ps(wv, load8::<H>(row, c, h), _mm256_loadu_ps(y)),
-                    );
-                }
+    let st = stride * if H { 2 } else { 4 };
+    let mut i = 0;
+    while i < r {
+        let q = (r - i).min(3);
+        for c in 0..d / 16 {
+            let (pi, oi) = (p.as_ptr().add(i * s), o.as_mut_ptr().add(i * d + c * 16));
+            match q {
+                3 => mix_tile::<H, 3>(base, st, c, s, pi, oi, d),
+                2 => mix_tile::<H, 2>(base, st, c, s, pi, oi, d),
+                _ => mix_tile::<H, 1>(base, st, c, s, pi, oi, d),
             }
         }
+        i += q;
+    }
+}
+
+/// Lanes 16c..16c+16 of Q outputs (`o`, d apart) += Σ_j p[i·s + j] · v_j over the s rows.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mix_tile<const H: bool, const Q: usize>(
+    base: *const u8,
+    st: usize,
+    c: usize,
+    s: usize,
+    p: *const f32,
+    o: *mut f32,
+    d: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc: [[__m256; 2]; Q] =
+        std::array::from_fn(|i| std::array::from_fn(|h| _mm256_loadu_ps(o.add(i * d + 8 * h))));
+    for j in 0..s {
+        let row = base.add(j * st);
+        let v = [load8::<H>(row, c, 0), load8::<H>(row, c, 1)];
+        for (i, a) in acc.iter_mut().enumerate() {
+            let w = *p.add(i * s + j);
+            if w != 0.0 {
+                let wv = _mm256_set1_ps(w);
+                a[0] = _mm256_fmadd_ps(wv, v[0], a[0]);
+                a[1] = _mm256_fmadd_ps(wv, v[1], a[1]);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(o.add(i * d), a[0]);
+        _mm256_storeu_ps(o.add(i * d + 8), a[1]);
     }
 }
 
@@ -1081,7 +1158,14 @@ mod tests {
     /// zero weights skipped (evaluation's scores rest on decoding exactly as before).
     #[test]
     fn cache_block_loops_equal_the_row_calls() {
-        let (s, d, r) = (37, 64, 3);
+        // Odd key counts, 1–5 query heads per K/V head, head sizes of 4 and 5 16-lane chunks:
+        // every tile shape of the AVX2 kernels and their remainders.
+        for (s, d, r) in [(37, 64, 3), (8, 80, 4), (5, 64, 1), (9, 16, 5), (2, 64, 2)] {
+            block_loops_equal_row_calls(s, d, r);
+        }
+    }
+
+    fn block_loops_equal_row_calls(s: usize, d: usize, r: usize) {
         let vals: Vec<f32> = (0..s * d)
             .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
             .collect();
