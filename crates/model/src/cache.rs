@@ -21,6 +21,9 @@ const GROW: usize = 256;
 #[derive(Debug, Default)]
 pub(crate) struct LayerKv {
     kv: Option<Slot>,
+    /// Keys/values [1, KV, P, D] of a prefix every row continues (few-shot examples): stored
+    /// once, attended before `kv` (which then holds only the positions after it).
+    shared: Option<Slot>,
     buf: Option<Slot>,
     /// Spare positions a new buffer gets (0: `GROW`).
     room: usize,
@@ -31,8 +34,11 @@ pub(crate) struct LayerKv {
 #[derive(Debug, Default)]
 pub struct KvCache {
     slots: Vec<LayerKv>,
-    /// Number of cached positions (same for every row: batches are padded).
+    /// Number of cached positions (same for every row: batches are padded), the shared
+    /// prefix's included.
     pub len: usize,
+    /// Positions at the front that every row shares (stored once, `LayerKv::shared`).
+    shared_len: usize,
     /// The 0/1 key mask for the cached positions, one row per batch element.
     pub mask: Vec<Vec<u8>>,
     /// Spare positions each layer's buffer is allocated with (0: `GROW`).
@@ -51,12 +57,14 @@ impl Clone for KvCache {
                 .iter()
                 .map(|l| LayerKv {
                     kv: l.kv.clone(),
+                    shared: l.shared.clone(),
                     buf: None,
                     room: l.room,
                     dtype: l.dtype,
                 })
                 .collect(),
             len: self.len,
+            shared_len: self.shared_len,
             mask: self.mask.clone(),
             room: self.room,
             dtype: self.dtype,
@@ -81,16 +89,67 @@ impl KvCache {
                 .into_iter()
                 .map(|s| LayerKv {
                     kv: Some(s),
+                    shared: None,
                     buf: None,
                     room: 0,
                     dtype: None,
                 })
                 .collect(),
             len: n,
+            shared_len: 0,
             mask: vec![vec![1u8; n]; b],
             room: 0,
             dtype: None,
         })
+    }
+
+    /// A cache of `rows` rows that all continue the one-row `prefix`, whose keys and values
+    /// are shared rather than copied per row: decoding then reads them once per step for the
+    /// whole batch (from the CPU caches) instead of once per row (from memory). A prefix that
+    /// itself shares one, or whose rows differ, is copied per row instead.
+    pub fn sharing(prefix: &KvCache, rows: usize) -> Result<Self> {
+        let whole = prefix.mask.len() == 1 && prefix.mask[0].iter().all(|&m| m == 1);
+        let plain = prefix.shared_len == 0
+            && prefix.slots.iter().all(|l| {
+                l.kv.as_ref()
+                    .is_some_and(|(k, v)| !k.track_op() && !v.track_op())
+            });
+        if !(whole && plain && prefix.len > 0) {
+            let mut c = prefix.clone();
+            c.select_rows(&vec![0; rows])?;
+            return Ok(c);
+        }
+        Ok(Self {
+            slots: prefix
+                .slots
+                .iter()
+                .map(|l| LayerKv {
+                    kv: None,
+                    shared: l.kv.clone(),
+                    buf: None,
+                    room: l.room,
+                    dtype: l.dtype,
+                })
+                .collect(),
+            len: prefix.len,
+            shared_len: prefix.len,
+            mask: vec![prefix.mask[0].clone(); rows],
+            room: prefix.room,
+            dtype: prefix.dtype,
+        })
+    }
+
+    /// Bytes of keys and values this cache holds (its valid positions; a shared prefix once).
+    pub fn stored_bytes(&self) -> usize {
+        let bytes = |s: &Option<Slot>| {
+            s.as_ref().map_or(0, |(k, v)| {
+                (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
+            })
+        };
+        self.slots
+            .iter()
+            .map(|l| bytes(&l.kv) + bytes(&l.shared))
+            .sum()
     }
 
     /// The dtype the first layer's keys are stored in (None while empty).
@@ -117,9 +176,27 @@ impl KvCache {
     }
 
     /// Adds `other`'s rows after this cache's (waiting prompts join a batched generation). The
-    /// shorter side is left-padded with masked positions, so both share one length; a row's
-    /// positions come from its own mask, so padding changes none of its numbers.
+    /// shorter side is left-padded with masked positions (after the shared prefix), so both
+    /// share one length; a row's positions come from its own mask, so padding changes none of
+    /// its numbers. Both must share the same prefix, or none.
     pub fn append_rows(&mut self, other: &KvCache) -> Result<()> {
+        let p = self.shared_len;
+        if self.slots.len() != other.slots.len() {
+            candle_core::bail!("caches of different depths cannot share a batch");
+        }
+        let same_prefix = other.shared_len == p
+            && self
+                .slots
+                .iter()
+                .zip(&other.slots)
+                .all(|(a, o)| match (&a.shared, &o.shared) {
+                    (Some((ka, _)), Some((kb, _))) => ka.id() == kb.id(),
+                    (None, None) => true,
+                    _ => false,
+                });
+        if !same_prefix {
+            candle_core::bail!("caches continuing different shared prefixes cannot share a batch");
+        }
         let len = self.len.max(other.len);
         let pad = |t: &Tensor, have: usize| -> Result<Tensor> {
             let t = t.contiguous()?;
@@ -130,20 +207,18 @@ impl KvCache {
             let z = Tensor::zeros((b, h, len - have, d), t.dtype(), t.device())?;
             Tensor::cat(&[&z, &t], 2)
         };
-        if self.slots.len() != other.slots.len() {
-            candle_core::bail!("caches of different depths cannot share a batch");
-        }
         for (a, o) in self.slots.iter_mut().zip(&other.slots) {
             a.kv = match (&a.kv, &o.kv) {
                 (Some((ka, va)), Some((kb, vb))) => Some((
                     Tensor::cat(&[&pad(ka, self.len)?, &pad(kb, other.len)?], 0)?,
                     Tensor::cat(&[&pad(va, self.len)?, &pad(vb, other.len)?], 0)?,
                 )),
+                (None, None) if p > 0 && len == p => None,
                 _ => candle_core::bail!("a cache layer without keys cannot share a batch"),
             };
             a.buf = None;
         }
-        let left = |m: &Vec<u8>, have: usize| [vec![0u8; len - have], m.clone()].concat();
+        let left = |m: &Vec<u8>, have: usize| [&m[..p], &vec![0u8; len - have], &m[p..]].concat();
         let mut mask: Vec<Vec<u8>> = self.mask.iter().map(|m| left(m, self.len)).collect();
         mask.extend(other.mask.iter().map(|m| left(m, other.len)));
         self.mask = mask;
@@ -152,25 +227,28 @@ impl KvCache {
     }
 
     /// Keeps only the given batch rows (finished rows leave a batched generation), and drops
-    /// the leading positions every kept row masks: a joining row is left-padded to the running
-    /// length, so under continuous batching the cache would otherwise grow by one position a
-    /// step for as long as the batch runs (seen: 4.7 GB and 2 s per GSM8K question after 650).
-    /// Positions come from each row's mask, so dropping masked columns changes none of them.
+    /// the leading positions (after a shared prefix) every kept row masks: a joining row is
+    /// left-padded to the running length, so under continuous batching the cache would
+    /// otherwise grow by one position a step for as long as the batch runs (seen: 4.7 GB and
+    /// 2 s per GSM8K question after 650). Positions come from each row's mask, so dropping
+    /// masked columns changes none of them.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
+        let p = self.shared_len;
+        let own = self.len - p;
         let cut = rows
             .iter()
             .map(|&r| {
-                self.mask[r]
+                self.mask[r][p..]
                     .iter()
                     .position(|&m| m != 0)
-                    .unwrap_or(self.len)
+                    .unwrap_or(own)
             })
             .min()
             .unwrap_or(0)
-            .min(self.len.saturating_sub(1));
+            .min(own.saturating_sub(1));
         let dev = self
             .slots
             .iter()
@@ -183,7 +261,7 @@ impl KvCache {
                 rows.len(),
                 &dev,
             )?;
-            let keep = self.len - cut;
+            let keep = own - cut;
             for l in self.slots.iter_mut() {
                 if let Some((k, v)) = &mut l.kv {
                     *k = k
@@ -198,13 +276,24 @@ impl KvCache {
                 l.buf = None;
             }
         }
-        self.mask = rows.iter().map(|&r| self.mask[r][cut..].to_vec()).collect();
+        self.mask = rows
+            .iter()
+            .map(|&r| [&self.mask[r][..p], &self.mask[r][p + cut..]].concat())
+            .collect();
         self.len -= cut;
         Ok(())
     }
 }
 
-/// Appends new keys/values to a cache slot and returns the full keys/values to attend to.
+impl LayerKv {
+    /// The shared prefix's keys/values, attended before the slot's own.
+    pub(crate) fn shared(&self) -> Option<&Slot> {
+        self.shared.as_ref()
+    }
+}
+
+/// Appends new keys/values to a cache slot and returns the keys/values to attend to (after
+/// the slot's shared prefix, if it has one).
 /// Without gradients they are written into the slot's buffer (grown by `GROW` positions when
 /// full), so a decoding step copies only its own token's keys and values.
 pub(crate) fn append(slot: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {

@@ -267,9 +267,7 @@ pub fn prefill(
                     "a shared prefix cache must hold one row".into(),
                 ));
             }
-            let mut c = p.clone();
-            c.select_rows(&vec![0; n])?;
-            c
+            KvCache::sharing(p, n)?
         }
         _ => KvCache::new(),
     };

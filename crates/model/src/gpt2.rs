@@ -61,8 +61,17 @@ impl Attention {
                 .contiguous()
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let shared = cache.as_deref().and_then(|c| c.shared().cloned());
         let (k, v) = crate::cache::append(cache, k, v)?;
-        let y = ops::gqa_attention(&q, &k, &v, 1, self.scale, ctx.bias.as_ref())?;
+        let y = ops::gqa_attention_after(
+            &q,
+            shared.as_ref(),
+            &k,
+            &v,
+            1,
+            self.scale,
+            ctx.bias.as_ref(),
+        )?;
         let y = y.transpose(1, 2)?.reshape((b, t, h))?;
         self.c_proj.forward(&y)
     }

@@ -77,11 +77,13 @@ impl Attention {
         let (cos, sin) = ctx.rope.as_ref().expect("llama needs rotary tables");
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
+        let shared = cache.as_deref().and_then(|c| c.shared().cloned());
         let (k, v) = crate::profile::span(crate::profile::Phase::Attention, || {
             crate::cache::append(cache, k, v)
         })?;
         let n_rep = self.num_heads / self.num_kv_heads;
-        let y = ops::gqa_attention(&q, &k, &v, n_rep, scale, ctx.bias.as_ref())?;
+        let bias = ctx.bias.as_ref();
+        let y = ops::gqa_attention_after(&q, shared.as_ref(), &k, &v, n_rep, scale, bias)?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;

@@ -149,3 +149,99 @@ fn vnni_rows_have_the_same_logits_alone_and_batched() {
         }
     });
 }
+
+/// Rows continuing a shared prefix (`KvCache::sharing`, as every few-shot evaluation prefills)
+/// hold its keys and values once, yet give bit for bit the logits of rows that each hold a
+/// copy: through a padded prompt read, decode steps, rows leaving and a row joining.
+#[test]
+fn a_shared_prefix_is_stored_once_with_the_copied_prefix_numbers() {
+    use candle_core::Tensor;
+    use fedllm_model::KvCache;
+    for name in ["llama-tiny", "gpt2-tiny"] {
+        let dir = fedllm_testing::golden_dir().join(name);
+        let m = CausalLm::load(&dir, LoadOptions::default()).unwrap().model;
+        let prefix: Vec<u32> = (0..21).map(|i| 3 + 7 * i).collect();
+        let base = prefix_cache(&m, &prefix).unwrap();
+        let mut shared = KvCache::sharing(&base, 3).unwrap();
+        let mut copied = base.clone();
+        copied.select_rows(&[0, 0, 0]).unwrap();
+        let one_row = base.stored_bytes();
+        assert_eq!(copied.stored_bytes(), 3 * one_row);
+        assert_eq!(shared.stored_bytes(), one_row, "nothing but the prefix yet");
+        // Three prompts of 5, 2 and 4 tokens, left-padded to 5 after the prefix.
+        let ids = Tensor::from_vec(
+            vec![5u32, 9, 13, 17, 21, 0, 0, 0, 40, 41, 0, 100, 101, 102, 103],
+            (3, 5),
+            &m.device,
+        )
+        .unwrap();
+        let mask = vec![vec![1u8; 5], vec![0, 0, 0, 1, 1], vec![0, 1, 1, 1, 1]];
+        let bits = |t: Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        let both = |c: [&mut KvCache; 2], ids: &Tensor, mask: Option<&[Vec<u8>]>, what: &str| {
+            let [s, c] = c;
+            let a = m.forward_hidden(ids, mask, Some(s)).unwrap();
+            let b = m.forward_hidden(ids, mask, Some(c)).unwrap();
+            assert_eq!(bits(a), bits(b), "{name}: {what}");
+        };
+        both([&mut shared, &mut copied], &ids, Some(&mask), "prompt read");
+        let step = |v: Vec<u32>| {
+            let n = v.len();
+            Tensor::from_vec(v, (n, 1), &m.device).unwrap()
+        };
+        both(
+            [&mut shared, &mut copied],
+            &step(vec![7, 8, 9]),
+            None,
+            "first step",
+        );
+        both(
+            [&mut shared, &mut copied],
+            &step(vec![10, 11, 12]),
+            None,
+            "second step",
+        );
+        // Each row stores only its own 7 positions beside the one prefix.
+        let per_pos = one_row / prefix.len();
+        assert_eq!(shared.stored_bytes(), one_row + 3 * 7 * per_pos);
+        shared.select_rows(&[2, 0]).unwrap();
+        copied.select_rows(&[2, 0]).unwrap();
+        both(
+            [&mut shared, &mut copied],
+            &step(vec![13, 14]),
+            None,
+            "after a row left",
+        );
+        // A new prompt joins each batch, continuing the same prefix: 8 tokens, the running
+        // rows' own length, so that neither layout pads it (a copied prefix is padded before
+        // the prefix, a shared one after it, and the f32 softmax sums follow positions).
+        let mut join_shared = KvCache::sharing(&base, 1).unwrap();
+        let mut join_copied = base.clone();
+        let p = Tensor::from_vec((60u32..68).collect(), (1, 8), &m.device).unwrap();
+        both(
+            [&mut join_shared, &mut join_copied],
+            &p,
+            None,
+            "joining prompt",
+        );
+        shared.append_rows(&join_shared).unwrap();
+        copied.append_rows(&join_copied).unwrap();
+        both(
+            [&mut shared, &mut copied],
+            &step(vec![15, 16, 17]),
+            None,
+            "after a row joined",
+        );
+        assert_eq!((shared.len, &shared.mask), (copied.len, &copied.mask));
+        assert_eq!(shared.stored_bytes(), one_row + 3 * 9 * per_pos);
+        // A batch continuing another prefix cannot join.
+        let other = prefix_cache(&m, &prefix).unwrap();
+        let e = shared.append_rows(&KvCache::sharing(&other, 1).unwrap());
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("different shared prefixes"));
+    }
+}

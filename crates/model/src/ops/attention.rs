@@ -67,6 +67,22 @@ pub fn gqa_attention(
     scale: f64,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    gqa_attention_after(q, None, k, v, n_rep, scale, bias)
+}
+
+/// [`gqa_attention`] where every row first attends to `shared` keys/values [1, KV, P, D] (a
+/// prefix all rows continue, stored once) and then to its own k/v [B, KV, S − P, D]; the
+/// bias covers all S keys. The CPU inference kernel reads the shared rows in place; other
+/// paths attend to the prefix copied per row, with the same numbers.
+pub fn gqa_attention_after(
+    q: &Tensor,
+    shared: Option<&(Tensor, Tensor)>,
+    k: &Tensor,
+    v: &Tensor,
+    n_rep: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::Attention, || {
         let tracked = q.track_op() || k.track_op() || v.track_op();
         // Decoding steps (few new tokens), and prompts of a batch (each row with its own
@@ -80,9 +96,12 @@ pub fn gqa_attention(
         let few = batch_exact || q.dim(2)? <= 16 || q.dim(0)? > 1;
         if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
             let (b, h, t, d) = q.dims4()?;
-            let s = k.dim(2)?;
+            let shared_len = shared.map_or(Ok(0), |(sk, _)| sk.dim(2))?;
+            let s = shared_len + k.dim(2)?;
             let bias = host_bias(bias)?;
             let op = InferAttention {
+                shared: shared.cloned(),
+                shared_len,
                 batch_exact,
                 scale: scale as f32,
                 bias,
@@ -98,6 +117,22 @@ pub fn gqa_attention(
         // A cache may store keys/values narrower than the queries (f16 beside quantized
         // weights): widened for the matmul path.
         let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
+        let (k, v) = match shared {
+            None => (k.clone(), v.clone()),
+            Some((sk, sv)) => {
+                let rows = |x: &Tensor| -> Result<Tensor> {
+                    let (_, h, p, d) = x.dims4()?;
+                    x.to_dtype(q.dtype())?
+                        .broadcast_as((k.dim(0)?, h, p, d))?
+                        .contiguous()
+                };
+                (
+                    Tensor::cat(&[&rows(sk)?, k], 2)?,
+                    Tensor::cat(&[&rows(sv)?, v], 2)?,
+                )
+            }
+        };
+        let (k, v) = (&k, &v);
         let k = repeat_kv(k, n_rep)?;
         let v = repeat_kv(v, n_rep)?;
         attention(
@@ -132,6 +167,10 @@ struct InferAttention {
     s: usize,
     d: usize,
     n_rep: usize,
+    /// Keys/values [1, KV, P, D] every row attends before its own (`KvCache::sharing`).
+    shared: Option<(Tensor, Tensor)>,
+    /// P (0 without `shared`); `s` counts them.
+    shared_len: usize,
 }
 
 /// Element `i` of a 4-d strided view as f32.
@@ -706,6 +745,52 @@ unsafe fn mix_tile<const H: bool, const Q: usize>(
     }
 }
 
+impl InferAttention {
+    /// `p[i·n + j] = (q_i · k_j)·scale + bias_j` over the n = `p.len() / qs.len()` keys of
+    /// `k`'s (batch, kv head) rows.
+    fn scores(
+        &self,
+        k: &View,
+        at: (usize, usize),
+        qs: &[Vec<f32>],
+        bias: Option<&[f32]>,
+        p: &mut [f32],
+    ) {
+        let n = p.len() / qs.len();
+        if n == 0 || k.scores(at, qs, self.scale, bias, p) {
+            return;
+        }
+        let mut kr = vec![0f32; qs[0].len()];
+        for j in 0..n {
+            let bj = bias.map_or(0.0, |b| b[j]);
+            let krow = k.row_ref(at.0, at.1, j, &mut kr);
+            for (i, qr) in qs.iter().enumerate() {
+                p[i * n + j] = dot(qr, krow) * self.scale + bj;
+            }
+        }
+    }
+}
+
+/// `o_i += Σ_j p[i·n + j] · v_j` over the n keys of `v`'s (batch, kv head) rows, in order,
+/// zero weights skipped.
+fn mix_rows(v: &View, at: (usize, usize), d: usize, p: &[f32], o: &mut [f32]) {
+    let r = o.len() / d;
+    let n = p.len() / r;
+    if n == 0 || v.mix(at, d, p, o) {
+        return;
+    }
+    let mut vr = vec![0f32; d];
+    for j in 0..n {
+        let vrow = v.row_ref(at.0, at.1, j, &mut vr);
+        for (i, oi) in o.chunks_mut(d).enumerate() {
+            let w = p[i * n + j];
+            if w != 0.0 {
+                axpy(w, vrow, oi);
+            }
+        }
+    }
+}
+
 impl candle_core::CustomOp3 for InferAttention {
     fn name(&self) -> &'static str {
         "infer-attention"
@@ -727,8 +812,23 @@ impl candle_core::CustomOp3 for InferAttention {
         // One task per (batch, kv head, query position): its n_rep query heads share every K
         // and V row, which is then read once for all of them. Tasks go to the decode pool:
         // this runs once per layer per decoded token, too short for rayon's wake-ups.
+        // A shared prefix's keys/values come first (one row for all), then the row's own.
+        let guards = self
+            .shared
+            .as_ref()
+            .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()));
+        let shared = match &guards {
+            Some(((ks, kl), (vs, vl))) => match (&**ks, &**vs) {
+                (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) => {
+                    Some((View::new(kc, kl)?, View::new(vc, vl)?))
+                }
+                _ => candle_core::bail!("attention: a shared prefix off the CPU"),
+            },
+            None => None,
+        };
+        let sp = self.shared_len;
         let group = |g: usize| -> Vec<f32> {
-            let (mut kr, mut p) = (vec![0f32; d], vec![0f32; r * s]);
+            let mut p = vec![0f32; r * s];
             let (bi, kv, ti) = (g / ((h / r) * t), (g / t) % (h / r), g % t);
             let qs: Vec<Vec<f32>> = (0..r)
                 .map(|i| {
@@ -741,12 +841,20 @@ impl candle_core::CustomOp3 for InferAttention {
                 .bias
                 .as_ref()
                 .map(|b| &b[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
-            if !k.scores((bi, kv), &qs, self.scale, bias, &mut p) {
-                for j in 0..s {
-                    let bj = bias.map_or(0.0, |b| b[j]);
-                    let krow = k.row_ref(bi, kv, j, &mut kr);
-                    for (i, qr) in qs.iter().enumerate() {
-                        p[i * s + j] = dot(qr, krow) * self.scale + bj;
+            // (view, its batch row, first key, keys)
+            let segs: Vec<(&View, usize, usize, usize)> = match &shared {
+                Some((sk, _)) => vec![(sk, 0, 0, sp), (&k, bi, sp, s - sp)],
+                None => vec![(&k, bi, 0, s)],
+            };
+            if let [(view, vb, _, _)] = segs[..] {
+                self.scores(view, (vb, kv), &qs, bias, &mut p);
+            } else {
+                for &(view, vb, j0, n) in &segs {
+                    let mut part = vec![0f32; r * n];
+                    let b = bias.map(|b| &b[j0..j0 + n]);
+                    self.scores(view, (vb, kv), &qs, b, &mut part);
+                    for (pi, qi) in p.chunks_mut(s).zip(part.chunks(n.max(1))) {
+                        pi[j0..j0 + n].copy_from_slice(qi);
                     }
                 }
             }
@@ -762,15 +870,21 @@ impl candle_core::CustomOp3 for InferAttention {
                 }
             }
             let mut o = vec![0f32; r * d];
-            if !v.mix((bi, kv), d, &p, &mut o) {
-                for j in 0..s {
-                    let vrow = v.row_ref(bi, kv, j, &mut kr);
-                    for (i, oi) in o.chunks_mut(d).enumerate() {
-                        let w = p[i * s + j];
-                        if w != 0.0 {
-                            axpy(w, vrow, oi);
-                        }
-                    }
+            let vs: Vec<(&View, usize, usize, usize)> = match &shared {
+                Some((_, sv)) => vec![(sv, 0, 0, sp), (&v, bi, sp, s - sp)],
+                None => vec![(&v, bi, 0, s)],
+            };
+            if let [(view, vb, _, _)] = vs[..] {
+                mix_rows(view, (vb, kv), d, &p, &mut o);
+            } else {
+                // Each output continues its sums over the row's own values in key order.
+                for &(view, vb, j0, n) in &vs {
+                    let part: Vec<f32> = p
+                        .chunks(s)
+                        .flat_map(|pi| &pi[j0..j0 + n])
+                        .copied()
+                        .collect();
+                    mix_rows(view, (vb, kv), d, &part, &mut o);
                 }
             }
             o

@@ -18,7 +18,9 @@ mod rope;
 mod softmax;
 
 pub use activation::{gelu_new, silu, swiglu};
-pub use attention::{attention, attention_composite, gqa_attention, repeat_kv, self_attention};
+pub use attention::{
+    attention, attention_composite, gqa_attention, gqa_attention_after, repeat_kv, self_attention,
+};
 pub use loss::{causal_lm_loss, cross_entropy};
 pub use norm::{layer_norm, rms_norm, rms_norm_composite};
 pub use rope::{rope, rope_composite};
