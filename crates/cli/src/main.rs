@@ -892,17 +892,21 @@ fn cmd_bench_generate(
     );
     println!("load:            {load_s:.3} s");
     let r = bench::bench_generate(model, prompt_len, decode_tokens, decode_ctx, batches, reps)?;
-    println!(
-        "prefill {:>4} tok: {:.1} tokens/s",
-        r.prompt_len, r.prefill_tokens_per_s
-    );
-    for ((b, tps, ctx), (_, phases)) in r.decode.iter().zip(&r.phases) {
-        println!("decode batch {b:>2}: {tps:.1} tokens/s total ({decode_tokens} steps after {ctx} tokens)");
+    let ms = |phases: &[(&str, f64)]| -> String {
         let parts: Vec<String> = phases
             .iter()
             .map(|(name, s)| format!("{name} {:.2}", s * 1e3))
             .collect();
-        println!("  ms per step:   {}", parts.join(", "));
+        parts.join(", ")
+    };
+    println!(
+        "prefill {:>4} tok: {:.1} tokens/s",
+        r.prompt_len, r.prefill_tokens_per_s
+    );
+    println!("  ms in all:     {}", ms(&r.prefill_phases));
+    for ((b, tps, ctx), (_, phases)) in r.decode.iter().zip(&r.phases) {
+        println!("decode batch {b:>2}: {tps:.1} tokens/s total ({decode_tokens} steps after {ctx} tokens)");
+        println!("  ms per step:   {}", ms(phases));
     }
     if let Some(rss) = bench::peak_rss_bytes() {
         println!("peak RSS:        {:.1} MiB", rss as f64 / (1 << 20) as f64);

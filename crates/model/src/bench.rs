@@ -16,6 +16,8 @@ use fedllm_rng::Rng;
 pub struct GenBench {
     pub prompt_len: usize,
     pub prefill_tokens_per_s: f64,
+    /// The fastest prefill's seconds in each phase, then the rest ("glue").
+    pub prefill_phases: Vec<(&'static str, f64)>,
     /// (batch, decode tokens/s summed over the batch, context length at the start of decoding)
     pub decode: Vec<(usize, f64, usize)>,
     /// Per decode batch: seconds per step in each phase, then the rest ("glue").
@@ -53,14 +55,21 @@ pub fn bench_generate(
     let p = prompt(&mut rng, prompt_len, vocab);
     let ids = Tensor::from_vec(p, (1, prompt_len), dev)?;
     let mut best = f64::INFINITY;
+    let mut prefill_phases = Vec::new();
     for _ in 0..reps.max(1) {
+        crate::profile::enable(true);
         let t0 = Instant::now();
         let mut cache = KvCache::new();
         let h = model.forward_hidden(&ids, None, Some(&mut cache))?;
         let _ = model
             .logits(&h.narrow(1, prompt_len - 1, 1)?)?
             .to_vec3::<f32>()?;
-        best = best.min(t0.elapsed().as_secs_f64());
+        let dt = t0.elapsed().as_secs_f64();
+        if dt < best {
+            best = dt;
+            prefill_phases = split(dt, 1);
+        }
+        crate::profile::enable(false);
     }
     let mut decode = Vec::new();
     let mut phases = Vec::new();
@@ -83,21 +92,27 @@ pub fn bench_generate(
             logits = model.logits(&h)?.squeeze(1)?.to_vec2::<f32>()?;
         }
         let dt = t0.elapsed().as_secs_f64();
-        let per = |s: f64| s / decode_tokens.max(1) as f64;
-        let mut p: Vec<(&'static str, f64)> = PHASES
-            .iter()
-            .map(|&ph| (ph.name(), per(crate::profile::seconds(ph))))
-            .collect();
-        let spans: f64 = p.iter().map(|x| x.1).sum();
-        p.push(("glue", per(dt) - spans));
+        phases.push((b, split(dt, decode_tokens)));
         crate::profile::enable(false);
-        phases.push((b, p));
         decode.push((b, (b * decode_tokens) as f64 / dt, decode_ctx));
     }
     Ok(GenBench {
         prompt_len,
         prefill_tokens_per_s: prompt_len as f64 / best,
+        prefill_phases,
         decode,
         phases,
     })
+}
+
+/// `total` seconds over `steps` as seconds per step in each profiled phase, then the rest.
+fn split(total: f64, steps: usize) -> Vec<(&'static str, f64)> {
+    let per = |s: f64| s / steps.max(1) as f64;
+    let mut p: Vec<(&'static str, f64)> = PHASES
+        .iter()
+        .map(|&ph| (ph.name(), per(crate::profile::seconds(ph))))
+        .collect();
+    let spans: f64 = p.iter().map(|x| x.1).sum();
+    p.push(("glue", per(total) - spans));
+    p
 }
