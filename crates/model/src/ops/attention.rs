@@ -85,10 +85,9 @@ pub fn gqa_attention_after(
 ) -> Result<Tensor> {
     crate::profile::span(crate::profile::Phase::Attention, || {
         let tracked = q.track_op() || k.track_op() || v.track_op();
-        // Decoding steps (few new tokens), and prompts of a batch (each row with its own
-        // copy of a shared prefix: repeating K/V per query head and batched matmuls would copy
-        // all of it for every chunk; measured 2x slower for 8 prompts after a 750-token
-        // prefix). One long prompt is better served by matmuls — except on the VNNI decode
+        // Decoding steps (few new tokens), and prompts of a batch (after a shared prefix:
+        // repeating K/V per query head and batched matmuls would copy all of it per row for
+        // every chunk; measured 2x slower for 8 prompts after a 750-token prefix). One long prompt is better served by matmuls — except on the VNNI decode
         // path, which promises a row the same numbers alone and in any batch: there every
         // prompt takes this kernel, whose softmax then ignores where padding sits. (The f32
         // paths keep the numbers they had, which evaluation's scores were taken with.)
