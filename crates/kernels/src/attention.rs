@@ -284,11 +284,195 @@ pub fn backward(
     rope_bthd(dk, cos, sin, kv, d, true);
 }
 
+/// Shape of a prompt's attention after cached positions (inference).
+#[derive(Clone, Copy, Debug)]
+pub struct PromptShape {
+    pub b: usize,
+    pub h: usize,
+    pub kv: usize,
+    /// New (query) positions.
+    pub t: usize,
+    /// Key positions: the cached ones, then the T new ones.
+    pub s: usize,
+    pub d: usize,
+}
+
+/// Query rows per task of [`prompt`]: small enough that a causal block reads few keys past its
+/// rows' own, large enough for the products to run at GEMM speed.
+const PB: usize = 32;
+
+/// Keys row `row` of a bias reads: up to its last entry the bias leaves visible (masked ones sit
+/// at −1e30, whose weight underflows to an exact 0), or all of them when it masks the row whole
+/// (its softmax is then uniform over every key, as the full product computes it).
+fn row_end(row: &[f32]) -> usize {
+    row.iter()
+        .rposition(|&x| x > -1e29)
+        .map_or(row.len(), |j| j + 1)
+}
+
+/// Inference attention of new positions (no gradient): q [B, H, T, D], k and v [B, KV, S, D]
+/// (grouped-query heads read in place), bias [B, T, S] additive, out [B, H, T, D], all
+/// contiguous f32. Tasks are (batch, head, block of `PB` query rows); a block reads the keys up
+/// to the last one any of its rows sees, so a causal prompt costs about half the products of
+/// the full T × S square.
+pub fn prompt(
+    sh: PromptShape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    bias: Option<&[f32]>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let PromptShape { b, h, kv, t, s, d } = sh;
+    assert!(
+        q.len() >= b * h * t * d
+            && k.len() >= b * kv * s * d
+            && v.len() >= b * kv * s * d
+            && out.len() >= b * h * t * d
+            && bias.is_none_or(|x| x.len() >= b * t * s)
+            && kv > 0
+            && h % kv == 0,
+        "prompt attention: buffers too short for {sh:?}"
+    );
+    let ends: Vec<usize> = match bias {
+        Some(x) => x[..b * t * s].chunks(s.max(1)).map(row_end).collect(),
+        None => vec![s; b * t],
+    };
+    let blocks = t.div_ceil(PB);
+    let op = Ptr(out.as_mut_ptr());
+    let op = &op;
+    (0..b * h * blocks).into_par_iter().for_each_init(
+        || vec![0f32; PB * s],
+        |sc, task| {
+            let (bh, r0) = (task / blocks, task % blocks * PB);
+            let (bi, hi) = (bh / h, bh % h);
+            let r1 = (r0 + PB).min(t);
+            let rows = r1 - r0;
+            let c1 = ends[bi * t + r0..bi * t + r1]
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(s);
+            let g = hi / (h / kv);
+            let at_q = (bh * t + r0) * d;
+            let at_k = (bi * kv + g) * s * d;
+            // SAFETY: the lengths were checked above; this task writes only rows r0..r1 of
+            // head hi of batch bi in `out`.
+            unsafe {
+                mm(
+                    (rows, c1, d),
+                    sc.as_mut_ptr(),
+                    (c1, 1),
+                    false,
+                    q.as_ptr().add(at_q),
+                    (d, 1),
+                    k.as_ptr().add(at_k),
+                    (1, d),
+                    scale,
+                    SEQ,
+                );
+            }
+            for (i, row) in sc[..rows * c1].chunks_exact_mut(c1.max(1)).enumerate() {
+                if let Some(x) = bias {
+                    let at = (bi * t + r0 + i) * s;
+                    row.iter_mut()
+                        .zip(&x[at..at + c1])
+                        .for_each(|(y, &b)| *y += b);
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            // SAFETY: as above.
+            unsafe {
+                mm(
+                    (rows, d, c1),
+                    op.0.add(at_q),
+                    (d, 1),
+                    false,
+                    sc.as_ptr(),
+                    (c1, 1),
+                    v.as_ptr().add(at_k),
+                    (d, 1),
+                    1.0,
+                    SEQ,
+                );
+            }
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::test_data as data;
+
+    /// `prompt` against softmax(scale·q·kᵀ + bias)·v in f64 over every key (nothing cut), on
+    /// three row blocks (the last one partial) after 9 cached positions: batch 0 causal, batch
+    /// 1 left-padded by 3 (its padded query rows masked whole: uniform over all S keys, as the
+    /// full product gives them). Each output is a convex mix of ≤ 79 f32 values of size ~1 after
+    /// an f32 softmax: f32 rounding (~1e-7 relative per term, summed) keeps errors near 1e-6;
+    /// 1e-5 bounds them. A block that read too few keys (a cut ignoring the cached positions or a
+    /// late row) would miss weights of order 1/S ≥ 0.01.
+    #[test]
+    fn prompt_blocks_match_the_full_product() {
+        let sh = PromptShape {
+            b: 2,
+            h: 6,
+            kv: 2,
+            t: 70,
+            s: 79,
+            d: 24,
+        };
+        let PromptShape { b, h, kv, t, s, d } = sh;
+        let past = s - t;
+        let (q, k, v) = (
+            data(b * h * t * d, 11),
+            data(b * kv * s * d, 12),
+            data(b * kv * s * d, 13),
+        );
+        let mut bias = vec![0f32; b * t * s];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..s {
+                    let padded = bi == 1 && (j < 3 || i < 3);
+                    if j > past + i || padded {
+                        bias[(bi * t + i) * s + j] = -1e30;
+                    }
+                }
+            }
+        }
+        let scale = 0.35f32;
+        let mut out = vec![f32::NAN; b * h * t * d];
+        prompt(sh, (&q, &k, &v), Some(&bias), scale, &mut out);
+        for bi in 0..b {
+            for hi in 0..h {
+                let g = hi / (h / kv);
+                for i in 0..t {
+                    let qi = &q[((bi * h + hi) * t + i) * d..][..d];
+                    let key = |j: usize| ((bi * kv + g) * s + j) * d;
+                    let x: Vec<f64> = (0..s)
+                        .map(|j| {
+                            let dot: f64 =
+                                (0..d).map(|c| qi[c] as f64 * k[key(j) + c] as f64).sum();
+                            dot * scale as f64 + bias[(bi * t + i) * s + j] as f64
+                        })
+                        .collect();
+                    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = x.iter().map(|&y| (y - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..s).map(|j| e[j] / sum * v[key(j) + c] as f64).sum();
+                        let got = out[((bi * h + hi) * t + i) * d + c] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "b {bi} h {hi} row {i} [{c}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// The backward against central differences of the forward (f32, so loose but telling).
     #[test]

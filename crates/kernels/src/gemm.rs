@@ -226,10 +226,139 @@ impl BSrc<'_> {
     /// Rows k0..k0+kc, columns j0..j0+NR of B as f32 [kc][NR], zeros past n.
     fn fill_f32(&self, j0: usize, k0: usize, kc: usize, scratch: &mut Vec<f32>, out: &mut [f32]) {
         let (_, n) = self.kn();
-        out[..kc * NR].fill(0.0);
-        self.visit((j0, NR.min(n - j0)), (k0, kc), scratch, |kk, c, v| {
-            out[kk * NR + c] = v
-        });
+        let cols = NR.min(n - j0);
+        if self.row_major() {
+            out[..kc * NR].fill(0.0);
+            self.visit((j0, cols), (k0, kc), scratch, |kk, c, v| {
+                out[kk * NR + c] = v
+            });
+            return;
+        }
+        // B's columns are M's rows: each row's range is read whole into [cols][kc], then
+        // transposed in 8×8 tiles (storing single values 256 bytes apart cost as much as the
+        // dequantization itself).
+        let (bs, _) = self.block();
+        let (b0, b1) = (k0 / bs, (k0 + kc).div_ceil(bs));
+        scratch.resize(cols * kc + (b1 - b0) * bs, 0.0);
+        let (rows, tmp) = scratch.split_at_mut(cols * kc);
+        for (c, dst) in rows.chunks_exact_mut(kc).enumerate() {
+            self.row_range(j0 + c, k0, tmp, dst);
+        }
+        transpose_into_panel(rows, cols, kc, out);
+    }
+
+    /// (values per block, bytes per block) of the stored matrix: (1, element size) if dense.
+    fn block(&self) -> (usize, usize) {
+        match *self {
+            BSrc::F32 { .. } => (1, 4),
+            BSrc::Bf16 { .. } => (1, 2),
+            BSrc::Quant { dtype, .. } => (dtype.block_size(), dtype.type_size()),
+        }
+    }
+
+    /// Values lo..lo + dst.len() of row `r` of the stored matrix M into `dst`; `tmp` holds the
+    /// blocks covering them.
+    fn row_range(&self, r: usize, lo: usize, tmp: &mut [f32], dst: &mut [f32]) {
+        let len = dst.len();
+        match *self {
+            BSrc::F32 { data, cols, .. } => dst.copy_from_slice(&data[r * cols + lo..][..len]),
+            BSrc::Bf16 { data, cols, .. } => {
+                for (o, &v) in dst.iter_mut().zip(&data[r * cols + lo..][..len]) {
+                    *o = bf16::to_f32(v);
+                }
+            }
+            BSrc::Quant {
+                dtype, data, cols, ..
+            } => {
+                let (bs, ts) = (dtype.block_size(), dtype.type_size());
+                let (b0, b1) = (lo / bs, (lo + len).div_ceil(bs));
+                let at = r * (cols / bs * ts);
+                let bytes = &data[at + b0 * ts..at + b1 * ts];
+                if lo.is_multiple_of(bs) && len.is_multiple_of(bs) {
+                    dequant(dtype, bytes, dst);
+                } else {
+                    dequant(dtype, bytes, tmp);
+                    dst.copy_from_slice(&tmp[lo - b0 * bs..][..len]);
+                }
+            }
+        }
+    }
+}
+
+/// out[kk][c] (row stride NR) = rows[c][kk] for c < cols, 0 for cols ≤ c < NR; kk < kc.
+fn transpose_into_panel(rows: &[f32], cols: usize, kc: usize, out: &mut [f32]) {
+    let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx2::available() {
+        // SAFETY: AVX2 was detected; whole 8×8 tiles of `rows` [cols][kc] and `out` [kc][NR].
+        unsafe {
+            while c0 + 8 <= cols {
+                let mut kk = 0;
+                while kk + 8 <= kc {
+                    transpose8(
+                        rows.as_ptr().add(c0 * kc + kk),
+                        kc,
+                        out.as_mut_ptr().add(kk * NR + c0),
+                    );
+                    kk += 8;
+                }
+                for k in kk..kc {
+                    for c in c0..c0 + 8 {
+                        out[k * NR + c] = rows[c * kc + k];
+                    }
+                }
+                c0 += 8;
+            }
+        }
+    }
+    for k in 0..kc {
+        let o = &mut out[k * NR..(k + 1) * NR];
+        for c in c0..cols {
+            o[c] = rows[c * kc + k];
+        }
+        o[cols..].fill(0.0);
+    }
+}
+
+/// dst[j][i] (row stride NR) = src[i][j] (row stride `ld`) for an 8×8 tile.
+///
+/// # Safety
+/// The CPU has AVX2; src holds 8 rows of 8 values at stride `ld`, dst 8 rows at stride NR.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8(src: *const f32, ld: usize, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ld)));
+    // Pairs, then quads within 128-bit lanes, then the lanes themselves.
+    let t: [__m256; 8] = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let q: [__m256; 8] = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    for j in 0..4 {
+        _mm256_storeu_ps(
+            dst.add(j * NR),
+            _mm256_permute2f128_ps::<0x20>(q[j], q[j + 4]),
+        );
+        _mm256_storeu_ps(
+            dst.add((j + 4) * NR),
+            _mm256_permute2f128_ps::<0x31>(q[j], q[j + 4]),
+        );
     }
 }
 
@@ -390,6 +519,20 @@ fn pack_a(a: ASrc, m: usize, k: usize, mp: usize, kp: usize) -> Vec<u16> {
     out
 }
 
+/// `f` on a buffer of `len` values (contents unspecified) kept by the calling thread between
+/// products: a fresh allocation of the widened weight (up to 16 MiB) faulted in zeroed pages
+/// on every call. A nested call on the same thread finds it taken and allocates its own.
+fn with_wide<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local!(static WIDE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) });
+    let mut v = WIDE.with(|w| w.take());
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    let r = f(&mut v[..len]);
+    WIDE.with(|w| w.set(v));
+    r
+}
+
 struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
@@ -535,6 +678,8 @@ fn f32_path(
                             unsafe {
                                 let d = dp.0.add((p * kc + kk - k0) * NR);
                                 std::ptr::copy_nonoverlapping(piece.as_ptr(), d, piece.len());
+                                // The buffer is reused: columns past n are zeroed here.
+                                std::ptr::write_bytes(d.add(piece.len()), 0, NR - piece.len());
                             }
                         }
                     },
@@ -601,22 +746,24 @@ fn f32_path(
         )
     };
     if chunks > 1 && k * panels * NR <= 4 << 20 {
-        let mut all = vec![0f32; panels * k * NR];
-        widen(0, k, &mut all);
-        run(0, k, Some(&all), true, accumulate);
+        with_wide(panels * k * NR, |all| {
+            widen(0, k, all);
+            run(0, k, Some(all), true, accumulate);
+        });
     } else if k > 4096 && kcb * panels * NR <= 1 << 20 {
-        let mut slab = vec![0f32; panels * kcb * NR];
-        for k0 in (0..k).step_by(kcb) {
-            let kc = kcb.min(k - k0);
-            widen(k0, kc, &mut slab[..panels * kc * NR]);
-            run(
-                k0,
-                kc,
-                Some(&slab[..panels * kc * NR]),
-                false,
-                accumulate || k0 > 0,
-            );
-        }
+        with_wide(panels * kcb * NR, |slab| {
+            for k0 in (0..k).step_by(kcb) {
+                let kc = kcb.min(k - k0);
+                widen(k0, kc, &mut slab[..panels * kc * NR]);
+                run(
+                    k0,
+                    kc,
+                    Some(&slab[..panels * kc * NR]),
+                    false,
+                    accumulate || k0 > 0,
+                );
+            }
+        });
     } else {
         run(0, k, None, false, accumulate);
     }

@@ -293,11 +293,18 @@ pub(crate) unsafe fn f32_block_avx2(
             let live = cols.saturating_sub(s + v * 8).min(8) as i32;
             _mm256_cmpgt_epi32(_mm256_set1_epi32(live), lane)
         });
+        // Zen's masked store is microcoded (~12 cycles each): whole strips take plain ones.
+        let whole = cols - s >= 16;
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         if accumulate {
             for r in 0..rows {
                 for v in 0..2 {
-                    acc[r][v] = _mm256_maskload_ps(c.add(r * ldc + s + v * 8), masks[v]);
+                    let at = c.add(r * ldc + s + v * 8);
+                    acc[r][v] = if whole {
+                        _mm256_loadu_ps(at)
+                    } else {
+                        _mm256_maskload_ps(at, masks[v])
+                    };
                 }
             }
         }
@@ -318,7 +325,12 @@ pub(crate) unsafe fn f32_block_avx2(
         }
         for r in 0..rows {
             for v in 0..2 {
-                _mm256_maskstore_ps(c.add(r * ldc + s + v * 8), masks[v], acc[r][v]);
+                let at = c.add(r * ldc + s + v * 8);
+                if whole {
+                    _mm256_storeu_ps(at, acc[r][v]);
+                } else {
+                    _mm256_maskstore_ps(at, masks[v], acc[r][v]);
+                }
             }
         }
     }
