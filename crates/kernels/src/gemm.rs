@@ -234,17 +234,24 @@ impl BSrc<'_> {
             });
             return;
         }
-        // B's columns are M's rows: each row's range is read whole into [cols][kc], then
+        // B's columns are M's rows: eight rows' ranges at a time are read whole, then
         // transposed in 8×8 tiles (storing single values 256 bytes apart cost as much as the
-        // dequantization itself).
+        // dequantization itself). Eight, not all 64: a scratch of 64 rows per task raised a
+        // 256-token prefill's peak RSS by 20 MB.
         let (bs, _) = self.block();
         let (b0, b1) = (k0 / bs, (k0 + kc).div_ceil(bs));
-        scratch.resize(cols * kc + (b1 - b0) * bs, 0.0);
-        let (rows, tmp) = scratch.split_at_mut(cols * kc);
-        for (c, dst) in rows.chunks_exact_mut(kc).enumerate() {
-            self.row_range(j0 + c, k0, tmp, dst);
+        scratch.resize(8 * kc + (b1 - b0) * bs, 0.0);
+        let (rows, tmp) = scratch.split_at_mut(8 * kc);
+        for c0 in (0..cols).step_by(8) {
+            let n = 8.min(cols - c0);
+            for (c, dst) in rows[..n * kc].chunks_exact_mut(kc).enumerate() {
+                self.row_range(j0 + c0 + c, k0, tmp, dst);
+            }
+            transpose_into_panel(&rows[..n * kc], n, kc, &mut out[c0..]);
         }
-        transpose_into_panel(rows, cols, kc, out);
+        for o in out[..kc * NR].chunks_exact_mut(NR) {
+            o[cols..].fill(0.0);
+        }
     }
 
     /// (values per block, bytes per block) of the stored matrix: (1, element size) if dense.
@@ -285,38 +292,22 @@ impl BSrc<'_> {
     }
 }
 
-/// out[kk][c] (row stride NR) = rows[c][kk] for c < cols, 0 for cols ≤ c < NR; kk < kc.
+/// out[kk·NR + c] = rows[c][kk] for c < cols ≤ 8, kk < kc.
 fn transpose_into_panel(rows: &[f32], cols: usize, kc: usize, out: &mut [f32]) {
-    let mut c0 = 0;
+    let mut kk = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::avx2::available() {
-        // SAFETY: AVX2 was detected; whole 8×8 tiles of `rows` [cols][kc] and `out` [kc][NR].
-        unsafe {
-            while c0 + 8 <= cols {
-                let mut kk = 0;
-                while kk + 8 <= kc {
-                    transpose8(
-                        rows.as_ptr().add(c0 * kc + kk),
-                        kc,
-                        out.as_mut_ptr().add(kk * NR + c0),
-                    );
-                    kk += 8;
-                }
-                for k in kk..kc {
-                    for c in c0..c0 + 8 {
-                        out[k * NR + c] = rows[c * kc + k];
-                    }
-                }
-                c0 += 8;
-            }
+    if cols == 8 && crate::avx2::available() {
+        while kk + 8 <= kc {
+            // SAFETY: AVX2 was detected; an 8×8 tile of `rows` [8][kc] and of `out` (row
+            // stride NR, kk + 7 < kc rows).
+            unsafe { transpose8(rows.as_ptr().add(kk), kc, out.as_mut_ptr().add(kk * NR)) };
+            kk += 8;
         }
     }
-    for k in 0..kc {
-        let o = &mut out[k * NR..(k + 1) * NR];
-        for c in c0..cols {
-            o[c] = rows[c * kc + k];
+    for k in kk..kc {
+        for c in 0..cols {
+            out[k * NR + c] = rows[c * kc + k];
         }
-        o[cols..].fill(0.0);
     }
 }
 
