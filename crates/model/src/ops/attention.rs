@@ -917,14 +917,17 @@ impl candle_core::CustomOp3 for InferAttention {
                 out[row * d..(row + 1) * d].copy_from_slice(oi);
             }
         }
-        let shape = candle_core::Shape::from((self.b, h, t, d));
-        let storage = match s1 {
-            candle_core::CpuStorage::BF16(_) => {
-                candle_core::CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-            }
-            _ => candle_core::CpuStorage::F32(out),
-        };
-        Ok((storage, shape))
+        Ok((like(s1, out), candle_core::Shape::from((self.b, h, t, d))))
+    }
+}
+
+/// f32 results in the queries' storage type (bf16 or f32).
+fn like(q: &candle_core::CpuStorage, out: Vec<f32>) -> candle_core::CpuStorage {
+    match q {
+        candle_core::CpuStorage::BF16(_) => {
+            candle_core::CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+        }
+        _ => candle_core::CpuStorage::F32(out),
     }
 }
 
@@ -1010,13 +1013,7 @@ impl candle_core::CustomOp3 for PromptAttention {
             self.scale,
             &mut out,
         );
-        let storage = match s1 {
-            candle_core::CpuStorage::BF16(_) => {
-                candle_core::CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-            }
-            _ => candle_core::CpuStorage::F32(out),
-        };
-        Ok((storage, candle_core::Shape::from((b, h, t, d))))
+        Ok((like(s1, out), candle_core::Shape::from((b, h, t, d))))
     }
 }
 
