@@ -93,43 +93,36 @@ pub fn gqa_attention_after(
         // there every prompt takes this kernel, whose softmax then ignores where padding sits.
         let batch_exact = crate::ops::qmatvec::selected() == crate::ops::qmatvec::Path::Vnni;
         let few = batch_exact || q.dim(2)? <= 16 || q.dim(0)? > 1;
-        if few && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
+        if !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
             let (b, h, t, d) = q.dims4()?;
             let shared_len = shared.map_or(Ok(0), |(sk, _)| sk.dim(2))?;
             let s = shared_len + k.dim(2)?;
-            let bias = host_bias(bias)?;
-            let op = InferAttention {
-                shared: shared.cloned(),
-                shared_len,
-                batch_exact,
-                scale: scale as f32,
-                bias,
-                b,
-                h,
-                t,
-                s,
-                d,
-                n_rep,
-            };
-            return q.apply_op3_no_bwd(k, v, &op);
-        }
-        if !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
-            // Measured on a 256-token prompt (2 AVX2 cores): 92 → 43 ms of attention against
-            // the repeated-K/V matmuls below, which compute the masked half as well.
-            let (b, h, t, d) = q.dims4()?;
-            let shared_len = shared.map_or(Ok(0), |(sk, _)| sk.dim(2))?;
-            let op = PromptAttention {
-                scale: scale as f32,
-                bias: host_bias(bias)?,
-                shape: fedllm_kernels::attention::PromptShape {
+            let (bias, scale, shared) = (host_bias(bias)?, scale as f32, shared.cloned());
+            if few {
+                let op = InferAttention {
+                    shared,
+                    shared_len,
+                    batch_exact,
+                    scale,
+                    bias,
                     b,
                     h,
-                    kv: k.dim(1)?,
                     t,
-                    s: shared_len + k.dim(2)?,
+                    s,
                     d,
-                },
-                shared: shared.cloned(),
+                    n_rep,
+                };
+                return q.apply_op3_no_bwd(k, v, &op);
+            }
+            // Measured on a 256-token prompt (2 AVX2 cores): 92 → 43 ms of attention against
+            // the repeated-K/V matmuls below, which compute the masked half as well.
+            let kv = k.dim(1)?;
+            let shape = fedllm_kernels::attention::PromptShape { b, h, kv, t, s, d };
+            let op = PromptAttention {
+                scale,
+                bias,
+                shape,
+                shared,
                 shared_len,
             };
             return q.apply_op3_no_bwd(k, v, &op);
@@ -1502,8 +1495,9 @@ mod tests {
     /// shared prefix (5 positions) and 3 positions of its own cache, from an f16 cache handed
     /// out as narrow views: the result equals the composite over the widened keys (prefix first),
     /// repeated per query head, under a causal bias, up to f32 summation order (a few dozen
-    /// terms: 1e-5, as above). The prompt path reads the bias to cut each block's keys, so a
-    /// wrong cut or a prefix placed after the row's own keys shows as an error of order 0.1.
+    /// terms: 1e-5, as above). A block whose keys were cut ignoring the cached positions, or a
+    /// prefix placed after the row's own keys, shows as an error of order 0.1. (On the VNNI
+    /// decode path every prompt takes `InferAttention`, which this then checks instead.)
     #[test]
     fn a_long_prompt_after_a_shared_prefix_matches_composite() {
         let dev = Device::Cpu;
