@@ -115,75 +115,24 @@ impl BSrc<'_> {
         scratch: &mut Vec<f32>,
         mut put: impl FnMut(usize, usize, f32),
     ) {
-        match *self {
-            BSrc::F32 {
-                data, cols: mc, t, ..
-            } => {
+        // Rows of the stored matrix M hold B's columns when B = Mᵀ, else its rows: read each
+        // wanted row's range [lo, lo + len) once, in order.
+        let t = !self.row_major();
+        let ((r0, rows), lo, len) = if t {
+            ((j0, cols), k0, kc)
+        } else {
+            ((k0, kc), j0, cols)
+        };
+        let bs = self.block_len();
+        scratch.resize(len + ((lo + len).div_ceil(bs) - lo / bs) * bs, 0.0);
+        let (dst, tmp) = scratch.split_at_mut(len);
+        for r in 0..rows {
+            self.row_range(r0 + r, lo, tmp, dst);
+            for (i, &v) in dst.iter().enumerate() {
                 if t {
-                    // Column j of B is row j of M: contiguous.
-                    for c in 0..cols {
-                        let at = (j0 + c) * mc + k0;
-                        for (kk, &v) in data[at..at + kc].iter().enumerate() {
-                            put(kk, c, v);
-                        }
-                    }
+                    put(i, r, v)
                 } else {
-                    for kk in 0..kc {
-                        let at = (k0 + kk) * mc + j0;
-                        for (c, &v) in data[at..at + cols].iter().enumerate() {
-                            put(kk, c, v);
-                        }
-                    }
-                }
-            }
-            BSrc::Bf16 {
-                data, cols: mc, t, ..
-            } => {
-                if t {
-                    for c in 0..cols {
-                        let at = (j0 + c) * mc + k0;
-                        for (kk, &v) in data[at..at + kc].iter().enumerate() {
-                            put(kk, c, bf16::to_f32(v));
-                        }
-                    }
-                } else {
-                    for kk in 0..kc {
-                        let at = (k0 + kk) * mc + j0;
-                        for (c, &v) in data[at..at + cols].iter().enumerate() {
-                            put(kk, c, bf16::to_f32(v));
-                        }
-                    }
-                }
-            }
-            BSrc::Quant {
-                dtype,
-                data,
-                cols: mc,
-                t,
-                ..
-            } => {
-                let (bs, ts) = (dtype.block_size(), dtype.type_size());
-                let row_bytes = mc / bs * ts;
-                // Rows of M hold blocks along its columns: dequantize the blocks covering the
-                // wanted column range [lo, lo + len) of each wanted row.
-                let (rows, lo, len) = if t {
-                    ((j0, cols), k0, kc)
-                } else {
-                    ((k0, kc), j0, cols)
-                };
-                let (b0, b1) = (lo / bs, (lo + len).div_ceil(bs));
-                let off = lo - b0 * bs;
-                scratch.resize((b1 - b0) * bs, 0.0);
-                for r in 0..rows.1 {
-                    let at = (rows.0 + r) * row_bytes;
-                    dequant(dtype, &data[at + b0 * ts..at + b1 * ts], scratch);
-                    for (i, &v) in scratch[off..off + len].iter().enumerate() {
-                        if t {
-                            put(i, r, v)
-                        } else {
-                            put(r, i, v)
-                        }
-                    }
+                    put(r, i, v)
                 }
             }
         }
@@ -238,7 +187,7 @@ impl BSrc<'_> {
         // transposed in 8×8 tiles (storing single values 256 bytes apart cost as much as the
         // dequantization itself). Eight, not all 64: a scratch of 64 rows per task raised a
         // 256-token prefill's peak RSS by 20 MB.
-        let (bs, _) = self.block();
+        let bs = self.block_len();
         let (b0, b1) = (k0 / bs, (k0 + kc).div_ceil(bs));
         scratch.resize(8 * kc + (b1 - b0) * bs, 0.0);
         let (rows, tmp) = scratch.split_at_mut(8 * kc);
@@ -254,12 +203,11 @@ impl BSrc<'_> {
         }
     }
 
-    /// (values per block, bytes per block) of the stored matrix: (1, element size) if dense.
-    fn block(&self) -> (usize, usize) {
+    /// Values per stored block: 1 if dense.
+    fn block_len(&self) -> usize {
         match *self {
-            BSrc::F32 { .. } => (1, 4),
-            BSrc::Bf16 { .. } => (1, 2),
-            BSrc::Quant { dtype, .. } => (dtype.block_size(), dtype.type_size()),
+            BSrc::F32 { .. } | BSrc::Bf16 { .. } => 1,
+            BSrc::Quant { dtype, .. } => dtype.block_size(),
         }
     }
 
