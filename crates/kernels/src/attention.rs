@@ -41,26 +41,24 @@ unsafe impl Sync for Ptr {}
 /// Query rows per block; under a causal mask block [r0, r1) needs key columns [0, r1) only.
 const RB: usize = 64;
 
-/// Per batch element, its row blocks (r0, r1, c1): rows r0..r1 read key columns 0..c1.
-/// Columns are cut at r1 only when the bias masks everything above the diagonal (causal) and no
-/// row of the block is masked whole (such a row's softmax is uniform over all T columns, as the
-/// composite computes it, so it keeps them all).
+/// Per batch element, its row blocks (r0, r1, c1): rows r0..r1 read key columns 0..c1, up to
+/// the last one any of them sees ([`row_end`]: under a causal mask c1 = r1; a row masked whole
+/// keeps all T).
 fn blocks(sh: Shape, bias: Option<&[f32]>) -> Vec<Vec<(usize, usize, usize)>> {
     let t = sh.t;
     (0..sh.b)
         .map(|bi| {
-            let bb = bias.map(|x| &x[bi * t * t..(bi + 1) * t * t]);
-            let causal = bb.is_some_and(|x| {
-                (0..t).all(|i| x[i * t + i + 1..(i + 1) * t].iter().all(|&v| v <= -1e29))
-            });
-            let whole =
-                |i: usize| bb.is_some_and(|x| x[i * t..(i + 1) * t].iter().all(|&v| v <= -1e29));
             (0..t)
                 .step_by(RB)
                 .map(|r0| {
                     let r1 = (r0 + RB).min(t);
-                    let cut = causal && !(r0..r1).any(whole);
-                    (r0, r1, if cut { r1 } else { t })
+                    let c1 = bias.map_or(t, |x| {
+                        (r0..r1)
+                            .map(|i| row_end(&x[(bi * t + i) * t..(bi * t + i + 1) * t]))
+                            .max()
+                            .unwrap_or(t)
+                    });
+                    (r0, r1, c1)
                 })
                 .collect()
         })
