@@ -31,7 +31,8 @@ pub struct Common {
     /// Keep GGUF weights quantized (faster, approximate; evaluation dequantizes by default)
     #[arg(long, conflicts_with = "dequantize")]
     keep_quantized: bool,
-    /// Dequantize GGUF weights to f32 as transformers does (the default for evaluation)
+    /// Compute with GGUF weights dequantized to f32, as transformers does (the default for
+    /// evaluation; the blocks stay packed in memory and are widened in the kernels)
     #[arg(long)]
     dequantize: bool,
 }
@@ -123,10 +124,11 @@ fn default_data(rel: &str) -> PathBuf {
 
 fn load(a: &Common) -> Result<(CausalLm, fedllm_model::Tokenizer, Option<Adapter>)> {
     let path = a.model.as_ref().context("--model is required")?;
+    // The dequantized weights' numbers, from the blocks kept packed (a sixth of the memory).
     let quant = if a.keep_quantized {
         fedllm_model::QuantMode::Keep
     } else {
-        fedllm_model::QuantMode::Dequantize
+        fedllm_model::QuantMode::Packed
     };
     let loaded = CausalLm::load(
         path,

@@ -28,7 +28,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 use fedllm_model::{
     bench, generate::truncate_at_stop, CausalLm, ChatMessage, GenerateConfig, LoadOptions,
-    QuantMode, Sampling, Weight,
+    QuantMode, Sampling,
 };
 
 #[derive(Parser)]
@@ -218,8 +218,14 @@ impl ModelArgs {
         }
     }
 
+    /// The model for inference (generate, chat, serve, benchmarks): `--dequantize` in f32
+    /// keeps the blocks packed, with the dequantized weights' numbers bit for bit.
     pub fn load(&self) -> Result<fedllm_model::Loaded> {
-        CausalLm::load(&self.model, self.options()).context("loading model")
+        let mut opts = self.options();
+        if opts.quant == QuantMode::Dequantize {
+            opts.quant = QuantMode::Packed;
+        }
+        CausalLm::load(&self.model, opts).context("loading model")
     }
 }
 
@@ -827,7 +833,7 @@ fn cmd_info(m: &ModelArgs) -> Result<()> {
     let quant = model
         .named_weights()
         .iter()
-        .filter(|(_, w)| matches!(w, Weight::Quant(_)))
+        .filter(|(_, w)| w.blocks().is_some())
         .count();
     println!(
         "in memory:    {} compute, {quant} quantized matrices, {:.1} MiB of weights",

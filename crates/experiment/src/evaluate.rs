@@ -48,8 +48,8 @@ fn with_ext(p: &Path, ext: &str) -> PathBuf {
     PathBuf::from(format!("{}.{ext}", p.display()))
 }
 
-/// Loads the model (GGUF dequantized to f32, as evaluation does everywhere) with the adapter
-/// attached.
+/// Loads the model (GGUF computed as dequantized to f32, as evaluation does everywhere; the
+/// blocks stay packed) with the adapter attached.
 fn load(
     t: &Target,
 ) -> Result<(
@@ -58,7 +58,7 @@ fn load(
     Option<fedllm_peft::Adapter>,
 )> {
     let opts = LoadOptions {
-        quant: QuantMode::Dequantize,
+        quant: QuantMode::Packed,
         ..Default::default()
     };
     let loaded = CausalLm::load(t.model, opts)?;

@@ -309,6 +309,20 @@ pub fn quant_supported(t: GgmlDType) -> bool {
     )
 }
 
+/// [`dequant`] of a whole matrix: `rows` rows of blocks into `out` [rows, cols], row ranges
+/// spread over the decode pool.
+pub fn dequant_rows(t: GgmlDType, bytes: &[u8], rows: usize, cols: usize, out: &mut [f32]) {
+    let rb = cols / t.block_size() * t.type_size();
+    assert!(bytes.len() >= rows * rb && out.len() >= rows * cols);
+    let dst = &SyncPtr(out.as_mut_ptr());
+    crate::pool::global().for_chunks(rows, 64, &|rs| {
+        let SyncPtr(p) = dst;
+        // SAFETY: each chunk writes its own rows of `out`, which holds all of them.
+        let o = unsafe { std::slice::from_raw_parts_mut(p.add(rs.start * cols), rs.len() * cols) };
+        dequant(t, &bytes[rs.start * rb..rs.end * rb], o);
+    });
+}
+
 fn dequant_as<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
     let n = bytes.len() / std::mem::size_of::<T>();
     let out = &mut out[..n * T::BLCK_SIZE];
@@ -327,7 +341,9 @@ fn dequant_as<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-fn dequant(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+/// Whole GGUF blocks `bytes` of type `t` (one of [`quant_supported`]) to f32 in `out`: the
+/// values candle's `to_float` gives, bit for bit (tested), vectorized for Q4_1 and Q8_0.
+pub fn dequant(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     use k_quants::*;
     #[cfg(target_arch = "x86_64")]
     if matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
@@ -463,7 +479,7 @@ fn pack_a(a: ASrc, m: usize, k: usize, mp: usize, kp: usize) -> Vec<u16> {
 /// to 16 MiB) per product was zeroed only to be overwritten (memset and page clearing: 5.8% →
 /// 4.6% of a prefill's profile). A nested call on the same thread finds it taken and
 /// allocates its own.
-fn with_wide<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub fn with_wide<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     thread_local!(static WIDE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) });
     let mut v = WIDE.with(|w| w.take());
     if v.len() < len {

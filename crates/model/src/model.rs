@@ -579,7 +579,7 @@ impl CausalLm {
             .iter()
             .map(|(_, w)| match w {
                 Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-                Weight::Quant(q) => q.storage_size_in_bytes(),
+                Weight::Quant(q) | Weight::Packed(q) => q.storage_size_in_bytes(),
             })
             .sum()
     }
@@ -588,7 +588,9 @@ impl CausalLm {
 fn same_weight(a: &Weight, b: &Weight) -> bool {
     match (a, b) {
         (Weight::Dense(x), Weight::Dense(y)) => x.id() == y.id(),
-        (Weight::Quant(x), Weight::Quant(y)) => std::sync::Arc::ptr_eq(x, y),
+        (Weight::Quant(x), Weight::Quant(y)) | (Weight::Packed(x), Weight::Packed(y)) => {
+            std::sync::Arc::ptr_eq(x, y)
+        }
         _ => false,
     }
 }

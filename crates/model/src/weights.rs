@@ -21,6 +21,10 @@ pub enum QuantMode {
     Keep,
     /// Dequantize everything to the compute dtype (what transformers does with a GGUF).
     Dequantize,
+    /// Dequantize's numbers, bit for bit, from a sixth of the memory: matmul weights stay in
+    /// their blocks ([`Weight::Packed`]) where the CPU kernels can widen them exactly (f32
+    /// compute on the CPU, a type `fedllm_kernels` decodes); anything else is dequantized.
+    Packed,
 }
 
 #[derive(Debug, Clone)]
@@ -48,22 +52,35 @@ impl Default for LoadOptions {
 #[derive(Clone, Debug)]
 pub enum Weight {
     Dense(Tensor),
+    /// Blocks the kernels multiply with arithmetic of their own (faster; the last bits, or
+    /// on the VNNI path the activations' rounding, differ from the dequantized product's).
     Quant(Arc<QTensor>),
+    /// Blocks every product widens to the dequantized f32 values and multiplies exactly as a
+    /// dense f32 weight would: the same numbers as `Dense(dequantized)`, bit for bit.
+    Packed(Arc<QTensor>),
 }
 
 impl Weight {
     pub fn shape(&self) -> Vec<usize> {
         match self {
             Weight::Dense(t) => t.dims().to_vec(),
-            Weight::Quant(q) => q.shape().dims().to_vec(),
+            Weight::Quant(q) | Weight::Packed(q) => q.shape().dims().to_vec(),
         }
     }
 
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         Ok(match self {
             Weight::Dense(t) => t.to_dtype(dtype)?,
-            Weight::Quant(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
+            Weight::Quant(q) | Weight::Packed(q) => q.dequantize(&q.device())?.to_dtype(dtype)?,
         })
+    }
+
+    /// The quantized blocks, either way they are multiplied.
+    pub fn blocks(&self) -> Option<&Arc<QTensor>> {
+        match self {
+            Weight::Dense(_) => None,
+            Weight::Quant(q) | Weight::Packed(q) => Some(q),
+        }
     }
 }
 
@@ -226,10 +243,13 @@ impl WeightSource {
                 self.count(file.type_name(info.ggml_type), q.shape().elem_count());
                 let dense_type =
                     matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-                if allow_quant && !dense_type && self.opts.quant == QuantMode::Keep {
-                    Weight::Quant(Arc::new(q))
-                } else {
-                    Weight::Dense(q.dequantize(&self.opts.device)?.to_dtype(self.opts.dtype)?)
+                let packable = self.opts.device.is_cpu()
+                    && self.opts.dtype == DType::F32
+                    && fedllm_kernels::gemm::quant_supported(q.dtype());
+                match self.opts.quant {
+                    QuantMode::Keep if allow_quant && !dense_type => Weight::Quant(Arc::new(q)),
+                    QuantMode::Packed if allow_quant && packable => Weight::Packed(Arc::new(q)),
+                    _ => Weight::Dense(q.dequantize(&self.opts.device)?.to_dtype(self.opts.dtype)?),
                 }
             }
         };
@@ -246,7 +266,7 @@ impl WeightSource {
     pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self.get(name, shape, false)? {
             Weight::Dense(t) => Ok(t),
-            Weight::Quant(_) => unreachable!("quantization not allowed"),
+            Weight::Quant(_) | Weight::Packed(_) => unreachable!("quantization not allowed"),
         }
     }
 

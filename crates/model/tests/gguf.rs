@@ -131,6 +131,52 @@ fn tiny_llama_gguf_quantized_kept_and_dequantized() {
     }
 }
 
+/// `QuantMode::Packed` keeps the blocks in memory (what `fedllm eval` loads) and gives
+/// `QuantMode::Dequantize`'s numbers bit for bit: prompts of 40 tokens (the GEMM path, past
+/// the decode kernels' 32 rows) and then decode steps of 1 and 3 rows (the streaming kernel)
+/// on every decode path, with the f32 cache the dequantized model keeps.
+#[test]
+fn packed_weights_give_the_dequantized_numbers_bit_for_bit() {
+    use fedllm_model::{qmatvec, KvCache};
+    for q in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        gguf::write(&path, &metadata("llama"), &tiny_tensors(q)).unwrap();
+        let load = |mode| {
+            let opts = LoadOptions {
+                quant: mode,
+                ..Default::default()
+            };
+            CausalLm::load(&path, opts).unwrap().model
+        };
+        let (packed, deq) = (load(QuantMode::Packed), load(QuantMode::Dequantize));
+        // 8.5 bits a value at most against 32: the blocks stayed packed.
+        assert!(packed.weight_bytes() * 3 < deq.weight_bytes(), "{q:?}");
+        assert_eq!(packed.kv_dtype(), DType::F32);
+        let ids: Vec<u32> = (0..3 * 40).map(|i| (i * 37 + 11) % 512).collect();
+        let logits = |m: &CausalLm, rows: usize| -> Vec<Vec<f32>> {
+            let prompt = Tensor::from_vec(ids[..rows * 40].to_vec(), (rows, 40), &Device::Cpu);
+            let mut cache = KvCache::new();
+            let mut out = vec![m.forward(&prompt.unwrap(), None, Some(&mut cache)).unwrap()];
+            for step in 0..2u32 {
+                let next: Vec<u32> = (0..rows as u32).map(|r| 5 + 7 * r + step).collect();
+                let next = Tensor::from_vec(next, (rows, 1), &Device::Cpu).unwrap();
+                out.push(m.forward(&next, None, Some(&mut cache)).unwrap());
+            }
+            out.iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        for p in qmatvec::available() {
+            for rows in [1, 3] {
+                let (got, want) =
+                    qmatvec::with_path(p, || (logits(&packed, rows), logits(&deq, rows)));
+                assert_eq!(got, want, "{q:?} {p:?} batch {rows}");
+            }
+        }
+    }
+}
+
 fn load_err(path: &Path) -> ModelError {
     CausalLm::load(path, LoadOptions::default())
         .err()

@@ -83,7 +83,7 @@ pub(crate) fn init(model: &CausalLm, c: &FullConfig) -> Result<BTreeMap<String, 
             Weight::Dense(t) => {
                 out.insert(name, t.to_dtype(DType::F32)?);
             }
-            Weight::Quant(_) => {
+            Weight::Quant(_) | Weight::Packed(_) => {
                 return Err(cfg(format!(
                 "`{name}` is quantized and cannot be trained in full; load the model dequantized"
             )))

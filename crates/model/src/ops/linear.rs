@@ -277,7 +277,11 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) if w.track_op() => return None,
             Weight::Dense(w) if !matches!(w.dtype(), DType::F32 | DType::BF16) => return None,
-            Weight::Quant(q) if !fedllm_kernels::gemm::quant_supported(q.dtype()) => return None,
+            Weight::Quant(q) | Weight::Packed(q)
+                if !fedllm_kernels::gemm::quant_supported(q.dtype()) =>
+            {
+                return None
+            }
             _ => {}
         }
         kernel_isa(self.precision)
@@ -299,6 +303,7 @@ impl Linear {
                 w.dtype() == DType::F32 && !w.track_op() && x.dtype() == DType::F32,
                 false,
             ),
+            Weight::Packed(_) => (x.dtype() == DType::F32, false),
         };
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
         Ok(kind_ok
@@ -330,6 +335,14 @@ impl Linear {
                         n,
                     )
                 }
+                Weight::Packed(q) => {
+                    let (n, k) = q.shape().dims2()?;
+                    let data = q.data()?;
+                    (
+                        crate::ops::qmatvec::packed_matmul(q.dtype(), &data, n, k, &xv, rows),
+                        n,
+                    )
+                }
             };
             return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype());
         }
@@ -354,7 +367,9 @@ impl Linear {
         // dtype: plain candle ops, a quantized weight dequantized for the product.
         let w = match &self.weight {
             Weight::Dense(w) => w.to_dtype(x.dtype())?,
-            Weight::Quant(q) => q.dequantize(&q.device())?.to_dtype(x.dtype())?,
+            Weight::Quant(q) | Weight::Packed(q) => {
+                q.dequantize(&q.device())?.to_dtype(x.dtype())?
+            }
         };
         x.matmul(&if self.in_out { w } else { w.t()? })
     }
@@ -419,7 +434,8 @@ fn with_weight<R>(w: &Weight, in_out: bool, fwd: bool, f: impl FnOnce(BSrc) -> R
                 _ => candle_core::bail!("frozen linear: weight must be f32 or bf16 on the CPU"),
             }
         }
-        Weight::Quant(q) => {
+        // Packed blocks widen in the panels to the values a dense weight holds.
+        Weight::Quant(q) | Weight::Packed(q) => {
             let (rows, cols) = q.shape().dims2()?;
             let data = q.data()?;
             Ok(f(BSrc::Quant {
@@ -446,31 +462,37 @@ pub(crate) fn frozen_product(
     accumulate: bool,
     isa: Isa,
 ) -> Result<()> {
-    if let (Weight::Dense(wt), true) = (w, isa.f32_fma()) {
-        if wt.dtype() == DType::F32 {
-            // Dense f32 on the f32 path: candle's gemm is the faster f32 GEMM here (bench gemm:
-            // 246–297 against our 231–278 GFLOP/s), and numerics are the same.
-            let (rows, cols) = wt.dims2()?;
+    // Dense f32 on the f32 path: candle's gemm is the faster f32 GEMM here (bench gemm:
+    // 246–297 against our 231–278 GFLOP/s), and numerics are the same. Packed blocks are
+    // widened whole into a buffer the thread keeps and take the same product: their numbers
+    // must be the dense weight's.
+    let mut sgemm = |v: &[f32], (rows, cols): (usize, usize)| {
+        // B = Mᵀ when t (M the stored matrix [rows, cols]).
+        let t = fwd != in_out;
+        let (k, n) = if t { (cols, rows) } else { (rows, cols) };
+        let c = &mut c[..m * n];
+        fedllm_kernels::strided::sgemm((m, n, k), &a[..m * k], false, v, t, c, accumulate, 1.0);
+    };
+    match (w, isa.f32_fma()) {
+        (Weight::Dense(wt), true) if wt.dtype() == DType::F32 => {
+            let dims = wt.dims2()?;
             let (st, l) = wt.storage_and_layout();
             if let (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) = (&*st, l.contiguous_offsets())
             {
-                // B = Mᵀ when t (M the stored matrix [rows, cols]).
-                let t = fwd != in_out;
-                let (k, n) = if t { (cols, rows) } else { (rows, cols) };
-                let c = &mut c[..m * n];
-                fedllm_kernels::strided::sgemm(
-                    (m, n, k),
-                    &a[..m * k],
-                    false,
-                    &v[s..e],
-                    t,
-                    c,
-                    accumulate,
-                    1.0,
-                );
+                sgemm(&v[s..e], dims);
                 return Ok(());
             }
         }
+        (Weight::Packed(q), true) => {
+            let (rows, cols) = q.shape().dims2()?;
+            let data = q.data()?;
+            fedllm_kernels::gemm::with_wide(rows * cols, |wide| {
+                fedllm_kernels::gemm::dequant_rows(q.dtype(), &data, rows, cols, wide);
+                sgemm(wide, (rows, cols))
+            });
+            return Ok(());
+        }
+        _ => {}
     }
     with_weight(w, in_out, fwd, |b| {
         fedllm_kernels::matmul_into(ASrc::F32(a), m, b, c, isa, accumulate)
@@ -949,7 +971,7 @@ impl Embedding {
         let flat = ids.flatten_all()?;
         let rows = match &self.weight {
             Weight::Dense(w) => w.index_select(&flat, 0)?.to_dtype(self.dtype)?,
-            Weight::Quant(q) => q.embedding(&flat)?.to_dtype(self.dtype)?,
+            Weight::Quant(q) | Weight::Packed(q) => q.embedding(&flat)?.to_dtype(self.dtype)?,
         };
         let h = rows.dim(1)?;
         rows.reshape((b, t, h))

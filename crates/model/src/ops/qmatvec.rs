@@ -345,7 +345,7 @@ unsafe fn dense_dots_avx512(row: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
 /// at eight rows).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dense_rows_avx2(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f32]) {
+unsafe fn dense_rows_avx2(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f32], ahead: usize) {
     let n = w.len() / k;
     let (wp, xp, op) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
     let mut r = 0;
@@ -354,10 +354,10 @@ unsafe fn dense_rows_avx2(w: &[f32], x: &[f32], k: usize, m: usize, out: &mut [f
         let mut j = 0;
         while j < m {
             let c = (m - j).min(3);
-            // The first pass over these rows streams them from memory: it also asks for the
-            // next four (the hardware prefetcher alone left batch-8 steps at ~9 GB/s; with this,
-            // matvec per step 54–74 → 41–57 ms on 2 AVX2 cores). Later passes find them cached.
-            let pf = if j == 0 { 4 } else { 0 };
+            // The first pass over rows streamed from memory also asks for the rows `ahead` on
+            // (the hardware prefetcher alone left batch-8 steps at ~9 GB/s; with four, matvec
+            // per step 54–74 → 41–57 ms on 2 AVX2 cores). Later passes find them cached.
+            let pf = if j == 0 { ahead } else { 0 };
             for r2 in (r..r + rows).step_by(2) {
                 let (w, x, o) = (wp.add(r2 * k), xp.add(j * k), op.add(r2 * m + j));
                 match (c, (r + rows - r2).min(2)) {
@@ -423,40 +423,74 @@ unsafe fn dense_tile_avx2<const R: usize, const C: usize>(
 /// over W (a GEMM would repack all of W for a handful of rows).
 pub fn dense_matmul(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert!(w.len() == n * k && x.len() == m * k);
-    // Dense rows have no int8 form: the VNNI path takes the f32 kernels, the AVX2 twin where
-    // the CPU lacks AVX-512 (its VNNI path being the AVX2 twin too).
-    let path = match selected() {
+    let path = dense_path();
+    rows_in_parallel(n, m, &|rs, o| {
+        dense_rows(path, &w[rs.start * k..rs.end * k], x, k, m, o, 4)
+    })
+}
+
+/// y [m, n] = x [m, k] · W [n, k]ᵀ for GGUF blocks `w` of type `t` computed as their
+/// dequantized f32 values: each task widens four weight rows at a time into a scratch that
+/// stays in L1 (candle's values, [`fedllm_kernels::gemm::dequant`]) and runs
+/// [`dense_matmul`]'s kernel on them. Every output is `dense_matmul`'s on the dequantized
+/// matrix bit for bit, reading the 0.6–1.1 bytes a value the blocks take instead of 4.
+pub fn packed_matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let (bs, ts) = (t.block_size(), t.type_size());
+    assert!(k.is_multiple_of(bs) && w.len() == n * k / bs * ts && x.len() == m * k);
+    let row_bytes = k / bs * ts;
+    let path = dense_path();
+    rows_in_parallel(n, m, &|rs, o| {
+        let mut wide = vec![0f32; PACKED_ROWS * k];
+        for r0 in rs.clone().step_by(PACKED_ROWS) {
+            let rows = (rs.end - r0).min(PACKED_ROWS);
+            let wide = &mut wide[..rows * k];
+            fedllm_kernels::gemm::dequant(t, &w[r0 * row_bytes..(r0 + rows) * row_bytes], wide);
+            let at = (r0 - rs.start) * m;
+            dense_rows(path, wide, x, k, m, &mut o[at..at + rows * m], 0);
+        }
+    })
+}
+
+/// Weight rows [`packed_matmul`] widens at a time: 4 × 1536 values fill 24 of L1's 32 KiB.
+const PACKED_ROWS: usize = 4;
+
+/// The path dense rows take: they have no int8 form, so the VNNI path takes the f32 kernels
+/// (the AVX2 twin where the CPU lacks AVX-512, its VNNI path being the AVX2 twin too).
+fn dense_path() -> Path {
+    match selected() {
         Path::Vnni if !Path::Avx512.supported() => Path::Avx2,
         p => p,
-    };
-    rows_in_parallel(n, m, &|rs, o| {
-        #[cfg(target_arch = "x86_64")]
-        if path == Path::Avx2 {
-            // SAFETY: AVX2 and FMA were detected; the slices are whole k-strided rows.
-            return unsafe { dense_rows_avx2(&w[rs.start * k..rs.end * k], x, k, m, o) };
-        }
-        for (i, r) in rs.enumerate() {
-            let row = &w[r * k..(r + 1) * k];
-            for (g, og) in o[i * m..(i + 1) * m].chunks_mut(ROWS).enumerate() {
-                let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
-                if path >= Path::Avx512 {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
-                    unsafe {
-                        dense_dots_avx512(row, xs, k, og)
-                    }
-                } else {
-                    for (j, oj) in og.iter_mut().enumerate() {
-                        *oj = row
-                            .iter()
-                            .zip(&xs[j * k..(j + 1) * k])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                    }
+    }
+}
+
+/// `w`'s whole rows (stride k) against all m rows of x into `o[i·m + j]`; `ahead` > 0 has
+/// the AVX2 kernel prefetch rows that far on (rows streamed from memory, not a scratch).
+fn dense_rows(path: Path, w: &[f32], x: &[f32], k: usize, m: usize, o: &mut [f32], ahead: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx2 {
+        // SAFETY: AVX2 and FMA were detected; the slices are whole k-strided rows.
+        return unsafe { dense_rows_avx2(w, x, k, m, o, ahead) };
+    }
+    for (i, row) in w.chunks_exact(k).enumerate() {
+        for (g, og) in o[i * m..(i + 1) * m].chunks_mut(ROWS).enumerate() {
+            let xs = &x[g * ROWS * k..(g * ROWS + og.len()) * k];
+            if path >= Path::Avx512 {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX-512F was detected at run time; slices are k-strided rows.
+                unsafe {
+                    dense_dots_avx512(row, xs, k, og)
+                }
+            } else {
+                for (j, oj) in og.iter_mut().enumerate() {
+                    *oj = row
+                        .iter()
+                        .zip(&xs[j * k..(j + 1) * k])
+                        .map(|(a, b)| a * b)
+                        .sum();
                 }
             }
         }
-    })
+    }
 }
 
 /// The output pointer the pool's threads write disjoint rows through.
@@ -1137,6 +1171,45 @@ mod tests {
                         .sum();
                     let e = (got[j * n + r] as f64 - want).abs();
                     assert!(e < 1e-4, "{n}x{k} m={m} [{j},{r}]: {e}");
+                }
+            }
+        }
+    }
+
+    /// Packed blocks give the dense kernel's numbers on the dequantized matrix bit for bit,
+    /// on every path: n = 37 leaves partial 4-row groups and pool chunks, m up to 9 covers
+    /// partial tiles of x rows and more than one group, Q6K (k = 256) a type widened by
+    /// candle's own decoder.
+    #[test]
+    fn packed_rows_equal_dense_rows_of_the_dequantized_matrix() {
+        let dev = Device::Cpu;
+        for (t, k) in [
+            (GgmlDType::Q4_1, 96),
+            (GgmlDType::Q8_0, 96),
+            (GgmlDType::Q4_0, 64),
+            (GgmlDType::Q6K, 256),
+        ] {
+            let n = 37;
+            let w = fedllm_testing::randn(321, 0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, t).unwrap();
+            let raw = q.data().unwrap().to_vec();
+            let wd: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let x: Vec<f32> = fedllm_testing::randn(322, 0f32, 1.0, (9 * k,), &dev)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for p in available() {
+                for m in [1, 2, 3, 4, 8, 9] {
+                    let (x, n) = (&x[..m * k], n);
+                    let want = with_path(p, || dense_matmul(&wd, n, k, x, m));
+                    let got = with_path(p, || packed_matmul(t, &raw, n, k, x, m));
+                    assert_eq!(got, want, "{p:?} {t:?} m={m}");
                 }
             }
         }
