@@ -1043,6 +1043,45 @@ mod tests {
         }
     }
 
+    /// A packed weight's products are the dequantized dense weight's bit for bit through
+    /// every way a Linear multiplies on the CPU (plain, fused residual, fused SwiGLU
+    /// residual), for prompt rows (40: the GEMM) and decode rows (1, 3: the streaming
+    /// kernel) on every decode path, at SmolLM2's reductions (576, 1536: long enough that two
+    /// GEMMs blocking k differently round differently).
+    #[test]
+    fn packed_products_equal_the_dequantized_weights() {
+        use crate::ops::qmatvec;
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        for (t, (n, k)) in [(GgmlDType::Q4_1, (96, 576)), (GgmlDType::Q8_0, (40, 1536))] {
+            let w = fedllm_testing::randn(211, 0f32, 1.0, (n, k), &dev).unwrap();
+            let q = std::sync::Arc::new(QTensor::quantize(&w, t).unwrap());
+            let dense = Linear::new(Weight::Dense(q.dequantize(&dev).unwrap()), None).unwrap();
+            let packed = Linear::new(Weight::Packed(q), None).unwrap();
+            for (path, rows) in qmatvec::available()
+                .into_iter()
+                .flat_map(|p| [(p, 1), (p, 3), (p, 40)])
+            {
+                let x = fedllm_testing::randn(212, 0f32, 1.0, (rows, k), &dev).unwrap();
+                let u = fedllm_testing::randn(213, 0f32, 1.0, (rows, k), &dev).unwrap();
+                let res = fedllm_testing::randn(214, 0f32, 1.0, (rows, n), &dev).unwrap();
+                let all = |l: &Linear| -> Vec<Vec<f32>> {
+                    qmatvec::with_path(path, || {
+                        [
+                            l.forward(&x).unwrap(),
+                            l.forward_residual(&x, &res).unwrap(),
+                            l.forward_swiglu_residual(&x, &u, &res).unwrap(),
+                        ]
+                        .iter()
+                        .map(|y| y.flatten_all().unwrap().to_vec1().unwrap())
+                        .collect()
+                    })
+                };
+                assert_eq!(all(&packed), all(&dense), "{path:?} {t:?} rows {rows}");
+            }
+        }
+    }
+
     /// FrozenLinear's backward (input gradient only) against plain candle ops.
     #[test]
     fn frozen_linear_grad_matches_plain_matmul() {
