@@ -695,8 +695,9 @@ unsafe fn score_tile<const H: bool, const Q: usize, const K: usize>(
 }
 
 /// [`mix_avx512`] on 8-lane halves. Each output lane takes its weighted rows in the
-/// original's order; the outputs stay in registers, up to three queries by 16 lanes at a
-/// time, instead of a load and a store per row and query.
+/// original's order; the outputs stay in registers, up to three queries by 32 lanes at a
+/// time (twelve chains in flight: with 16 lanes, six chains waited out the FMA latency each
+/// key), instead of a load and a store per row and query.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn mix_avx2<const H: bool>(
@@ -712,23 +713,29 @@ unsafe fn mix_avx2<const H: bool>(
     let mut i = 0;
     while i < r {
         let q = (r - i).min(3);
-        for c in 0..d / 16 {
+        let mut c = 0;
+        while c < d / 16 {
             let (pi, oi) = (p.as_ptr().add(i * s), o.as_mut_ptr().add(i * d + c * 16));
-            match q {
-                3 => mix_tile::<H, 3>(base, st, c, s, pi, oi, d),
-                2 => mix_tile::<H, 2>(base, st, c, s, pi, oi, d),
-                _ => mix_tile::<H, 1>(base, st, c, s, pi, oi, d),
+            let wide = c + 2 <= d / 16;
+            match (q, wide) {
+                (3, true) => mix_tile::<H, 3, 4>(base, st, c, s, pi, oi, d),
+                (2, true) => mix_tile::<H, 2, 4>(base, st, c, s, pi, oi, d),
+                (_, true) => mix_tile::<H, 1, 4>(base, st, c, s, pi, oi, d),
+                (3, _) => mix_tile::<H, 3, 2>(base, st, c, s, pi, oi, d),
+                (2, _) => mix_tile::<H, 2, 2>(base, st, c, s, pi, oi, d),
+                _ => mix_tile::<H, 1, 2>(base, st, c, s, pi, oi, d),
             }
+            c += if wide { 2 } else { 1 };
         }
         i += q;
     }
 }
 
-/// Lanes 16c..16c+16 of Q outputs (`o`, d apart) += Σ_j p[i·s + j] · v_j over the s rows.
+/// Lanes 16c..16c+8L of Q outputs (`o`, d apart) += Σ_j p[i·s + j] · v_j over the s rows.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mix_tile<const H: bool, const Q: usize>(
+unsafe fn mix_tile<const H: bool, const Q: usize, const L: usize>(
     base: *const u8,
     st: usize,
     c: usize,
@@ -738,23 +745,24 @@ unsafe fn mix_tile<const H: bool, const Q: usize>(
     d: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc: [[__m256; 2]; Q] =
+    let mut acc: [[__m256; L]; Q] =
         std::array::from_fn(|i| std::array::from_fn(|h| _mm256_loadu_ps(o.add(i * d + 8 * h))));
     for j in 0..s {
         let row = base.add(j * st);
-        let v = [load8::<H>(row, c, 0), load8::<H>(row, c, 1)];
-        for (i, a) in acc.iter_mut().enumerate() {
-            let w = *p.add(i * s + j);
-            if w != 0.0 {
-                let wv = _mm256_set1_ps(w);
-                a[0] = _mm256_fmadd_ps(wv, v[0], a[0]);
-                a[1] = _mm256_fmadd_ps(wv, v[1], a[1]);
+        let w: [f32; Q] = std::array::from_fn(|i| *p.add(i * s + j));
+        for h in 0..L {
+            let v = load8::<H>(row, c + h / 2, h % 2);
+            for (i, a) in acc.iter_mut().enumerate() {
+                if w[i] != 0.0 {
+                    a[h] = _mm256_fmadd_ps(_mm256_set1_ps(w[i]), v, a[h]);
+                }
             }
         }
     }
     for (i, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(o.add(i * d), a[0]);
-        _mm256_storeu_ps(o.add(i * d + 8), a[1]);
+        for (h, ah) in a.iter().enumerate() {
+            _mm256_storeu_ps(o.add(i * d + 8 * h), *ah);
+        }
     }
 }
 
