@@ -1176,6 +1176,15 @@ mod tests {
         }
     }
 
+    /// A seeded normal [n, k] matrix quantized to `t`: its blocks and their dequantized values.
+    fn quantized(seed: u64, t: GgmlDType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+        let dev = Device::Cpu;
+        let w = fedllm_testing::randn(seed, 0f32, 1.0, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, t).unwrap();
+        let wd = q.dequantize(&dev).unwrap().flatten_all().unwrap();
+        (q.data().unwrap().to_vec(), wd.to_vec1().unwrap())
+    }
+
     /// Packed blocks give the dense kernel's numbers on the dequantized matrix bit for bit,
     /// on every path: n = 37 leaves partial 4-row groups and pool chunks, m up to 9 covers
     /// partial tiles of x rows and more than one group, Q6K (k = 256) a type widened by
@@ -1190,16 +1199,7 @@ mod tests {
             (GgmlDType::Q6K, 256),
         ] {
             let n = 37;
-            let w = fedllm_testing::randn(321, 0f32, 1.0, (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&w, t).unwrap();
-            let raw = q.data().unwrap().to_vec();
-            let wd: Vec<f32> = q
-                .dequantize(&dev)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let (raw, wd) = quantized(321, t, n, k);
             let x: Vec<f32> = fedllm_testing::randn(322, 0f32, 1.0, (9 * k,), &dev)
                 .unwrap()
                 .to_vec1()
@@ -1286,18 +1286,9 @@ mod tests {
         for p in available() {
             for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
                 for (n, k, m) in [(37, 64, 1), (5, 96, 3), (130, 32, 8), (20, 64, 11)] {
-                    let w = fedllm_testing::randn(301, 0f32, 1.0, (n, k), &dev).unwrap();
-                    let q = QTensor::quantize(&w, t).unwrap();
-                    let wd: Vec<f32> = q
-                        .dequantize(&dev)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
+                    let (raw, wd) = quantized(301, t, n, k);
                     let x = fedllm_testing::randn(302, 0f32, 1.0, (m, k), &dev).unwrap();
                     let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                    let raw = q.data().unwrap();
                     let got = with_path(p, || matmul(t, &raw, n, k, &xv, m));
                     for (j, r) in (0..m).flat_map(|j| (0..n).map(move |r| (j, r))) {
                         let (wr, xj) = (&wd[r * k..(r + 1) * k], &xv[j * k..(j + 1) * k]);
