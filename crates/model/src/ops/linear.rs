@@ -327,21 +327,15 @@ impl Linear {
                     let wd = &data[l.start_offset()..l.start_offset() + n * k];
                     (crate::ops::qmatvec::dense_matmul(wd, n, k, &xv, rows), n)
                 }
-                // Our block kernel: f32 activations, all cores, AVX-512 where available.
-                Weight::Quant(q) => {
+                // Our block kernels on all cores: their own arithmetic on kept blocks, the
+                // dense kernel's on packed ones.
+                Weight::Quant(q) | Weight::Packed(q) => {
                     let (n, k) = q.shape().dims2()?;
-                    (
-                        crate::ops::qmatvec::matmul(q.dtype(), &q.data()?, n, k, &xv, rows),
-                        n,
-                    )
-                }
-                Weight::Packed(q) => {
-                    let (n, k) = q.shape().dims2()?;
-                    let data = q.data()?;
-                    (
-                        crate::ops::qmatvec::packed_matmul(q.dtype(), &data, n, k, &xv, rows),
-                        n,
-                    )
+                    let product = match &self.weight {
+                        Weight::Packed(_) => crate::ops::qmatvec::packed_matmul,
+                        _ => crate::ops::qmatvec::matmul,
+                    };
+                    (product(q.dtype(), &q.data()?, n, k, &xv, rows), n)
                 }
             };
             return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype());
