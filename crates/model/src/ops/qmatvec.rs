@@ -55,16 +55,19 @@ impl Path {
         }
     }
 
+    /// Every path, slowest first.
+    pub const ALL: [Path; 5] = [
+        Path::Portable,
+        Path::Avx2,
+        Path::Int16,
+        Path::Avx512,
+        Path::Vnni,
+    ];
+
     pub fn parse(s: &str) -> Option<Path> {
-        [
-            Path::Portable,
-            Path::Avx2,
-            Path::Int16,
-            Path::Avx512,
-            Path::Vnni,
-        ]
-        .into_iter()
-        .find(|p| p.name() == s.trim().to_ascii_lowercase())
+        Path::ALL
+            .into_iter()
+            .find(|p| p.name() == s.trim().to_ascii_lowercase())
     }
 
     /// Whether this CPU runs the path.
@@ -105,16 +108,7 @@ fn vnni_hw() -> bool {
 
 /// Every path this CPU runs (what the tests iterate over).
 pub fn available() -> Vec<Path> {
-    [
-        Path::Portable,
-        Path::Avx2,
-        Path::Int16,
-        Path::Avx512,
-        Path::Vnni,
-    ]
-    .into_iter()
-    .filter(|p| p.supported())
-    .collect()
+    Path::ALL.into_iter().filter(|p| p.supported()).collect()
 }
 
 /// `FEDLLM_DECODE`, parsed; Err names the bad value or a path this CPU lacks.
@@ -864,36 +858,54 @@ unsafe fn q8_0_avx2<const M: usize>(
     }
 }
 
-/// Rows of x rounded to int8 per 32-value block, as the VNNI path multiplies them: scale
-/// d = max|x|/127, q = round-half-even(x/d) (llama.cpp's Q8 activations).
-struct Q8Rows {
-    q: Vec<i8>,
+/// Rows of x rounded per 32-value block to T, as the integer paths multiply them: scale
+/// d = max|x|/L, q = round-half-even(x·(1/d)) — L = 127 for the VNNI path's i8 (llama.cpp's
+/// Q8 activations), 32767 for the Int16 path, whose blocks are stored even values first
+/// (0, 2, …, 30), then the odd ones: the order in which its shifts take a block's weights apart.
+struct Rounded<T> {
+    q: Vec<T>,
     /// [rows, blocks]: d.
     d: Vec<f32>,
-    /// [rows, blocks]: d·Σq, Q8_0 weights' offset correction.
+    /// [rows, blocks]: d·Σq, Q8_0 weights' offset correction on the VNNI path (Int16: empty).
     dq: Vec<f32>,
 }
 
-/// A window of [`Q8Rows`] starting at one row.
+type Q8Rows = Rounded<i8>;
+type I16Rows = Rounded<i16>;
+type Q8View<'a> = RoundedView<'a, i8>;
+type I16View<'a> = RoundedView<'a, i16>;
+
+/// A window of [`Rounded`] rows starting at one row.
 #[derive(Clone, Copy)]
-struct Q8View<'a> {
-    q: &'a [i8],
+struct RoundedView<'a, T> {
+    q: &'a [T],
     d: &'a [f32],
     dq: &'a [f32],
 }
 
-impl<'a> Q8View<'a> {
+impl<'a, T> RoundedView<'a, T> {
     /// The window `rows` rows (of k values) further on.
-    fn skip(self, rows: usize, k: usize) -> Q8View<'a> {
-        Q8View {
+    fn skip(self, rows: usize, k: usize) -> RoundedView<'a, T> {
+        RoundedView {
             q: &self.q[rows * k..],
             d: &self.d[rows * k / 32..],
-            dq: &self.dq[rows * k / 32..],
+            dq: self.dq.get(rows * k / 32..).unwrap_or(&[]),
         }
     }
 }
 
-impl Q8Rows {
+impl<T> Rounded<T> {
+    fn rows(&self, j0: usize, k: usize) -> RoundedView<'_, T> {
+        RoundedView {
+            q: &self.q,
+            d: &self.d,
+            dq: &self.dq,
+        }
+        .skip(j0, k)
+    }
+}
+
+impl Rounded<i8> {
     /// `simd` picks the AVX-512 rounding loop where the CPU has it; both give the same bytes.
     fn new(x: &[f32], simd: bool) -> Q8Rows {
         let nb = x.len() / 32;
@@ -920,27 +932,47 @@ impl Q8Rows {
         }
         r
     }
+}
 
-    fn rows(&self, j0: usize, k: usize) -> Q8View<'_> {
-        Q8View {
-            q: &self.q[j0 * k..],
-            d: &self.d[j0 * k / 32..],
-            dq: &self.dq[j0 * k / 32..],
+impl Rounded<i16> {
+    fn new(x: &[f32]) -> I16Rows {
+        let mut r = I16Rows {
+            q: vec![0; x.len()],
+            d: vec![0.0; x.len() / 32],
+            dq: Vec::new(),
+        };
+        let mut q = [0i16; 32];
+        for (d, (xs, qs)) in
+            r.d.iter_mut()
+                .zip(x.chunks_exact(32).zip(r.q.chunks_exact_mut(32)))
+        {
+            *d = round_block_i16(xs, &mut q, true);
+            for (i, v) in q.iter().enumerate() {
+                qs[i / 2 + 16 * (i % 2)] = *v;
+            }
         }
+        r
     }
+}
+
+/// One block rounded to `levels` steps each side: d, and each rounded value to `put`.
+fn round_levels(x: &[f32], levels: f32, mut put: impl FnMut(usize, i32)) -> f32 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / levels;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (i, v) in x.iter().enumerate() {
+        put(i, (v * id).round_ties_even() as i32);
+    }
+    d
 }
 
 /// One block to int8: (d, Σq).
 fn round_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0;
-    for (q, v) in q.iter_mut().zip(x) {
-        let r = (v * id).round_ties_even() as i32;
-        *q = r as i8;
+    let d = round_levels(x, 127.0, |i, r| {
+        q[i] = r as i8;
         sum += r;
-    }
+    });
     (d, sum)
 }
 
@@ -1175,50 +1207,6 @@ unsafe fn block_vnni_avx2<const M: usize>(
     }
 }
 
-/// Rows of x rounded to int16 per 32-value block, as [`Path::Int16`] multiplies them: scale
-/// d = max|x|/32767, q = round-half-even(x·(1/d)). Each block is stored even values first
-/// (0, 2, …, 30), then the odd ones: the order in which the kernel's shifts take a block's
-/// weights apart.
-struct I16Rows {
-    q: Vec<i16>,
-    /// [rows, blocks]: d.
-    d: Vec<f32>,
-}
-
-/// A window of [`I16Rows`] starting at one row.
-#[derive(Clone, Copy)]
-struct I16View<'a> {
-    q: &'a [i16],
-    d: &'a [f32],
-}
-
-impl I16Rows {
-    fn new(x: &[f32]) -> I16Rows {
-        let mut r = I16Rows {
-            q: vec![0; x.len()],
-            d: vec![0.0; x.len() / 32],
-        };
-        let mut q = [0i16; 32];
-        for (d, (xs, qs)) in
-            r.d.iter_mut()
-                .zip(x.chunks_exact(32).zip(r.q.chunks_exact_mut(32)))
-        {
-            *d = round_block_i16(xs, &mut q, true);
-            for (i, v) in q.iter().enumerate() {
-                qs[i / 2 + 16 * (i % 2)] = *v;
-            }
-        }
-        r
-    }
-
-    fn rows(&self, j0: usize, k: usize) -> I16View<'_> {
-        I16View {
-            q: &self.q[j0 * k..],
-            d: &self.d[j0 * k / 32..],
-        }
-    }
-}
-
 /// One block to int16 (in order): d. `simd` takes AVX2 where the CPU has it: the same values.
 fn round_block_i16(x: &[f32], q: &mut [i16; 32], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -1226,13 +1214,7 @@ fn round_block_i16(x: &[f32], q: &mut [i16; 32], simd: bool) -> f32 {
         // SAFETY: AVX2 was detected; x holds a whole block.
         return unsafe { round_block_i16_avx2(x, q) };
     }
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 32767.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for (q, v) in q.iter_mut().zip(x) {
-        *q = (v * id).round_ties_even() as i16;
-    }
-    d
+    round_levels(x, 32767.0, |i, r| q[i] = r as i16)
 }
 
 /// [`round_block_i16`] on 256-bit registers (the same products, rounded to nearest even by
