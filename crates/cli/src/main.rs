@@ -316,6 +316,12 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Decode block products on kept GGUF blocks: ns per block on SmolLM2's shapes, 1 and 8 rows, per path
+    Blocks {
+        /// Repetitions per measurement (the best is reported)
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// One round with and without secure aggregation (SecAgg+) over loopback gRPC, clients as
     /// threads answering with synthetic updates: time and wire bytes
     Secagg {
@@ -448,6 +454,7 @@ fn run(cli: Cli) -> Result<()> {
         } => train_cmd::cmd_merge(&model, &adapter, &out, quant),
         Cmd::Bench(BenchCmd::Aggregate { clients, params }) => cmd_bench_aggregate(clients, params),
         Cmd::Bench(BenchCmd::Gemm { rows, reps }) => cmd_bench_gemm(rows, reps),
+        Cmd::Bench(BenchCmd::Blocks { reps }) => cmd_bench_blocks(reps),
         Cmd::Bench(BenchCmd::Secagg {
             clients,
             mb,
@@ -735,6 +742,36 @@ fn cmd_bench_gemm(rows: usize, reps: usize) -> Result<()> {
             r.k,
             r.k,
             r.n,
+            cols.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn cmd_bench_blocks(reps: usize) -> Result<()> {
+    use fedllm_model::qmatvec;
+    println!(
+        "bench blocks: {} threads, paths {:?} (default: {})",
+        fedllm_kernels::pool::global().threads(),
+        qmatvec::available()
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>(),
+        qmatvec::selected().name()
+    );
+    for r in fedllm_model::bench::bench_blocks(reps)? {
+        let cols: Vec<String> = r
+            .paths
+            .iter()
+            .map(|(p, ns, gb)| format!("{p} {ns:.2} ({gb:.1} GB/s)"))
+            .collect();
+        println!(
+            "{:24} {} [{}x{}] m={}  ns/block: {}",
+            r.what,
+            r.dtype,
+            r.n,
+            r.k,
+            r.m,
             cols.join(", ")
         );
     }

@@ -226,6 +226,43 @@ fn an_unknown_decode_path_is_refused() {
     assert_clean_failure(&out, &["FEDLLM_DECODE", "sse2", "vnni"]);
 }
 
+/// `bench blocks` measures every decode path the binary reports for this CPU on each of its
+/// four shapes at 1 and 8 rows, each a finite positive time (what it prints, not how fast:
+/// speed lives in the benchmark's output, never in a test).
+#[test]
+fn bench_blocks_measures_every_path() {
+    let out = fedllm(&["bench", "blocks", "--reps", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = text.lines().next().unwrap_or_default();
+    let list = head.split('[').nth(1).and_then(|s| s.split(']').next());
+    let paths: Vec<&str> = list
+        .unwrap_or_default()
+        .split(',')
+        .map(|p| p.trim().trim_matches('"'))
+        .filter(|p| !p.is_empty())
+        .collect();
+    assert!(paths.contains(&"portable"), "{head}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.contains("ns/block:")).collect();
+    assert_eq!(rows.len(), 8, "{text}");
+    for row in rows {
+        let cols = row.split("ns/block:").nth(1).unwrap();
+        for p in &paths {
+            let ns: f64 = cols
+                .split(", ")
+                .find_map(|c| c.trim().strip_prefix(&format!("{p} ")))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{p} missing from: {row}"));
+            assert!(ns.is_finite() && ns > 0.0, "{row}");
+        }
+    }
+}
+
 /// `generate --adapter` with each adapter type of the golden PEFT folders: the printed ids are
 /// the prompt followed by the adapter's own greedy choice at every step (recomputed here from
 /// the adapter's full forward); a missing adapter folder is one error line naming it.

@@ -116,3 +116,89 @@ fn split(total: f64, steps: usize) -> Vec<(&'static str, f64)> {
     p.push(("glue", per(total) - spans));
     p
 }
+
+/// One decode block-product measurement (`qmatvec::matmul` on kept GGUF blocks).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlockBench {
+    pub what: &'static str,
+    pub dtype: &'static str,
+    /// Weight rows and reduction length; `m` activation rows.
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+    /// (path, ns per weight block, weight GB/s) for every path this CPU runs.
+    pub paths: Vec<(&'static str, f64, f64)>,
+}
+
+/// ns per weight block of the decode products on SmolLM2-135M's shapes, for 1 and 8 rows on
+/// every `qmatvec` path: one layer's gate/up and down projections (in cache), the Q8_0 LM
+/// head, and 240 gate/up matrices in a row (133 MB, past any L3: streamed from memory).
+pub fn bench_blocks(reps: usize) -> Result<Vec<BlockBench>> {
+    use crate::qmatvec;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let mut rng = Rng::new(7);
+    let mut blocks = |t: GgmlDType, n: usize, k: usize| -> Result<Vec<u8>> {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+        let w = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
+        Ok(QTensor::quantize(&w, t)?.data()?.to_vec())
+    };
+    let up = blocks(GgmlDType::Q4_1, 1536, 576)?;
+    let down = blocks(GgmlDType::Q4_1, 576, 1536)?;
+    let head = blocks(GgmlDType::Q8_0, 49152, 576)?;
+    let streamed = up.repeat(240);
+    let cases = [
+        ("gate/up_proj", GgmlDType::Q4_1, &up, 1536, 576),
+        ("down_proj", GgmlDType::Q4_1, &down, 576, 1536),
+        ("lm_head", GgmlDType::Q8_0, &head, 49152, 576),
+        (
+            "240 x gate/up, streamed",
+            GgmlDType::Q4_1,
+            &streamed,
+            1536 * 240,
+            576,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (what, t, w, n, k) in cases {
+        for m in [1, 8] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let nb = (n * k / 32) as f64;
+            // Calls per timing: about 20 ms of work at ~1.5 ns per block and row.
+            let calls = (2e7 / (nb * 1.5 * m as f64)).ceil().max(1.0) as usize;
+            let paths = qmatvec::available()
+                .into_iter()
+                .map(|p| {
+                    let s = qmatvec::with_path(p, || {
+                        best(reps.max(1), || {
+                            for _ in 0..calls {
+                                std::hint::black_box(qmatvec::matmul(t, w, n, k, &x, m));
+                            }
+                        })
+                    }) / calls as f64;
+                    (p.name(), s * 1e9 / nb, w.len() as f64 / s / 1e9)
+                })
+                .collect();
+            out.push(BlockBench {
+                what,
+                dtype: if t == GgmlDType::Q4_1 { "Q4_1" } else { "Q8_0" },
+                n,
+                k,
+                m,
+                paths,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The fastest of `reps` runs of `f` (after one warm-up), in seconds.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
