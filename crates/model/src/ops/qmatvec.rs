@@ -955,9 +955,15 @@ impl Rounded<i16> {
     }
 }
 
-/// One block rounded to `levels` steps each side: d, and each rounded value to `put`.
+/// One block rounded to `levels` steps each side: d, and each rounded value to `put`. A NaN
+/// makes d NaN (`f32::max` would skip it), so the products it enters are NaN, as in f32.
 fn round_levels(x: &[f32], levels: f32, mut put: impl FnMut(usize, i32)) -> f32 {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let amax = if x.iter().any(|v| v.is_nan()) {
+        f32::NAN
+    } else {
+        amax
+    };
     let d = amax / levels;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (i, v) in x.iter().enumerate() {
@@ -984,6 +990,12 @@ unsafe fn round_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let v0 = _mm512_loadu_ps(x.as_ptr());
     let v1 = _mm512_loadu_ps(x.as_ptr().add(16));
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    // As `round_levels`: a NaN makes d NaN.
+    let amax = if x.iter().any(|v| v.is_nan()) {
+        f32::NAN
+    } else {
+        amax
+    };
     let d = amax / 127.0;
     let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -1231,6 +1243,10 @@ unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16; 32]) -> f32 {
     let a = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     let a = _mm_max_ps(a, _mm_movehl_ps(a, a));
     let amax = _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+    // As `round_levels`: a NaN makes d NaN (`maxps` may drop it).
+    let unord = |i: usize, j: usize| _mm256_cmp_ps::<_CMP_UNORD_Q>(v[i], v[j]);
+    let nan = _mm256_movemask_ps(_mm256_or_ps(unord(0, 1), unord(2, 3))) != 0;
+    let amax = if nan { f32::NAN } else { amax };
     let d = amax / 32767.0;
     let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
     let i: [__m256i; 4] = std::array::from_fn(|j| _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id)));
@@ -1691,6 +1707,32 @@ mod tests {
         );
         if !fedllm_kernels::avx2::available() {
             eprintln!("note: no AVX2 here, the SIMD int16 rounding is not exercised");
+        }
+    }
+
+    /// A non-finite activation (NaN or ±inf) makes every product of its row non-finite on
+    /// every path, as the f32 product does, and leaves the other rows finite: the integer
+    /// paths must not round it into a finite value (`maxps` and `f32::max` skip NaN).
+    #[test]
+    fn a_non_finite_activation_is_never_a_finite_product() {
+        let (n, k) = (20, 96);
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (raw, _) = quantized(341, t, n, k);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut x: Vec<f32> = fedllm_testing::randn(342, 0f32, 1.0, (3 * k,), &Device::Cpu)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                x[k + 40] = bad;
+                for p in available() {
+                    let y = with_path(p, || matmul(t, &raw, n, k, &x, 3));
+                    for (j, row) in y.chunks(n).enumerate() {
+                        let finite = row.iter().filter(|v| v.is_finite()).count();
+                        let want = if j == 1 { 0 } else { n };
+                        assert_eq!(finite, want, "{p:?} {t:?} {bad} row {j}: {row:?}");
+                    }
+                }
+            }
         }
     }
 }
