@@ -1,5 +1,5 @@
 //! Decode-time products with GGUF-quantized weights: y[m, n] = x[m, k] · W[n, k]ᵀ for a few
-//! activation rows, reading the Q4_1 / Q8_0 blocks directly (no dequantized copy). Three
+//! activation rows, reading the Q4_1 / Q8_0 blocks directly (no dequantized copy). The
 //! paths ([`Path`]): with AVX-512 VNNI the activations are rounded to 8 bits per 32-value
 //! block (as llama.cpp's Q8 activations) and each block is an integer dot product
 //! (`vpdpbusd`); with AVX-512F alone the activations stay f32; without AVX-512 they are
@@ -149,8 +149,9 @@ pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
 
 /// The path products on this thread take: the forced one, else `FEDLLM_DECODE` (checked up
 /// front by the binary), else AVX-512 f32 where the CPU has it, else int16 activations on
-/// AVX2: a block costs ~19 instructions there against the f32 twin's ~27, and 16-bit rounding
-/// moves a product by at most d/2 per value, 1/258 of the 8-bit error. VNNI is never the
+/// AVX2: a Q4_1 block at one row took 1.06 ns there against the f32 twin's 1.57 (`fedllm
+/// bench blocks`, 2-core Zen 3), and 16-bit rounding moves a product by at most d/2 per
+/// value, 1/258 of the 8-bit error. VNNI is never the
 /// default: its 8-bit activations move SmolLM2's logits by ~1% (0.3 of 35), which flips
 /// transformers' greedy choice where two tokens are that close (one of the 20 golden tokens,
 /// past the answer).
@@ -615,7 +616,6 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 (Path::Avx2, _) => unsafe {
                     rows_avx2(t, w, row_bytes, rs.clone(), &x[j0 * k..], sums, k, o, g)
                 },
-
                 _ => {
                     for (i, r) in rs.clone().enumerate() {
                         let row = &w[r * row_bytes..(r + 1) * row_bytes];
