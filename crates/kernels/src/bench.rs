@@ -28,7 +28,8 @@ pub const W1_SHAPES: [(&str, usize, usize); 6] = [
     ("lm_head dX", 49152, 576),
 ];
 
-fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+/// The fastest of `reps` runs of `f` (after one warm-up), in seconds.
+pub fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     (0..reps)
         .map(|_| {

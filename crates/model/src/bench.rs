@@ -169,7 +169,7 @@ pub fn bench_blocks(reps: usize) -> Result<Vec<BlockBench>> {
                 .into_iter()
                 .map(|p| {
                     let s = qmatvec::with_path(p, || {
-                        best(reps.max(1), || {
+                        fedllm_kernels::bench::best_of(reps.max(1), || {
                             for _ in 0..calls {
                                 std::hint::black_box(qmatvec::matmul(t, w, n, k, &x, m));
                             }
@@ -189,16 +189,4 @@ pub fn bench_blocks(reps: usize) -> Result<Vec<BlockBench>> {
         }
     }
     Ok(out)
-}
-
-/// The fastest of `reps` runs of `f` (after one warm-up), in seconds.
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
 }
