@@ -564,8 +564,11 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     let row_bytes = k / be * bb;
     let path = selected();
     let xsum = block_sums(x);
-    let q8 = (path == Path::Vnni).then(|| Q8Rows::new(x, true));
-    let q16 = (path == Path::Int16).then(|| I16Rows::new(x));
+    let acts = match path {
+        Path::Vnni => Activations::I8(Q8Rows::new(x, true)),
+        Path::Int16 => Activations::I16(I16Rows::new(x)),
+        _ => Activations::F32,
+    };
     let nb = k / 32;
     rows_in_parallel(n, m, &|rs, o| {
         for j0 in (0..m).step_by(ROWS) {
@@ -575,31 +578,30 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 stride: m,
             };
             let sums = &xsum[j0 * nb..];
-            #[cfg(target_arch = "x86_64")]
-            if let Some(q16) = &q16 {
-                // SAFETY: `Path::Int16` is only selected where AVX2, FMA and F16C were detected;
-                // q16 holds these rows' whole blocks.
-                unsafe { rows_i16(t, w, row_bytes, rs.clone(), q16.rows(j0, k), sums, k, o, g) };
-                continue;
-            }
-            match (path, &q8) {
+            match (path, &acts) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: without VNNI, `Path::supported` detected AVX2, FMA and F16C; the
                 // slices cover whole blocks of these rows.
-                (Path::Vnni, Some(q8)) if !vnni_hw() => unsafe {
+                (Path::Vnni, Activations::I8(q8)) if !vnni_hw() => unsafe {
                     let a = q8.rows(j0, k);
                     rows_vnni_avx2(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: VNNI, AVX-512 BW/VL and F16C were detected (`vnni_hw`); the slices
                 // cover whole blocks of these rows.
-                (Path::Vnni, Some(q8)) => unsafe {
+                (Path::Vnni, Activations::I8(q8)) => unsafe {
                     let a = q8.rows(j0, k);
                     if g.rows == 1 {
                         rows_vnni::<1>(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
                     } else {
                         rows_vnni::<ROWS>(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
                     }
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Path::supported` detected AVX2, FMA and F16C; the rounded rows
+                // hold these rows' whole blocks.
+                (Path::Int16, Activations::I16(a)) => unsafe {
+                    rows_i16(t, w, row_bytes, rs.clone(), a.rows(j0, k), sums, k, o, g)
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX-512F and F16C were detected; the slices cover whole blocks.
@@ -875,6 +877,13 @@ type I16Rows = Rounded<i16>;
 type Q8View<'a> = RoundedView<'a, i8>;
 type I16View<'a> = RoundedView<'a, i16>;
 
+/// The activations a path multiplies: as given (f32 paths) or rounded (integer paths).
+enum Activations {
+    F32,
+    I8(Q8Rows),
+    I16(I16Rows),
+}
+
 /// A window of [`Rounded`] rows starting at one row.
 #[derive(Clone, Copy)]
 struct RoundedView<'a, T> {
@@ -941,15 +950,11 @@ impl Rounded<i16> {
             d: vec![0.0; x.len() / 32],
             dq: Vec::new(),
         };
-        let mut q = [0i16; 32];
         for (d, (xs, qs)) in
             r.d.iter_mut()
                 .zip(x.chunks_exact(32).zip(r.q.chunks_exact_mut(32)))
         {
-            *d = round_block_i16(xs, &mut q, true);
-            for (i, v) in q.iter().enumerate() {
-                qs[i / 2 + 16 * (i % 2)] = *v;
-            }
+            *d = round_block_i16(xs, qs, true);
         }
         r
     }
@@ -1219,14 +1224,15 @@ unsafe fn block_vnni_avx2<const M: usize>(
     }
 }
 
-/// One block to int16 (in order): d. `simd` takes AVX2 where the CPU has it: the same values.
-fn round_block_i16(x: &[f32], q: &mut [i16; 32], simd: bool) -> f32 {
+/// One block to int16, stored even values first: d. `simd` takes AVX2 where the CPU has it:
+/// the same values.
+fn round_block_i16(x: &[f32], q: &mut [i16], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd && fedllm_kernels::avx2::available() {
         // SAFETY: AVX2 was detected; x holds a whole block.
         return unsafe { round_block_i16_avx2(x, q) };
     }
-    round_levels(x, 32767.0, |i, r| q[i] = r as i16)
+    round_levels(x, 32767.0, |i, r| q[i / 2 + 16 * (i % 2)] = r as i16)
 }
 
 /// [`round_block_i16`] on 256-bit registers (the same products, rounded to nearest even by
@@ -1234,7 +1240,7 @@ fn round_block_i16(x: &[f32], q: &mut [i16; 32], simd: bool) -> f32 {
 /// other garbage, are not promised equal.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16; 32]) -> f32 {
+unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16]) -> f32 {
     use std::arch::x86_64::*;
     let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x[8 * i..8 * i + 8].as_ptr()));
     let sign = _mm256_set1_ps(-0.0);
@@ -1250,11 +1256,24 @@ unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16; 32]) -> f32 {
     let d = amax / 32767.0;
     let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
     let i: [__m256i; 4] = std::array::from_fn(|j| _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id)));
-    // packs interleaves 128-bit halves; the permute puts the 16 values back in order.
-    for h in 0..2 {
+    // Values 16h..16h+16 as words (packs interleaves 128-bit halves, the permute restores the
+    // order), then each half's even words before its odd ones, then the halves regrouped:
+    // [evens of both] then [odds of both].
+    let evens_first = _mm256_setr_epi8(
+        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, //
+        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+    );
+    let half: [__m256i; 2] = std::array::from_fn(|h| {
         let p = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(i[2 * h], i[2 * h + 1]));
-        _mm256_storeu_si256(q.as_mut_ptr().add(16 * h) as *mut __m256i, p);
-    }
+        _mm256_permute4x64_epi64::<0xD8>(_mm256_shuffle_epi8(p, evens_first))
+    });
+    assert!(q.len() >= 32);
+    let at = q.as_mut_ptr() as *mut __m256i;
+    _mm256_storeu_si256(at, _mm256_permute2x128_si256::<0x20>(half[0], half[1]));
+    _mm256_storeu_si256(
+        at.add(1),
+        _mm256_permute2x128_si256::<0x31>(half[0], half[1]),
+    );
     d
 }
 
