@@ -316,7 +316,7 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
-    /// Decode block products on kept GGUF blocks: ns per block on SmolLM2's shapes, 1 and 8 rows, per path
+    /// Decode block products on kept GGUF blocks: ns per block on SmolLM2's shapes, 1 and 8 rows, per path; then GFLOP/s of 256-row prompt products, f32 and int16
     Blocks {
         /// Repetitions per measurement (the best is reported)
         #[arg(long, default_value_t = 3)]
@@ -769,6 +769,21 @@ fn cmd_bench_blocks(reps: usize) -> Result<()> {
             "{:24} {} [{}x{}] m={}  ns/block: {}",
             r.what,
             r.dtype,
+            r.n,
+            r.k,
+            r.m,
+            cols.join(", ")
+        );
+    }
+    for r in fedllm_model::bench::bench_prompt(reps)? {
+        let cols: Vec<String> = r
+            .products
+            .iter()
+            .map(|(p, g)| format!("{p} {g:.1}"))
+            .collect();
+        println!(
+            "prompt {:17} Q4_1 [{}x{}] m={}  GFLOP/s: {}",
+            r.what,
             r.n,
             r.k,
             r.m,

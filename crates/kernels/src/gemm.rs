@@ -248,7 +248,7 @@ fn transpose_into_panel(rows: &[f32], cols: usize, kc: usize, out: &mut [f32]) {
         while kk + 8 <= kc {
             // SAFETY: AVX2 was detected; an 8×8 tile of `rows` [8][kc] and of `out` (row
             // stride NR, kk + 7 < kc rows).
-            unsafe { transpose8(rows.as_ptr().add(kk), kc, out.as_mut_ptr().add(kk * NR)) };
+            unsafe { transpose8(rows.as_ptr().add(kk), kc, out.as_mut_ptr().add(kk * NR), NR) };
             kk += 8;
         }
     }
@@ -262,10 +262,10 @@ fn transpose_into_panel(rows: &[f32], cols: usize, kc: usize, out: &mut [f32]) {
 /// dst[j][i] (row stride NR) = src[i][j] (row stride `ld`) for an 8×8 tile.
 ///
 /// # Safety
-/// The CPU has AVX2; src holds 8 rows of 8 values at stride `ld`, dst 8 rows at stride NR.
+/// The CPU has AVX2; src holds 8 rows of 8 values at stride `ld`, dst 8 rows at stride `ldd`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn transpose8(src: *const f32, ld: usize, dst: *mut f32) {
+pub(crate) unsafe fn transpose8(src: *const f32, ld: usize, dst: *mut f32, ldd: usize) {
     use std::arch::x86_64::*;
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ld)));
     // Pairs, then quads within 128-bit lanes, then the lanes themselves.
@@ -291,11 +291,11 @@ unsafe fn transpose8(src: *const f32, ld: usize, dst: *mut f32) {
     ];
     for j in 0..4 {
         _mm256_storeu_ps(
-            dst.add(j * NR),
+            dst.add(j * ldd),
             _mm256_permute2f128_ps::<0x20>(q[j], q[j + 4]),
         );
         _mm256_storeu_ps(
-            dst.add((j + 4) * NR),
+            dst.add((j + 4) * ldd),
             _mm256_permute2f128_ps::<0x31>(q[j], q[j + 4]),
         );
     }

@@ -13,9 +13,11 @@ pub mod bench;
 pub mod bf16;
 pub mod fused;
 pub mod gemm;
+pub mod gemm_i16;
 pub mod isa;
 mod micro;
 pub mod pool;
+pub mod rounding;
 pub mod strided;
 pub mod vexp;
 
@@ -30,13 +32,14 @@ pub(crate) fn test_data(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `n` f32 for the caller to fill completely before reading any of them: the activations' hot
-/// path skips the zeroing pass of `vec![0.0; n]` (candle's `alloc_uninit` does the same).
+/// `n` values (f32, or another plain number type) for the caller to fill completely before
+/// reading any of them: the activations' hot path skips the zeroing pass of `vec![0.0; n]`
+/// (candle's `alloc_uninit` does the same).
 ///
 /// # Safety
 /// Every element must be written before it is read.
 #[allow(clippy::uninit_vec)]
-pub unsafe fn uninit(n: usize) -> Vec<f32> {
+pub unsafe fn uninit<T: Copy>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     v.set_len(n);
     v

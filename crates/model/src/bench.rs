@@ -190,3 +190,75 @@ pub fn bench_blocks(reps: usize) -> Result<Vec<BlockBench>> {
     }
     Ok(out)
 }
+
+#[derive(Debug, Clone)]
+pub struct PromptBench {
+    pub what: &'static str,
+    /// Weight rows, reduction length and activation rows.
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+    /// (product, GFLOP/s counted as 2·m·n·k): the f32 GEMM over the dequantized panels, and
+    /// the int16 GEMM (with its activation rounding) where the CPU runs it.
+    pub products: Vec<(&'static str, f64)>,
+}
+
+/// GFLOP/s of the prompt products (256 rows) of SmolLM2-135M's gate/up and down projections on
+/// kept Q4_1 blocks: the f32 GEMM other paths take and the Int16 path's int16 GEMM.
+pub fn bench_prompt(reps: usize) -> Result<Vec<PromptBench>> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use fedllm_kernels::{ASrc, BSrc};
+    let mut rng = Rng::new(11);
+    let m = 256;
+    let mut out = Vec::new();
+    for (what, n, k) in [("gate/up_proj", 1536, 576), ("down_proj", 576, 1536)] {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+        let w = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
+        let raw = QTensor::quantize(&w, GgmlDType::Q4_1)?.data()?.to_vec();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let flop = 2.0 * (m * n * k) as f64;
+        let mut products = Vec::new();
+        if let Some(isa) = crate::ops::linear::f32_kernel_isa() {
+            let b = BSrc::Quant {
+                dtype: GgmlDType::Q4_1,
+                data: &raw,
+                rows: n,
+                cols: k,
+                t: true,
+            };
+            let mut c = vec![0f32; m * n];
+            let mut err = None;
+            let s = fedllm_kernels::bench::best_of(reps.max(1), || {
+                if let Err(e) = fedllm_kernels::matmul_into(ASrc::F32(&x), m, b, &mut c, isa, false)
+                {
+                    err = Some(e);
+                }
+            });
+            if let Some(e) = err {
+                return Err(candle_core::Error::Msg(e).into());
+            }
+            products.push(("f32", flop / s / 1e9));
+        }
+        if crate::qmatvec::Path::Int16.supported() {
+            let mut err = None;
+            let s = fedllm_kernels::bench::best_of(reps.max(1), || {
+                match crate::qmatvec::prompt_matmul_i16(GgmlDType::Q4_1, &raw, n, k, &x, m) {
+                    Ok(y) => drop(std::hint::black_box(y)),
+                    Err(e) => err = Some(e),
+                }
+            });
+            if let Some(e) = err {
+                return Err(candle_core::Error::Msg(e).into());
+            }
+            products.push(("int16", flop / s / 1e9));
+        }
+        out.push(PromptBench {
+            what,
+            n,
+            k,
+            m,
+            products,
+        });
+    }
+    Ok(out)
+}

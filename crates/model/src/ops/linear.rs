@@ -236,6 +236,7 @@ impl Linear {
             in_out: self.in_out,
             isa,
             bias,
+            int16: self.prompt_int16(h),
         };
         Ok(Some((op, shape)))
     }
@@ -285,6 +286,20 @@ impl Linear {
             _ => {}
         }
         kernel_isa(self.precision)
+    }
+
+    /// Inference prompt rows (more than decoding takes) of kept Q4_1/Q8_0 blocks on the Int16
+    /// decode path: the forward rounds them to int16 and multiplies blocks with exact integer
+    /// dots (`qmatvec::prompt_matmul_i16`), as decoding does, at up to twice the f32 FMA rate.
+    /// Never with gradients: training keeps the dequantized weights' f32 numbers.
+    fn prompt_int16(&self, x: &Tensor) -> bool {
+        use crate::ops::qmatvec::{self, Path};
+        matches!(&self.weight, Weight::Quant(q) if fedllm_kernels::gemm_i16::supported(q.dtype()))
+            && !self.in_out
+            && !x.track_op()
+            && x.dtype() == DType::F32
+            && x.device().is_cpu()
+            && qmatvec::selected() == Path::Int16
     }
 
     /// A few inference rows (decoding): `base` streams the weight once — reading quantized
@@ -354,6 +369,7 @@ impl Linear {
                 weight: self.weight.clone(),
                 in_out: self.in_out,
                 isa,
+                int16: self.prompt_int16(x),
             };
             return x.contiguous()?.apply_op1(op);
         }
@@ -382,6 +398,12 @@ fn kernel_isa(p: MatmulPrecision) -> Option<Isa> {
     }
 }
 
+/// The f32 FMA kernel path a prompt of an f32 model takes on this machine (None: candle's).
+#[cfg(feature = "bench")]
+pub(crate) fn f32_kernel_isa() -> Option<Isa> {
+    kernel_isa(MatmulPrecision::F32)
+}
+
 /// Name of the kernel path at `p`, for reports.
 pub fn kernel_path(p: MatmulPrecision) -> Option<&'static str> {
     kernel_isa(p).map(Isa::name)
@@ -394,6 +416,8 @@ struct FrozenLinear {
     weight: Weight,
     in_out: bool,
     isa: Isa,
+    /// The forward takes the int16 GEMM ([`Linear::prompt_int16`]).
+    int16: bool,
 }
 
 /// Runs `f` on the weight as a `BSrc` (B = Wᵀ when `fwd`, B = W for the input gradient).
@@ -494,6 +518,26 @@ pub(crate) fn frozen_product(
     .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))
 }
 
+/// x [m, k] · Wᵀ on the int16 GEMM when `int16` is set (kept Q4_1/Q8_0 blocks), else None.
+fn int16_forward(
+    int16: bool,
+    w: &Weight,
+    x: &[f32],
+    m: usize,
+    k: usize,
+) -> Option<Result<Vec<f32>>> {
+    let Weight::Quant(q) = w else { return None };
+    if !int16 {
+        return None;
+    }
+    let product = || {
+        let n = q.shape().dims2()?.0;
+        crate::ops::qmatvec::prompt_matmul_i16(q.dtype(), &q.data()?, n, k, x, m)
+            .map_err(candle_core::Error::Msg)
+    };
+    Some(product())
+}
+
 /// C = A · B for A in CPU storage (f32 or bf16, contiguous), result in A's dtype.
 fn kernel_matmul(
     a: &CpuStorage,
@@ -545,20 +589,24 @@ struct ResidualProduct {
     in_out: bool,
     isa: Isa,
     bias: Option<std::sync::Arc<Vec<f32>>>,
+    /// The forward takes the int16 GEMM ([`Linear::prompt_int16`]).
+    int16: bool,
 }
 
 impl ResidualProduct {
     /// res + x·Wᵀ + bias, x [m, k] f32.
     fn fwd(&self, x: Vec<f32>, m: usize, k: usize, res: &[f32]) -> Result<(CpuStorage, Shape)> {
-        let xs = CpuStorage::F32(x);
-        let mut y = into_vec(kernel_matmul(
-            &xs,
-            (0, m, k),
-            &self.weight,
-            self.in_out,
-            true,
-            self.isa,
-        )?)?;
+        let mut y = match int16_forward(self.int16, &self.weight, &x, m, k) {
+            Some(y) => y?,
+            None => into_vec(kernel_matmul(
+                &CpuStorage::F32(x),
+                (0, m, k),
+                &self.weight,
+                self.in_out,
+                true,
+                self.isa,
+            )?)?,
+        };
         let n = y.len() / m.max(1);
         if res.len() != y.len() {
             candle_core::bail!(
@@ -911,7 +959,16 @@ impl CustomOp1 for FrozenLinear {
             candle_core::Error::Msg("frozen linear: input is not contiguous".into())
         })?;
         let (m, k) = l.shape().dims2()?;
-        let out = kernel_matmul(s, (start, m, k), &self.weight, self.in_out, true, self.isa)?;
+        let int16 = match s {
+            CpuStorage::F32(v) => {
+                int16_forward(self.int16, &self.weight, &v[start..start + m * k], m, k)
+            }
+            _ => None,
+        };
+        let out = match int16 {
+            Some(y) => CpuStorage::F32(y?),
+            None => kernel_matmul(s, (start, m, k), &self.weight, self.in_out, true, self.isa)?,
+        };
         let n = match &out {
             CpuStorage::F32(v) => v.len() / m.max(1),
             CpuStorage::BF16(v) => v.len() / m.max(1),
@@ -1034,6 +1091,103 @@ mod tests {
                     assert!(d <= tol, "{path:?} {t:?} {what} rows {rows}: {d}");
                 }
             }
+        }
+    }
+
+    /// Prompt rows (40: more than decoding takes) of kept Q4_1/Q8_0 blocks on the Int16 path
+    /// take the int16 GEMM in every way a Linear multiplies at inference (plain, fused
+    /// residual, fused SwiGLU residual): exactly `prompt_matmul_i16`'s numbers (plus the
+    /// residual), which stay within the int16 rounding of the dequantized product: each
+    /// activation moves by at most half its block's step d = max|x|/32767, so output j moves by
+    /// at most Σ_b d_b/2 · Σ_{t∈b} |w_jt|, plus f32 summation (1e-4 relative, as above). With
+    /// gradients tracked the prompt keeps the dequantized f32 numbers of the other paths.
+    #[test]
+    fn prompt_rows_on_int16_take_the_int16_product() {
+        use crate::ops::qmatvec::{self, Path};
+        use candle_core::quantized::{GgmlDType, QTensor};
+        if !Path::Int16.supported() {
+            eprintln!("no AVX2: the Int16 path does not run here");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (rows, n, k) = (40, 96, 576);
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = fedllm_testing::randn(221, 0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, t).unwrap();
+            let wd = q.dequantize(&dev).unwrap();
+            let raw = q.data().unwrap().to_vec();
+            let lin = Linear::new(Weight::Quant(std::sync::Arc::new(q)), None).unwrap();
+            let x = fedllm_testing::randn(222, 0f32, 1.0, (rows, k), &dev).unwrap();
+            let u = fedllm_testing::randn(223, 0f32, 1.0, (rows, k), &dev).unwrap();
+            let res = fedllm_testing::randn(224, 0f32, 1.0, (rows, n), &dev).unwrap();
+            let sw = crate::ops::swiglu(&x, &u).unwrap();
+            let (plain, resid, swr) = qmatvec::with_path(Path::Int16, || {
+                (
+                    lin.forward(&x).unwrap(),
+                    lin.forward_residual(&x, &res).unwrap(),
+                    lin.forward_swiglu_residual(&x, &u, &res).unwrap(),
+                )
+            });
+            let absw: Vec<f32> = wd.abs().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (got, input, r, what) in [
+                (plain, &x, None, "plain"),
+                (resid, &x, Some(&res), "residual"),
+                (swr, &sw, Some(&res), "swiglu"),
+            ] {
+                let xv: Vec<f32> = input.flatten_all().unwrap().to_vec1().unwrap();
+                let own = qmatvec::prompt_matmul_i16(t, &raw, n, k, &xv, rows).unwrap();
+                let own = Tensor::from_vec(own, (rows, n), &dev).unwrap();
+                let (own, exact) = match r {
+                    Some(r) => (
+                        (r + &own).unwrap(),
+                        (r + input.matmul(&wd.t().unwrap())).unwrap(),
+                    ),
+                    None => (own, input.matmul(&wd.t().unwrap()).unwrap()),
+                };
+                assert_eq!(
+                    fedllm_testing::max_abs_diff(&got, &own).unwrap(),
+                    0.0,
+                    "{t:?} {what}"
+                );
+                let (g, e): (Vec<f32>, Vec<f32>) = (
+                    got.flatten_all().unwrap().to_vec1().unwrap(),
+                    exact.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                let scale = 1.0 + e.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for i in 0..rows {
+                    for j in 0..n {
+                        let bound: f32 = (0..k / 32)
+                            .map(|b| {
+                                let xs = &xv[i * k + b * 32..i * k + b * 32 + 32];
+                                let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 32767.0;
+                                d / 2.0
+                                    * absw[j * k + b * 32..j * k + b * 32 + 32]
+                                        .iter()
+                                        .sum::<f32>()
+                            })
+                            .sum();
+                        let diff = (g[i * n + j] - e[i * n + j]).abs();
+                        assert!(
+                            diff <= bound + 1e-4 * scale,
+                            "{t:?} {what} [{i}, {j}]: {diff} > {bound}"
+                        );
+                    }
+                }
+            }
+            // Tracked (training) rows keep the f32 numbers every other path gives.
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let tracked = qmatvec::with_path(Path::Int16, || lin.forward(xv.as_tensor()).unwrap());
+            let f32s = qmatvec::with_path(Path::Portable, || lin.forward(&x).unwrap());
+            assert_eq!(
+                fedllm_testing::max_abs_diff(&tracked, &f32s).unwrap(),
+                0.0,
+                "{t:?}"
+            );
+            let int16 = qmatvec::with_path(Path::Int16, || lin.forward(&x).unwrap());
+            assert!(
+                fedllm_testing::max_abs_diff(&int16, &f32s).unwrap() > 0.0,
+                "{t:?}"
+            );
         }
     }
 

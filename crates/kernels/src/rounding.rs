@@ -1,0 +1,112 @@
+//! Activations rounded to integer levels per 32-value block, d = max|x| / levels and
+//! q = round-half-even(x / d): int8 (127 levels) for the VNNI-style decode dots, int16 (32767)
+//! for the Int16 path's `vpmaddwd` dots, decode (`fedllm_model::qmatvec`) and prompt
+//! ([`crate::gemm_i16`]) alike.
+
+/// One block rounded to `levels` steps each side: d, and each rounded value to `put`. A NaN
+/// makes d NaN (`f32::max` would skip it), so the products it enters are NaN, as in f32.
+pub fn round_levels(x: &[f32], levels: f32, mut put: impl FnMut(usize, i32)) -> f32 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let amax = if x.iter().any(|v| v.is_nan()) {
+        f32::NAN
+    } else {
+        amax
+    };
+    let d = amax / levels;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (i, v) in x.iter().enumerate() {
+        put(i, (v * id).round_ties_even() as i32);
+    }
+    d
+}
+
+/// One block to int16, stored even values first: d. `simd` takes AVX2 where the CPU has it:
+/// the same values.
+pub fn round_block_i16(x: &[f32], q: &mut [i16], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd && crate::avx2::available() {
+        // SAFETY: AVX2 was detected; x holds a whole block.
+        return unsafe { round_block_i16_avx2(x, q) };
+    }
+    round_levels(x, 32767.0, |i, r| q[i / 2 + 16 * (i % 2)] = r as i16)
+}
+
+/// [`round_block_i16`] on 256-bit registers (the same products, rounded to nearest even by
+/// `vcvtps2dq`): the same values. Non-finite activations, which the scalar loop turns into
+/// other garbage, are not promised equal.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16]) -> f32 {
+    use std::arch::x86_64::*;
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x[8 * i..8 * i + 8].as_ptr()));
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = |i: usize| _mm256_andnot_ps(sign, v[i]);
+    let a = _mm256_max_ps(_mm256_max_ps(abs(0), abs(1)), _mm256_max_ps(abs(2), abs(3)));
+    let a = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    let amax = _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+    // As `round_levels`: a NaN makes d NaN (`maxps` may drop it).
+    let unord = |i: usize, j: usize| _mm256_cmp_ps::<_CMP_UNORD_Q>(v[i], v[j]);
+    let nan = _mm256_movemask_ps(_mm256_or_ps(unord(0, 1), unord(2, 3))) != 0;
+    let amax = if nan { f32::NAN } else { amax };
+    let d = amax / 32767.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let i: [__m256i; 4] = std::array::from_fn(|j| _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id)));
+    // Values 16h..16h+16 as words (packs interleaves 128-bit halves, the permute restores the
+    // order), then each half's even words before its odd ones, then the halves regrouped:
+    // [evens of both] then [odds of both].
+    let evens_first = _mm256_setr_epi8(
+        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, //
+        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+    );
+    let half: [__m256i; 2] = std::array::from_fn(|h| {
+        let p = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(i[2 * h], i[2 * h + 1]));
+        _mm256_permute4x64_epi64::<0xD8>(_mm256_shuffle_epi8(p, evens_first))
+    });
+    assert!(q.len() >= 32);
+    let at = q.as_mut_ptr() as *mut __m256i;
+    _mm256_storeu_si256(at, _mm256_permute2x128_si256::<0x20>(half[0], half[1]));
+    _mm256_storeu_si256(
+        at.add(1),
+        _mm256_permute2x128_si256::<0x31>(half[0], half[1]),
+    );
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Int16 rounding: the AVX2 loop gives the scalar loop's values and scale, zero blocks
+    /// included, and blocks are stored even values first.
+    #[test]
+    fn int16_rounding_is_the_same_with_and_without_simd() {
+        let x = crate::test_data(4 * 96, 304);
+        let x: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * (1 + i % 7) as f32)
+            .collect();
+        for b in x.chunks_exact(32).chain([&[0f32; 32][..]]) {
+            let (mut a, mut s) = ([0i16; 32], [0i16; 32]);
+            let (da, ds) = (
+                round_block_i16(b, &mut a, true),
+                round_block_i16(b, &mut s, false),
+            );
+            assert_eq!((a, da.to_bits()), (s, ds.to_bits()));
+        }
+        // By hand: 0..30 and 100 have d = 100/32767, q = round(v·327.67): 1 → 328 (truncation
+        // gives 327), 3 → 983 (983.01), 100 → 32767.
+        let mut ramp: Vec<f32> = (0..32).map(|v| v as f32).collect();
+        ramp[31] = 100.0;
+        for simd in [true, false] {
+            let mut q = [0i16; 32];
+            assert_eq!(round_block_i16(&ramp, &mut q, simd), 100.0 / 32767.0);
+            // Even values first: value 2 (655.34) sits at 1, value 1 at 16, 3 at 17, 31 at 31.
+            assert_eq!((q[0], q[1], q[16], q[17], q[31]), (0, 655, 328, 983, 32767));
+        }
+        if !crate::avx2::available() {
+            eprintln!("note: no AVX2 here, the SIMD int16 rounding is not exercised");
+        }
+    }
+}
