@@ -227,8 +227,8 @@ fn an_unknown_decode_path_is_refused() {
 }
 
 /// `bench blocks` measures every decode path the binary reports for this CPU on each of its
-/// four shapes at 1 and 8 rows, each a finite positive time (what it prints, not how fast:
-/// speed lives in the benchmark's output, never in a test).
+/// four shapes at 1 and 8 rows, each a finite positive time, then two prompt products (what
+/// it prints, not how fast: speed lives in the benchmark's output, never in a test).
 #[test]
 fn bench_blocks_measures_every_path() {
     let out = fedllm(&["bench", "blocks", "--reps", "1"]);
@@ -260,6 +260,22 @@ fn bench_blocks_measures_every_path() {
                 .unwrap_or_else(|| panic!("{p} missing from: {row}"));
             assert!(ns.is_finite() && ns > 0.0, "{row}");
         }
+    }
+    // Then the two prompt products: the Int16 path's int16 GEMM wherever that path runs.
+    let prompts: Vec<&str> = text.lines().filter(|l| l.contains("GFLOP/s:")).collect();
+    assert_eq!(prompts.len(), 2, "{text}");
+    for row in prompts {
+        let cols: Vec<(&str, f64)> = row
+            .split("GFLOP/s:")
+            .nth(1)
+            .unwrap()
+            .split(", ")
+            .filter_map(|c| c.trim().split_once(' '))
+            .map(|(p, v)| (p, v.parse().unwrap_or(f64::NAN)))
+            .collect();
+        assert!(cols.iter().all(|(_, g)| g.is_finite() && *g > 0.0), "{row}");
+        let int16 = cols.iter().any(|(p, _)| *p == "int16");
+        assert_eq!(int16, paths.contains(&"int16"), "{row}");
     }
 }
 
