@@ -490,7 +490,8 @@ pub fn with_wide<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     r
 }
 
-struct SyncPtr(*mut f32);
+/// C's base pointer shared by tasks that each write their own part of C.
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 

@@ -9,7 +9,7 @@
 //! Numbers, per output (row i, column j), the same whatever m, n or thread count:
 //! each block b's integer dot I_b = Σ q_x·q_w is exact (int32), then
 //! `acc = fma(f32(I_b) · d_x[i][b], d_w[j][b], acc)` in block order, and for Q4_1 the offset
-//! `off = fma(m_w[j][b], Σx[i][b], off)` in block order (Σx: the block's exact f32 sum), so
+//! `off = fma(m_w[j][b], Σx[i][b], off)` in block order (Σx: the block's f32 sum in order), so
 //! y = acc + off (+ C when accumulating). |I_b| < 2²⁴ for Q4_1 (32·15·32767), so its f32
 //! conversion is exact; a Q8_0 dot can reach 32·128·32767 and rounds once to f32 there.
 //!
@@ -22,6 +22,8 @@
 
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
+
+use crate::gemm::SyncPtr;
 
 /// Whether [`matmul`] multiplies blocks of type `t` on this CPU.
 pub fn supported(t: GgmlDType) -> bool {
@@ -58,7 +60,7 @@ pub fn matmul(
         GgmlDType::Q8_0 => 34,
         _ => return Err(format!("int16 product: unsupported weight type {t:?}")),
     };
-    let (nb, rb) = (k / 32, k / 32 * bb);
+    let rb = k / 32 * bb;
     if !supported(t) || !k.is_multiple_of(32) {
         return Err(format!(
             "int16 product: {t:?} [{n}, {k}] not supported here"
@@ -74,66 +76,96 @@ pub fn matmul(
     }
     let a = Rounded::new(&x[..m * k], k);
     let cp = SyncPtr(c.as_mut_ptr());
-    let cp = &cp;
+    let shape = Shape { t, n, k, m, rb };
     (0..n.div_ceil(NP * TASK)).into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new(), vec![0i16; NP * k]),
-        |(wp, scales, cols16): &mut (Vec<i32>, Vec<f32>, Vec<i16>), task| {
-            let j0 = task * NP * TASK;
-            let panels = (n - j0).div_ceil(NP).min(TASK);
-            wp.resize(panels * k / 2 * NP, 0);
-            scales.resize(2 * panels * nb * NP, 0.0);
-            let (wd, wm) = scales.split_at_mut(panels * nb * NP);
-            for pi in 0..panels {
-                let (c0, cn) = (j0 + pi * NP, NP.min(n - j0 - pi * NP));
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `supported` detected AVX2 and F16C; the rows hold nb whole blocks,
-                // the panel buffers k/2·16 words and nb·16 scales.
-                unsafe {
-                    widen_panel(
-                        t,
-                        &w[c0 * rb..(c0 + cn) * rb],
-                        k,
-                        cols16,
-                        &mut wp[pi * k / 2 * NP..(pi + 1) * k / 2 * NP],
-                        &mut wd[pi * nb * NP..(pi + 1) * nb * NP],
-                        &mut wm[pi * nb * NP..(pi + 1) * nb * NP],
-                    )
-                };
-            }
-            for pi in 0..panels {
-                let (c0, cn) = (j0 + pi * NP, NP.min(n - j0 - pi * NP));
-                let panel = (
-                    &wp[pi * k / 2 * NP..],
-                    &wd[pi * nb * NP..],
-                    &wm[pi * nb * NP..],
-                );
-                for i0 in (0..m).step_by(MR) {
-                    let rows = MR.min(m - i0);
-                    let x = (&a.xt[i0 * k / 2..], &a.d[i0 * nb..], &a.sums[i0 * nb..]);
-                    // SAFETY: each task writes only its own columns c0..c0+cn of C, rows
-                    // i0..i0+rows, at stride n.
-                    let out = Out {
-                        c: unsafe { cp.0.add(i0 * n + c0) },
-                        ld: n,
-                        cols: cn,
-                        accumulate,
-                    };
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2/FMA detected; the rows hold k values and nb scales each,
-                    // the panel k/2·16 words and nb·16 scales.
-                    unsafe {
-                        dispatch(t == GgmlDType::Q4_1, rows, x, panel, k, out)
-                    };
-                }
-            }
+        || Scratch {
+            wp: Vec::new(),
+            scales: Vec::new(),
+            cols16: vec![0; NP * k],
+        },
+        |scratch, task| {
+            // SAFETY: task `task` writes only its own columns of C.
+            unsafe { run_task(shape, w, &a, &cp, accumulate, task, scratch) }
         },
     );
     Ok(())
 }
 
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+#[derive(Clone, Copy)]
+struct Shape {
+    t: GgmlDType,
+    n: usize,
+    k: usize,
+    m: usize,
+    /// Bytes per weight row.
+    rb: usize,
+}
+
+/// A task's buffers, kept by its thread: its panels' words and scales, and the widening's
+/// [16][k] scratch.
+struct Scratch {
+    wp: Vec<i32>,
+    scales: Vec<f32>,
+    cols16: Vec<i16>,
+}
+
+/// Task `task`: its (up to) 3 panels widened, then every row against each.
+///
+/// # Safety
+/// `c` points at C [m, n]; no other task writes this task's columns.
+unsafe fn run_task(
+    Shape { t, n, k, m, rb }: Shape,
+    w: &[u8],
+    a: &Rounded,
+    c: &SyncPtr,
+    accumulate: bool,
+    task: usize,
+    Scratch { wp, scales, cols16 }: &mut Scratch,
+) {
+    let nb = k / 32;
+    let j0 = task * NP * TASK;
+    let panels = (n - j0).div_ceil(NP).min(TASK);
+    wp.resize(panels * k / 2 * NP, 0);
+    scales.resize(2 * panels * nb * NP, 0.0);
+    let (wd, wm) = scales.split_at_mut(panels * nb * NP);
+    let cols = |pi: usize| (j0 + pi * NP, NP.min(n - j0 - pi * NP));
+    for pi in 0..panels {
+        let (c0, cn) = cols(pi);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `supported` detected AVX2 and F16C; the rows hold nb whole blocks, the
+        // panel buffers k/2·16 words and nb·16 scales.
+        widen_panel(
+            t,
+            &w[c0 * rb..(c0 + cn) * rb],
+            k,
+            cols16,
+            &mut wp[pi * k / 2 * NP..(pi + 1) * k / 2 * NP],
+            &mut wd[pi * nb * NP..(pi + 1) * nb * NP],
+            &mut wm[pi * nb * NP..(pi + 1) * nb * NP],
+        );
+    }
+    for pi in 0..panels {
+        let (c0, cn) = cols(pi);
+        let panel = (
+            &wp[pi * k / 2 * NP..],
+            &wd[pi * nb * NP..],
+            &wm[pi * nb * NP..],
+        );
+        for i0 in (0..m).step_by(MR) {
+            let x = (&a.xt[i0 * k / 2..], &a.d[i0 * nb..], &a.sums[i0 * nb..]);
+            let out = Out {
+                c: c.0.add(i0 * n + c0),
+                ld: n,
+                cols: cn,
+                accumulate,
+            };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2/FMA detected; the rows hold k values and nb scales each, the panel
+            // k/2·16 words and nb·16 scales; `out` is this task's part of C.
+            dispatch(t == GgmlDType::Q4_1, MR.min(m - i0), x, panel, k, out);
+        }
+    }
+}
 
 /// Where a register block's results go: `cols` columns of rows at stride `ld`.
 struct Out {
@@ -144,7 +176,7 @@ struct Out {
 }
 
 /// x rounded: pairs of int16 values as words, 6 rows interleaved — [m/6 (rounded up)][k/2][6],
-/// rows past m zero (one row's pairs sit at a constant distance from the next row's, so a
+/// slots past m unused (one row's pairs sit at a constant distance from the next row's, so a
 /// register block addresses its 6 rows from one pointer) — and each block's d and f32 Σx
 /// (summed in order) as [m][k/32].
 struct Rounded {
@@ -157,10 +189,14 @@ impl Rounded {
     /// Rows of 6 on rayon's threads.
     fn new(x: &[f32], k: usize) -> Rounded {
         let (m, kp, nb) = (x.len() / k, k / 2, k / 32);
-        let mut r = Rounded {
-            xt: vec![0; m.div_ceil(MR) * kp * MR],
-            d: vec![0.0; m * nb],
-            sums: vec![0.0; m * nb],
+        // SAFETY: every row's blocks are written below; the last tile's slots past m are never
+        // read (its register block runs only m's rows).
+        let mut r = unsafe {
+            Rounded {
+                xt: crate::uninit(m.div_ceil(MR) * kp * MR),
+                d: crate::uninit(m * nb),
+                sums: crate::uninit(m * nb),
+            }
         };
         r.xt.par_chunks_mut(kp * MR)
             .zip(
