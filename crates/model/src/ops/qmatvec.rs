@@ -643,7 +643,7 @@ pub fn prompt_matmul_i16(
     x: &[f32],
     m: usize,
 ) -> Result<Vec<f32>, String> {
-    if !k.is_multiple_of(32) || x.len() != m * k {
+    if x.len() != m * k {
         return Err(format!(
             "int16 prompt product: x has {} values for [{m}, {k}]",
             x.len()
