@@ -38,6 +38,9 @@ const NP: usize = 16;
 /// Rows per register block: 12 integer accumulators + 2 panel registers + the broadcast + a
 /// product fill the 16 registers.
 const MR: usize = 6;
+/// Word slots per pair in the rounded rows: the 6 rows of a tile padded to 8, so rounding
+/// writes them with 8×8 transposes.
+const SLOTS: usize = 8;
 /// Panels per task (their int16 values stay in L2 while every row passes).
 const TASK: usize = 3;
 
@@ -152,7 +155,11 @@ unsafe fn run_task(
             &wm[pi * nb * NP..],
         );
         for i0 in (0..m).step_by(MR) {
-            let x = (&a.xt[i0 * k / 2..], &a.d[i0 * nb..], &a.sums[i0 * nb..]);
+            let x = (
+                &a.xt[i0 / MR * k / 2 * SLOTS..],
+                &a.d[i0 * nb..],
+                &a.sums[i0 * nb..],
+            );
             let out = Out {
                 c: c.0.add(i0 * n + c0),
                 ld: n,
@@ -175,10 +182,10 @@ struct Out {
     accumulate: bool,
 }
 
-/// x rounded: pairs of int16 values as words, 6 rows interleaved — [m/6 (rounded up)][k/2][6],
-/// slots past m unused (one row's pairs sit at a constant distance from the next row's, so a
-/// register block addresses its 6 rows from one pointer) — and each block's d and f32 Σx
-/// (summed in order) as [m][k/32].
+/// x rounded: pairs of int16 values as words, 6 rows interleaved — [m/6 (rounded up)][k/2][8],
+/// slots 6, 7 and past m unused (one row's pairs sit at a constant distance from the next
+/// row's, so a register block addresses its 6 rows from one pointer) — and each block's d and
+/// f32 Σx (summed in order) as [m][k/32].
 struct Rounded {
     xt: Vec<i32>,
     d: Vec<f32>,
@@ -189,30 +196,47 @@ impl Rounded {
     /// Rows of 6 on rayon's threads.
     fn new(x: &[f32], k: usize) -> Rounded {
         let (m, kp, nb) = (x.len() / k, k / 2, k / 32);
-        // SAFETY: every row's blocks are written below; the last tile's slots past m are never
-        // read (its register block runs only m's rows).
+        // SAFETY: every row's blocks are written below; the slots of rows 6 and 7 (and the
+        // last tile's past m) are never read (a register block runs only its m's rows).
         let mut r = unsafe {
             Rounded {
-                xt: crate::uninit(m.div_ceil(MR) * kp * MR),
+                xt: crate::uninit(m.div_ceil(MR) * kp * SLOTS),
                 d: crate::uninit(m * nb),
                 sums: crate::uninit(m * nb),
             }
         };
-        r.xt.par_chunks_mut(kp * MR)
+        r.xt.par_chunks_mut(kp * SLOTS)
             .zip(
                 r.d.par_chunks_mut(MR * nb)
                     .zip(r.sums.par_chunks_mut(MR * nb)),
             )
             .zip(x.par_chunks(MR * k))
             .for_each(|((xt, (d, sums)), x)| {
+                // One block of the tile's rows as words [8 rows][16 pairs], then transposed.
+                let mut words = [0i32; SLOTS * 16];
                 let mut q = [0i16; 32];
-                for (r, row) in x.chunks_exact(k).enumerate() {
-                    for (b, blk) in row.chunks_exact(32).enumerate() {
+                for b in 0..nb {
+                    for (r, row) in x.chunks_exact(k).enumerate() {
+                        let blk = &row[b * 32..b * 32 + 32];
                         d[r * nb + b] = crate::rounding::round_block_i16(blk, &mut q, true);
                         sums[r * nb + b] = blk.iter().sum();
-                        for (p, pair) in q.chunks_exact(2).enumerate() {
-                            xt[(b * 16 + p) * MR + r] = word(pair);
+                        for (w, pair) in words[r * 16..].iter_mut().zip(q.chunks_exact(2)) {
+                            *w = word(pair);
                         }
+                    }
+                    let dst = &mut xt[b * 16 * SLOTS..(b + 1) * 16 * SLOTS];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `matmul` runs only where AVX2 was detected; both hold 8 × 16
+                    // words.
+                    unsafe {
+                        let (src, out) =
+                            (words.as_ptr() as *const f32, dst.as_mut_ptr() as *mut f32);
+                        crate::gemm::transpose8(src, 16, out, SLOTS);
+                        crate::gemm::transpose8(src.add(8), 16, out.add(8 * SLOTS), SLOTS);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    for (i, w) in words.iter().enumerate() {
+                        dst[i % 16 * SLOTS + i / 16] = *w;
                     }
                 }
             });
@@ -225,7 +249,7 @@ fn word(pair: &[i16]) -> i32 {
     (pair[0] as u16 as u32 | (pair[1] as u16 as u32) << 16) as i32
 }
 
-/// A register block's rows: pairs [k/2][6] (interleaved), d and Σx [rows][k/32].
+/// A register block's rows: pairs [k/2][8 slots] (interleaved), d and Σx [rows][k/32].
 type Rows<'a> = (&'a [i32], &'a [f32], &'a [f32]);
 /// A panel: pairs [k/2][16] as words, d and m [k/32][16].
 type Panel<'a> = (&'a [i32], &'a [f32], &'a [f32]);
@@ -257,7 +281,7 @@ unsafe fn block<const R: usize, const Q4: bool>(
 ) {
     use std::arch::x86_64::*;
     let nb = k / 32;
-    assert!(xq.len() >= k / 2 * MR && xd.len() >= R * nb && xs.len() >= R * nb);
+    assert!(xq.len() >= k / 2 * SLOTS && xd.len() >= R * nb && xs.len() >= R * nb);
     assert!(wp.len() >= k / 2 * NP && wd.len() >= nb * NP && wm.len() >= nb * NP);
     let (xq, wp) = (xq.as_ptr(), wp.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -267,7 +291,7 @@ unsafe fn block<const R: usize, const Q4: bool>(
             let w0 = _mm256_loadu_si256(wp.add(p * NP) as *const __m256i);
             let w1 = _mm256_loadu_si256(wp.add(p * NP + 8) as *const __m256i);
             for (r, s) in s.iter_mut().enumerate() {
-                let xv = _mm256_set1_epi32(*xq.add(p * MR + r));
+                let xv = _mm256_set1_epi32(*xq.add(p * SLOTS + r));
                 s[0] = _mm256_add_epi32(s[0], _mm256_madd_epi16(w0, xv));
                 s[1] = _mm256_add_epi32(s[1], _mm256_madd_epi16(w1, xv));
             }
