@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
 use fedllm_kernels::{ASrc, BSrc, Isa};
 
@@ -518,24 +518,11 @@ pub(crate) fn frozen_product(
     .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))
 }
 
-/// x [m, k] · Wᵀ on the int16 GEMM when `int16` is set (kept Q4_1/Q8_0 blocks), else None.
-fn int16_forward(
-    int16: bool,
-    w: &Weight,
-    x: &[f32],
-    m: usize,
-    k: usize,
-) -> Option<Result<Vec<f32>>> {
-    let Weight::Quant(q) = w else { return None };
-    if !int16 {
-        return None;
-    }
-    let product = || {
-        let n = q.shape().dims2()?.0;
-        crate::ops::qmatvec::prompt_matmul_i16(q.dtype(), &q.data()?, n, k, x, m)
-            .map_err(candle_core::Error::Msg)
-    };
-    Some(product())
+/// x [m, k] · Wᵀ for kept Q4_1/Q8_0 blocks on the int16 GEMM.
+fn int16_product(q: &QTensor, x: &[f32], m: usize, k: usize) -> Result<Vec<f32>> {
+    let n = q.shape().dims2()?.0;
+    crate::ops::qmatvec::prompt_matmul_i16(q.dtype(), &q.data()?, n, k, x, m)
+        .map_err(candle_core::Error::Msg)
 }
 
 /// C = A · B for A in CPU storage (f32 or bf16, contiguous), result in A's dtype.
@@ -596,9 +583,9 @@ struct ResidualProduct {
 impl ResidualProduct {
     /// res + x·Wᵀ + bias, x [m, k] f32.
     fn fwd(&self, x: Vec<f32>, m: usize, k: usize, res: &[f32]) -> Result<(CpuStorage, Shape)> {
-        let mut y = match int16_forward(self.int16, &self.weight, &x, m, k) {
-            Some(y) => y?,
-            None => into_vec(kernel_matmul(
+        let mut y = match (&self.weight, self.int16) {
+            (Weight::Quant(q), true) => int16_product(q, &x, m, k)?,
+            _ => into_vec(kernel_matmul(
                 &CpuStorage::F32(x),
                 (0, m, k),
                 &self.weight,
@@ -959,15 +946,11 @@ impl CustomOp1 for FrozenLinear {
             candle_core::Error::Msg("frozen linear: input is not contiguous".into())
         })?;
         let (m, k) = l.shape().dims2()?;
-        let int16 = match s {
-            CpuStorage::F32(v) => {
-                int16_forward(self.int16, &self.weight, &v[start..start + m * k], m, k)
+        let out = match (&self.weight, s, self.int16) {
+            (Weight::Quant(q), CpuStorage::F32(v), true) => {
+                CpuStorage::F32(int16_product(q, &v[start..start + m * k], m, k)?)
             }
-            _ => None,
-        };
-        let out = match int16 {
-            Some(y) => CpuStorage::F32(y?),
-            None => kernel_matmul(s, (start, m, k), &self.weight, self.in_out, true, self.isa)?,
+            _ => kernel_matmul(s, (start, m, k), &self.weight, self.in_out, true, self.isa)?,
         };
         let n = match &out {
             CpuStorage::F32(v) => v.len() / m.max(1),
