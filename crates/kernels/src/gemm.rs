@@ -259,7 +259,8 @@ fn transpose_into_panel(rows: &[f32], cols: usize, kc: usize, out: &mut [f32]) {
     }
 }
 
-/// dst[j][i] (row stride NR) = src[i][j] (row stride `ld`) for an 8×8 tile.
+/// dst[j][i] (row stride `ldd`) = src[i][j] (row stride `ld`) for an 8×8 tile (bits moved, not
+/// computed: f32 or any 32-bit words).
 ///
 /// # Safety
 /// The CPU has AVX2; src holds 8 rows of 8 values at stride `ld`, dst 8 rows at stride `ldd`.
