@@ -58,12 +58,10 @@ pub fn matmul(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<(), String> {
-    let bb = match t {
-        GgmlDType::Q4_1 => 20,
-        GgmlDType::Q8_0 => 34,
-        _ => return Err(format!("int16 product: unsupported weight type {t:?}")),
-    };
-    let rb = k / 32 * bb;
+    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        return Err(format!("int16 product: unsupported weight type {t:?}"));
+    }
+    let rb = k / 32 * t.type_size();
     if !supported(t) || !k.is_multiple_of(32) {
         return Err(format!(
             "int16 product: {t:?} [{n}, {k}] not supported here"
@@ -366,8 +364,7 @@ unsafe fn widen_panel(
     wd: &mut [f32],
     wm: &mut [f32],
 ) {
-    let nb = k / 32;
-    let bb = if t == GgmlDType::Q4_1 { 20 } else { 34 };
+    let (nb, bb) = (k / 32, t.type_size());
     let cn = rows.len() / (nb * bb);
     assert!(cn <= NP && cols16.len() >= NP * k && wp.len() >= k / 2 * NP);
     assert!(wd.len() >= nb * NP && wm.len() >= nb * NP);
@@ -402,7 +399,7 @@ unsafe fn widen_panel(
 unsafe fn widen_block(t: GgmlDType, blk: &[u8], q: &mut [i16]) -> (f32, f32) {
     use std::arch::x86_64::*;
     let q4 = t == GgmlDType::Q4_1;
-    assert!(blk.len() >= if q4 { 20 } else { 34 } && q.len() >= 32);
+    assert!(blk.len() >= t.type_size() && q.len() >= 32);
     // Within 16 bytes: the even ones, then the odd ones.
     let split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     let h2f = |p: *const u8| {
