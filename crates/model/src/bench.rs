@@ -135,13 +135,9 @@ pub struct BlockBench {
 /// head, and 240 gate/up matrices in a row (133 MB, past any L3: streamed from memory).
 pub fn bench_blocks(reps: usize) -> Result<Vec<BlockBench>> {
     use crate::qmatvec;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::GgmlDType;
     let mut rng = Rng::new(7);
-    let mut blocks = |t: GgmlDType, n: usize, k: usize| -> Result<Vec<u8>> {
-        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
-        let w = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
-        Ok(QTensor::quantize(&w, t)?.data()?.to_vec())
-    };
+    let mut blocks = |t, n, k| random_blocks(&mut rng, t, n, k);
     let up = blocks(GgmlDType::Q4_1, 1536, 576)?;
     let down = blocks(GgmlDType::Q4_1, 576, 1536)?;
     let head = blocks(GgmlDType::Q8_0, 49152, 576)?;
@@ -206,17 +202,15 @@ pub struct PromptBench {
 /// GFLOP/s of the prompt products (256 rows) of SmolLM2-135M's gate/up and down projections on
 /// kept Q4_1 blocks: the f32 GEMM other paths take and the Int16 path's int16 GEMM.
 pub fn bench_prompt(reps: usize) -> Result<Vec<PromptBench>> {
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::GgmlDType;
     use fedllm_kernels::{ASrc, BSrc};
     let mut rng = Rng::new(11);
     let m = 256;
     let mut out = Vec::new();
     for (what, n, k) in [("gate/up_proj", 1536, 576), ("down_proj", 576, 1536)] {
-        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
-        let w = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
-        let raw = QTensor::quantize(&w, GgmlDType::Q4_1)?.data()?.to_vec();
+        let raw = random_blocks(&mut rng, GgmlDType::Q4_1, n, k)?;
         let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
-        let flop = 2.0 * (m * n * k) as f64;
+        let gflops = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
         let mut products = Vec::new();
         if let Some(isa) = crate::ops::linear::f32_kernel_isa() {
             let b = BSrc::Quant {
@@ -227,30 +221,17 @@ pub fn bench_prompt(reps: usize) -> Result<Vec<PromptBench>> {
                 t: true,
             };
             let mut c = vec![0f32; m * n];
-            let mut err = None;
-            let s = fedllm_kernels::bench::best_of(reps.max(1), || {
-                if let Err(e) = fedllm_kernels::matmul_into(ASrc::F32(&x), m, b, &mut c, isa, false)
-                {
-                    err = Some(e);
-                }
-            });
-            if let Some(e) = err {
-                return Err(candle_core::Error::Msg(e).into());
-            }
-            products.push(("f32", flop / s / 1e9));
+            let s = timed(reps, || {
+                fedllm_kernels::matmul_into(ASrc::F32(&x), m, b, &mut c, isa, false)
+            })?;
+            products.push(("f32", gflops(s)));
         }
         if crate::qmatvec::Path::Int16.supported() {
-            let mut err = None;
-            let s = fedllm_kernels::bench::best_of(reps.max(1), || {
-                match crate::qmatvec::prompt_matmul_i16(GgmlDType::Q4_1, &raw, n, k, &x, m) {
-                    Ok(y) => drop(std::hint::black_box(y)),
-                    Err(e) => err = Some(e),
-                }
-            });
-            if let Some(e) = err {
-                return Err(candle_core::Error::Msg(e).into());
-            }
-            products.push(("int16", flop / s / 1e9));
+            let s = timed(reps, || {
+                crate::qmatvec::prompt_matmul_i16(GgmlDType::Q4_1, &raw, n, k, &x, m)
+                    .map(|y| drop(std::hint::black_box(y)))
+            })?;
+            products.push(("int16", gflops(s)));
         }
         out.push(PromptBench {
             what,
@@ -261,4 +242,32 @@ pub fn bench_prompt(reps: usize) -> Result<Vec<PromptBench>> {
         });
     }
     Ok(out)
+}
+
+/// The best of `reps` runs of `f` in seconds (`kernels::bench::best_of`), or its first error.
+fn timed(reps: usize, mut f: impl FnMut() -> std::result::Result<(), String>) -> Result<f64> {
+    let mut err = None;
+    let s = fedllm_kernels::bench::best_of(reps.max(1), || {
+        if let Err(e) = f() {
+            err.get_or_insert(e);
+        }
+    });
+    match err {
+        Some(e) => Err(candle_core::Error::Msg(e).into()),
+        None => Ok(s),
+    }
+}
+
+/// Standard-normal weights [n, k] quantized to `t`: the raw blocks.
+fn random_blocks(
+    rng: &mut Rng,
+    t: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> Result<Vec<u8>> {
+    let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+    let w = Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
+    Ok(candle_core::quantized::QTensor::quantize(&w, t)?
+        .data()?
+        .to_vec())
 }
