@@ -1653,8 +1653,9 @@ mod tests {
     }
 
     /// A non-finite activation (NaN or ±inf) makes every product of its row non-finite on
-    /// every path (and the Int16 path's prompt product), as the f32 product does, and leaves the other rows finite: the integer
-    /// paths must not round it into a finite value (`maxps` and `f32::max` skip NaN).
+    /// every path (and the Int16 path's prompt product), as the f32 product does, and leaves
+    /// the other rows finite: the integer paths must not round it into a finite value (`maxps`
+    /// and `f32::max` skip NaN).
     #[test]
     fn a_non_finite_activation_is_never_a_finite_product() {
         let (n, k) = (20, 96);
