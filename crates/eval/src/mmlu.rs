@@ -172,7 +172,7 @@ pub fn evaluate(
                             Some(rest) => {
                                 let x = Tensor::new(rest, &model.device)?.unsqueeze(0)?;
                                 let mut c = cache.clone();
-                                last_logits(model, &model.forward_hidden(&x, None, Some(&mut c))?)?
+                                last_logits(model, &model.forward_hidden_last(&x, None, &mut c)?)?
                             }
                             None => {
                                 let x = Tensor::new(p.as_slice(), &model.device)?.unsqueeze(0)?;

@@ -335,6 +335,25 @@ pub fn prompt(
         Some(x) => x[..b * t * s].chunks(s.max(1)).map(row_end).collect(),
         None => vec![s; b * t],
     };
+    let f32_isa = [crate::isa::Isa::Avx512, crate::isa::Isa::Avx2]
+        .into_iter()
+        .find(|&i| i <= crate::isa::selected() && crate::isa::supports(i));
+    match f32_isa {
+        Some(isa) => prompt_panels(sh, (q, k, v), bias, scale, out, &ends, isa),
+        None => prompt_strided(sh, (q, k, v), bias, scale, out, &ends),
+    }
+}
+
+/// [`prompt`] on `gemm`'s strided products (CPUs without an f32 FMA path).
+fn prompt_strided(
+    sh: PromptShape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    bias: Option<&[f32]>,
+    scale: f32,
+    out: &mut [f32],
+    ends: &[usize],
+) {
+    let PromptShape { b, h, kv, t, s, d } = sh;
     let blocks = t.div_ceil(PB);
     let op = Ptr(out.as_mut_ptr());
     let op = &op;
@@ -399,14 +418,145 @@ pub fn prompt(
     );
 }
 
+/// Keys as the B operand of Q·Kᵀ — [⌈s/64⌉][d][64], transposed, columns past s zero — and
+/// values as that of P·V — [⌈d/64⌉][s][64], columns past d zero — for one (batch, KV group).
+fn kv_panels(k: &[f32], v: &[f32], s: usize, d: usize, kt: &mut [f32], vp: &mut [f32]) {
+    use crate::gemm::NR;
+    kt.fill(0.0);
+    vp.fill(0.0);
+    for (j, row) in k[..s * d].chunks_exact(d).enumerate() {
+        let at = j / NR * d * NR + j % NR;
+        for (c, &x) in row.iter().enumerate() {
+            kt[at + c * NR] = x;
+        }
+    }
+    for (j, row) in v[..s * d].chunks_exact(d).enumerate() {
+        for (p, piece) in row.chunks(NR).enumerate() {
+            let at = (p * s + j) * NR;
+            vp[at..at + piece.len()].copy_from_slice(piece);
+        }
+    }
+}
+
+/// [`prompt`] on the f32 GEMM's register blocks (`micro::f32_kernel`, 6 rows × 64 columns):
+/// each (batch, KV group)'s keys and values are laid out as B panels once, then every
+/// (batch, head, block of `PB` rows) task runs S = Q·Kᵀ over its key panels up to its last
+/// visible key, the softmax per row, and O = P·V. Each score and output is one FMA chain in
+/// order (no per-call packing or allocation, as the strided products had).
+#[allow(clippy::too_many_arguments)]
+fn prompt_panels(
+    sh: PromptShape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    bias: Option<&[f32]>,
+    scale: f32,
+    out: &mut [f32],
+    ends: &[usize],
+    isa: crate::isa::Isa,
+) {
+    use crate::gemm::{MR, NR};
+    let PromptShape { b, h, kv, t, s, d } = sh;
+    let (ktl, vpl) = (s.div_ceil(NR) * d * NR, d.div_ceil(NR) * s * NR);
+    let mut kt = vec![0f32; b * kv * ktl];
+    let mut vp = vec![0f32; b * kv * vpl];
+    kt.par_chunks_mut(ktl)
+        .zip(vp.par_chunks_mut(vpl))
+        .enumerate()
+        .for_each(|(grp, (kt, vp))| {
+            let at = grp * s * d;
+            kv_panels(&k[at..at + s * d], &v[at..at + s * d], s, d, kt, vp)
+        });
+    let block = crate::micro::f32_kernel(isa);
+    let blocks = t.div_ceil(PB);
+    let op = Ptr(out.as_mut_ptr());
+    let op = &op;
+    let (kt, vp) = (&kt, &vp);
+    (0..b * h * blocks).into_par_iter().for_each_init(
+        || vec![0f32; PB * s],
+        |sc, task| {
+            let (bh, r0) = (task / blocks, task % blocks * PB);
+            let (bi, hi) = (bh / h, bh % h);
+            let rows = PB.min(t - r0);
+            let c1 = ends[bi * t + r0..bi * t + r0 + rows]
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(s);
+            let grp = bi * kv + hi / (h / kv);
+            let (ktg, vpg) = (&kt[grp * ktl..], &vp[grp * vpl..]);
+            let qb = &q[(bh * t + r0) * d..(bh * t + r0 + rows) * d];
+            // SAFETY: `prompt_panels` runs only on an f32 FMA path this CPU has; Q's rows hold
+            // d values, each key panel d·64, S rows·c1, each value panel s·64 ≥ c1·64 values.
+            unsafe {
+                for p in 0..c1.div_ceil(NR) {
+                    for i0 in (0..rows).step_by(MR) {
+                        let a = qb.as_ptr().add(i0 * d);
+                        let c = sc.as_mut_ptr().add(i0 * c1 + p * NR);
+                        let (r, cols) = (MR.min(rows - i0), NR.min(c1 - p * NR));
+                        block(
+                            a,
+                            d,
+                            r,
+                            ktg.as_ptr().add(p * d * NR),
+                            d,
+                            c,
+                            c1,
+                            cols,
+                            false,
+                            a,
+                        );
+                    }
+                }
+            }
+            for (i, row) in sc[..rows * c1].chunks_exact_mut(c1).enumerate() {
+                match bias {
+                    Some(x) => {
+                        let at = (bi * t + r0 + i) * s;
+                        row.iter_mut()
+                            .zip(&x[at..at + c1])
+                            .for_each(|(y, &b)| *y = *y * scale + b);
+                    }
+                    None => row.iter_mut().for_each(|y| *y *= scale),
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            // SAFETY: as above; this task writes only rows r0..r0+rows of head hi of batch bi.
+            unsafe {
+                let o = op.0.add((bh * t + r0) * d);
+                for p in 0..d.div_ceil(NR) {
+                    for i0 in (0..rows).step_by(MR) {
+                        let a = sc.as_ptr().add(i0 * c1);
+                        let (r, cols) = (MR.min(rows - i0), NR.min(d - p * NR));
+                        let c = o.add(i0 * d + p * NR);
+                        block(
+                            a,
+                            c1,
+                            r,
+                            vpg.as_ptr().add(p * s * NR),
+                            c1,
+                            c,
+                            d,
+                            cols,
+                            false,
+                            a,
+                        );
+                    }
+                }
+            }
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::test_data as data;
 
-    /// `prompt` against softmax(scale·q·kᵀ + bias)·v in f64 over every key (nothing cut), on
-    /// three row blocks (the last one partial) after 9 cached positions: batch 0 causal, batch
+    /// `prompt` (this CPU's path) and its strided fallback against softmax(scale·q·kᵀ + bias)·v
+    /// in f64 over every key (nothing cut), on three row blocks (the last one partial) after 9
+    /// cached positions, at head sizes 24 and 72: batch 0 causal, batch
     /// 1 left-padded by 3 (its padded query rows masked whole: uniform over all S keys, as the
     /// full product gives them). Each output is a convex mix of ≤ 79 f32 values of size ~1 after
     /// an f32 softmax: f32 rounding (~1e-7 relative per term, summed) keeps errors near 1e-6;
@@ -414,14 +564,20 @@ mod tests {
     /// late row) would miss weights of order 1/S ≥ 0.01.
     #[test]
     fn prompt_blocks_match_the_full_product() {
-        let sh = PromptShape {
-            b: 2,
-            h: 6,
-            kv: 2,
-            t: 70,
-            s: 79,
-            d: 24,
-        };
+        // d = 72 also spans two 64-column value panels (the second partial).
+        for d in [24, 72] {
+            prompt_blocks_match_at(PromptShape {
+                b: 2,
+                h: 6,
+                kv: 2,
+                t: 70,
+                s: 79,
+                d,
+            });
+        }
+    }
+
+    fn prompt_blocks_match_at(sh: PromptShape) {
         let PromptShape { b, h, kv, t, s, d } = sh;
         let past = s - t;
         let (q, k, v) = (
@@ -443,6 +599,10 @@ mod tests {
         let scale = 0.35f32;
         let mut out = vec![f32::NAN; b * h * t * d];
         prompt(sh, (&q, &k, &v), Some(&bias), scale, &mut out);
+        // The strided products (CPUs without f32 FMA) against the same reference.
+        let ends: Vec<usize> = bias.chunks(s).map(row_end).collect();
+        let mut strided = vec![f32::NAN; b * h * t * d];
+        prompt_strided(sh, (&q, &k, &v), Some(&bias), scale, &mut strided, &ends);
         for bi in 0..b {
             for hi in 0..h {
                 let g = hi / (h / kv);
@@ -461,11 +621,13 @@ mod tests {
                     let sum: f64 = e.iter().sum();
                     for c in 0..d {
                         let want: f64 = (0..s).map(|j| e[j] / sum * v[key(j) + c] as f64).sum();
-                        let got = out[((bi * h + hi) * t + i) * d + c] as f64;
-                        assert!(
-                            (got - want).abs() < 1e-5,
-                            "b {bi} h {hi} row {i} [{c}]: {got} vs {want}"
-                        );
+                        for (path, o) in [("prompt", &out), ("strided", &strided)] {
+                            let got = o[((bi * h + hi) * t + i) * d + c] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-5,
+                                "{path} d {d}: b {bi} h {hi} row {i} [{c}]: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -61,13 +61,33 @@ pub fn matmul(
     if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
         return Err(format!("int16 product: unsupported weight type {t:?}"));
     }
+    if x.len() < m * k {
+        return Err(format!("int16 product: x too short for [{m}, {k}]"));
+    }
+    matmul_rounded(t, w, n, &Rounded::new(&x[..m * k], k)?, c, accumulate)
+}
+
+/// [`matmul`] of rows rounded once ([`Rounded::new`]): products of the same rows (q, k and v
+/// of one input; gate and up) share the rounding.
+pub fn matmul_rounded(
+    t: GgmlDType,
+    w: &[u8],
+    n: usize,
+    a: &Rounded,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<(), String> {
+    let (m, k) = (a.m, a.k);
+    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        return Err(format!("int16 product: unsupported weight type {t:?}"));
+    }
     let rb = k / 32 * t.type_size();
-    if !supported(t) || !k.is_multiple_of(32) {
+    if !supported(t) {
         return Err(format!(
             "int16 product: {t:?} [{n}, {k}] not supported here"
         ));
     }
-    if w.len() < n * rb || x.len() < m * k || c.len() < m * n {
+    if w.len() < n * rb || c.len() < m * n {
         return Err(format!(
             "int16 product: operands too short for [{m}, {k}] · [{n}, {k}]ᵀ"
         ));
@@ -75,7 +95,6 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let a = Rounded::new(&x[..m * k], k);
     let cp = SyncPtr(c.as_mut_ptr());
     let shape = Shape { t, n, k, m, rb };
     (0..n.div_ceil(NP * TASK)).into_par_iter().for_each_init(
@@ -86,7 +105,7 @@ pub fn matmul(
         },
         |scratch, task| {
             // SAFETY: task `task` writes only its own columns of C.
-            unsafe { run_task(shape, w, &a, &cp, accumulate, task, scratch) }
+            unsafe { run_task(shape, w, a, &cp, accumulate, task, scratch) }
         },
     );
     Ok(())
@@ -180,24 +199,38 @@ struct Out {
     accumulate: bool,
 }
 
-/// x rounded: pairs of int16 values as words, 6 rows interleaved — [m/6 (rounded up)][k/2][8],
-/// slots 6, 7 and past m unused (one row's pairs sit at a constant distance from the next
-/// row's, so a register block addresses its 6 rows from one pointer) — and each block's d and
-/// f32 Σx (summed in order) as [m][k/32].
-struct Rounded {
+/// Rows x [m, k] rounded for [`matmul_rounded`]: pairs of int16 values as words, 6 rows
+/// interleaved — [m/6 (rounded up)][k/2][8], slots 6, 7 and past m unused (one row's pairs sit
+/// at a constant distance from the next row's, so a register block addresses its 6 rows from
+/// one pointer) — and each block's d and f32 Σx (summed in order) as [m][k/32].
+pub struct Rounded {
+    m: usize,
+    k: usize,
     xt: Vec<i32>,
     d: Vec<f32>,
     sums: Vec<f32>,
 }
 
 impl Rounded {
-    /// Rows of 6 on rayon's threads.
-    fn new(x: &[f32], k: usize) -> Rounded {
+    /// x [m, k] (k a multiple of 32; m = x.len() / k), rows of 6 on rayon's threads.
+    pub fn new(x: &[f32], k: usize) -> Result<Rounded, String> {
+        if k == 0 || !k.is_multiple_of(32) || !x.len().is_multiple_of(k) {
+            return Err(format!(
+                "int16 product: {} values are not rows of k = {k} (a multiple of 32)",
+                x.len()
+            ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if !crate::avx2::available() {
+            return Err("int16 product: this CPU has no AVX2".into());
+        }
         let (m, kp, nb) = (x.len() / k, k / 2, k / 32);
         // SAFETY: every row's blocks are written below; the slots of rows 6 and 7 (and the
         // last tile's past m) are never read (a register block runs only its m's rows).
         let mut r = unsafe {
             Rounded {
+                m,
+                k,
                 xt: crate::uninit(m.div_ceil(MR) * kp * SLOTS),
                 d: crate::uninit(m * nb),
                 sums: crate::uninit(m * nb),
@@ -238,7 +271,7 @@ impl Rounded {
                     }
                 }
             });
-        r
+        Ok(r)
     }
 }
 

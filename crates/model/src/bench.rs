@@ -60,9 +60,9 @@ pub fn bench_generate(
         crate::profile::enable(true);
         let t0 = Instant::now();
         let mut cache = KvCache::new();
-        let h = model.forward_hidden(&ids, None, Some(&mut cache))?;
+        let h = model.forward_hidden_last(&ids, None, &mut cache)?;
         let _ = model
-            .logits(&h.narrow(1, prompt_len - 1, 1)?)?
+            .logits(&h.narrow(1, h.dim(1)? - 1, 1)?)?
             .to_vec3::<f32>()?;
         let dt = t0.elapsed().as_secs_f64();
         if dt < best {

@@ -344,6 +344,17 @@ pub(crate) fn append(slot: Option<&mut LayerKv>, k: Tensor, v: Tensor) -> Result
     Ok(new)
 }
 
+/// Which positions a forward's last layer computes outputs for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outputs {
+    /// Every position (training, scoring).
+    All,
+    /// The last position and as few before it as keep the products on the kernels the whole
+    /// batch takes, so on its numbers ([`crate::linear::same_kernel_tail`]): generation reads
+    /// only the last position's logits. Every position's keys and values still reach the cache.
+    Last,
+}
+
 /// Everything a layer needs besides its input.
 #[derive(Debug, Clone)]
 pub struct Ctx {

@@ -278,7 +278,8 @@ pub fn prefill(
 }
 
 /// Rows of equal length (`mask` marks their padding) read into `cache`, at most
-/// `PREFILL_TOKENS` tokens a forward: the hidden states of the last chunk.
+/// `PREFILL_TOKENS` tokens a forward: the hidden states of the last chunk's last positions
+/// (`CausalLm::forward_hidden_last`; the last row is the last position's).
 fn read_in_chunks(
     model: &CausalLm,
     cache: &mut KvCache,
@@ -293,7 +294,7 @@ fn read_in_chunks(
         let chunk: Vec<u32> = ids.iter().flat_map(|r| r[a..z].iter().copied()).collect();
         let input = Tensor::from_vec(chunk, (n, z - a), &model.device)?;
         let m: Option<Vec<Vec<u8>>> = mask.map(|m| m.iter().map(|r| r[a..z].to_vec()).collect());
-        hidden = Some(model.forward_hidden(&input, m.as_deref(), Some(cache))?);
+        hidden = Some(model.forward_hidden_last(&input, m.as_deref(), cache)?);
     }
     Ok(hidden.expect("rows are not empty"))
 }

@@ -5,7 +5,7 @@
 
 use candle_core::{Result as CResult, Tensor};
 
-use crate::cache::{Ctx, KvCache};
+use crate::cache::{Ctx, KvCache, Outputs};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::Result;
 use crate::ops;
@@ -46,13 +46,15 @@ impl Attention {
         })
     }
 
-    /// `res + attention(x)` (the residual add fused into o_proj where a kernel path exists).
+    /// `res + attention(x)` (the residual add fused into o_proj where a kernel path exists),
+    /// for the last `tail` positions only when given (with a cache; keys and values of all).
     fn forward(
         &self,
         x: &Tensor,
         ctx: &Ctx,
         cache: Option<&mut crate::cache::LayerKv>,
         res: &Tensor,
+        tail: Option<usize>,
     ) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -70,13 +72,13 @@ impl Attention {
             )?;
             return self.o_proj.forward_residual(&y, res);
         }
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
-        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.contiguous()?;
-        let (cos, sin) = ctx.rope.as_ref().expect("llama needs rotary tables");
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?;
+        let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let q = ops::rope_heads(&q, self.num_heads, ctx)?;
+        let k = ops::rope_heads(&k, self.num_kv_heads, ctx)?;
+        let v = v
+            .reshape((b, t, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let shared = cache.as_deref().and_then(|c| c.shared().cloned());
         let (k, v) = crate::profile::span(crate::profile::Phase::Attention, || {
             crate::cache::append(cache, k, v)
@@ -87,7 +89,13 @@ impl Attention {
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o_proj.forward_residual(&y, res)
+        match tail {
+            Some(r) if r < t => {
+                let last = |z: &Tensor| z.narrow(1, t - r, r)?.contiguous();
+                self.o_proj.forward_residual(&last(&y)?, &last(res)?)
+            }
+            _ => self.o_proj.forward_residual(&y, res),
+        }
     }
 }
 
@@ -119,7 +127,7 @@ impl Mlp {
 
     /// `res + mlp(x)`.
     fn forward(&self, x: &Tensor, res: &Tensor) -> CResult<Tensor> {
-        let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let [g, u] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x)?;
         self.down_proj.forward_swiglu_residual(&g, &u, res)
     }
 }
@@ -147,11 +155,13 @@ impl Block {
         })
     }
 
+    /// The block over x; with a cache and `tail`, only the last `tail` positions leave it.
     fn forward(
         &self,
         x: &Tensor,
         ctx: &Ctx,
         cache: Option<&mut crate::cache::LayerKv>,
+        tail: Option<usize>,
     ) -> CResult<Tensor> {
         if cache.is_none() {
             // Whole sequences on the CPU kernels: each half-layer as one op.
@@ -183,7 +193,7 @@ impl Block {
             }
         }
         let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
-        let x = self.self_attn.forward(&h, ctx, cache, x)?;
+        let x = self.self_attn.forward(&h, ctx, cache, x, tail)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
         self.mlp.forward(&h, &x)
     }
@@ -239,12 +249,27 @@ impl Llama {
         self.embed_tokens.forward(ids)
     }
 
-    /// From input embeddings [B, T, hidden] to hidden states after the final norm.
-    pub fn hidden(&self, x: Tensor, ctx: &Ctx, mut cache: Option<&mut KvCache>) -> CResult<Tensor> {
+    /// From input embeddings [B, T, hidden] to hidden states after the final norm: of every
+    /// position, or with a cache and `Outputs::Last` of the last few (the last layer's
+    /// attention output and MLP run for those rows only, as llama.cpp's last layer does).
+    pub fn hidden(
+        &self,
+        x: Tensor,
+        ctx: &Ctx,
+        mut cache: Option<&mut KvCache>,
+        outputs: Outputs,
+    ) -> CResult<Tensor> {
         let mut x = x;
+        let last = self.layers.len().saturating_sub(1);
         for (li, (_, block)) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.slot(li));
-            x = block.forward(&x, ctx, slot)?;
+            let tail = if li == last && outputs == Outputs::Last {
+                let (b, t, _) = x.dims3()?;
+                Some(crate::linear::same_kernel_tail(b, t))
+            } else {
+                None
+            };
+            x = block.forward(&x, ctx, slot, tail)?;
         }
         ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
@@ -262,7 +287,7 @@ impl Llama {
     ) -> CResult<Tensor> {
         let mut x = x;
         for (_, block) in self.layers.iter().filter(|(i, _)| keep(*i)) {
-            x = block.forward(&x, ctx, None)?;
+            x = block.forward(&x, ctx, None, None)?;
         }
         Ok(x)
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 
-use crate::cache::{build_ctx, CtxSpec, KvCache};
+use crate::cache::{build_ctx, CtxSpec, KvCache, Outputs};
 use crate::config::{Gpt2Config, LlamaConfig, ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, Value};
@@ -187,6 +187,30 @@ impl CausalLm {
         mask: Option<&[Vec<u8>]>,
         cache: Option<&mut KvCache>,
     ) -> CResult<Tensor> {
+        self.hidden_for(x, mask, cache, Outputs::All)
+    }
+
+    /// `forward_hidden` for generation: hidden states [B, R, hidden] of the last R ≥ 1
+    /// positions, the last row being the last position's (LLaMA computes R =
+    /// `linear::same_kernel_tail` in its last layer, whose numbers equal those of the full
+    /// forward's rows; GPT-2 returns all positions). Every position reaches the cache.
+    pub fn forward_hidden_last(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[Vec<u8>]>,
+        cache: &mut KvCache,
+    ) -> CResult<Tensor> {
+        let x = self.embed(ids)?;
+        self.hidden_for(x, mask, Some(cache), Outputs::Last)
+    }
+
+    fn hidden_for(
+        &self,
+        x: Tensor,
+        mask: Option<&[Vec<u8>]>,
+        cache: Option<&mut KvCache>,
+        outputs: Outputs,
+    ) -> CResult<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (past, key_mask): (usize, Option<Vec<Vec<u8>>>) = match (&cache, mask) {
             (Some(c), m) => {
@@ -226,7 +250,7 @@ impl CausalLm {
         }
         let out = match (&self.arch, cache) {
             (Arch::Llama(m), Some(c)) => {
-                let h = m.hidden(x, &ctx, Some(c))?;
+                let h = m.hidden(x, &ctx, Some(c), outputs)?;
                 c.len += t;
                 c.mask = key_mask.unwrap_or_default();
                 h
@@ -237,7 +261,7 @@ impl CausalLm {
                 c.mask = key_mask.unwrap_or_default();
                 h
             }
-            (Arch::Llama(m), None) => m.hidden(x, &ctx, None)?,
+            (Arch::Llama(m), None) => m.hidden(x, &ctx, None, outputs)?,
             (Arch::Gpt2(m), None) => m.hidden(x, &ctx, None)?,
         };
         Ok(out)

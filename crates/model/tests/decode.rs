@@ -128,3 +128,74 @@ fn quantized_smollm2_decodes_the_golden_answer_from_an_f16_cache() {
         }
     }
 }
+
+/// A prefill's last layer computes only the last `same_kernel_tail` positions (LLaMA): the
+/// hidden states `forward_hidden_last` returns are the full forward's last rows bit for bit
+/// (each product computes a row alike at any row count on the same kernel), and the cache it
+/// leaves is the same (the next step's hidden states are equal bit for bit). On the dense
+/// golden LLaMA (f32 GEMM) and the kept-quantized SmolLM2 on every decode path (int16 or f32
+/// prompt GEMM), for one 70-token row and two rows of 40 (left-padded by 3); GPT-2 returns
+/// every position.
+#[test]
+fn last_positions_prefill_equals_the_full_forward_rows() {
+    use fedllm_model::{linear::same_kernel_tail, KvCache};
+    let mut models = vec![];
+    for name in ["llama-tiny", "gpt2-tiny"] {
+        let m = CausalLm::load(&golden(name), LoadOptions::default())
+            .unwrap()
+            .model;
+        models.push((name.to_string(), m));
+    }
+    if let Some(path) = fedllm_testing::smollm2() {
+        let m = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
+        models.push(("smollm2".into(), m));
+    }
+    let rows = |b: usize, t: usize| -> Vec<u32> {
+        (0..b * t).map(|i| 4 + (i as u32 * 37) % 500).collect()
+    };
+    for (name, model) in &models {
+        for path in fedllm_model::qmatvec::available() {
+            for (b, t) in [(1usize, 70usize), (2, 40)] {
+                let ids = Tensor::from_vec(rows(b, t), (b, t), &model.device).unwrap();
+                let mask: Vec<Vec<u8>> = (0..b)
+                    .map(|r| (0..t).map(|i| u8::from(r == 0 || i >= 3)).collect())
+                    .collect();
+                let mask = (b > 1).then_some(mask.as_slice());
+                let (mut full_c, mut last_c) = (KvCache::new(), KvCache::new());
+                let (full, last, next_full, next_last) =
+                    fedllm_model::qmatvec::with_path(path, || {
+                        let full = model.forward_hidden(&ids, mask, Some(&mut full_c)).unwrap();
+                        let last = model.forward_hidden_last(&ids, mask, &mut last_c).unwrap();
+                        let step = Tensor::from_vec(vec![7u32; b], (b, 1), &model.device).unwrap();
+                        let nf = model
+                            .forward_hidden(&step, None, Some(&mut full_c))
+                            .unwrap();
+                        let nl = model
+                            .forward_hidden(&step, None, Some(&mut last_c))
+                            .unwrap();
+                        (full, last, nf, nl)
+                    });
+                let r = if name.starts_with("gpt2") {
+                    t
+                } else {
+                    same_kernel_tail(b, t)
+                };
+                assert!(name.starts_with("gpt2") || r < t, "{name}: nothing skipped");
+                assert_eq!(
+                    last.dims(),
+                    &[b, r, full.dim(2).unwrap()],
+                    "{name} {path:?}"
+                );
+                let tail = full.narrow(1, t - r, r).unwrap();
+                let what = format!("{name} {path:?} [{b}, {t}]");
+                assert_eq!(
+                    fedllm_testing::max_abs_diff(&last, &tail).unwrap(),
+                    0.0,
+                    "{what}"
+                );
+                let d = fedllm_testing::max_abs_diff(&next_last, &next_full).unwrap();
+                assert_eq!(d, 0.0, "{what}: next step");
+            }
+        }
+    }
+}

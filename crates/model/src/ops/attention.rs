@@ -988,10 +988,20 @@ impl candle_core::CustomOp3 for PromptAttention {
         let guards = shared_guards(&self.shared);
         let shared = shared_views(&guards)?;
         let sp = self.shared_len;
-        let mut qc = vec![0f32; b * h * t * d];
-        for (r, row) in qc.chunks_exact_mut(d).enumerate() {
-            q.row(r / (h * t), r / t % h, r % t, row);
-        }
+        // Queries [B, H, T, D]: borrowed when stored so (RoPE's output), else gathered.
+        let n = b * h * t * d;
+        let qc;
+        let qs = match (s1, l1.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(x), Some((a, z))) if z - a == n => &x[a..z],
+            _ => {
+                let mut g = vec![0f32; n];
+                for (r, row) in g.chunks_exact_mut(d).enumerate() {
+                    q.row(r / (h * t), r / t % h, r % t, row);
+                }
+                qc = g;
+                &qc
+            }
+        };
         // Keys and values [B, KV, S, D]: the shared prefix's rows, then the row's own.
         let gather = |own: &View, pre: Option<&View>| {
             let mut x = vec![0f32; b * kv * s * d];
@@ -1006,10 +1016,11 @@ impl candle_core::CustomOp3 for PromptAttention {
         };
         let kc = gather(&k, shared.as_ref().map(|x| &x.0));
         let vc = gather(&v, shared.as_ref().map(|x| &x.1));
-        let mut out = vec![0f32; b * h * t * d];
+        // SAFETY: `prompt` writes every output row (each block's product overwrites it).
+        let mut out = unsafe { fedllm_kernels::uninit(n) };
         fedllm_kernels::attention::prompt(
             sh,
-            (&qc, &kc, &vc),
+            (qs, &kc, &vc),
             self.bias.as_ref().map(|x| x.as_slice()),
             self.scale,
             &mut out,

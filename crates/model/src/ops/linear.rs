@@ -15,6 +15,17 @@ const QMATMUL_MAX_ROWS: usize = 2;
 /// Up to this many rows (decoding a batch), our Q4_1/Q8_0 kernel reads the blocks directly.
 const QMATVEC_MAX_ROWS: usize = 32;
 
+/// The fewest trailing positions of a [b, t] batch whose products take the kernels that all t
+/// take, so the same numbers (each kernel computes a row alike at any row count; which kernel
+/// runs depends on the count only through `QMATMUL_MAX_ROWS` and `QMATVEC_MAX_ROWS`).
+pub fn same_kernel_tail(b: usize, t: usize) -> usize {
+    if b * t <= QMATVEC_MAX_ROWS {
+        t
+    } else {
+        (QMATVEC_MAX_ROWS + 1).div_ceil(b.max(1)).min(t)
+    }
+}
+
 /// LoRA branch: y += dropout(x) Aᵀ Bᵀ · scale (A [r, in], B [out, r], as PEFT stores them).
 #[derive(Clone, Debug)]
 pub struct LoraHook {
@@ -146,6 +157,76 @@ impl Linear {
         let mut out = dims;
         *out.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out)
+    }
+
+    /// `forward` of layers that read the same input (q, k and v; gate and up): where each
+    /// takes the int16 prompt GEMM and has no adapter, x is rounded once for all of them (the
+    /// same numbers as separate forwards: the rounding depends on x alone).
+    pub fn forward_shared<const N: usize>(lins: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let dims = x.dims().to_vec();
+        let k = dims[dims.len() - 1];
+        let rows = x.elem_count() / k;
+        let x2 = x.reshape((rows, k))?.contiguous()?;
+        if !Self::round_once(&lins, &x2)? {
+            let ys: Vec<Tensor> = lins.iter().map(|l| l.forward(x)).collect::<Result<_>>()?;
+            return Ok(ys.try_into().expect("one output per layer"));
+        }
+        let ys = crate::profile::span(crate::profile::Phase::Matvec, || -> Result<Vec<Tensor>> {
+            let (st, l) = x2.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(v)), Some((a, z))) = (&*st, l.contiguous_offsets())
+            else {
+                candle_core::bail!("int16 prompt product: input is not contiguous f32");
+            };
+            let rounded = fedllm_kernels::gemm_i16::Rounded::new(&v[a..z], k)
+                .map_err(candle_core::Error::Msg)?;
+            let mut ys = Vec::with_capacity(N);
+            for lin in lins {
+                let Weight::Quant(q) = &lin.weight else {
+                    candle_core::bail!("int16 prompt product: weight is not kept blocks");
+                };
+                let n = q.shape().dims2()?.0;
+                // SAFETY: the product (not accumulating) writes every element.
+                let mut y = unsafe { fedllm_kernels::uninit(rows * n) };
+                fedllm_kernels::gemm_i16::matmul_rounded(
+                    q.dtype(),
+                    &q.data()?,
+                    n,
+                    &rounded,
+                    &mut y,
+                    false,
+                )
+                .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))?;
+                ys.push(Tensor::from_vec(y, (rows, n), x.device())?);
+            }
+            Ok(ys)
+        })?;
+        let mut out = Vec::with_capacity(N);
+        for (lin, y) in lins.iter().zip(ys) {
+            let y = match &lin.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                None => y,
+            };
+            let mut shape = dims.clone();
+            *shape.last_mut().unwrap() = y.dim(1)?;
+            out.push(y.reshape(shape)?);
+        }
+        Ok(out.try_into().expect("one output per layer"))
+    }
+
+    /// Whether `forward_shared` rounds x [rows, k] once for `lins`: each would take the int16
+    /// GEMM in `base` (the route to `FrozenLinear` with `prompt_int16`) and has no adapter.
+    fn round_once(lins: &[&Linear], x: &Tensor) -> Result<bool> {
+        let rows = x.dim(0)?;
+        for l in lins {
+            let int16 = l.prompt_int16(x)
+                && rows > QMATMUL_MAX_ROWS
+                && !l.decodes_blockwise(x)?
+                && l.kernel_isa(x).is_some();
+            if !int16 || l.lora.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Per-row cross-entropy of `x·Wᵀ` [N, vocab] against `targets`, never holding the logits:
@@ -1170,6 +1251,73 @@ mod tests {
             assert!(
                 fedllm_testing::max_abs_diff(&int16, &f32s).unwrap() > 0.0,
                 "{t:?}"
+            );
+        }
+    }
+
+    /// `forward_shared` (q/k/v, gate/up reading one input) gives each layer its own
+    /// `forward`'s output bit for bit: on Int16 with 40 prompt rows (one rounding serves a Q4_1
+    /// layer, a Q8_0 layer and a Q4_1 layer with a bias), with 3 decode rows (each layer's
+    /// decode kernel), and with an adapter on one layer (separate forwards).
+    #[test]
+    fn shared_input_products_equal_separate_forwards() {
+        use crate::ops::qmatvec::{self, Path};
+        use candle_core::quantized::{GgmlDType, QTensor};
+        if !Path::Int16.supported() {
+            eprintln!("no AVX2: the Int16 path does not run here");
+            return;
+        }
+        let dev = Device::Cpu;
+        let k = 576;
+        let layer = |seed: u64, n: usize, t: GgmlDType, bias: bool| {
+            let w = fedllm_testing::randn(seed, 0f32, 1.0, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, t).unwrap();
+            let b = bias.then(|| fedllm_testing::randn(seed + 1, 0f32, 1.0, n, &dev).unwrap());
+            Linear::new(Weight::Quant(std::sync::Arc::new(q)), b).unwrap()
+        };
+        let mut lins = [
+            layer(231, 96, GgmlDType::Q4_1, false),
+            layer(233, 48, GgmlDType::Q8_0, false),
+            layer(235, 40, GgmlDType::Q4_1, true),
+        ];
+        for rows in [40, 3] {
+            let x = fedllm_testing::randn(237, 0f32, 1.0, (1, rows, k), &dev).unwrap();
+            let [a, b, c] = &lins;
+            let (once, shared, alone) = qmatvec::with_path(Path::Int16, || {
+                let alone: Vec<Tensor> = [a, b, c].iter().map(|l| l.forward(&x).unwrap()).collect();
+                let x2 = x.reshape((rows, k)).unwrap();
+                let once = Linear::round_once(&[a, b, c], &x2).unwrap();
+                (once, Linear::forward_shared([a, b, c], &x).unwrap(), alone)
+            });
+            assert_eq!(once, rows > QMATVEC_MAX_ROWS, "{rows} rows");
+            for (i, (s, w)) in shared.iter().zip(&alone).enumerate() {
+                assert_eq!(s.dims(), w.dims(), "{rows} rows, layer {i}");
+                assert_eq!(
+                    fedllm_testing::max_abs_diff(s, w).unwrap(),
+                    0.0,
+                    "{rows} rows, layer {i}"
+                );
+            }
+        }
+        lins[1].lora = Some(LoraHook {
+            a: fedllm_testing::randn(239, 0f32, 0.1, (4, k), &dev).unwrap(),
+            b: fedllm_testing::randn(240, 0f32, 0.1, (48, 4), &dev).unwrap(),
+            scale: 2.0,
+            dropout: None,
+        });
+        let x = fedllm_testing::randn(241, 0f32, 1.0, (40, k), &dev).unwrap();
+        let [a, b, c] = &lins;
+        let (once, shared, alone) = qmatvec::with_path(Path::Int16, || {
+            let alone: Vec<Tensor> = [a, b, c].iter().map(|l| l.forward(&x).unwrap()).collect();
+            let once = Linear::round_once(&[a, b, c], &x).unwrap();
+            (once, Linear::forward_shared([a, b, c], &x).unwrap(), alone)
+        });
+        assert!(!once, "an adapter's layer has its own forward");
+        for (i, (s, w)) in shared.iter().zip(&alone).enumerate() {
+            assert_eq!(
+                fedllm_testing::max_abs_diff(s, w).unwrap(),
+                0.0,
+                "adapter, layer {i}"
             );
         }
     }
