@@ -161,34 +161,6 @@ pub fn rope(
         .for_each(head);
 }
 
-/// [`rope`] (forward) reading x in a projection's layout [B, T, H·D] and writing y
-/// [B, H, T, D]: the heads' transpose and the rotation in one pass (inference).
-pub fn rope_heads(
-    x: &[f32],
-    cos: &[f32],
-    sin: &[f32],
-    (b, h, t, d): (usize, usize, usize, usize),
-    y: &mut [f32],
-) {
-    let n = b * h * t * d;
-    assert!(
-        x.len() >= n && y.len() >= n && cos.len() >= b * t * d && sin.len() >= b * t * d,
-        "rope_heads: buffers too short for [{b}, {t}, {h}·{d}]"
-    );
-    let head = |(bh, y): (usize, &mut [f32])| {
-        let (bi, hi) = (bh / h, bh % h);
-        for (ti, y) in y.chunks_exact_mut(d).enumerate() {
-            let at = (bi * t + ti) * d;
-            y.copy_from_slice(&x[at * h + hi * d..][..d]);
-            rotate(y, &cos[at..at + d], &sin[at..at + d], false);
-        }
-    };
-    if n < PAR_MIN {
-        return y[..n].chunks_mut(t * d).enumerate().for_each(head);
-    }
-    y[..n].par_chunks_mut(t * d).enumerate().for_each(head);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,32 +241,5 @@ mod tests {
         let mut dx = vec![0f32; n];
         rope(&coef, &cos, &sin, (b, h, t, d), true, &mut dx);
         check("dx", &x, &dx, |x| dot(&y_of(x), &coef));
-    }
-
-    /// `rope_heads` from [B, T, H·D] equals `rope` of the same values transposed to
-    /// [B, H, T, D] by hand, bit for bit (one rotation of the same numbers), below and above
-    /// the parallel threshold.
-    #[test]
-    fn rope_heads_is_rope_of_the_transposed_heads() {
-        for (b, h, t, d) in [(2, 3, 5, 8), (2, 9, 300, 8)] {
-            let x = data(b * t * h * d, 31);
-            let (cos, sin) = (data(b * t * d, 32), data(b * t * d, 33));
-            let mut heads = vec![0f32; x.len()];
-            for bi in 0..b {
-                for ti in 0..t {
-                    for hi in 0..h {
-                        for c in 0..d {
-                            heads[((bi * h + hi) * t + ti) * d + c] =
-                                x[((bi * t + ti) * h + hi) * d + c];
-                        }
-                    }
-                }
-            }
-            let mut want = vec![0f32; x.len()];
-            rope(&heads, &cos, &sin, (b, h, t, d), false, &mut want);
-            let mut got = vec![f32::NAN; x.len()];
-            rope_heads(&x, &cos, &sin, (b, h, t, d), &mut got);
-            assert_eq!(got, want, "[{b}, {h}, {t}, {d}]");
-        }
     }
 }

@@ -72,13 +72,14 @@ impl Attention {
             )?;
             return self.o_proj.forward_residual(&y, res);
         }
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
         let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
-        let q = ops::rope_heads(&q, self.num_heads, ctx)?;
-        let k = ops::rope_heads(&k, self.num_kv_heads, ctx)?;
-        let v = v
-            .reshape((b, t, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = heads(q, self.num_heads)?;
+        let k = heads(k, self.num_kv_heads)?;
+        let v = heads(v, self.num_kv_heads)?.contiguous()?;
+        let (cos, sin) = ctx.rope.as_ref().expect("llama needs rotary tables");
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
         let shared = cache.as_deref().and_then(|c| c.shared().cloned());
         let (k, v) = crate::profile::span(crate::profile::Phase::Attention, || {
             crate::cache::append(cache, k, v)

@@ -133,9 +133,9 @@ fn quantized_smollm2_decodes_the_golden_answer_from_an_f16_cache() {
 /// hidden states `forward_hidden_last` returns are the full forward's last rows bit for bit
 /// (each product computes a row alike at any row count on the same kernel), and the cache it
 /// leaves is the same (the next step's hidden states are equal bit for bit). On the dense
-/// golden LLaMA (f32 GEMM) and the kept-quantized SmolLM2 on every decode path (int16 or f32
-/// prompt GEMM), for one 70-token row and two rows of 40 (left-padded by 3); GPT-2 returns
-/// every position.
+/// golden LLaMA (f32 GEMM), SmolLM2 kept quantized on every decode path (int16 or f32 prompt
+/// GEMM) and packed (evaluation's default: the dense weights' GEMM), for one 70-token row and
+/// two rows of 40 (left-padded by 3); GPT-2 returns every position.
 #[test]
 fn last_positions_prefill_equals_the_full_forward_rows() {
     use fedllm_model::{linear::same_kernel_tail, KvCache};
@@ -147,8 +147,14 @@ fn last_positions_prefill_equals_the_full_forward_rows() {
         models.push((name.to_string(), m));
     }
     if let Some(path) = fedllm_testing::smollm2() {
-        let m = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
-        models.push(("smollm2".into(), m));
+        for quant in [QuantMode::Keep, QuantMode::Packed] {
+            let opts = LoadOptions {
+                quant,
+                ..Default::default()
+            };
+            let m = CausalLm::load(&path, opts).unwrap().model;
+            models.push((format!("smollm2 {quant:?}"), m));
+        }
     }
     let rows = |b: usize, t: usize| -> Vec<u32> {
         (0..b * t).map(|i| 4 + (i as u32 * 37) % 500).collect()

@@ -138,29 +138,6 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// RoPE from a projection's layout: x [B, T, H·D] → [B, H, T, D] rotated (inference: no
-/// backward).
-pub(crate) struct RopeHeads {
-    pub cos: Arc<Vec<f32>>,
-    pub sin: Arc<Vec<f32>>,
-    pub dims: (usize, usize, usize, usize),
-}
-
-impl CustomOp1 for RopeHeads {
-    fn name(&self) -> &'static str {
-        "rope-heads"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "rope-heads")?;
-        let (b, h, t, d) = self.dims;
-        // SAFETY: `rope_heads` writes every element.
-        let mut y = unsafe { fedllm_kernels::uninit(b * h * t * d) };
-        k::rope_heads(x, &self.cos, &self.sin, self.dims, &mut y);
-        Ok((CpuStorage::F32(y), Shape::from((b, h, t, d))))
-    }
-}
-
 /// Causal self-attention on the projections' layout (see `fedllm_kernels::attention`):
 /// inputs q [B, T, H·D], k/v [B, T, KV·D]; RoPE applied inside.
 pub(crate) struct TrainAttention {

@@ -23,7 +23,7 @@ pub use attention::{
 };
 pub use loss::{causal_lm_loss, cross_entropy};
 pub use norm::{layer_norm, rms_norm, rms_norm_composite};
-pub use rope::{rope, rope_composite, rope_heads};
+pub use rope::{rope, rope_composite};
 pub use softmax::{log_softmax_last, softmax_last};
 
 /// Reductions run in f32 (f64 stays f64, which the gradient tests use).

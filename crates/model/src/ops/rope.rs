@@ -26,32 +26,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// `rope` of a projection's output y [B, T, H·D] as heads [B, H, T, D] (the transpose, then
-/// `rope` with the forward's tables): at inference on the CPU in f32 one pass from y's layout
-/// with the forward's host tables, the same numbers.
-pub fn rope_heads(y: &Tensor, h: usize, ctx: &crate::cache::Ctx) -> Result<Tensor> {
-    let (b, t, hd) = y.dims3()?;
-    let d = hd / h.max(1);
-    let Some((cos, sin)) = &ctx.rope else {
-        candle_core::bail!("rope_heads: the forward has no rotary tables");
-    };
-    if !y.track_op() && fused_f32(&[y]) {
-        if let Some(host) = ctx.host()? {
-            if host.cos.len() == b * t * d && host.sin.len() == b * t * d {
-                let op = crate::ops::fused::RopeHeads {
-                    cos: host.cos.clone(),
-                    sin: host.sin.clone(),
-                    dims: (b, h, t, d),
-                };
-                return crate::profile::span(crate::profile::Phase::NormRope, || {
-                    y.contiguous()?.apply_op1_no_bwd(&op)
-                });
-            }
-        }
-    }
-    rope(&y.reshape((b, t, h, d))?.transpose(1, 2)?, cos, sin)
-}
-
 pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -94,43 +68,5 @@ mod tests {
             (1e-5, 1e-4),
             "rope",
         );
-    }
-
-    /// `rope_heads` (one pass from the projection's layout with the forward's host tables)
-    /// equals the transpose then `rope` bit for bit: the same rotation of the same values. Two
-    /// rows, the second left-padded by 2, after 3 cached positions (positions differ per row),
-    /// below and above the kernel's parallel threshold (240 and 43,200 values).
-    #[test]
-    fn rope_heads_equals_rope_of_the_transposed_heads() {
-        use crate::cache::{build_ctx, CtxSpec};
-        let dev = Device::Cpu;
-        let d = 8;
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
-            .collect();
-        for (b, t, h) in [(2, 5, 3), (2, 300, 9)] {
-            let mask: Vec<Vec<u8>> = (0..b)
-                .map(|r| (0..3 + t).map(|j| u8::from(r == 0 || j >= 2)).collect())
-                .collect();
-            let spec = CtxSpec {
-                batch: b,
-                t,
-                past: 3,
-                key_mask: Some(&mask),
-                sliding_window: None,
-            };
-            let ctx = build_ctx(&spec, Some(&inv), candle_core::DType::F32, &dev).unwrap();
-            let y = fedllm_testing::randn(251, 0f32, 1.0, (b, t, h * d), &dev).unwrap();
-            let (cos, sin) = ctx.rope.as_ref().unwrap();
-            let heads = y.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap();
-            let want = rope(&heads, cos, sin).unwrap();
-            let got = rope_heads(&y, h, &ctx).unwrap();
-            assert_eq!(got.dims(), want.dims());
-            assert_eq!(
-                fedllm_testing::max_abs_diff(&got, &want).unwrap(),
-                0.0,
-                "[{b}, {t}, {h}]"
-            );
-        }
     }
 }
