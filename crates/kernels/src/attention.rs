@@ -34,6 +34,14 @@ pub fn rope_bthd(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, d: usize
         });
 }
 
+/// A row of scores to probabilities in place: its (max, 1/sum), which the backward keeps.
+fn softmax(row: &mut [f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
+    row.iter_mut().for_each(|x| *x *= inv);
+    (max, inv)
+}
+
 struct Ptr(*mut f32);
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
@@ -136,9 +144,7 @@ pub fn forward(
                     scores(sh, &qr, &kr, bias, scale, (bi, hi), (r0, r1, c1), s);
                     for i in r0..r1 {
                         let row = &mut s[i * t..i * t + c1];
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
-                        row.iter_mut().for_each(|x| *x *= inv);
+                        let (max, inv) = softmax(row);
                         st[2 * i] = max;
                         st[2 * i + 1] = inv;
                     }
@@ -395,9 +401,7 @@ fn prompt_strided(
                         .zip(&x[at..at + c1])
                         .for_each(|(y, &b)| *y += b);
                 }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
-                row.iter_mut().for_each(|x| *x *= inv);
+                softmax(row);
             }
             // SAFETY: as above.
             unsafe {
@@ -517,9 +521,7 @@ fn prompt_panels(
                     }
                     None => row.iter_mut().for_each(|y| *y *= scale),
                 }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
-                row.iter_mut().for_each(|x| *x *= inv);
+                softmax(row);
             }
             // SAFETY: as above; this task writes only rows r0..r0+rows of head hi of batch bi.
             unsafe {
