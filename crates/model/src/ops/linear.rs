@@ -185,17 +185,7 @@ impl Linear {
                     candle_core::bail!("int16 prompt product: weight is not kept blocks");
                 };
                 let n = q.shape().dims2()?.0;
-                // SAFETY: the product (not accumulating) writes every element.
-                let mut y = unsafe { fedllm_kernels::uninit(rows * n) };
-                fedllm_kernels::gemm_i16::matmul_rounded(
-                    q.dtype(),
-                    &q.data()?,
-                    n,
-                    &rounded,
-                    &mut y,
-                    false,
-                )
-                .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))?;
+                let y = int16_rounded_product(q, &rounded, rows)?;
                 ys.push(Tensor::from_vec(y, (rows, n), x.device())?);
             }
             Ok(ys)
@@ -601,9 +591,28 @@ pub(crate) fn frozen_product(
 
 /// x [m, k] · Wᵀ for kept Q4_1/Q8_0 blocks on the int16 GEMM.
 fn int16_product(q: &QTensor, x: &[f32], m: usize, k: usize) -> Result<Vec<f32>> {
+    if x.len() != m * k {
+        candle_core::bail!(
+            "int16 prompt product: x has {} values for [{m}, {k}]",
+            x.len()
+        );
+    }
+    let rounded = fedllm_kernels::gemm_i16::Rounded::new(x, k).map_err(candle_core::Error::Msg)?;
+    int16_rounded_product(q, &rounded, m)
+}
+
+/// x [m, ·] (already rounded) · Wᵀ for kept Q4_1/Q8_0 blocks on the int16 GEMM.
+fn int16_rounded_product(
+    q: &QTensor,
+    x: &fedllm_kernels::gemm_i16::Rounded,
+    m: usize,
+) -> Result<Vec<f32>> {
     let n = q.shape().dims2()?.0;
-    crate::ops::qmatvec::prompt_matmul_i16(q.dtype(), &q.data()?, n, k, x, m)
-        .map_err(candle_core::Error::Msg)
+    // SAFETY: the product (not accumulating) writes every element.
+    let mut y = unsafe { fedllm_kernels::uninit(m * n) };
+    fedllm_kernels::gemm_i16::matmul_rounded(q.dtype(), &q.data()?, n, x, &mut y, false)
+        .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))?;
+    Ok(y)
 }
 
 /// C = A · B for A in CPU storage (f32 or bf16, contiguous), result in A's dtype.
