@@ -423,11 +423,10 @@ fn prompt_strided(
 }
 
 /// Keys as the B operand of Q·Kᵀ — [⌈s/64⌉][d][64], transposed, columns past s zero — and
-/// values as that of P·V — [⌈d/64⌉][s][64], columns past d zero — for one (batch, KV group).
+/// values as that of P·V — [⌈d/64⌉][s][64], columns past d zero — for one (batch, KV group),
+/// into zeroed buffers.
 fn kv_panels(k: &[f32], v: &[f32], s: usize, d: usize, kt: &mut [f32], vp: &mut [f32]) {
     use crate::gemm::NR;
-    kt.fill(0.0);
-    vp.fill(0.0);
     for (j, row) in k[..s * d].chunks_exact(d).enumerate() {
         let at = j / NR * d * NR + j % NR;
         for (c, &x) in row.iter().enumerate() {
