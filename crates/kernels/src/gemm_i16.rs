@@ -13,6 +13,12 @@
 //! y = acc + off (+ C when accumulating). |I_b| < 2²⁴ for Q4_1 (32·15·32767), so its f32
 //! conversion is exact; a Q8_0 dot can reach 32·128·32767 and rounds once to f32 there.
 //!
+//! Kernels ([`Kernel`]): AVX2 `vpmaddwd` + `vpaddd` on 8 lanes, or, with AVX-512 VNNI,
+//! `vpdpwssd` on 16 lanes (two panels per register block, the pair sums added in one
+//! instruction). Both add the same pair products into the same int32 lanes without saturation
+//! (no value is -32768, so no pair overflows) and take the same f32 steps lane by lane: the
+//! same bits.
+//!
 //! Layout: lanes are weight columns. Each task widens its columns' blocks to int16 once, as
 //! panels of 16 columns holding one 32-bit word (two values, the pair `vpmaddwd` multiplies)
 //! per column and pair; a register block of 6 rows × 16 columns broadcasts each row's pair
@@ -43,6 +49,61 @@ const MR: usize = 6;
 const SLOTS: usize = 8;
 /// Panels per task (their int16 values stay in L2 while every row passes).
 const TASK: usize = 3;
+
+/// The register kernel a product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Avx2,
+    /// 512-bit `vpdpwssd` (AVX-512F, BW, VNNI).
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// Whether this CPU runs it.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return match self {
+            Kernel::Avx2 => crate::avx2::available(),
+            Kernel::Avx512Vnni => {
+                crate::avx2::available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The widest this CPU runs, unless `FEDLLM_KERNELS` caps the kernels below AVX-512.
+    pub fn best() -> Kernel {
+        static B: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *B.get_or_init(|| {
+            let wide = crate::isa::selected() >= crate::isa::Isa::Avx512;
+            if wide && Kernel::Avx512Vnni.supported() {
+                Kernel::Avx512Vnni
+            } else {
+                Kernel::Avx2
+            }
+        })
+    }
+
+    /// Every kernel this CPU runs (what the tests compare).
+    pub fn available() -> Vec<Kernel> {
+        [Kernel::Avx2, Kernel::Avx512Vnni]
+            .into_iter()
+            .filter(|k| k.supported())
+            .collect()
+    }
+
+    /// Panels per register block.
+    fn panels(self) -> usize {
+        match self {
+            Kernel::Avx2 => 1,
+            Kernel::Avx512Vnni => 2,
+        }
+    }
+}
 
 /// C [m, n] (row-major) = x · Wᵀ (or C += x · Wᵀ when `accumulate`) for x [m, k] in f32,
 /// rounded here (`rounding::round_block_i16`), and W the raw blocks of an [n, k] matrix of
@@ -77,14 +138,27 @@ pub fn matmul_rounded(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<(), String> {
+    matmul_on(Kernel::best(), t, w, n, a, c, accumulate)
+}
+
+/// [`matmul_rounded`] on `kernel`.
+pub fn matmul_on(
+    kernel: Kernel,
+    t: GgmlDType,
+    w: &[u8],
+    n: usize,
+    a: &Rounded,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<(), String> {
     let (m, k) = (a.m, a.k);
     if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
         return Err(format!("int16 product: unsupported weight type {t:?}"));
     }
     let rb = k / 32 * t.type_size();
-    if !supported(t) {
+    if !supported(t) || !kernel.supported() {
         return Err(format!(
-            "int16 product: {t:?} [{n}, {k}] not supported here"
+            "int16 product: {t:?} [{n}, {k}] on {kernel:?} not supported here"
         ));
     }
     if w.len() < n * rb || c.len() < m * n {
@@ -96,7 +170,14 @@ pub fn matmul_rounded(
         return Ok(());
     }
     let cp = SyncPtr(c.as_mut_ptr());
-    let shape = Shape { t, n, k, m, rb };
+    let shape = Shape {
+        t,
+        n,
+        k,
+        m,
+        rb,
+        kernel,
+    };
     (0..n.div_ceil(NP * TASK)).into_par_iter().for_each_init(
         || Scratch {
             wp: Vec::new(),
@@ -119,6 +200,7 @@ struct Shape {
     m: usize,
     /// Bytes per weight row.
     rb: usize,
+    kernel: Kernel,
 }
 
 /// A task's buffers, kept by its thread: its panels' words and scales, and the widening's
@@ -134,7 +216,14 @@ struct Scratch {
 /// # Safety
 /// `c` points at C [m, n]; no other task writes this task's columns.
 unsafe fn run_task(
-    Shape { t, n, k, m, rb }: Shape,
+    Shape {
+        t,
+        n,
+        k,
+        m,
+        rb,
+        kernel,
+    }: Shape,
     w: &[u8],
     a: &Rounded,
     c: &SyncPtr,
@@ -164,8 +253,11 @@ unsafe fn run_task(
             &mut wm[pi * nb * NP..(pi + 1) * nb * NP],
         );
     }
-    for pi in 0..panels {
-        let (c0, cn) = cols(pi);
+    for pi in (0..panels).step_by(kernel.panels()) {
+        let (c0, _) = cols(pi);
+        let cn: usize = (pi..panels.min(pi + kernel.panels()))
+            .map(|p| cols(p).1)
+            .sum();
         let panel = (
             &wp[pi * k / 2 * NP..],
             &wd[pi * nb * NP..],
@@ -184,9 +276,18 @@ unsafe fn run_task(
                 accumulate,
             };
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2/FMA detected; the rows hold k values and nb scales each, the panel
-            // k/2·16 words and nb·16 scales; `out` is this task's part of C.
-            dispatch(t == GgmlDType::Q4_1, MR.min(m - i0), x, panel, k, out);
+            // SAFETY: the kernel's features were detected; the rows hold k values and nb
+            // scales each, the panels k/2·16 words and nb·16 scales; `out` is this task's
+            // part of C.
+            dispatch(
+                kernel,
+                t == GgmlDType::Q4_1,
+                MR.min(m - i0),
+                x,
+                panel,
+                k,
+                out,
+            );
         }
     }
 }
@@ -286,18 +387,51 @@ type Rows<'a> = (&'a [i32], &'a [f32], &'a [f32]);
 type Panel<'a> = (&'a [i32], &'a [f32], &'a [f32]);
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dispatch(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
-    macro_rules! go {
-        ($($r:literal)*) => {
-            match (rows, q4) {
-                $(($r, true) => block::<$r, true>(x, panel, k, out),
-                  ($r, false) => block::<$r, false>(x, panel, k, out),)*
-                _ => unreachable!("at most {MR} rows"),
-            }
-        };
+unsafe fn dispatch(
+    kernel: Kernel,
+    q4: bool,
+    rows: usize,
+    x: Rows,
+    panel: Panel,
+    k: usize,
+    out: Out,
+) {
+    if kernel == Kernel::Avx512Vnni {
+        return dispatch_vnni(q4, rows, x, panel, k, out);
     }
-    go!(1 2 3 4 5 6)
+    dispatch_avx2(q4, rows, x, panel, k, out)
+}
+
+macro_rules! by_rows {
+    ($kernel:ident, $q4:expr, $rows:expr, $($arg:expr),*) => {
+        match ($rows, $q4) {
+            (1, true) => $kernel::<1, true>($($arg),*),
+            (1, false) => $kernel::<1, false>($($arg),*),
+            (2, true) => $kernel::<2, true>($($arg),*),
+            (2, false) => $kernel::<2, false>($($arg),*),
+            (3, true) => $kernel::<3, true>($($arg),*),
+            (3, false) => $kernel::<3, false>($($arg),*),
+            (4, true) => $kernel::<4, true>($($arg),*),
+            (4, false) => $kernel::<4, false>($($arg),*),
+            (5, true) => $kernel::<5, true>($($arg),*),
+            (5, false) => $kernel::<5, false>($($arg),*),
+            (6, true) => $kernel::<6, true>($($arg),*),
+            (6, false) => $kernel::<6, false>($($arg),*),
+            _ => unreachable!("at most {MR} rows"),
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dispatch_avx2(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
+    by_rows!(block, q4, rows, x, panel, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dispatch_vnni(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
+    by_rows!(block_vnni, q4, rows, x, panel, k, out)
 }
 
 /// R rows (≤ 6) against one panel of 16 columns.
@@ -380,6 +514,97 @@ unsafe fn block<const R: usize, const Q4: bool>(
                 let d = dst.add(j);
                 *d = if out.accumulate { *d + v } else { *v };
             }
+        }
+    }
+}
+
+/// R rows (≤ 6) against two consecutive panels (`out.cols` ≤ 32 columns; a second panel
+/// with no columns is skipped), 16 lanes each: [`block`]'s integers and f32 steps per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block_vnni<const R: usize, const Q4: bool>(
+    (xq, xd, xs): Rows,
+    (wp, wd, wm): Panel,
+    k: usize,
+    out: Out,
+) {
+    if out.cols <= NP {
+        return block_vnni_panels::<R, Q4, 1>((xq, xd, xs), (wp, wd, wm), k, out);
+    }
+    block_vnni_panels::<R, Q4, 2>((xq, xd, xs), (wp, wd, wm), k, out)
+}
+
+/// [`block_vnni`] over P panels (1 or 2): 12 int32 sums + 12 f32 chains + 2 panel registers
+/// in the 32 registers at P = 2 and 6 rows.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block_vnni_panels<const R: usize, const Q4: bool, const P: usize>(
+    (xq, xd, xs): Rows,
+    (wp, wd, wm): Panel,
+    k: usize,
+    out: Out,
+) {
+    use std::arch::x86_64::*;
+    let nb = k / 32;
+    // Distances between consecutive panels: words, scales.
+    let (pw, ps) = (k / 2 * NP, nb * NP);
+    assert!(xq.len() >= k / 2 * SLOTS && xd.len() >= R * nb && xs.len() >= R * nb);
+    assert!(wp.len() >= P * pw && wd.len() >= P * ps && wm.len() >= P * ps);
+    let (xq, wp) = (xq.as_ptr(), wp.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    for b in 0..nb {
+        let mut s = [[_mm512_setzero_si512(); P]; R];
+        for p in b * 16..b * 16 + 16 {
+            let w: [__m512i; P] =
+                std::array::from_fn(|h| _mm512_loadu_si512(wp.add(h * pw + p * NP) as *const _));
+            for (r, s) in s.iter_mut().enumerate() {
+                let xv = _mm512_set1_epi32(*xq.add(p * SLOTS + r));
+                for h in 0..P {
+                    s[h] = _mm512_dpwssd_epi32(s[h], w[h], xv);
+                }
+            }
+        }
+        let dw: [__m512; P] =
+            std::array::from_fn(|h| _mm512_loadu_ps(wd.as_ptr().add(h * ps + b * NP)));
+        for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
+            let dx = _mm512_set1_ps(*xd.get_unchecked(r * nb + b));
+            for h in 0..P {
+                acc[h] =
+                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s[h]), dx), dw[h], acc[h]);
+            }
+        }
+    }
+    let mut off = [[_mm512_setzero_ps(); P]; R];
+    if Q4 {
+        for b in 0..nb {
+            let m: [__m512; P] =
+                std::array::from_fn(|h| _mm512_loadu_ps(wm.as_ptr().add(h * ps + b * NP)));
+            for (r, off) in off.iter_mut().enumerate() {
+                let sx = _mm512_set1_ps(*xs.get_unchecked(r * nb + b));
+                for h in 0..P {
+                    off[h] = _mm512_fmadd_ps(m[h], sx, off[h]);
+                }
+            }
+        }
+    }
+    for (r, (acc, off)) in acc.iter().zip(&off).enumerate() {
+        for h in 0..P {
+            let y = if Q4 {
+                _mm512_add_ps(acc[h], off[h])
+            } else {
+                acc[h]
+            };
+            let cols = out.cols.saturating_sub(h * NP).min(NP);
+            let mask: __mmask16 = if cols == NP { !0 } else { (1u16 << cols) - 1 };
+            let d = out.c.add(r * out.ld + h * NP);
+            let v = if out.accumulate {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), y)
+            } else {
+                y
+            };
+            _mm512_mask_storeu_ps(d, mask, v);
         }
     }
 }
@@ -566,20 +791,30 @@ mod tests {
         y
     }
 
-    /// Every output is the blockwise integer formula bit for bit, for row counts around the
-    /// 6-row register block, column counts around the 16-column panel and the 48-column task,
-    /// with and without accumulation; every fourth row is all 1s (every value at 32767).
+    /// Every output is the blockwise integer formula bit for bit, on every kernel this CPU
+    /// runs, for row counts around the 6-row register block, column counts around the
+    /// 16-column panel, the 32-column pair of panels (a partial second one) and the 48-column
+    /// task, with and without accumulation; every fourth row is all 1s (every value at 32767).
     #[test]
     fn products_are_the_blockwise_integer_formula() {
         if !supported(GgmlDType::Q4_1) {
             eprintln!("no AVX2: the int16 product does not run here");
             return;
         }
-        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let kernels = Kernel::available();
+        if !kernels.contains(&Kernel::Avx512Vnni) {
+            eprintln!("no AVX-512 VNNI: only the AVX2 kernel runs here");
+        }
+        for (kernel, t) in kernels
+            .into_iter()
+            .flat_map(|kn| [(kn, GgmlDType::Q4_1), (kn, GgmlDType::Q8_0)])
+        {
             for (m, n, k) in [
                 (1, 1, 32),
                 (5, 7, 96),
+                (3, 20, 64),
                 (6, 48, 64),
+                (7, 30, 32),
                 (13, 50, 32),
                 (40, 97, 160),
             ] {
@@ -594,17 +829,22 @@ mod tests {
                     .collect();
                 let want = reference(t, &w, &x, (m, n, k));
                 let mut got = vec![f32::NAN; m * n];
-                matmul(t, &raw, n, k, &x, m, &mut got, false).unwrap();
+                let a = Rounded::new(&x, k).unwrap();
+                matmul_on(kernel, t, &raw, n, &a, &mut got, false).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{t:?} m={m} n={n} k={k}");
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{kernel:?} {t:?} m={m} n={n} k={k}"
+                );
                 let base: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25 - 3.0).collect();
                 let mut acc = base.clone();
-                matmul(t, &raw, n, k, &x, m, &mut acc, true).unwrap();
+                matmul_on(kernel, t, &raw, n, &a, &mut acc, true).unwrap();
                 let sum: Vec<f32> = base.iter().zip(&want).map(|(b, w)| b + w).collect();
                 assert_eq!(
                     bits(&acc),
                     bits(&sum),
-                    "{t:?} m={m} n={n} k={k} accumulating"
+                    "{kernel:?} {t:?} m={m} n={n} k={k} accumulating"
                 );
             }
         }
