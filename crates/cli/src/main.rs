@@ -775,6 +775,13 @@ fn cmd_bench_blocks(reps: usize) -> Result<()> {
             cols.join(", ")
         );
     }
+    // What the prompt products above can reach: each instruction's register-only rate.
+    for (name, macs, rate) in fedllm_kernels::bench::peak_rates(20_000_000) {
+        println!(
+            "ceiling {name:28} {macs:>2} mul-adds/instr: {rate:6.1} G/s per core ({:.1} GFLOP/s)",
+            2.0 * rate
+        );
+    }
     for r in fedllm_model::bench::bench_prompt(reps)? {
         let cols: Vec<String> = r
             .products
