@@ -949,11 +949,22 @@ fn cmd_bench_generate(
             ", weights as stored"
         }
     );
+    let path = fedllm_model::qmatvec::selected();
+    // The Int16 path's prompt rows take the int16 GEMM: say which register kernel.
+    let prompt = match path {
+        fedllm_model::qmatvec::Path::Int16 => match fedllm_kernels::gemm_i16::Kernel::best() {
+            fedllm_kernels::gemm_i16::Kernel::Avx512Vnni => {
+                ", prompts on the int16 GEMM (vpdpwssd)"
+            }
+            fedllm_kernels::gemm_i16::Kernel::Avx2 => ", prompts on the int16 GEMM (vpmaddwd)",
+        },
+        _ => "",
+    };
     println!(
-        "bench generate: {} ({mode}), {} threads, block products on {} (FEDLLM_DECODE)",
+        "bench generate: {} ({mode}), {} threads, block products on {} (FEDLLM_DECODE){prompt}",
         m.model.display(),
         candle_core::utils::get_num_threads(),
-        fedllm_model::qmatvec::selected().name()
+        path.name()
     );
     println!("load:            {load_s:.3} s");
     let r = bench::bench_generate(model, prompt_len, decode_tokens, decode_ctx, batches, reps)?;
