@@ -523,16 +523,11 @@ unsafe fn block<const R: usize, const Q4: bool>(
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn block_vnni<const R: usize, const Q4: bool>(
-    (xq, xd, xs): Rows,
-    (wp, wd, wm): Panel,
-    k: usize,
-    out: Out,
-) {
+unsafe fn block_vnni<const R: usize, const Q4: bool>(x: Rows, panel: Panel, k: usize, out: Out) {
     if out.cols <= NP {
-        return block_vnni_panels::<R, Q4, 1>((xq, xd, xs), (wp, wd, wm), k, out);
+        return block_vnni_panels::<R, Q4, 1>(x, panel, k, out);
     }
-    block_vnni_panels::<R, Q4, 2>((xq, xd, xs), (wp, wd, wm), k, out)
+    block_vnni_panels::<R, Q4, 2>(x, panel, k, out)
 }
 
 /// [`block_vnni`] over P panels (1 or 2): 12 int32 sums + 12 f32 chains + 2 panel registers
