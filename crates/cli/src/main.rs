@@ -952,13 +952,11 @@ fn cmd_bench_generate(
     let path = fedllm_model::qmatvec::selected();
     // The Int16 path's prompt rows take the int16 GEMM: say which register kernel.
     let prompt = match path {
-        fedllm_model::qmatvec::Path::Int16 => match fedllm_kernels::gemm_i16::Kernel::best() {
-            fedllm_kernels::gemm_i16::Kernel::Avx512Vnni => {
-                ", prompts on the int16 GEMM (vpdpwssd)"
-            }
-            fedllm_kernels::gemm_i16::Kernel::Avx2 => ", prompts on the int16 GEMM (vpmaddwd)",
-        },
-        _ => "",
+        fedllm_model::qmatvec::Path::Int16 => format!(
+            ", prompts on the int16 GEMM ({})",
+            fedllm_kernels::gemm_i16::Kernel::best().instruction()
+        ),
+        _ => String::new(),
     };
     println!(
         "bench generate: {} ({mode}), {} threads, block products on {} (FEDLLM_DECODE){prompt}",

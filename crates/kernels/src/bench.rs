@@ -89,39 +89,20 @@ pub fn bench_gemm(m: usize, isas: &[Isa], reps: usize) -> candle_core::Result<Ve
 
 /// Register-only multiply-add rates of one core (G multiply-adds/s): the ceiling a GEMM on
 /// that instruction can reach. Twelve independent accumulators hide the latency, so the
-/// issue rate is what is measured. (instruction, multiply-adds per instruction, rate).
+/// issue rate is what is measured. (instruction, multiply-adds per instruction, rate), for
+/// the instructions this CPU has.
 pub fn peak_rates(iters: usize) -> Vec<(&'static str, f64, f64)> {
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut out = Vec::new();
-        let has = |f: &[&str]| f.iter().all(|f| feature(f));
-        let kinds: [(&str, f64, &[&str], u8); 4] = [
-            ("f32 FMA (ymm)", 8.0, &["avx2", "fma"], 0),
-            ("f32 FMA (zmm)", 16.0, &["avx512f"], 1),
-            ("int16 vpdpwssd (zmm)", 32.0, &["avx512f", "avx512vnni"], 2),
-            ("int8 vpdpbusd (zmm)", 64.0, &["avx512f", "avx512vnni"], 3),
-        ];
-        let kinds = kinds.into_iter().chain([
-            ("int16 vpmaddwd+vpaddd (ymm)", 16.0, &["avx2"][..], 4),
-            (
-                "bf16 vdpbf16ps (zmm)",
-                32.0,
-                &["avx512f", "avx512bf16"][..],
-                5,
-            ),
-        ]);
-        for (name, macs, feats, kind) in kinds {
-            if !has(feats) {
-                continue;
-            }
+    return peak::Instr::ALL
+        .into_iter()
+        .filter(|i| i.supported())
+        .map(|i| {
             let t = Instant::now();
-            // SAFETY: the instruction's features were detected above.
-            std::hint::black_box(unsafe { peak::run(kind, iters) });
+            std::hint::black_box(i.run(iters));
             let s = t.elapsed().as_secs_f64();
-            out.push((name, macs, (iters * 12) as f64 * macs / s / 1e9));
-        }
-        out
-    }
+            (i.name(), i.macs(), (iters * 12) as f64 * i.macs() / s / 1e9)
+        })
+        .collect();
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = iters;
@@ -130,41 +111,95 @@ pub fn peak_rates(iters: usize) -> Vec<(&'static str, f64, f64)> {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn feature(f: &str) -> bool {
-    match f {
-        "avx2" => is_x86_feature_detected!("avx2"),
-        "fma" => is_x86_feature_detected!("fma"),
-        "avx512f" => is_x86_feature_detected!("avx512f"),
-        "avx512vnni" => is_x86_feature_detected!("avx512vnni"),
-        "avx512bf16" => is_x86_feature_detected!("avx512bf16"),
-        _ => false,
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
 mod peak {
     use std::arch::x86_64::*;
 
-    /// `iters` rounds of 12 independent instructions of `kind`.
-    pub(super) unsafe fn run(kind: u8, iters: usize) -> f32 {
-        match kind {
-            0 => ymm_fma(iters),
-            4 => ymm_madd(iters),
-            _ => zmm(kind, iters),
+    #[derive(Clone, Copy)]
+    pub(super) enum Instr {
+        FmaYmm,
+        MaddYmm,
+        FmaZmm,
+        Dpwssd,
+        Dpbusd,
+        Dpbf16,
+    }
+
+    impl Instr {
+        pub(super) const ALL: [Instr; 6] = [
+            Instr::FmaYmm,
+            Instr::MaddYmm,
+            Instr::FmaZmm,
+            Instr::Dpwssd,
+            Instr::Dpbusd,
+            Instr::Dpbf16,
+        ];
+
+        pub(super) fn name(self) -> &'static str {
+            match self {
+                Instr::FmaYmm => "f32 FMA (ymm)",
+                Instr::MaddYmm => "int16 vpmaddwd+vpaddd (ymm)",
+                Instr::FmaZmm => "f32 FMA (zmm)",
+                Instr::Dpwssd => "int16 vpdpwssd (zmm)",
+                Instr::Dpbusd => "int8 vpdpbusd (zmm)",
+                Instr::Dpbf16 => "bf16 vdpbf16ps (zmm)",
+            }
         }
+
+        pub(super) fn macs(self) -> f64 {
+            match self {
+                Instr::FmaYmm => 8.0,
+                Instr::MaddYmm | Instr::FmaZmm => 16.0,
+                Instr::Dpwssd | Instr::Dpbf16 => 32.0,
+                Instr::Dpbusd => 64.0,
+            }
+        }
+
+        pub(super) fn supported(self) -> bool {
+            let f512 = is_x86_feature_detected!("avx512f");
+            match self {
+                Instr::FmaYmm => {
+                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                }
+                Instr::MaddYmm => is_x86_feature_detected!("avx2"),
+                Instr::FmaZmm => f512,
+                Instr::Dpwssd | Instr::Dpbusd => f512 && is_x86_feature_detected!("avx512vnni"),
+                Instr::Dpbf16 => f512 && is_x86_feature_detected!("avx512bf16"),
+            }
+        }
+
+        /// `iters` rounds of 12 independent instructions; panics where not [`Self::supported`].
+        pub(super) fn run(self, iters: usize) -> f32 {
+            assert!(self.supported(), "{} is not supported here", self.name());
+            // SAFETY: each function's target features are those `supported` detected.
+            unsafe {
+                match self {
+                    Instr::FmaYmm => ymm_fma(iters),
+                    Instr::MaddYmm => ymm_madd(iters),
+                    Instr::FmaZmm => zmm_fma(iters),
+                    Instr::Dpwssd | Instr::Dpbusd => zmm_vnni(self, iters),
+                    Instr::Dpbf16 => zmm_bf16(iters),
+                }
+            }
+        }
+    }
+
+    /// Keeps the rounds apart (no folding of the loop by the compiler).
+    macro_rules! rounds {
+        ($iters:expr, $acc:ident, $step:expr) => {
+            for _ in 0..$iters {
+                for $acc in $acc.iter_mut() {
+                    *$acc = $step(*$acc);
+                }
+                std::arch::asm!("", options(nomem, nostack));
+            }
+        };
     }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn ymm_fma(iters: usize) -> f32 {
         let mut f = [_mm256_set1_ps(1.0); 12];
         let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(1e-7));
-        for _ in 0..iters {
-            for f in f.iter_mut() {
-                *f = _mm256_fmadd_ps(*f, a, b);
-            }
-            // Keeps the rounds apart (no folding of the loop by the compiler).
-            std::arch::asm!("", options(nomem, nostack));
-        }
+        rounds!(iters, f, |v| _mm256_fmadd_ps(v, a, b));
         f.iter().map(|v| _mm256_cvtss_f32(*v)).sum()
     }
 
@@ -172,42 +207,41 @@ mod peak {
     unsafe fn ymm_madd(iters: usize) -> f32 {
         let mut s = [_mm256_set1_epi32(1); 12];
         let b = _mm256_set1_epi32(0x0002_0003);
-        for _ in 0..iters {
-            for s in s.iter_mut() {
-                // The product reads the sum, so it is not hoisted out of the loop.
-                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*s, b));
-            }
-            std::arch::asm!("", options(nomem, nostack));
-        }
+        // The product reads the sum, so it is not hoisted out of the loop.
+        rounds!(iters, s, |v| _mm256_add_epi32(v, _mm256_madd_epi16(v, b)));
         s.iter().map(|v| _mm256_cvtsi256_si32(*v) as f32).sum()
     }
 
-    #[target_feature(enable = "avx512f,avx512vnni,avx512bf16")]
-    unsafe fn zmm(kind: u8, iters: usize) -> f32 {
-        let mut s = [_mm512_set1_epi32(1); 12];
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zmm_fma(iters: usize) -> f32 {
         let mut f = [_mm512_set1_ps(1.0); 12];
+        let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-7));
+        rounds!(iters, f, |v| _mm512_fmadd_ps(v, a, b));
+        f.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
+    }
+
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn zmm_vnni(which: Instr, iters: usize) -> f32 {
+        let mut s = [_mm512_set1_epi32(1); 12];
         let (a, b) = (
             _mm512_set1_epi32(0x0001_0001),
             _mm512_set1_epi32(0x0002_0003),
         );
-        let (fa, fb) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(1e-7));
-        let h = _mm512_castsi512_ps(a);
-        let hb: __m512bh = std::mem::transmute(h);
-        for _ in 0..iters {
-            for j in 0..12 {
-                match kind {
-                    1 => f[j] = _mm512_fmadd_ps(f[j], fa, fb),
-                    2 => s[j] = _mm512_dpwssd_epi32(s[j], a, b),
-                    3 => s[j] = _mm512_dpbusd_epi32(s[j], a, b),
-                    _ => f[j] = _mm512_dpbf16_ps(f[j], hb, hb),
-                }
-            }
-            std::arch::asm!("", options(nomem, nostack));
+        if matches!(which, Instr::Dpwssd) {
+            rounds!(iters, s, |v| _mm512_dpwssd_epi32(v, a, b));
+        } else {
+            rounds!(iters, s, |v| _mm512_dpbusd_epi32(v, a, b));
         }
-        let ints: i32 = s
-            .iter()
+        s.iter()
             .map(|v| _mm512_reduce_add_epi32(*v))
-            .fold(0, i32::wrapping_add);
-        f.iter().map(|v| _mm512_reduce_add_ps(*v)).sum::<f32>() + ints as f32
+            .fold(0, i32::wrapping_add) as f32
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn zmm_bf16(iters: usize) -> f32 {
+        let mut f = [_mm512_set1_ps(1.0); 12];
+        let h: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3F80_3F80));
+        rounds!(iters, f, |v| _mm512_dpbf16_ps(v, h, h));
+        f.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
     }
 }

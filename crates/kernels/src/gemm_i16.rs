@@ -96,6 +96,14 @@ impl Kernel {
             .collect()
     }
 
+    /// The instruction that multiplies its pairs.
+    pub fn instruction(self) -> &'static str {
+        match self {
+            Kernel::Avx2 => "vpmaddwd",
+            Kernel::Avx512Vnni => "vpdpwssd",
+        }
+    }
+
     /// Panels per register block.
     fn panels(self) -> usize {
         match self {
@@ -125,24 +133,13 @@ pub fn matmul(
     if x.len() < m * k {
         return Err(format!("int16 product: x too short for [{m}, {k}]"));
     }
-    matmul_rounded(t, w, n, &Rounded::new(&x[..m * k], k)?, c, accumulate)
+    let a = Rounded::new(&x[..m * k], k)?;
+    matmul_rounded(Kernel::best(), t, w, n, &a, c, accumulate)
 }
 
-/// [`matmul`] of rows rounded once ([`Rounded::new`]): products of the same rows (q, k and v
-/// of one input; gate and up) share the rounding.
+/// [`matmul`] of rows rounded once ([`Rounded::new`]) on `kernel` ([`Kernel::best`] but in
+/// tests): products of the same rows (q, k and v of one input; gate and up) share the rounding.
 pub fn matmul_rounded(
-    t: GgmlDType,
-    w: &[u8],
-    n: usize,
-    a: &Rounded,
-    c: &mut [f32],
-    accumulate: bool,
-) -> Result<(), String> {
-    matmul_on(Kernel::best(), t, w, n, a, c, accumulate)
-}
-
-/// [`matmul_rounded`] on `kernel`.
-pub fn matmul_on(
     kernel: Kernel,
     t: GgmlDType,
     w: &[u8],
@@ -825,7 +822,7 @@ mod tests {
                 let want = reference(t, &w, &x, (m, n, k));
                 let mut got = vec![f32::NAN; m * n];
                 let a = Rounded::new(&x, k).unwrap();
-                matmul_on(kernel, t, &raw, n, &a, &mut got, false).unwrap();
+                matmul_rounded(kernel, t, &raw, n, &a, &mut got, false).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
                     bits(&got),
@@ -834,7 +831,7 @@ mod tests {
                 );
                 let base: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25 - 3.0).collect();
                 let mut acc = base.clone();
-                matmul_on(kernel, t, &raw, n, &a, &mut acc, true).unwrap();
+                matmul_rounded(kernel, t, &raw, n, &a, &mut acc, true).unwrap();
                 let sum: Vec<f32> = base.iter().zip(&want).map(|(b, w)| b + w).collect();
                 assert_eq!(
                     bits(&acc),

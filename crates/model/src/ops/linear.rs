@@ -610,8 +610,16 @@ fn int16_rounded_product(
     let n = q.shape().dims2()?.0;
     // SAFETY: the product (not accumulating) writes every element.
     let mut y = unsafe { fedllm_kernels::uninit(m * n) };
-    fedllm_kernels::gemm_i16::matmul_rounded(q.dtype(), &q.data()?, n, x, &mut y, false)
-        .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))?;
+    fedllm_kernels::gemm_i16::matmul_rounded(
+        fedllm_kernels::gemm_i16::Kernel::best(),
+        q.dtype(),
+        &q.data()?,
+        n,
+        x,
+        &mut y,
+        false,
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))?;
     Ok(y)
 }
 

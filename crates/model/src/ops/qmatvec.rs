@@ -153,9 +153,8 @@ pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
 /// took 1.06 ns there against the f32 twin's 1.57 (`fedllm bench blocks`, 2-core Zen 3); on a
 /// 2-core AVX-512 EPYC its prompt GEMM (`vpdpwssd`) prefilled 256 tokens at 1,088–1,091 tok/s
 /// against 640–709 for the AVX-512 f32 path, decoding at par; and its numbers are the same on
-/// both machines. 16-bit rounding moves a product by at most d/2 per
-/// value, 1/258 of the 8-bit error. VNNI is never the
-/// default: its 8-bit activations move SmolLM2's logits by ~1% (0.3 of 35), which flips
+/// both machines. 16-bit rounding moves a product by at most d/2 per value, 1/258 of the 8-bit
+/// error. VNNI is never the default: its 8-bit activations move SmolLM2's logits by ~1% (0.3 of 35), which flips
 /// transformers' greedy choice where two tokens are that close (one of the 20 golden tokens,
 /// past the answer).
 pub fn selected() -> Path {
