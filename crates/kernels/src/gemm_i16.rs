@@ -399,21 +399,15 @@ unsafe fn dispatch(
     dispatch_avx2(q4, rows, x, panel, k, out)
 }
 
+/// `$kernel::<R, Q4>$args` for the block's row count (1–6) and weight type.
 macro_rules! by_rows {
-    ($kernel:ident, $q4:expr, $rows:expr, $($arg:expr),*) => {
+    ($kernel:ident, $q4:expr, $rows:expr, $args:tt) => {
+        by_rows!(@ $kernel, $q4, $rows, $args, 1 2 3 4 5 6)
+    };
+    (@ $kernel:ident, $q4:expr, $rows:expr, $args:tt, $($r:literal)*) => {
         match ($rows, $q4) {
-            (1, true) => $kernel::<1, true>($($arg),*),
-            (1, false) => $kernel::<1, false>($($arg),*),
-            (2, true) => $kernel::<2, true>($($arg),*),
-            (2, false) => $kernel::<2, false>($($arg),*),
-            (3, true) => $kernel::<3, true>($($arg),*),
-            (3, false) => $kernel::<3, false>($($arg),*),
-            (4, true) => $kernel::<4, true>($($arg),*),
-            (4, false) => $kernel::<4, false>($($arg),*),
-            (5, true) => $kernel::<5, true>($($arg),*),
-            (5, false) => $kernel::<5, false>($($arg),*),
-            (6, true) => $kernel::<6, true>($($arg),*),
-            (6, false) => $kernel::<6, false>($($arg),*),
+            $(($r, true) => $kernel::<$r, true> $args,
+              ($r, false) => $kernel::<$r, false> $args,)*
             _ => unreachable!("at most {MR} rows"),
         }
     };
@@ -422,13 +416,13 @@ macro_rules! by_rows {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dispatch_avx2(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
-    by_rows!(block, q4, rows, x, panel, k, out)
+    by_rows!(block, q4, rows, (x, panel, k, out))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn dispatch_vnni(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
-    by_rows!(block_vnni, q4, rows, x, panel, k, out)
+    by_rows!(block_vnni, q4, rows, (x, panel, k, out))
 }
 
 /// R rows (≤ 6) against one panel of 16 columns.
