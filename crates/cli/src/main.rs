@@ -316,7 +316,7 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
-    /// Decode block products on kept GGUF blocks: ns per block on SmolLM2's shapes, 1 and 8 rows, per path; then GFLOP/s of 256-row prompt products, f32 and int16
+    /// Decode block products on kept GGUF blocks: ns per block on SmolLM2's shapes, 1 and 8 rows, per path; then GFLOP/s of 256-row prompt products, f32, int16 and int8
     Blocks {
         /// Repetitions per measurement (the best is reported)
         #[arg(long, default_value_t = 3)]
@@ -950,12 +950,13 @@ fn cmd_bench_generate(
         }
     );
     let path = fedllm_model::qmatvec::selected();
-    // The Int16 path's prompt rows take the int16 GEMM: say which register kernel.
+    // The Int16 and Int8 paths' prompt rows take their integer GEMM: say which instruction.
     let prompt = match path {
         fedllm_model::qmatvec::Path::Int16 => format!(
             ", prompts on the int16 GEMM ({})",
             fedllm_kernels::gemm_i16::Kernel::best().instruction()
         ),
+        fedllm_model::qmatvec::Path::Int8 => ", prompts on the int8 GEMM (vpdpbusd)".to_string(),
         _ => String::new(),
     };
     println!(

@@ -261,7 +261,8 @@ fn bench_blocks_measures_every_path() {
             assert!(ns.is_finite() && ns > 0.0, "{row}");
         }
     }
-    // Then the two prompt products: the Int16 path's int16 GEMM wherever that path runs.
+    // Then the two prompt products: the Int16 (Int8) path's int16 (int8) GEMM wherever that
+    // path runs.
     let prompts: Vec<&str> = text.lines().filter(|l| l.contains("GFLOP/s:")).collect();
     assert_eq!(prompts.len(), 2, "{text}");
     for row in prompts {
@@ -274,8 +275,10 @@ fn bench_blocks_measures_every_path() {
             .map(|(p, v)| (p, v.parse().unwrap_or(f64::NAN)))
             .collect();
         assert!(cols.iter().all(|(_, g)| g.is_finite() && *g > 0.0), "{row}");
-        let int16 = cols.iter().any(|(p, _)| *p == "int16");
-        assert_eq!(int16, paths.contains(&"int16"), "{row}");
+        for gemm in ["int16", "int8"] {
+            let listed = cols.iter().any(|(p, _)| *p == gemm);
+            assert_eq!(listed, paths.contains(&gemm), "{gemm}: {row}");
+        }
     }
 }
 

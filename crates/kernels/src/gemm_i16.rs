@@ -290,11 +290,11 @@ unsafe fn run_task(
 }
 
 /// Where a register block's results go: `cols` columns of rows at stride `ld`.
-struct Out {
-    c: *mut f32,
-    ld: usize,
-    cols: usize,
-    accumulate: bool,
+pub(crate) struct Out {
+    pub(crate) c: *mut f32,
+    pub(crate) ld: usize,
+    pub(crate) cols: usize,
+    pub(crate) accumulate: bool,
 }
 
 /// Rows x [m, k] rounded for [`matmul_rounded`]: pairs of int16 values as words, 6 rows
@@ -562,6 +562,24 @@ unsafe fn block_vnni_panels<const R: usize, const Q4: bool, const P: usize>(
             }
         }
     }
+    finish_zmm::<R, Q4, P>(&acc, xs, wm, ps, nb, out);
+}
+
+/// A 512-bit register block's end: Q4_1's offsets fma(m_w, Σx, off) (each row's chain in
+/// block order, all side by side) added to `acc`, then R rows × P panels of 16 columns to
+/// `out` (masked past `out.cols`). `wm` holds the panels' m at distance `ps`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn finish_zmm<const R: usize, const Q4: bool, const P: usize>(
+    acc: &[[std::arch::x86_64::__m512; P]; R],
+    xs: &[f32],
+    wm: &[f32],
+    ps: usize,
+    nb: usize,
+    out: Out,
+) {
+    use std::arch::x86_64::*;
     let mut off = [[_mm512_setzero_ps(); P]; R];
     if Q4 {
         for b in 0..nb {
@@ -678,7 +696,7 @@ unsafe fn widen_block(t: GgmlDType, blk: &[u8], q: &mut [i16]) -> (f32, f32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use half::f16;
 
@@ -737,9 +755,18 @@ mod tests {
         (raw, vals)
     }
 
+    /// How the reference rounds activations: this module's int16 (stored even values first)
+    /// or `gemm_i8`'s int8 (natural order).
+    #[derive(Clone, Copy)]
+    pub(crate) enum Rounding {
+        I16,
+        I8,
+    }
+
     /// The formula of the module doc, one output at a time: x rounded by the scalar rounding
     /// (its layout undone: natural order), integer dots in i64, then the f32 steps in order.
     fn reference(
+        rounding: Rounding,
         t: GgmlDType,
         w: &[(f32, f32, [i32; 32])],
         x: &[f32],
@@ -748,16 +775,23 @@ mod tests {
         let nb = k / 32;
         let (mut xq, mut xd) = (vec![0i32; m * k], vec![0f32; m * nb]);
         for (b, blk) in x.chunks_exact(32).enumerate() {
-            let mut q = [0i16; 32];
-            xd[b] = crate::rounding::round_block_i16(blk, &mut q, false);
-            for (pos, v) in q.iter().enumerate() {
-                let orig = if pos < 16 {
-                    2 * pos
-                } else {
-                    2 * (pos - 16) + 1
-                };
-                xq[b * 32 + orig] = *v as i32;
-            }
+            let q = &mut xq[b * 32..b * 32 + 32];
+            xd[b] = match rounding {
+                Rounding::I16 => {
+                    let mut q16 = [0i16; 32];
+                    let d = crate::rounding::round_block_i16(blk, &mut q16, false);
+                    for (pos, v) in q16.iter().enumerate() {
+                        let orig = if pos < 16 {
+                            2 * pos
+                        } else {
+                            2 * (pos - 16) + 1
+                        };
+                        q[orig] = *v as i32;
+                    }
+                    d
+                }
+                Rounding::I8 => crate::rounding::round_levels(blk, 127.0, |i, r| q[i] = r),
+            };
         }
         let mut y = vec![0f32; m * n];
         for i in 0..m {
@@ -777,24 +811,16 @@ mod tests {
         y
     }
 
-    /// Every output is the blockwise integer formula bit for bit, on every kernel this CPU
-    /// runs, for row counts around the 6-row register block, column counts around the
-    /// 16-column panel, the 32-column pair of panels (a partial second one) and the 48-column
-    /// task, with and without accumulation; every fourth row is all 1s (every value at 32767).
-    #[test]
-    fn products_are_the_blockwise_integer_formula() {
-        if !supported(GgmlDType::Q4_1) {
-            eprintln!("no AVX2: the int16 product does not run here");
-            return;
-        }
-        let kernels = Kernel::available();
-        if !kernels.contains(&Kernel::Avx512Vnni) {
-            eprintln!("no AVX-512 VNNI: only the AVX2 kernel runs here");
-        }
-        for (kernel, t) in kernels
-            .into_iter()
-            .flat_map(|kn| [(kn, GgmlDType::Q4_1), (kn, GgmlDType::Q8_0)])
-        {
+    /// A product under test: (t, raw, n, x, k, c, accumulate).
+    pub(crate) type Product<'a> =
+        &'a dyn Fn(GgmlDType, &[u8], usize, &[f32], usize, &mut [f32], bool);
+
+    /// `product` is the blockwise integer formula bit for bit, for Q4_1 and Q8_0, row counts
+    /// around the 6-row register block, column counts around the 16-column panel, the
+    /// 32-column pair of panels (a partial second one) and the 48-column task, with and
+    /// without accumulation; every fourth row is all 1s (every value at the top level).
+    pub(crate) fn check_formula(rounding: Rounding, product: Product) {
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (m, n, k) in [
                 (1, 1, 32),
                 (5, 7, 96),
@@ -813,26 +839,42 @@ mod tests {
                         r => v * (1 + r * 40) as f32,
                     })
                     .collect();
-                let want = reference(t, &w, &x, (m, n, k));
+                let want = reference(rounding, t, &w, &x, (m, n, k));
                 let mut got = vec![f32::NAN; m * n];
-                let a = Rounded::new(&x, k).unwrap();
-                matmul_rounded(kernel, t, &raw, n, &a, &mut got, false).unwrap();
+                product(t, &raw, n, &x, k, &mut got, false);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(&got),
-                    bits(&want),
-                    "{kernel:?} {t:?} m={m} n={n} k={k}"
-                );
+                assert_eq!(bits(&got), bits(&want), "{t:?} m={m} n={n} k={k}");
                 let base: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25 - 3.0).collect();
                 let mut acc = base.clone();
-                matmul_rounded(kernel, t, &raw, n, &a, &mut acc, true).unwrap();
+                product(t, &raw, n, &x, k, &mut acc, true);
                 let sum: Vec<f32> = base.iter().zip(&want).map(|(b, w)| b + w).collect();
                 assert_eq!(
                     bits(&acc),
                     bits(&sum),
-                    "{kernel:?} {t:?} m={m} n={n} k={k} accumulating"
+                    "{t:?} m={m} n={n} k={k} accumulating"
                 );
             }
+        }
+    }
+
+    /// Every output is the blockwise integer formula bit for bit on every kernel this CPU
+    /// runs ([`check_formula`]'s shapes).
+    #[test]
+    fn products_are_the_blockwise_integer_formula() {
+        if !supported(GgmlDType::Q4_1) {
+            eprintln!("no AVX2: the int16 product does not run here");
+            return;
+        }
+        let kernels = Kernel::available();
+        if !kernels.contains(&Kernel::Avx512Vnni) {
+            eprintln!("no AVX-512 VNNI: only the AVX2 kernel runs here");
+        }
+        for kernel in kernels {
+            eprintln!("kernel {kernel:?}");
+            check_formula(Rounding::I16, &|t, raw, n, x, k, c, acc| {
+                let a = Rounded::new(x, k).unwrap();
+                matmul_rounded(kernel, t, raw, n, &a, c, acc).unwrap()
+            });
         }
     }
 

@@ -14,6 +14,7 @@ pub mod bf16;
 pub mod fused;
 pub mod gemm;
 pub mod gemm_i16;
+pub mod gemm_i8;
 pub mod isa;
 mod micro;
 pub mod pool;

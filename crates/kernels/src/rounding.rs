@@ -73,6 +73,47 @@ unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16]) -> f32 {
     d
 }
 
+/// One block to int8 (127 levels), natural order: (d, Σq). `simd` takes AVX-512 where the
+/// CPU has it: the same bytes.
+pub fn round_block_i8(x: &[f32], q: &mut [i8], simd: bool) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd && is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected; the caller's slices hold a whole block.
+        return unsafe { round_block_i8_avx512(x, q) };
+    }
+    let mut sum = 0;
+    let d = round_levels(x, 127.0, |i, r| {
+        q[i] = r as i8;
+        sum += r;
+    });
+    (d, sum)
+}
+
+/// [`round_block_i8`] on 512-bit registers (same operations, same bytes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_block_i8_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= 32 && q.len() >= 32);
+    let v0 = _mm512_loadu_ps(x.as_ptr());
+    let v1 = _mm512_loadu_ps(x.as_ptr().add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    // As `round_levels`: a NaN makes d NaN.
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v0, v1) != 0;
+    let amax = if nan { f32::NAN } else { amax };
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let i0 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v0, id));
+    let i1 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v1, id));
+    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(
+        q.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtepi32_epi8(i1),
+    );
+    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -200,8 +200,10 @@ pub struct PromptBench {
 }
 
 /// GFLOP/s of the prompt products (256 rows) of SmolLM2-135M's gate/up and down projections on
-/// kept Q4_1 blocks: the f32 GEMM other paths take and the Int16 path's int16 GEMM.
+/// kept Q4_1 blocks: the f32 GEMM other paths take, the Int16 path's int16 GEMM and the Int8
+/// path's int8 GEMM.
 pub fn bench_prompt(reps: usize) -> Result<Vec<PromptBench>> {
+    use crate::qmatvec::Path;
     use candle_core::quantized::GgmlDType;
     use fedllm_kernels::{ASrc, BSrc};
     let mut rng = Rng::new(11);
@@ -226,12 +228,19 @@ pub fn bench_prompt(reps: usize) -> Result<Vec<PromptBench>> {
             })?;
             products.push(("f32", gflops(s)));
         }
-        if crate::qmatvec::Path::Int16.supported() {
+        if Path::Int16.supported() {
             let s = timed(reps, || {
-                crate::qmatvec::prompt_matmul_i16(GgmlDType::Q4_1, &raw, n, k, &x, m)
+                crate::qmatvec::prompt_matmul(Path::Int16, GgmlDType::Q4_1, &raw, n, k, &x, m)
                     .map(|y| drop(std::hint::black_box(y)))
             })?;
             products.push(("int16", gflops(s)));
+        }
+        if Path::Int8.supported() {
+            let s = timed(reps, || {
+                crate::qmatvec::prompt_matmul(Path::Int8, GgmlDType::Q4_1, &raw, n, k, &x, m)
+                    .map(|y| drop(std::hint::black_box(y)))
+            })?;
+            products.push(("int8", gflops(s)));
         }
         out.push(PromptBench {
             what,

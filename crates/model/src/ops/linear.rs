@@ -160,32 +160,31 @@ impl Linear {
     }
 
     /// `forward` of layers that read the same input (q, k and v; gate and up): where each
-    /// takes the int16 prompt GEMM and has no adapter, x is rounded once for all of them (the
-    /// same numbers as separate forwards: the rounding depends on x alone).
+    /// takes the same integer prompt GEMM and has no adapter, x is rounded once for all of them
+    /// (the same numbers as separate forwards: the rounding depends on x alone).
     pub fn forward_shared<const N: usize>(lins: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
         let dims = x.dims().to_vec();
         let k = dims[dims.len() - 1];
         let rows = x.elem_count() / k;
         let x2 = x.reshape((rows, k))?.contiguous()?;
-        if !Self::round_once(&lins, &x2)? {
+        let Some(g) = Self::round_once(&lins, &x2)? else {
             let ys: Vec<Tensor> = lins.iter().map(|l| l.forward(x)).collect::<Result<_>>()?;
             return Ok(ys.try_into().expect("one output per layer"));
-        }
+        };
         let ys = crate::profile::span(crate::profile::Phase::Matvec, || -> Result<Vec<Tensor>> {
             let (st, l) = x2.storage_and_layout();
             let (Storage::Cpu(CpuStorage::F32(v)), Some((a, z))) = (&*st, l.contiguous_offsets())
             else {
-                candle_core::bail!("int16 prompt product: input is not contiguous f32");
+                candle_core::bail!("integer prompt product: input is not contiguous f32");
             };
-            let rounded = fedllm_kernels::gemm_i16::Rounded::new(&v[a..z], k)
-                .map_err(candle_core::Error::Msg)?;
+            let rounded = IntRows::new(g, &v[a..z], k)?;
             let mut ys = Vec::with_capacity(N);
             for lin in lins {
                 let Weight::Quant(q) = &lin.weight else {
-                    candle_core::bail!("int16 prompt product: weight is not kept blocks");
+                    candle_core::bail!("integer prompt product: weight is not kept blocks");
                 };
                 let n = q.shape().dims2()?.0;
-                let y = int16_rounded_product(q, &rounded, rows)?;
+                let y = rounded.product(q, rows)?;
                 ys.push(Tensor::from_vec(y, (rows, n), x.device())?);
             }
             Ok(ys)
@@ -203,20 +202,25 @@ impl Linear {
         Ok(out.try_into().expect("one output per layer"))
     }
 
-    /// Whether `forward_shared` rounds x [rows, k] once for `lins`: each would take the int16
-    /// GEMM in `base` (the route to `FrozenLinear` with `prompt_int16`) and has no adapter.
-    fn round_once(lins: &[&Linear], x: &Tensor) -> Result<bool> {
+    /// The integer GEMM for which `forward_shared` rounds x [rows, k] once for `lins`, if
+    /// each would take it in `base` (the route to `FrozenLinear` with `prompt_int`) and has
+    /// no adapter.
+    fn round_once(lins: &[&Linear], x: &Tensor) -> Result<Option<IntGemm>> {
         let rows = x.dim(0)?;
+        let mut gemm = None;
         for l in lins {
-            let int16 = l.prompt_int16(x)
-                && rows > QMATMUL_MAX_ROWS
+            let g = l.prompt_int(x).filter(|_| rows > QMATMUL_MAX_ROWS);
+            let ok = g.is_some()
                 && !l.decodes_blockwise(x)?
-                && l.kernel_isa(x).is_some();
-            if !int16 || l.lora.is_some() {
-                return Ok(false);
+                && l.kernel_isa(x).is_some()
+                && l.lora.is_none()
+                && gemm.is_none_or(|s| Some(s) == g);
+            if !ok {
+                return Ok(None);
             }
+            gemm = g;
         }
-        Ok(true)
+        Ok(gemm)
     }
 
     /// Per-row cross-entropy of `x·Wᵀ` [N, vocab] against `targets`, never holding the logits:
@@ -307,7 +311,7 @@ impl Linear {
             in_out: self.in_out,
             isa,
             bias,
-            int16: self.prompt_int16(h),
+            int: self.prompt_int(h),
         };
         Ok(Some((op, shape)))
     }
@@ -359,18 +363,19 @@ impl Linear {
         kernel_isa(self.precision)
     }
 
-    /// Inference prompt rows (more than decoding takes) of kept Q4_1/Q8_0 blocks on the Int16
-    /// decode path: the forward rounds them to int16 and multiplies blocks with exact integer
-    /// dots (`qmatvec::prompt_matmul_i16`), as decoding does, at up to twice the f32 FMA rate.
-    /// Never with gradients: training keeps the dequantized weights' f32 numbers.
-    fn prompt_int16(&self, x: &Tensor) -> bool {
-        use crate::ops::qmatvec::{self, Path};
-        matches!(&self.weight, Weight::Quant(q) if fedllm_kernels::gemm_i16::supported(q.dtype()))
+    /// The integer GEMM inference prompt rows (more than decoding takes) of kept Q4_1/Q8_0
+    /// blocks take on the Int16 and Int8 decode paths: the forward rounds them as decoding
+    /// does (16 or 8 bits per block) and multiplies blocks with exact integer dots, at up to
+    /// twice (int16) or four times (int8) the f32 FMA rate. Never with gradients: training
+    /// keeps the dequantized weights' f32 numbers.
+    fn prompt_int(&self, x: &Tensor) -> Option<IntGemm> {
+        let g = IntGemm::of(crate::ops::qmatvec::selected())?;
+        let ok = matches!(&self.weight, Weight::Quant(q) if g.supported(q.dtype()))
             && !self.in_out
             && !x.track_op()
             && x.dtype() == DType::F32
-            && x.device().is_cpu()
-            && qmatvec::selected() == Path::Int16
+            && x.device().is_cpu();
+        ok.then_some(g)
     }
 
     /// A few inference rows (decoding): `base` streams the weight once — reading quantized
@@ -440,7 +445,7 @@ impl Linear {
                 weight: self.weight.clone(),
                 in_out: self.in_out,
                 isa,
-                int16: self.prompt_int16(x),
+                int: self.prompt_int(x),
             };
             return x.contiguous()?.apply_op1(op);
         }
@@ -487,8 +492,8 @@ struct FrozenLinear {
     weight: Weight,
     in_out: bool,
     isa: Isa,
-    /// The forward takes the int16 GEMM ([`Linear::prompt_int16`]).
-    int16: bool,
+    /// The forward's integer GEMM ([`Linear::prompt_int`]).
+    int: Option<IntGemm>,
 }
 
 /// Runs `f` on the weight as a `BSrc` (B = Wᵀ when `fwd`, B = W for the input gradient).
@@ -589,38 +594,77 @@ pub(crate) fn frozen_product(
     .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))
 }
 
-/// x [m, k] · Wᵀ for kept Q4_1/Q8_0 blocks on the int16 GEMM.
-fn int16_product(q: &QTensor, x: &[f32], m: usize, k: usize) -> Result<Vec<f32>> {
+/// The integer GEMM prompt rows of kept Q4_1/Q8_0 blocks take: the decode path's activation
+/// width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IntGemm {
+    /// `fedllm_kernels::gemm_i16` (the Int16 path).
+    I16,
+    /// `fedllm_kernels::gemm_i8` (the Int8 path).
+    I8,
+}
+
+impl IntGemm {
+    fn of(path: crate::ops::qmatvec::Path) -> Option<IntGemm> {
+        use crate::ops::qmatvec::Path;
+        match path {
+            Path::Int16 => Some(IntGemm::I16),
+            Path::Int8 => Some(IntGemm::I8),
+            _ => None,
+        }
+    }
+
+    fn supported(self, t: candle_core::quantized::GgmlDType) -> bool {
+        match self {
+            IntGemm::I16 => fedllm_kernels::gemm_i16::supported(t),
+            IntGemm::I8 => fedllm_kernels::gemm_i8::supported(t),
+        }
+    }
+}
+
+/// Prompt rows rounded once for an [`IntGemm`].
+enum IntRows {
+    I16(fedllm_kernels::gemm_i16::Rounded),
+    I8(fedllm_kernels::gemm_i8::Rounded),
+}
+
+impl IntRows {
+    /// x [m, k] rounded for `g`.
+    fn new(g: IntGemm, x: &[f32], k: usize) -> Result<IntRows> {
+        let r = match g {
+            IntGemm::I16 => fedllm_kernels::gemm_i16::Rounded::new(x, k).map(IntRows::I16),
+            IntGemm::I8 => fedllm_kernels::gemm_i8::Rounded::new(x, k).map(IntRows::I8),
+        };
+        r.map_err(candle_core::Error::Msg)
+    }
+
+    /// These m rows · Wᵀ for kept Q4_1/Q8_0 blocks.
+    fn product(&self, q: &QTensor, m: usize) -> Result<Vec<f32>> {
+        use fedllm_kernels::{gemm_i16, gemm_i8};
+        let n = q.shape().dims2()?.0;
+        let (t, data) = (q.dtype(), q.data()?);
+        // SAFETY: the product (not accumulating) writes every element.
+        let mut y = unsafe { fedllm_kernels::uninit(m * n) };
+        match self {
+            IntRows::I16(a) => {
+                gemm_i16::matmul_rounded(gemm_i16::Kernel::best(), t, &data, n, a, &mut y, false)
+            }
+            IntRows::I8(a) => gemm_i8::matmul_rounded(t, &data, n, a, &mut y, false),
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))?;
+        Ok(y)
+    }
+}
+
+/// x [m, k] · Wᵀ for kept Q4_1/Q8_0 blocks on the integer GEMM `g`.
+fn int_product(g: IntGemm, q: &QTensor, x: &[f32], m: usize, k: usize) -> Result<Vec<f32>> {
     if x.len() != m * k {
         candle_core::bail!(
-            "int16 prompt product: x has {} values for [{m}, {k}]",
+            "integer prompt product: x has {} values for [{m}, {k}]",
             x.len()
         );
     }
-    let rounded = fedllm_kernels::gemm_i16::Rounded::new(x, k).map_err(candle_core::Error::Msg)?;
-    int16_rounded_product(q, &rounded, m)
-}
-
-/// x [m, ·] (already rounded) · Wᵀ for kept Q4_1/Q8_0 blocks on the int16 GEMM.
-fn int16_rounded_product(
-    q: &QTensor,
-    x: &fedllm_kernels::gemm_i16::Rounded,
-    m: usize,
-) -> Result<Vec<f32>> {
-    let n = q.shape().dims2()?.0;
-    // SAFETY: the product (not accumulating) writes every element.
-    let mut y = unsafe { fedllm_kernels::uninit(m * n) };
-    fedllm_kernels::gemm_i16::matmul_rounded(
-        fedllm_kernels::gemm_i16::Kernel::best(),
-        q.dtype(),
-        &q.data()?,
-        n,
-        x,
-        &mut y,
-        false,
-    )
-    .map_err(|e| candle_core::Error::Msg(format!("frozen product: {e}")))?;
-    Ok(y)
+    IntRows::new(g, x, k)?.product(q, m)
 }
 
 /// C = A · B for A in CPU storage (f32 or bf16, contiguous), result in A's dtype.
@@ -674,15 +718,15 @@ struct ResidualProduct {
     in_out: bool,
     isa: Isa,
     bias: Option<std::sync::Arc<Vec<f32>>>,
-    /// The forward takes the int16 GEMM ([`Linear::prompt_int16`]).
-    int16: bool,
+    /// The forward's integer GEMM ([`Linear::prompt_int`]).
+    int: Option<IntGemm>,
 }
 
 impl ResidualProduct {
     /// res + x·Wᵀ + bias, x [m, k] f32.
     fn fwd(&self, x: Vec<f32>, m: usize, k: usize, res: &[f32]) -> Result<(CpuStorage, Shape)> {
-        let mut y = match (&self.weight, self.int16) {
-            (Weight::Quant(q), true) => int16_product(q, &x, m, k)?,
+        let mut y = match (&self.weight, self.int) {
+            (Weight::Quant(q), Some(g)) => int_product(g, q, &x, m, k)?,
             _ => into_vec(kernel_matmul(
                 &CpuStorage::F32(x),
                 (0, m, k),
@@ -1044,9 +1088,9 @@ impl CustomOp1 for FrozenLinear {
             candle_core::Error::Msg("frozen linear: input is not contiguous".into())
         })?;
         let (m, k) = l.shape().dims2()?;
-        let out = match (&self.weight, s, self.int16) {
-            (Weight::Quant(q), CpuStorage::F32(v), true) => {
-                CpuStorage::F32(int16_product(q, &v[start..start + m * k], m, k)?)
+        let out = match (&self.weight, s, self.int) {
+            (Weight::Quant(q), CpuStorage::F32(v), Some(g)) => {
+                CpuStorage::F32(int_product(g, q, &v[start..start + m * k], m, k)?)
             }
             _ => kernel_matmul(s, (start, m, k), &self.weight, self.in_out, true, self.isa)?,
         };
@@ -1120,8 +1164,8 @@ mod tests {
     /// in the fused residual products too: res + x·Wᵀ and res + silu(g)·u·Wᵀ for 1 and 8 rows,
     /// on every block-product path. The f32 paths give the dequantized matrix's values (f32
     /// sums of the same products in another order: 1e-4 relative covers k = 256 terms); the
-    /// VNNI path, whose 8-bit activations are checked in `qmatvec`, gives exactly res plus its
-    /// own product (the same kernel: nothing but the residual add differs).
+    /// VNNI and Int8 paths, whose 8-bit activations are checked in `qmatvec`, give exactly res
+    /// plus their own product (the same kernel: nothing but the residual add differs).
     #[test]
     fn decode_rows_through_quantized_residual_products() {
         use crate::ops::qmatvec::{self, Path};
@@ -1144,7 +1188,7 @@ mod tests {
                 let x = fedllm_testing::randn(202, 0f32, 1.0, (rows, 256), &dev).unwrap();
                 let u = fedllm_testing::randn(203, 0f32, 1.0, (rows, 256), &dev).unwrap();
                 let res = fedllm_testing::randn(204, 0f32, 1.0, (rows, 96), &dev).unwrap();
-                let own = path == Path::Vnni && t != GgmlDType::F32;
+                let own = matches!(path, Path::Vnni | Path::Int8) && t != GgmlDType::F32;
                 let product = |x: &Tensor| -> Tensor {
                     if own {
                         let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
@@ -1175,21 +1219,32 @@ mod tests {
         }
     }
 
-    /// Prompt rows (40: more than decoding takes) of kept Q4_1/Q8_0 blocks on the Int16 path
-    /// take the int16 GEMM in every way a Linear multiplies at inference (plain, fused
-    /// residual, fused SwiGLU residual): exactly `prompt_matmul_i16`'s numbers (plus the
-    /// residual), which stay within the int16 rounding of the dequantized product: each
-    /// activation moves by at most half its block's step d = max|x|/32767, so output j moves by
-    /// at most Σ_b d_b/2 · Σ_{t∈b} |w_jt|, plus f32 summation (1e-4 relative, as above). With
-    /// gradients tracked the prompt keeps the dequantized f32 numbers of the other paths.
+    /// Prompt rows (40: more than decoding takes) of kept Q4_1/Q8_0 blocks on the Int16 (Int8)
+    /// path take the int16 (int8) GEMM in every way a Linear multiplies at inference (plain,
+    /// fused residual, fused SwiGLU residual): exactly `prompt_matmul`'s numbers (plus the
+    /// residual), which stay within the rounding of the dequantized product: each activation
+    /// moves by at most half its block's step d = max|x|/L (L = 32767 or 127), so output j
+    /// moves by at most Σ_b d_b/2 · Σ_{t∈b} |w_jt|, plus f32 summation (1e-4 relative, as
+    /// above). With gradients tracked the prompt keeps the dequantized f32 numbers of the other
+    /// paths.
     #[test]
-    fn prompt_rows_on_int16_take_the_int16_product() {
+    fn prompt_rows_on_integer_paths_take_their_integer_product() {
+        use crate::ops::qmatvec::Path;
+        let mut ran = false;
+        for (path, levels) in [(Path::Int16, 32767.0), (Path::Int8, 127.0)] {
+            if path.supported() {
+                prompt_rows_take_the_integer_product(path, levels);
+                ran = true;
+            } else {
+                eprintln!("note: this CPU cannot run {path:?}; its prompt GEMM is not exercised");
+            }
+        }
+        assert!(ran || !cfg!(target_arch = "x86_64") || !fedllm_kernels::avx2::available());
+    }
+
+    fn prompt_rows_take_the_integer_product(path: crate::ops::qmatvec::Path, levels: f32) {
         use crate::ops::qmatvec::{self, Path};
         use candle_core::quantized::{GgmlDType, QTensor};
-        if !Path::Int16.supported() {
-            eprintln!("no AVX2: the Int16 path does not run here");
-            return;
-        }
         let dev = Device::Cpu;
         let (rows, n, k) = (40, 96, 576);
         for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
@@ -1202,7 +1257,7 @@ mod tests {
             let u = fedllm_testing::randn(223, 0f32, 1.0, (rows, k), &dev).unwrap();
             let res = fedllm_testing::randn(224, 0f32, 1.0, (rows, n), &dev).unwrap();
             let sw = crate::ops::swiglu(&x, &u).unwrap();
-            let (plain, resid, swr) = qmatvec::with_path(Path::Int16, || {
+            let (plain, resid, swr) = qmatvec::with_path(path, || {
                 (
                     lin.forward(&x).unwrap(),
                     lin.forward_residual(&x, &res).unwrap(),
@@ -1216,7 +1271,7 @@ mod tests {
                 (swr, &sw, Some(&res), "swiglu"),
             ] {
                 let xv: Vec<f32> = input.flatten_all().unwrap().to_vec1().unwrap();
-                let own = qmatvec::prompt_matmul_i16(t, &raw, n, k, &xv, rows).unwrap();
+                let own = qmatvec::prompt_matmul(path, t, &raw, n, k, &xv, rows).unwrap();
                 let own = Tensor::from_vec(own, (rows, n), &dev).unwrap();
                 let (own, exact) = match r {
                     Some(r) => (
@@ -1228,7 +1283,7 @@ mod tests {
                 assert_eq!(
                     fedllm_testing::max_abs_diff(&got, &own).unwrap(),
                     0.0,
-                    "{t:?} {what}"
+                    "{path:?} {t:?} {what}"
                 );
                 let (g, e): (Vec<f32>, Vec<f32>) = (
                     got.flatten_all().unwrap().to_vec1().unwrap(),
@@ -1240,7 +1295,7 @@ mod tests {
                         let bound: f32 = (0..k / 32)
                             .map(|b| {
                                 let xs = &xv[i * k + b * 32..i * k + b * 32 + 32];
-                                let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 32767.0;
+                                let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / levels;
                                 d / 2.0
                                     * absw[j * k + b * 32..j * k + b * 32 + 32]
                                         .iter()
@@ -1250,40 +1305,49 @@ mod tests {
                         let diff = (g[i * n + j] - e[i * n + j]).abs();
                         assert!(
                             diff <= bound + 1e-4 * scale,
-                            "{t:?} {what} [{i}, {j}]: {diff} > {bound}"
+                            "{path:?} {t:?} {what} [{i}, {j}]: {diff} > {bound}"
                         );
                     }
                 }
             }
             // Tracked (training) rows keep the f32 numbers every other path gives.
             let xv = candle_core::Var::from_tensor(&x).unwrap();
-            let tracked = qmatvec::with_path(Path::Int16, || lin.forward(xv.as_tensor()).unwrap());
+            let tracked = qmatvec::with_path(path, || lin.forward(xv.as_tensor()).unwrap());
             let f32s = qmatvec::with_path(Path::Portable, || lin.forward(&x).unwrap());
             assert_eq!(
                 fedllm_testing::max_abs_diff(&tracked, &f32s).unwrap(),
                 0.0,
                 "{t:?}"
             );
-            let int16 = qmatvec::with_path(Path::Int16, || lin.forward(&x).unwrap());
+            let int = qmatvec::with_path(path, || lin.forward(&x).unwrap());
             assert!(
-                fedllm_testing::max_abs_diff(&int16, &f32s).unwrap() > 0.0,
-                "{t:?}"
+                fedllm_testing::max_abs_diff(&int, &f32s).unwrap() > 0.0,
+                "{path:?} {t:?}"
             );
         }
     }
 
     /// `forward_shared` (q/k/v, gate/up reading one input) gives each layer its own
-    /// `forward`'s output bit for bit: on Int16 with 40 prompt rows (one rounding serves a Q4_1
+    /// `forward`'s output bit for bit: on Int16 and Int8 with 40 prompt rows (one rounding serves a Q4_1
     /// layer, a Q8_0 layer and a Q4_1 layer with a bias), with 3 decode rows (each layer's
     /// decode kernel), and with an adapter on one layer (separate forwards).
     #[test]
     fn shared_input_products_equal_separate_forwards() {
-        use crate::ops::qmatvec::{self, Path};
-        use candle_core::quantized::{GgmlDType, QTensor};
-        if !Path::Int16.supported() {
-            eprintln!("no AVX2: the Int16 path does not run here");
-            return;
+        use crate::ops::qmatvec::Path;
+        for path in [Path::Int16, Path::Int8] {
+            if path.supported() {
+                shared_input_products_on(path);
+            } else {
+                eprintln!(
+                    "note: this CPU cannot run {path:?}; its shared rounding is not exercised"
+                );
+            }
         }
+    }
+
+    fn shared_input_products_on(path: crate::ops::qmatvec::Path) {
+        use crate::ops::qmatvec;
+        use candle_core::quantized::{GgmlDType, QTensor};
         let dev = Device::Cpu;
         let k = 576;
         let layer = |seed: u64, n: usize, t: GgmlDType, bias: bool| {
@@ -1300,19 +1364,19 @@ mod tests {
         for rows in [40, 3] {
             let x = fedllm_testing::randn(237, 0f32, 1.0, (1, rows, k), &dev).unwrap();
             let [a, b, c] = &lins;
-            let (once, shared, alone) = qmatvec::with_path(Path::Int16, || {
+            let (once, shared, alone) = qmatvec::with_path(path, || {
                 let alone: Vec<Tensor> = [a, b, c].iter().map(|l| l.forward(&x).unwrap()).collect();
                 let x2 = x.reshape((rows, k)).unwrap();
                 let once = Linear::round_once(&[a, b, c], &x2).unwrap();
                 (once, Linear::forward_shared([a, b, c], &x).unwrap(), alone)
             });
-            assert_eq!(once, rows > QMATVEC_MAX_ROWS, "{rows} rows");
+            assert_eq!(once.is_some(), rows > QMATVEC_MAX_ROWS, "{rows} rows");
             for (i, (s, w)) in shared.iter().zip(&alone).enumerate() {
-                assert_eq!(s.dims(), w.dims(), "{rows} rows, layer {i}");
+                assert_eq!(s.dims(), w.dims(), "{path:?} {rows} rows, layer {i}");
                 assert_eq!(
                     fedllm_testing::max_abs_diff(s, w).unwrap(),
                     0.0,
-                    "{rows} rows, layer {i}"
+                    "{path:?} {rows} rows, layer {i}"
                 );
             }
         }
@@ -1324,12 +1388,12 @@ mod tests {
         });
         let x = fedllm_testing::randn(241, 0f32, 1.0, (40, k), &dev).unwrap();
         let [a, b, c] = &lins;
-        let (once, shared, alone) = qmatvec::with_path(Path::Int16, || {
+        let (once, shared, alone) = qmatvec::with_path(path, || {
             let alone: Vec<Tensor> = [a, b, c].iter().map(|l| l.forward(&x).unwrap()).collect();
             let once = Linear::round_once(&[a, b, c], &x).unwrap();
             (once, Linear::forward_shared([a, b, c], &x).unwrap(), alone)
         });
-        assert!(!once, "an adapter's layer has its own forward");
+        assert!(once.is_none(), "an adapter's layer has its own forward");
         for (i, (s, w)) in shared.iter().zip(&alone).enumerate() {
             assert_eq!(
                 fedllm_testing::max_abs_diff(s, w).unwrap(),

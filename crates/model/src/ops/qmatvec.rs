@@ -41,8 +41,13 @@ pub enum Path {
     Avx512,
     /// Activations rounded to int8 per 32-value block, integer block dots with AVX-512 VNNI
     /// (256-bit `vpdpbusd`), f32 scales and sums. Without VNNI, the same exact integer dots
-    /// from AVX2 (`vpmaddubsw`, `vpmaddwd`), so the same bits.
+    /// from AVX2 (`vpmaddubsw`, `vpmaddwd`), so the same bits. Every row count takes these
+    /// kernels: a row's numbers never depend on its batch, prompt rows included.
     Vnni,
+    /// [`Path::Vnni`]'s 8-bit activations and decode kernels, with prompt rows on the int8
+    /// GEMM (`gemm_i8`, 512-bit `vpdpbusd`: twice the int16 GEMM's products per instruction),
+    /// as the Int16 path takes its own. AVX-512 VNNI only.
+    Int8,
 }
 
 impl Path {
@@ -53,16 +58,18 @@ impl Path {
             Path::Int16 => "int16",
             Path::Avx512 => "avx512",
             Path::Vnni => "vnni",
+            Path::Int8 => "int8",
         }
     }
 
     /// Every path, slowest first.
-    pub const ALL: [Path; 5] = [
+    pub const ALL: [Path; 6] = [
         Path::Portable,
         Path::Avx2,
         Path::Int16,
         Path::Avx512,
         Path::Vnni,
+        Path::Int8,
     ];
 
     pub fn parse(s: &str) -> Option<Path> {
@@ -81,6 +88,7 @@ impl Path {
                 Path::Avx2 | Path::Int16 => fedllm_kernels::avx2::available(),
                 Path::Avx512 => f,
                 Path::Vnni => vnni_hw() || fedllm_kernels::avx2::available(),
+                Path::Int8 => vnni_hw() && fedllm_kernels::gemm_i8::supported(GgmlDType::Q4_1),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -122,7 +130,7 @@ pub fn env_path() -> Result<Option<Path>, String> {
                 p.name()
             )),
             None => Err(format!(
-                "FEDLLM_DECODE={v:?} is not one of vnni, avx512, int16, avx2, portable"
+                "FEDLLM_DECODE={v:?} is not one of int8, vnni, avx512, int16, avx2, portable"
             )),
         },
         _ => Ok(None),
@@ -567,7 +575,7 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     let path = selected();
     let xsum = block_sums(x);
     let acts = match path {
-        Path::Vnni => Activations::I8(Q8Rows::new(x, true)),
+        Path::Vnni | Path::Int8 => Activations::I8(Q8Rows::new(x, true)),
         Path::Int16 => Activations::I16(I16Rows::new(x)),
         _ => Activations::F32,
     };
@@ -584,14 +592,14 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: without VNNI, `Path::supported` detected AVX2, FMA and F16C; the
                 // slices cover whole blocks of these rows.
-                (Path::Vnni, Activations::I8(q8)) if !vnni_hw() => unsafe {
+                (Path::Vnni | Path::Int8, Activations::I8(q8)) if !vnni_hw() => unsafe {
                     let a = q8.rows(j0, k);
                     rows_vnni_avx2(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: VNNI, AVX-512 BW/VL and F16C were detected (`vnni_hw`); the slices
                 // cover whole blocks of these rows.
-                (Path::Vnni, Activations::I8(q8)) => unsafe {
+                (Path::Vnni | Path::Int8, Activations::I8(q8)) => unsafe {
                     let a = q8.rows(j0, k);
                     if g.rows == 1 {
                         rows_vnni::<1>(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
@@ -634,10 +642,12 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     })
 }
 
-/// y [m, n] = x [m, k] · Wᵀ for kept Q4_1/Q8_0 blocks W [n, k], x rounded as the Int16 path
-/// rounds it, on the kernels' int16 GEMM (`gemm_i16`): the prompt rows of the Int16 path, whose
-/// decode rows take [`matmul`].
-pub fn prompt_matmul_i16(
+/// y [m, n] = x [m, k] · Wᵀ for kept Q4_1/Q8_0 blocks W [n, k], x rounded as `path` (Int16 or
+/// Int8) rounds it, on the kernels' integer GEMM (`gemm_i16`, `gemm_i8`): the prompt rows of
+/// those paths, whose decode rows take [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub fn prompt_matmul(
+    path: Path,
     t: GgmlDType,
     w: &[u8],
     n: usize,
@@ -647,13 +657,17 @@ pub fn prompt_matmul_i16(
 ) -> Result<Vec<f32>, String> {
     if x.len() != m * k {
         return Err(format!(
-            "int16 prompt product: x has {} values for [{m}, {k}]",
+            "integer prompt product: x has {} values for [{m}, {k}]",
             x.len()
         ));
     }
     // SAFETY: the product (not accumulating) writes every element.
     let mut y = unsafe { fedllm_kernels::uninit(m * n) };
-    fedllm_kernels::gemm_i16::matmul(t, w, n, k, x, m, &mut y, false)?;
+    match path {
+        Path::Int16 => fedllm_kernels::gemm_i16::matmul(t, w, n, k, x, m, &mut y, false)?,
+        Path::Int8 => fedllm_kernels::gemm_i8::matmul(t, w, n, k, x, m, &mut y, false)?,
+        p => return Err(format!("{} prompts take no integer GEMM", p.name())),
+    }
     Ok(y)
 }
 
@@ -948,19 +962,8 @@ impl Rounded<i8> {
             d: vec![0.0; nb],
             dq: vec![0.0; nb],
         };
-        let simd = simd && Path::Avx512.supported();
         for (b, (xs, qs)) in x.chunks_exact(32).zip(r.q.chunks_exact_mut(32)).enumerate() {
-            let (d, sq) = if simd {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX-512F was detected; both blocks hold 32 values.
-                unsafe {
-                    round_block_avx512(xs, qs)
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!()
-            } else {
-                round_block(xs, qs)
-            };
+            let (d, sq) = fedllm_kernels::rounding::round_block_i8(xs, qs, simd);
             r.d[b] = d;
             r.dq[b] = d * sq as f32;
         }
@@ -985,43 +988,6 @@ impl Rounded<i16> {
         }
         r
     }
-}
-
-/// One block to int8: (d, Σq).
-fn round_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    let mut sum = 0;
-    let d = fedllm_kernels::rounding::round_levels(x, 127.0, |i, r| {
-        q[i] = r as i8;
-        sum += r;
-    });
-    (d, sum)
-}
-
-/// [`round_block`] on 512-bit registers (same operations, same bytes).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn round_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    use std::arch::x86_64::*;
-    let v0 = _mm512_loadu_ps(x.as_ptr());
-    let v1 = _mm512_loadu_ps(x.as_ptr().add(16));
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    // As `round_levels`: a NaN makes d NaN.
-    let amax = if x.iter().any(|v| v.is_nan()) {
-        f32::NAN
-    } else {
-        amax
-    };
-    let d = amax / 127.0;
-    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    let i0 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v0, id));
-    let i1 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v1, id));
-    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(i0));
-    _mm_storeu_si128(
-        q.as_mut_ptr().add(16) as *mut __m128i,
-        _mm512_cvtepi32_epi8(i1),
-    );
-    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)))
 }
 
 /// Σ of a 256-bit register's eight lanes.
@@ -1511,7 +1477,7 @@ mod tests {
                         let want: f64 = wr.iter().zip(xj).map(|(a, b)| *a as f64 * *b as f64).sum();
                         let y = got[j * n + r] as f64;
                         let levels = match p {
-                            Path::Vnni => 127.0,
+                            Path::Vnni | Path::Int8 => 127.0,
                             Path::Int16 => 32767.0,
                             _ => 0.0,
                         };
@@ -1655,7 +1621,7 @@ mod tests {
     }
 
     /// A non-finite activation (NaN or ±inf) makes every product of its row non-finite on
-    /// every path (and the Int16 path's prompt product), as the f32 product does, and leaves
+    /// every path (and the Int16 and Int8 paths' prompt products), as the f32 product does, and leaves
     /// the other rows finite: the integer paths must not round it into a finite value (`maxps`
     /// and `f32::max` skip NaN).
     #[test]
@@ -1669,12 +1635,10 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 x[k + 40] = bad;
-                let prompt = Path::Int16.supported().then(|| {
-                    (
-                        "int16 prompt",
-                        prompt_matmul_i16(t, &raw, n, k, &x, 3).unwrap(),
-                    )
-                });
+                let prompt = [Path::Int16, Path::Int8]
+                    .into_iter()
+                    .filter(|p| p.supported())
+                    .map(|p| (p.name(), prompt_matmul(p, t, &raw, n, k, &x, 3).unwrap()));
                 let decode = available()
                     .into_iter()
                     .map(|p| (p.name(), with_path(p, || matmul(t, &raw, n, k, &x, 3))));

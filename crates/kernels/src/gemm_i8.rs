@@ -1,0 +1,415 @@
+//! C [m, n] (+)= A [m, k] · Wᵀ for a frozen W [n, k] kept in Q4_1 or Q8_0 blocks and A rounded
+//! to int8 per 32 values (llama.cpp's Q8 activations): the prompt rows of the Int8 decode path.
+//!
+//! Why: `vpdpbusd` multiplies 64 byte pairs per instruction, twice `vpdpwssd`'s 32 word pairs
+//! at the same issue rate (measured ceilings on one Zen 4 core: 234 against 117 G
+//! multiply-adds/s, `fedllm bench blocks`), and a prompt is all products. The price is the
+//! 8-bit rounding: each activation moves by up to d/2 with d = max|x|/127 per block.
+//!
+//! Numbers: the [`crate::gemm_i16`] formula with 8-bit activations. Per output (row i, column
+//! j), the same whatever m, n or thread count: each block's integer dot I_b = Σ q_x·q_w is
+//! exact (int32; |I_b| ≤ 32·128·127 < 2²⁴, so its f32 conversion is exact too), then
+//! `acc = fma(f32(I_b) · d_x[i][b], d_w[j][b], acc)` in block order and, for Q4_1,
+//! `off = fma(m_w[j][b], Σx[i][b], off)` in block order (Σx the block's f32 sum in order);
+//! y = acc + off (+ C when accumulating).
+//!
+//! Layout: lanes are weight columns. A task widens its columns' blocks once into panels of 16
+//! columns holding one 32-bit word (four consecutive values as bytes) per column and quad.
+//! `vpdpbusd` multiplies unsigned bytes by signed ones: Q4_1's nibbles are unsigned already,
+//! Q8_0's values are stored +128, and the 128·Σq_x this adds is subtracted from the integer
+//! sum before anything rounds. A register block is 6 rows × two panels: 12 integer sums and
+//! 12 f32 chains in the 32 registers.
+
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+use crate::gemm::SyncPtr;
+use crate::gemm_i16::Out;
+
+/// Columns per panel (one 512-bit register of int32 lanes).
+const NP: usize = 16;
+/// Rows per register block.
+const MR: usize = 6;
+/// Word slots per quad in the rounded rows: the 6 rows of a tile padded to 8 (8×8 transposes).
+const SLOTS: usize = 8;
+/// Panels per task (a pair for the register block, and a third so 576-column products split
+/// into 12 tasks for 2 threads).
+const TASK: usize = 2;
+
+/// Whether this CPU multiplies blocks of type `t` here (AVX-512 F, BW and VNNI; AVX2 for the
+/// transposes).
+pub fn supported(t: GgmlDType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+        && crate::avx2::available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("f16c");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Rows x [m, k] rounded for [`matmul_rounded`]: quads of int8 values as words, 6 rows
+/// interleaved — [m/6 (rounded up)][k/4][8], slots 6, 7 and past m unused — and per block
+/// [m][k/32]: d, the f32 Σx (summed in order) and 128·Σq (Q8_0's correction).
+pub struct Rounded {
+    m: usize,
+    k: usize,
+    xt: Vec<i32>,
+    d: Vec<f32>,
+    sums: Vec<f32>,
+    corr: Vec<i32>,
+}
+
+impl Rounded {
+    /// x [m, k] (k a multiple of 32; m = x.len() / k), tiles of 6 rows on rayon's threads.
+    pub fn new(x: &[f32], k: usize) -> Result<Rounded, String> {
+        if k == 0 || !k.is_multiple_of(32) || !x.len().is_multiple_of(k) {
+            return Err(format!(
+                "int8 product: {} values are not rows of k = {k} (a multiple of 32)",
+                x.len()
+            ));
+        }
+        if !supported(GgmlDType::Q4_1) {
+            return Err("int8 product: this CPU has no AVX-512 VNNI".into());
+        }
+        let (m, kq, nb) = (x.len() / k, k / 4, k / 32);
+        // SAFETY: every row's blocks are written below; slots 6 and 7 (and the last tile's
+        // past m) are never read.
+        let mut r = unsafe {
+            Rounded {
+                m,
+                k,
+                xt: crate::uninit(m.div_ceil(MR) * kq * SLOTS),
+                d: crate::uninit(m * nb),
+                sums: crate::uninit(m * nb),
+                corr: crate::uninit(m * nb),
+            }
+        };
+        r.xt.par_chunks_mut(kq * SLOTS)
+            .zip(
+                r.d.par_chunks_mut(MR * nb)
+                    .zip(r.sums.par_chunks_mut(MR * nb)),
+            )
+            .zip(r.corr.par_chunks_mut(MR * nb).zip(x.par_chunks(MR * k)))
+            .for_each(|((xt, (d, sums)), (corr, x))| {
+                // One block of the tile's rows as words [8 rows][8 quads], then transposed.
+                let mut words = [0i32; SLOTS * 8];
+                let mut q = [0i8; 32];
+                for b in 0..nb {
+                    for (r, row) in x.chunks_exact(k).enumerate() {
+                        let blk = &row[b * 32..b * 32 + 32];
+                        let (db, sq) = crate::rounding::round_block_i8(blk, &mut q, true);
+                        (d[r * nb + b], corr[r * nb + b]) = (db, 128 * sq);
+                        sums[r * nb + b] = blk.iter().sum();
+                        for (w, quad) in words[r * 8..].iter_mut().zip(q.chunks_exact(4)) {
+                            *w = i32::from_le_bytes([
+                                quad[0] as u8,
+                                quad[1] as u8,
+                                quad[2] as u8,
+                                quad[3] as u8,
+                            ]);
+                        }
+                    }
+                    let dst = &mut xt[b * 8 * SLOTS..(b + 1) * 8 * SLOTS];
+                    // SAFETY: `supported` detected AVX2; both hold 8 × 8 words.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        let (src, out) =
+                            (words.as_ptr() as *const f32, dst.as_mut_ptr() as *mut f32);
+                        crate::gemm::transpose8(src, 8, out, SLOTS);
+                    }
+                }
+            });
+        Ok(r)
+    }
+}
+
+/// C [m, n] (row-major) = x · Wᵀ (or C += x · Wᵀ when `accumulate`) for x [m, k] rounded
+/// here and W the raw blocks of an [n, k] matrix of type `t` ([`supported`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    t: GgmlDType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<(), String> {
+    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        return Err(format!("int8 product: unsupported weight type {t:?}"));
+    }
+    if x.len() < m * k {
+        return Err(format!("int8 product: x too short for [{m}, {k}]"));
+    }
+    let a = Rounded::new(&x[..m * k], k)?;
+    matmul_rounded(t, w, n, &a, c, accumulate)
+}
+
+/// [`matmul`] of rows rounded once ([`Rounded::new`]): products of the same rows (q, k and v
+/// of one input; gate and up) share the rounding.
+pub fn matmul_rounded(
+    t: GgmlDType,
+    w: &[u8],
+    n: usize,
+    a: &Rounded,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<(), String> {
+    let (m, k) = (a.m, a.k);
+    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        return Err(format!("int8 product: unsupported weight type {t:?}"));
+    }
+    if !supported(t) {
+        return Err(format!("int8 product: {t:?} not supported on this CPU"));
+    }
+    let rb = k / 32 * t.type_size();
+    if w.len() < n * rb || c.len() < m * n {
+        return Err(format!(
+            "int8 product: operands too short for [{m}, {k}] · [{n}, {k}]ᵀ"
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let cp = SyncPtr(c.as_mut_ptr());
+    (0..n.div_ceil(NP * TASK))
+        .into_par_iter()
+        .for_each_init(Scratch::default, |scratch, task| {
+            // SAFETY: task `task` writes only its own columns of C.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                run_task(t, w, n, a, &cp, accumulate, task, scratch)
+            }
+        });
+    Ok(())
+}
+
+/// A task's buffers, kept by its thread: its panels' words, d and m.
+#[derive(Default)]
+struct Scratch {
+    wp: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+/// Task `task`: its (up to) 3 panels widened, then every row against them, two at a time.
+///
+/// # Safety
+/// `supported(t)`; `c` points at C [m, n]; no other task writes this task's columns.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_task(
+    t: GgmlDType,
+    w: &[u8],
+    n: usize,
+    a: &Rounded,
+    c: &SyncPtr,
+    accumulate: bool,
+    task: usize,
+    Scratch { wp, scales }: &mut Scratch,
+) {
+    let (m, k, nb) = (a.m, a.k, a.k / 32);
+    let rb = nb * t.type_size();
+    let j0 = task * NP * TASK;
+    let panels = (n - j0).div_ceil(NP).min(TASK);
+    let (pw, ps) = (k / 4 * NP, nb * NP);
+    wp.resize(panels * pw, 0);
+    scales.resize(2 * panels * ps, 0.0);
+    let (wd, wm) = scales.split_at_mut(panels * ps);
+    let cols = |pi: usize| (j0 + pi * NP, NP.min(n - j0 - pi * NP));
+    for pi in 0..panels {
+        let (c0, cn) = cols(pi);
+        widen_panel(
+            t,
+            &w[c0 * rb..(c0 + cn) * rb],
+            k,
+            &mut wp[pi * pw..(pi + 1) * pw],
+            &mut wd[pi * ps..(pi + 1) * ps],
+            &mut wm[pi * ps..(pi + 1) * ps],
+        );
+    }
+    for pi in (0..panels).step_by(2) {
+        let (c0, _) = cols(pi);
+        let cn: usize = (pi..panels.min(pi + 2)).map(|p| cols(p).1).sum();
+        let panel = (&wp[pi * pw..], &wd[pi * ps..], &wm[pi * ps..]);
+        for i0 in (0..m).step_by(MR) {
+            let x = (
+                &a.xt[i0 / MR * k / 4 * SLOTS..],
+                &a.d[i0 * nb..],
+                &a.sums[i0 * nb..],
+                &a.corr[i0 * nb..],
+            );
+            let out = Out {
+                c: c.0.add(i0 * n + c0),
+                ld: n,
+                cols: cn,
+                accumulate,
+            };
+            dispatch(t == GgmlDType::Q4_1, MR.min(m - i0), x, panel, k, out);
+        }
+    }
+}
+
+/// A register block's rows: quads [k/4][8 slots], then d, Σx and 128·Σq as [rows][k/32].
+type Rows<'a> = (&'a [i32], &'a [f32], &'a [f32], &'a [i32]);
+/// Panels: quads [k/4][16] as words, d and m [k/32][16], each panel after the previous.
+type Panel<'a> = (&'a [i32], &'a [f32], &'a [f32]);
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dispatch(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
+    macro_rules! go {
+        ($($r:literal)*) => {
+            match (rows, q4, out.cols <= NP) {
+                $(($r, true, true) => block::<$r, true, 1>(x, panel, k, out),
+                  ($r, true, false) => block::<$r, true, 2>(x, panel, k, out),
+                  ($r, false, true) => block::<$r, false, 1>(x, panel, k, out),
+                  ($r, false, false) => block::<$r, false, 2>(x, panel, k, out),)*
+                _ => unreachable!("at most {MR} rows"),
+            }
+        };
+    }
+    go!(1 2 3 4 5 6)
+}
+
+/// R rows (≤ 6) against P panels (1 or 2) of 16 columns.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block<const R: usize, const Q4: bool, const P: usize>(
+    (xq, xd, xs, xc): Rows,
+    (wp, wd, wm): Panel,
+    k: usize,
+    out: Out,
+) {
+    use std::arch::x86_64::*;
+    let nb = k / 32;
+    let (pw, ps) = (k / 4 * NP, nb * NP);
+    assert!(xq.len() >= k / 4 * SLOTS && xd.len() >= R * nb && xs.len() >= R * nb);
+    assert!(xc.len() >= R * nb);
+    assert!(wp.len() >= (P - 1) * pw + k / 4 * NP && wd.len() >= P * ps && wm.len() >= P * ps);
+    let (xq, wp) = (xq.as_ptr(), wp.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    for b in 0..nb {
+        let mut s = [[_mm512_setzero_si512(); P]; R];
+        for p in b * 8..b * 8 + 8 {
+            let w: [__m512i; P] =
+                std::array::from_fn(|h| _mm512_loadu_si512(wp.add(h * pw + p * NP) as *const _));
+            for (r, s) in s.iter_mut().enumerate() {
+                let xv = _mm512_set1_epi32(*xq.add(p * SLOTS + r));
+                for h in 0..P {
+                    s[h] = _mm512_dpbusd_epi32(s[h], w[h], xv);
+                }
+            }
+        }
+        let dw: [__m512; P] =
+            std::array::from_fn(|h| _mm512_loadu_ps(wd.as_ptr().add(h * ps + b * NP)));
+        for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
+            let dx = _mm512_set1_ps(*xd.get_unchecked(r * nb + b));
+            let corr = _mm512_set1_epi32(if Q4 { 0 } else { *xc.get_unchecked(r * nb + b) });
+            for h in 0..P {
+                let dot = if Q4 {
+                    s[h]
+                } else {
+                    _mm512_sub_epi32(s[h], corr)
+                };
+                acc[h] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dx), dw[h], acc[h]);
+            }
+        }
+    }
+    crate::gemm_i16::finish_zmm::<R, Q4, P>(&acc, xs, wm, ps, nb, out);
+}
+
+/// Up to 16 weight rows (`rows`, raw blocks) to a panel: their values as bytes in words
+/// [k/4][16] (Q8_0's +128; columns past the rows zero), d and m as [k/32][16].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_panel(
+    t: GgmlDType,
+    rows: &[u8],
+    k: usize,
+    wp: &mut [i32],
+    wd: &mut [f32],
+    wm: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (nb, bb) = (k / 32, t.type_size());
+    let cn = rows.len() / (nb * bb);
+    assert!(cn <= NP && wp.len() >= k / 4 * NP && wd.len() >= nb * NP && wm.len() >= nb * NP);
+    wd.fill(0.0);
+    wm.fill(0.0);
+    let h2f = |p: *const u8| {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (p as *const u16).read_unaligned() as i32,
+        )))
+    };
+    // A block's 32 values as bytes, 8 words per column: [16 columns][8 words], transposed
+    // to [8 quads][16] in two 8×8 halves.
+    let mut cols = [0i32; NP * 8];
+    for b in 0..nb {
+        for j in 0..NP {
+            let dst = cols.as_mut_ptr().add(j * 8) as *mut __m256i;
+            if j >= cn {
+                _mm256_storeu_si256(dst, _mm256_setzero_si256());
+                continue;
+            }
+            let p = rows.as_ptr().add(j * nb * bb + b * bb);
+            let v = if t == GgmlDType::Q4_1 {
+                // Byte i holds value i (low nibble) and value i + 16 (high nibble).
+                let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs);
+                wm[b * NP + j] = h2f(p.add(2));
+                _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+            } else {
+                let v = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+            };
+            wd[b * NP + j] = h2f(p);
+            _mm256_storeu_si256(dst, v);
+        }
+        let src = cols.as_ptr() as *const f32;
+        let out = wp.as_mut_ptr().add(b * 8 * NP) as *mut f32;
+        crate::gemm::transpose8(src, 8, out, NP);
+        crate::gemm::transpose8(src.add(8 * 8), 8, out.add(8), NP);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm_i16::tests::{check_formula, Rounding};
+
+    /// Every output is the blockwise integer formula bit for bit (the int16 module's
+    /// reference with 8-bit rounding) at the shapes that test runs.
+    #[test]
+    fn products_are_the_blockwise_integer_formula() {
+        if !supported(GgmlDType::Q4_1) {
+            eprintln!("note: no AVX-512 VNNI here, the int8 product does not run");
+            return;
+        }
+        check_formula(Rounding::I8, &|t, raw, n, x, k, c, acc| {
+            let a = Rounded::new(x, k).unwrap();
+            matmul_rounded(t, raw, n, &a, c, acc).unwrap()
+        });
+    }
+
+    /// Types other than Q4_1/Q8_0, rows that are not whole blocks and operands shorter than
+    /// their shapes are refused.
+    #[test]
+    fn bad_operands_are_refused() {
+        let x = vec![0f32; 64];
+        let mut c = vec![0f32; 2];
+        let err = matmul(GgmlDType::Q4_0, &[0u8; 36], 1, 32, &x, 2, &mut c, false).unwrap_err();
+        assert!(err.contains("unsupported weight type"), "{err}");
+        assert!(Rounded::new(&x[..48], 48).is_err());
+        if supported(GgmlDType::Q4_1) {
+            let err = matmul(GgmlDType::Q4_1, &[0u8; 19], 1, 32, &x, 2, &mut c, false).unwrap_err();
+            assert!(err.contains("too short"), "{err}");
+            let err = matmul(GgmlDType::Q4_1, &[0u8; 40], 2, 32, &x, 3, &mut c, false).unwrap_err();
+            assert!(err.contains("too short"), "{err}");
+        }
+    }
+}
