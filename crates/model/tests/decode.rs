@@ -72,9 +72,10 @@ fn chunked_prefill_equals_one_pass() {
 
 /// SmolLM2 with its Q4_1 weights kept in memory stores its cache in f16 and still decodes the
 /// golden greedy answer (transformers, fp32) token for token on the f32 block-product paths.
-/// The opt-in VNNI and Int8 paths (8-bit activations, logits ~1% off) decode the answer itself
-/// up to its end-of-turn token identically; the tokens generated past it include a step where the two
-/// best fp32 logits are 0.34 apart (34.76 vs 34.42), within that error, so they may differ.
+/// The opt-in 8-bit paths (VNNI, Int8: logits ~1% off) decode the answer itself up to its
+/// end-of-turn token identically; the tokens generated past it include a step where the two
+/// best fp32 logits are 0.34 apart (34.76 vs 34.42), within that error, so they may differ
+/// (VNNI's do; Int8's matched all of them when this was written, not promised).
 #[test]
 fn quantized_smollm2_decodes_the_golden_answer_from_an_f16_cache() {
     use fedllm_model::qmatvec::Path;
