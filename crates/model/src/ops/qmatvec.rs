@@ -5,7 +5,8 @@
 //! (`vpdpbusd`); with AVX-512F alone the activations stay f32; without AVX-512 they are
 //! rounded to 16 bits per block and each block is an exact integer dot (`vpmaddwd`), or, on
 //! request, AVX2 twins of the f32 kernels give the AVX-512 bits ([`fedllm_kernels::avx2`]); a
-//! portable loop otherwise. All run on the decode pool.
+//! portable loop otherwise. All run on the decode pool. The Int16 and Int8 paths' prompt rows
+//! take the kernels' integer GEMMs instead ([`prompt_matmul`]).
 
 use std::cell::Cell;
 use std::ops::Range;
@@ -164,7 +165,8 @@ pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
 /// both machines. 16-bit rounding moves a product by at most d/2 per value, 1/258 of the 8-bit
 /// error. VNNI is never the default: its 8-bit activations move SmolLM2's logits by ~1% (0.3 of 35), which flips
 /// transformers' greedy choice where two tokens are that close (one of the 20 golden tokens,
-/// past the answer).
+/// past the answer). Int8 (VNNI's decode numerics, prompts on the int8 GEMM) is opt-in for the
+/// same reason.
 pub fn selected() -> Path {
     if let Some(p) = FORCED.with(|c| c.get()) {
         return p;
