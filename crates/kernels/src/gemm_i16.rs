@@ -127,14 +127,54 @@ pub fn matmul(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<(), String> {
-    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
-        return Err(format!("int16 product: unsupported weight type {t:?}"));
-    }
-    if x.len() < m * k {
-        return Err(format!("int16 product: x too short for [{m}, {k}]"));
-    }
+    check_input("int16 product", t, x, m, k)?;
     let a = Rounded::new(&x[..m * k], k)?;
     matmul_rounded(Kernel::best(), t, w, n, &a, c, accumulate)
+}
+
+/// The checks before rounding x [m, k] for a product with `t` blocks.
+pub(crate) fn check_input(
+    what: &str,
+    t: GgmlDType,
+    x: &[f32],
+    m: usize,
+    k: usize,
+) -> Result<(), String> {
+    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        return Err(format!("{what}: unsupported weight type {t:?}"));
+    }
+    if x.len() < m * k {
+        return Err(format!("{what}: x too short for [{m}, {k}]"));
+    }
+    Ok(())
+}
+
+/// The checks of a product of rounded rows `a` with W [n, ·] of `t` blocks into `c` on a
+/// kernel this CPU runs (`runs`): the bytes per weight row.
+pub(crate) fn check_product(
+    what: &str,
+    t: GgmlDType,
+    runs: bool,
+    (w, n): (&[u8], usize),
+    a: &Tiles,
+    c: &[f32],
+) -> Result<usize, String> {
+    let (m, k) = (a.m, a.k);
+    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        return Err(format!("{what}: unsupported weight type {t:?}"));
+    }
+    if !runs {
+        return Err(format!(
+            "{what}: {t:?} [{n}, {k}] not supported on this CPU"
+        ));
+    }
+    let rb = k / 32 * t.type_size();
+    if w.len() < n * rb || c.len() < m * n {
+        return Err(format!(
+            "{what}: operands too short for [{m}, {k}] · [{n}, {k}]ᵀ"
+        ));
+    }
+    Ok(rb)
 }
 
 /// [`matmul`] of rows rounded once ([`Rounded::new`]) on `kernel` ([`Kernel::best`] but in
@@ -149,20 +189,8 @@ pub fn matmul_rounded(
     accumulate: bool,
 ) -> Result<(), String> {
     let (m, k) = (a.m, a.k);
-    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
-        return Err(format!("int16 product: unsupported weight type {t:?}"));
-    }
-    let rb = k / 32 * t.type_size();
-    if !supported(t) || !kernel.supported() {
-        return Err(format!(
-            "int16 product: {t:?} [{n}, {k}] on {kernel:?} not supported here"
-        ));
-    }
-    if w.len() < n * rb || c.len() < m * n {
-        return Err(format!(
-            "int16 product: operands too short for [{m}, {k}] · [{n}, {k}]ᵀ"
-        ));
-    }
+    let runs = supported(t) && kernel.supported();
+    let rb = check_product("int16 product", t, runs, (w, n), a, c)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -298,79 +326,112 @@ pub(crate) struct Out {
 }
 
 /// Rows x [m, k] rounded for [`matmul_rounded`]: pairs of int16 values as words, 6 rows
-/// interleaved — [m/6 (rounded up)][k/2][8], slots 6, 7 and past m unused (one row's pairs sit
-/// at a constant distance from the next row's, so a register block addresses its 6 rows from
-/// one pointer) — and each block's d and f32 Σx (summed in order) as [m][k/32].
-pub struct Rounded {
-    m: usize,
-    k: usize,
-    xt: Vec<i32>,
-    d: Vec<f32>,
-    sums: Vec<f32>,
+/// interleaved — [m/6 (rounded up)][k/2][8] ([`Tiles`]) — and each block's d and f32 Σx.
+pub struct Rounded(Tiles);
+
+impl std::ops::Deref for Rounded {
+    type Target = Tiles;
+    fn deref(&self) -> &Tiles {
+        &self.0
+    }
 }
 
 impl Rounded {
     /// x [m, k] (k a multiple of 32; m = x.len() / k), rows of 6 on rayon's threads.
     pub fn new(x: &[f32], k: usize) -> Result<Rounded, String> {
-        if k == 0 || !k.is_multiple_of(32) || !x.len().is_multiple_of(k) {
-            return Err(format!(
-                "int16 product: {} values are not rows of k = {k} (a multiple of 32)",
-                x.len()
-            ));
-        }
         #[cfg(target_arch = "x86_64")]
         if !crate::avx2::available() {
             return Err("int16 product: this CPU has no AVX2".into());
         }
-        let (m, kp, nb) = (x.len() / k, k / 2, k / 32);
-        // SAFETY: every row's blocks are written below; the slots of rows 6 and 7 (and the
-        // last tile's past m) are never read (a register block runs only its m's rows).
-        let mut r = unsafe {
-            Rounded {
-                m,
-                k,
-                xt: crate::uninit(m.div_ceil(MR) * kp * SLOTS),
-                d: crate::uninit(m * nb),
-                sums: crate::uninit(m * nb),
+        let tiles = round_tiles::<16>("int16 product", x, k, &|blk, words| {
+            let mut q = [0i16; 32];
+            let d = crate::rounding::round_block_i16(blk, &mut q, true);
+            for (w, pair) in words.iter_mut().zip(q.chunks_exact(2)) {
+                *w = word(pair);
             }
-        };
-        r.xt.par_chunks_mut(kp * SLOTS)
-            .zip(
-                r.d.par_chunks_mut(MR * nb)
-                    .zip(r.sums.par_chunks_mut(MR * nb)),
-            )
-            .zip(x.par_chunks(MR * k))
-            .for_each(|((xt, (d, sums)), x)| {
-                // One block of the tile's rows as words [8 rows][16 pairs], then transposed.
-                let mut words = [0i32; SLOTS * 16];
-                let mut q = [0i16; 32];
-                for b in 0..nb {
-                    for (r, row) in x.chunks_exact(k).enumerate() {
-                        let blk = &row[b * 32..b * 32 + 32];
-                        d[r * nb + b] = crate::rounding::round_block_i16(blk, &mut q, true);
-                        sums[r * nb + b] = blk.iter().sum();
-                        for (w, pair) in words[r * 16..].iter_mut().zip(q.chunks_exact(2)) {
-                            *w = word(pair);
-                        }
-                    }
-                    let dst = &mut xt[b * 16 * SLOTS..(b + 1) * 16 * SLOTS];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `matmul` runs only where AVX2 was detected; both hold 8 × 16
-                    // words.
-                    unsafe {
-                        let (src, out) =
-                            (words.as_ptr() as *const f32, dst.as_mut_ptr() as *mut f32);
-                        crate::gemm::transpose8(src, 16, out, SLOTS);
-                        crate::gemm::transpose8(src.add(8), 16, out.add(8 * SLOTS), SLOTS);
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    for (i, w) in words.iter().enumerate() {
-                        dst[i % 16 * SLOTS + i / 16] = *w;
+            (d, 0)
+        })?;
+        Ok(Rounded(tiles))
+    }
+}
+
+/// Rows of an integer GEMM's activations, rounded: each 32-value block as W words, a tile's
+/// 6 rows interleaved — `xt` [m/6 (rounded up)][k/32·W][8], slots 6, 7 and past m unused (one
+/// row's words sit at a constant distance from the next row's, so a register block addresses
+/// its 6 rows from one pointer) — and per block [m][k/32]: d, the f32 Σx (summed in order) and
+/// an integer of the rounding's own (`gemm_i8`: 128·Σq).
+pub struct Tiles {
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    pub(crate) xt: Vec<i32>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) sums: Vec<f32>,
+    pub(crate) extra: Vec<i32>,
+}
+
+/// A block rounder: 32 values to W words, returning (d, the block's extra integer).
+pub(crate) type RoundBlock<'a, const W: usize> =
+    &'a (dyn Fn(&[f32], &mut [i32; W]) -> (f32, i32) + Sync);
+
+/// x [m, k] rounded by `round` tile by tile (6 rows) on rayon's threads, each block's words
+/// [8 rows][W] transposed into [W][8 slots]. `what` names the product in errors.
+pub(crate) fn round_tiles<const W: usize>(
+    what: &str,
+    x: &[f32],
+    k: usize,
+    round: RoundBlock<W>,
+) -> Result<Tiles, String> {
+    if k == 0 || !k.is_multiple_of(32) || !x.len().is_multiple_of(k) {
+        return Err(format!(
+            "{what}: {} values are not rows of k = {k} (a multiple of 32)",
+            x.len()
+        ));
+    }
+    let (m, nb) = (x.len() / k, k / 32);
+    // SAFETY: every row's blocks are written below; slots 6 and 7 (and the last tile's past
+    // m) are never read (a register block runs only its m's rows).
+    let mut r = unsafe {
+        Tiles {
+            m,
+            k,
+            xt: crate::uninit(m.div_ceil(MR) * nb * W * SLOTS),
+            d: crate::uninit(m * nb),
+            sums: crate::uninit(m * nb),
+            extra: crate::uninit(m * nb),
+        }
+    };
+    r.xt.par_chunks_mut(nb * W * SLOTS)
+        .zip(
+            r.d.par_chunks_mut(MR * nb)
+                .zip(r.sums.par_chunks_mut(MR * nb)),
+        )
+        .zip(r.extra.par_chunks_mut(MR * nb).zip(x.par_chunks(MR * k)))
+        .for_each(|((xt, (d, sums)), (extra, x))| {
+            // One block of the tile's rows as words [8 rows][W], then transposed.
+            let mut words = [[0i32; W]; SLOTS];
+            for b in 0..nb {
+                for (r, row) in x.chunks_exact(k).enumerate() {
+                    let blk = &row[b * 32..b * 32 + 32];
+                    (d[r * nb + b], extra[r * nb + b]) = round(blk, &mut words[r]);
+                    sums[r * nb + b] = blk.iter().sum();
+                }
+                let dst = &mut xt[b * W * SLOTS..(b + 1) * W * SLOTS];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the callers run only where AVX2 was detected; `words` holds 8 × W
+                // words and `dst` W × 8.
+                unsafe {
+                    let (src, out) = (words.as_ptr() as *const f32, dst.as_mut_ptr() as *mut f32);
+                    for h in 0..W / 8 {
+                        crate::gemm::transpose8(src.add(8 * h), W, out.add(8 * h * SLOTS), SLOTS);
                     }
                 }
-            });
-        Ok(r)
-    }
+                #[cfg(not(target_arch = "x86_64"))]
+                for (i, w) in words.iter().flatten().enumerate() {
+                    dst[i % W * SLOTS + i / W] = *w;
+                }
+            }
+        });
+    Ok(r)
 }
 
 /// Two int16 values as the 32-bit word `vpmaddwd` reads (the first in the low half).

@@ -24,7 +24,7 @@ use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 use crate::gemm::SyncPtr;
-use crate::gemm_i16::Out;
+use crate::gemm_i16::{check_input, check_product, round_tiles, Out, Tiles};
 
 /// Columns per panel (one 512-bit register of int32 lanes).
 const NP: usize = 16;
@@ -51,78 +51,32 @@ pub fn supported(t: GgmlDType) -> bool {
 }
 
 /// Rows x [m, k] rounded for [`matmul_rounded`]: quads of int8 values as words, 6 rows
-/// interleaved — [m/6 (rounded up)][k/4][8], slots 6, 7 and past m unused — and per block
-/// [m][k/32]: d, the f32 Σx (summed in order) and 128·Σq (Q8_0's correction).
-pub struct Rounded {
-    m: usize,
-    k: usize,
-    xt: Vec<i32>,
-    d: Vec<f32>,
-    sums: Vec<f32>,
-    corr: Vec<i32>,
+/// interleaved — [m/6 (rounded up)][k/4][8] (`gemm_i16::Tiles`) — and per block d, the f32 Σx
+/// and 128·Σq (Q8_0's correction).
+pub struct Rounded(Tiles);
+
+impl std::ops::Deref for Rounded {
+    type Target = Tiles;
+    fn deref(&self) -> &Tiles {
+        &self.0
+    }
 }
 
 impl Rounded {
     /// x [m, k] (k a multiple of 32; m = x.len() / k), tiles of 6 rows on rayon's threads.
     pub fn new(x: &[f32], k: usize) -> Result<Rounded, String> {
-        if k == 0 || !k.is_multiple_of(32) || !x.len().is_multiple_of(k) {
-            return Err(format!(
-                "int8 product: {} values are not rows of k = {k} (a multiple of 32)",
-                x.len()
-            ));
-        }
         if !supported(GgmlDType::Q4_1) {
             return Err("int8 product: this CPU has no AVX-512 VNNI".into());
         }
-        let (m, kq, nb) = (x.len() / k, k / 4, k / 32);
-        // SAFETY: every row's blocks are written below; slots 6 and 7 (and the last tile's
-        // past m) are never read.
-        let mut r = unsafe {
-            Rounded {
-                m,
-                k,
-                xt: crate::uninit(m.div_ceil(MR) * kq * SLOTS),
-                d: crate::uninit(m * nb),
-                sums: crate::uninit(m * nb),
-                corr: crate::uninit(m * nb),
+        let tiles = round_tiles::<8>("int8 product", x, k, &|blk, words| {
+            let mut q = [0i8; 32];
+            let (d, sq) = crate::rounding::round_block_i8(blk, &mut q, true);
+            for (w, quad) in words.iter_mut().zip(q.chunks_exact(4)) {
+                *w = i32::from_le_bytes(std::array::from_fn(|i| quad[i] as u8));
             }
-        };
-        r.xt.par_chunks_mut(kq * SLOTS)
-            .zip(
-                r.d.par_chunks_mut(MR * nb)
-                    .zip(r.sums.par_chunks_mut(MR * nb)),
-            )
-            .zip(r.corr.par_chunks_mut(MR * nb).zip(x.par_chunks(MR * k)))
-            .for_each(|((xt, (d, sums)), (corr, x))| {
-                // One block of the tile's rows as words [8 rows][8 quads], then transposed.
-                let mut words = [0i32; SLOTS * 8];
-                let mut q = [0i8; 32];
-                for b in 0..nb {
-                    for (r, row) in x.chunks_exact(k).enumerate() {
-                        let blk = &row[b * 32..b * 32 + 32];
-                        let (db, sq) = crate::rounding::round_block_i8(blk, &mut q, true);
-                        (d[r * nb + b], corr[r * nb + b]) = (db, 128 * sq);
-                        sums[r * nb + b] = blk.iter().sum();
-                        for (w, quad) in words[r * 8..].iter_mut().zip(q.chunks_exact(4)) {
-                            *w = i32::from_le_bytes([
-                                quad[0] as u8,
-                                quad[1] as u8,
-                                quad[2] as u8,
-                                quad[3] as u8,
-                            ]);
-                        }
-                    }
-                    let dst = &mut xt[b * 8 * SLOTS..(b + 1) * 8 * SLOTS];
-                    // SAFETY: `supported` detected AVX2; both hold 8 × 8 words.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let (src, out) =
-                            (words.as_ptr() as *const f32, dst.as_mut_ptr() as *mut f32);
-                        crate::gemm::transpose8(src, 8, out, SLOTS);
-                    }
-                }
-            });
-        Ok(r)
+            (d, 128 * sq)
+        })?;
+        Ok(Rounded(tiles))
     }
 }
 
@@ -139,12 +93,7 @@ pub fn matmul(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<(), String> {
-    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
-        return Err(format!("int8 product: unsupported weight type {t:?}"));
-    }
-    if x.len() < m * k {
-        return Err(format!("int8 product: x too short for [{m}, {k}]"));
-    }
+    check_input("int8 product", t, x, m, k)?;
     let a = Rounded::new(&x[..m * k], k)?;
     matmul_rounded(t, w, n, &a, c, accumulate)
 }
@@ -159,19 +108,8 @@ pub fn matmul_rounded(
     c: &mut [f32],
     accumulate: bool,
 ) -> Result<(), String> {
-    let (m, k) = (a.m, a.k);
-    if !matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
-        return Err(format!("int8 product: unsupported weight type {t:?}"));
-    }
-    if !supported(t) {
-        return Err(format!("int8 product: {t:?} not supported on this CPU"));
-    }
-    let rb = k / 32 * t.type_size();
-    if w.len() < n * rb || c.len() < m * n {
-        return Err(format!(
-            "int8 product: operands too short for [{m}, {k}] · [{n}, {k}]ᵀ"
-        ));
-    }
+    let (m, n) = (a.m, n);
+    check_product("int8 product", t, supported(t), (w, n), a, c)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -240,7 +178,7 @@ unsafe fn run_task(
                 &a.xt[i0 / MR * k / 4 * SLOTS..],
                 &a.d[i0 * nb..],
                 &a.sums[i0 * nb..],
-                &a.corr[i0 * nb..],
+                &a.extra[i0 * nb..],
             );
             let out = Out {
                 c: c.0.add(i0 * n + c0),
