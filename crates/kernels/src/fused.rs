@@ -156,6 +156,40 @@ pub fn rotate(v: &mut [f32], c: &[f32], s: &[f32], inverse: bool) {
     }
 }
 
+/// [`rope`] (forward) of heads stored [B, T, H, D] (the projections' layout) into y
+/// [B, H, T, D]: the transpose and the rotation in one pass, each value computed as `rotate`
+/// computes it.
+pub fn rope_from_bthd(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    (b, h, t, d): (usize, usize, usize, usize),
+    y: &mut [f32],
+) {
+    assert!(x.len() >= b * t * h * d && y.len() >= b * h * t * d && d.is_multiple_of(2));
+    assert!(cos.len() >= b * t * d && sin.len() >= b * t * d);
+    let half = d / 2;
+    let head = |(bh, y): (usize, &mut [f32])| {
+        let (bi, hi) = (bh / h, bh % h);
+        for ti in 0..t {
+            let at = (bi * t + ti) * d;
+            let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
+            let src = &x[((bi * t + ti) * h + hi) * d..][..d];
+            let dst = &mut y[ti * d..(ti + 1) * d];
+            for i in 0..half {
+                let (x1, x2) = (src[i], src[i + half]);
+                dst[i] = x1 * c[i] - x2 * s[i];
+                dst[i + half] = x2 * c[i + half] + x1 * s[i + half];
+            }
+        }
+    };
+    let y = &mut y[..b * h * t * d];
+    if y.len() < PAR_MIN {
+        return y.chunks_mut(t * d).enumerate().for_each(head);
+    }
+    y.par_chunks_mut(t * d).enumerate().for_each(head);
+}
+
 /// Rotary embedding (rotate-half form) over x [B, H, T, D] with cos/sin [B, T, D];
 /// `inverse` applies the transpose (the backward: rotation by −θ).
 pub fn rope(

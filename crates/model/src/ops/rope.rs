@@ -14,6 +14,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
                 let host = |c: &Tensor| -> Result<std::sync::Arc<Vec<f32>>> {
                     Ok(std::sync::Arc::new(c.flatten_all()?.to_vec1()?))
                 };
+                if let Some(y) = rope_heads_view(x, &host(cos)?, &host(sin)?)? {
+                    return Ok(y);
+                }
                 let op = crate::ops::fused::Rope {
                     cos: host(cos)?,
                     sin: host(sin)?,
@@ -24,6 +27,26 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         }
         rope_composite(x, cos, sin)
     })
+}
+
+/// Inference heads still in the projections' layout (x = a [B, T, H, D] tensor transposed to
+/// [B, H, T, D], nothing tracking gradients): rotated straight into a new [B, H, T, D] tensor,
+/// one pass instead of a strided copy, a copy and the rotation. None for any other x.
+fn rope_heads_view(x: &Tensor, cos: &[f32], sin: &[f32]) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    let (b, h, t, d) = x.dims4()?;
+    let stored = x.transpose(1, 2)?;
+    if x.track_op() || !stored.is_contiguous() || x.is_contiguous() {
+        return Ok(None);
+    }
+    let (st, l) = stored.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(v)), Some((a, z))) = (&*st, l.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    // SAFETY: `rope_from_bthd` writes every value of y.
+    let mut y = unsafe { fedllm_kernels::uninit(b * h * t * d) };
+    fedllm_kernels::fused::rope_from_bthd(&v[a..z], cos, sin, (b, h, t, d), &mut y);
+    Ok(Some(Tensor::from_vec(y, (b, h, t, d), x.device())?))
 }
 
 pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -52,6 +75,41 @@ mod tests {
         check_grad(&data(16), &[1, 2, 2, 4], |x| {
             weighted(&rope(x, &cos, &sin)?)
         });
+    }
+
+    /// Inference heads in the projections' layout ([B, T, H, D] transposed, as attention
+    /// takes them) rotate in one pass to the fused op's values on the same heads made
+    /// contiguous, bit for bit (the same operations per value), for 1 and several batch rows.
+    #[test]
+    fn heads_view_rotates_as_the_contiguous_heads() {
+        let dev = Device::Cpu;
+        for (b, t, h, d) in [(1, 5, 3, 8), (2, 70, 9, 64)] {
+            let x = fedllm_testing::randn(206, 0f32, 1.0, (b, t, h, d), &dev).unwrap();
+            let cos = fedllm_testing::randn(207, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            let sin = fedllm_testing::randn(208, 0f32, 1.0, (b, 1, t, d), &dev).unwrap();
+            let view = x.transpose(1, 2).unwrap();
+            let host = |c: &Tensor| c.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = rope_heads_view(&view, &host(&cos), &host(&sin))
+                .unwrap()
+                .expect("a transposed [B, T, H, D] tensor takes the one-pass rotation");
+            let op = crate::ops::fused::Rope {
+                cos: std::sync::Arc::new(host(&cos)),
+                sin: std::sync::Arc::new(host(&sin)),
+                dims: (b, h, t, d),
+            };
+            let want = view.contiguous().unwrap().apply_op1(op).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(
+                fedllm_testing::max_abs_diff(&got, &want).unwrap(),
+                0.0,
+                "{b} {t}"
+            );
+            assert!(
+                rope_heads_view(&view.contiguous().unwrap(), &host(&cos), &host(&sin))
+                    .unwrap()
+                    .is_none()
+            );
+        }
     }
 
     /// The fused RoPE equals its composite, value and gradient.
