@@ -724,11 +724,19 @@ struct ResidualProduct {
 
 impl ResidualProduct {
     /// res + x·Wᵀ + bias, x [m, k] f32.
-    fn fwd(&self, x: Vec<f32>, m: usize, k: usize, res: &[f32]) -> Result<(CpuStorage, Shape)> {
+    /// x borrowed where the integer GEMM reads it in place, owned where the kernel product
+    /// needs storage of its own (copied only then).
+    fn fwd(
+        &self,
+        x: std::borrow::Cow<[f32]>,
+        m: usize,
+        k: usize,
+        res: &[f32],
+    ) -> Result<(CpuStorage, Shape)> {
         let mut y = match (&self.weight, self.int) {
             (Weight::Quant(q), Some(g)) => int_product(g, q, &x, m, k)?,
             _ => into_vec(kernel_matmul(
-                &CpuStorage::F32(x),
+                &CpuStorage::F32(x.into_owned()),
                 (0, m, k),
                 &self.weight,
                 self.in_out,
@@ -785,7 +793,8 @@ impl candle_core::CustomOp2 for ResidualProduct {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
-        self.fwd(f32_slice(s1, l1)?.to_vec(), m, k, f32_slice(s2, l2)?)
+        let x = std::borrow::Cow::Borrowed(f32_slice(s1, l1)?);
+        self.fwd(x, m, k, f32_slice(s2, l2)?)
     }
 
     fn bwd(
@@ -817,9 +826,10 @@ impl candle_core::CustomOp3 for ResidualProduct {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (g, u) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let mut s = vec![0f32; g.len()];
+        // SAFETY: `swiglu_fwd` writes every value.
+        let mut s = unsafe { fedllm_kernels::uninit(g.len()) };
         fedllm_kernels::fused::swiglu_fwd(g, u, &mut s);
-        self.fwd(s, m, k, f32_slice(s3, l3)?)
+        self.fwd(std::borrow::Cow::Owned(s), m, k, f32_slice(s3, l3)?)
     }
 
     fn bwd(
