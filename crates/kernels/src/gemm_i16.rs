@@ -463,7 +463,7 @@ unsafe fn dispatch(
 /// `$kernel::<R, Q4>$args` for the block's row count (1–6) and weight type.
 macro_rules! by_rows {
     ($kernel:ident, $q4:expr, $rows:expr, $args:tt) => {
-        by_rows!(@ $kernel, $q4, $rows, $args, 1 2 3 4 5 6)
+        $crate::gemm_i16::by_rows!(@ $kernel, $q4, $rows, $args, 1 2 3 4 5 6)
     };
     (@ $kernel:ident, $q4:expr, $rows:expr, $args:tt, $($r:literal)*) => {
         match ($rows, $q4) {
@@ -473,6 +473,7 @@ macro_rules! by_rows {
         }
     };
 }
+pub(crate) use by_rows;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]

@@ -199,25 +199,25 @@ type Panel<'a> = (&'a [i32], &'a [f32], &'a [f32]);
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn dispatch(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
-    macro_rules! go {
-        ($($r:literal)*) => {
-            match (rows, q4, out.cols <= NP) {
-                $(($r, true, true) => block::<$r, true, 1>(x, panel, k, out),
-                  ($r, true, false) => block::<$r, true, 2>(x, panel, k, out),
-                  ($r, false, true) => block::<$r, false, 1>(x, panel, k, out),
-                  ($r, false, false) => block::<$r, false, 2>(x, panel, k, out),)*
-                _ => unreachable!("at most {MR} rows"),
-            }
-        };
+    crate::gemm_i16::by_rows!(block, q4, rows, (x, panel, k, out))
+}
+
+/// R rows (≤ 6) against one or two panels (`out.cols` ≤ 32 columns).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block<const R: usize, const Q4: bool>(x: Rows, panel: Panel, k: usize, out: Out) {
+    if out.cols <= NP {
+        return block_panels::<R, Q4, 1>(x, panel, k, out);
     }
-    go!(1 2 3 4 5 6)
+    block_panels::<R, Q4, 2>(x, panel, k, out)
 }
 
 /// R rows (≤ 6) against P panels (1 or 2) of 16 columns.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn block<const R: usize, const Q4: bool, const P: usize>(
+unsafe fn block_panels<const R: usize, const Q4: bool, const P: usize>(
     (xq, xd, xs, xc): Rows,
     (wp, wd, wm): Panel,
     k: usize,
