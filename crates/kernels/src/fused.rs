@@ -157,8 +157,8 @@ pub fn rotate(v: &mut [f32], c: &[f32], s: &[f32], inverse: bool) {
 }
 
 /// [`rope`] (forward) of heads stored [B, T, H, D] (the projections' layout) into y
-/// [B, H, T, D]: the transpose and the rotation in one pass, each value computed as `rotate`
-/// computes it.
+/// [B, H, T, D]: each row copied where it goes and rotated there by [`rotate`] while it is in
+/// L1, instead of a transposing copy of the whole tensor first.
 pub fn rope_from_bthd(
     x: &[f32],
     cos: &[f32],
@@ -168,19 +168,13 @@ pub fn rope_from_bthd(
 ) {
     assert!(x.len() >= b * t * h * d && y.len() >= b * h * t * d && d.is_multiple_of(2));
     assert!(cos.len() >= b * t * d && sin.len() >= b * t * d);
-    let half = d / 2;
     let head = |(bh, y): (usize, &mut [f32])| {
         let (bi, hi) = (bh / h, bh % h);
         for ti in 0..t {
             let at = (bi * t + ti) * d;
-            let (c, s) = (&cos[at..at + d], &sin[at..at + d]);
-            let src = &x[((bi * t + ti) * h + hi) * d..][..d];
             let dst = &mut y[ti * d..(ti + 1) * d];
-            for i in 0..half {
-                let (x1, x2) = (src[i], src[i + half]);
-                dst[i] = x1 * c[i] - x2 * s[i];
-                dst[i + half] = x2 * c[i + half] + x1 * s[i + half];
-            }
+            dst.copy_from_slice(&x[((bi * t + ti) * h + hi) * d..][..d]);
+            rotate(dst, &cos[at..at + d], &sin[at..at + d], false);
         }
     };
     let y = &mut y[..b * h * t * d];

@@ -228,19 +228,15 @@ pub fn bench_prompt(reps: usize) -> Result<Vec<PromptBench>> {
             })?;
             products.push(("f32", gflops(s)));
         }
-        if Path::Int16.supported() {
+        for path in [Path::Int16, Path::Int8]
+            .into_iter()
+            .filter(|p| p.supported())
+        {
             let s = timed(reps, || {
-                crate::qmatvec::prompt_matmul(Path::Int16, GgmlDType::Q4_1, &raw, n, k, &x, m)
+                crate::qmatvec::prompt_matmul(path, GgmlDType::Q4_1, &raw, n, k, &x, m)
                     .map(|y| drop(std::hint::black_box(y)))
             })?;
-            products.push(("int16", gflops(s)));
-        }
-        if Path::Int8.supported() {
-            let s = timed(reps, || {
-                crate::qmatvec::prompt_matmul(Path::Int8, GgmlDType::Q4_1, &raw, n, k, &x, m)
-                    .map(|y| drop(std::hint::black_box(y)))
-            })?;
-            products.push(("int8", gflops(s)));
+            products.push((path.name(), gflops(s)));
         }
         out.push(PromptBench {
             what,

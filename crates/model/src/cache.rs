@@ -354,7 +354,8 @@ fn stored(x: &Tensor, dt: DType) -> Result<Tensor> {
         let x = x.contiguous()?;
         let (st, l) = x.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, z))) = (&*st, l.contiguous_offsets()) {
-            let mut out = vec![half::f16::ZERO; z - a];
+            // SAFETY: the conversion writes every value.
+            let mut out: Vec<half::f16> = unsafe { fedllm_kernels::uninit(z - a) };
             out.convert_from_f32_slice(&v[a..z]);
             return Tensor::from_vec(out, x.shape(), x.device());
         }
