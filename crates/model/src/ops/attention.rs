@@ -91,12 +91,13 @@ pub fn gqa_attention_after(
         // prompt is better served by GEMMs over causal blocks (`PromptAttention`) — except on
         // the VNNI decode path, which promises a row the same numbers alone and in any batch:
         // there every prompt takes this kernel, whose softmax then ignores where padding sits.
-        // The Int8 path's softmax ignores padding too (its 8-bit rounding turns a last-bit
+        // The Int8 path's softmax ignores padding too (8-bit rounding turns a last-bit
         // difference into a whole step now and then, enough to flip a greedy token), while one
         // long prompt still takes the causal GEMMs.
         use crate::ops::qmatvec::{selected, Path};
-        let batch_exact = matches!(selected(), Path::Vnni | Path::Int8);
-        let few = selected() == Path::Vnni || q.dim(2)? <= 16 || q.dim(0)? > 1;
+        let path = selected();
+        let batch_exact = path.activation_bits() == Some(8);
+        let few = path == Path::Vnni || q.dim(2)? <= 16 || q.dim(0)? > 1;
         if !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::BF16) {
             let (b, h, t, d) = q.dims4()?;
             let shared_len = shared.map_or(Ok(0), |(sk, _)| sk.dim(2))?;

@@ -1178,7 +1178,7 @@ mod tests {
     /// plus their own product (the same kernel: nothing but the residual add differs).
     #[test]
     fn decode_rows_through_quantized_residual_products() {
-        use crate::ops::qmatvec::{self, Path};
+        use crate::ops::qmatvec;
         use candle_core::quantized::{GgmlDType, QTensor};
         let dev = Device::Cpu;
         let w = fedllm_testing::randn(201, 0f32, 1.0, (96, 256), &dev).unwrap();
@@ -1198,7 +1198,7 @@ mod tests {
                 let x = fedllm_testing::randn(202, 0f32, 1.0, (rows, 256), &dev).unwrap();
                 let u = fedllm_testing::randn(203, 0f32, 1.0, (rows, 256), &dev).unwrap();
                 let res = fedllm_testing::randn(204, 0f32, 1.0, (rows, 96), &dev).unwrap();
-                let own = matches!(path, Path::Vnni | Path::Int8) && t != GgmlDType::F32;
+                let own = path.activation_bits() == Some(8) && t != GgmlDType::F32;
                 let product = |x: &Tensor| -> Tensor {
                     if own {
                         let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();

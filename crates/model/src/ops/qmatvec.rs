@@ -73,6 +73,15 @@ impl Path {
         Path::Int8,
     ];
 
+    /// The bits activations are rounded to per 32-value block (None: they stay f32).
+    pub fn activation_bits(self) -> Option<u32> {
+        match self {
+            Path::Int16 => Some(16),
+            Path::Vnni | Path::Int8 => Some(8),
+            Path::Portable | Path::Avx2 | Path::Avx512 => None,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Path> {
         Path::ALL
             .into_iter()
@@ -1478,11 +1487,9 @@ mod tests {
                         let (wr, xj) = (&wd[r * k..(r + 1) * k], &xv[j * k..(j + 1) * k]);
                         let want: f64 = wr.iter().zip(xj).map(|(a, b)| *a as f64 * *b as f64).sum();
                         let y = got[j * n + r] as f64;
-                        let levels = match p {
-                            Path::Vnni | Path::Int8 => 127.0,
-                            Path::Int16 => 32767.0,
-                            _ => 0.0,
-                        };
+                        let levels = p
+                            .activation_bits()
+                            .map_or(0.0, |b| ((1 << (b - 1)) - 1) as f32);
                         if levels == 0.0 {
                             let e = (y - want).abs();
                             assert!(e <= 1e-3 * (1.0 + want.abs()), "{p:?} {t:?} [{j},{r}]: {e}");
