@@ -317,6 +317,7 @@ unsafe fn run_task(
     }
 }
 
+#[derive(Clone, Copy)]
 /// Where a register block's results go: `cols` columns of rows at stride `ld`.
 pub(crate) struct Out {
     pub(crate) c: *mut f32,
@@ -343,13 +344,15 @@ impl Rounded {
         if !crate::avx2::available() {
             return Err("int16 product: this CPU has no AVX2".into());
         }
-        let tiles = round_tiles::<16>("int16 product", x, k, &|blk, words| {
-            let mut q = [0i16; 32];
-            let d = crate::rounding::round_block_i16(blk, &mut q, true);
-            for (w, pair) in words.iter_mut().zip(q.chunks_exact(2)) {
-                *w = word(pair);
-            }
-            (d, 0)
+        let tiles = round_tiles::<16>("int16 product", x, k, &|row, words, d, extra| {
+            // Two int16 values per word as `vpmaddwd` reads them (the first in the low half):
+            // the values' memory order, little-endian.
+            // SAFETY: k/32·16 i32 are k i16, aligned for i16.
+            let q = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut i16, 2 * words.len())
+            };
+            crate::rounding::round_row_i16(row, q, d);
+            extra.fill(0);
         })?;
         Ok(Rounded(tiles))
     }
@@ -369,9 +372,9 @@ pub struct Tiles {
     pub(crate) extra: Vec<i32>,
 }
 
-/// A block rounder: 32 values to W words, returning (d, the block's extra integer).
-pub(crate) type RoundBlock<'a, const W: usize> =
-    &'a (dyn Fn(&[f32], &mut [i32; W]) -> (f32, i32) + Sync);
+/// A row rounder: a row's k values to its blocks' W words each ([k/32][W]), each block's d
+/// and the rounding's own integer.
+pub(crate) type RoundRow<'a> = &'a (dyn Fn(&[f32], &mut [i32], &mut [f32], &mut [i32]) + Sync);
 
 /// x [m, k] rounded by `round` tile by tile (6 rows) on rayon's threads, each block's words
 /// [8 rows][W] transposed into [W][8 slots]. `what` names the product in errors.
@@ -379,7 +382,7 @@ pub(crate) fn round_tiles<const W: usize>(
     what: &str,
     x: &[f32],
     k: usize,
-    round: RoundBlock<W>,
+    round: RoundRow,
 ) -> Result<Tiles, String> {
     if k == 0 || !k.is_multiple_of(32) || !x.len().is_multiple_of(k) {
         return Err(format!(
@@ -407,36 +410,36 @@ pub(crate) fn round_tiles<const W: usize>(
         )
         .zip(r.extra.par_chunks_mut(MR * nb).zip(x.par_chunks(MR * k)))
         .for_each(|((xt, (d, sums)), (extra, x))| {
-            // One block of the tile's rows as words [8 rows][W], then transposed.
-            let mut words = [[0i32; W]; SLOTS];
+            // The tile's rows as words [8 rows][k/32][W] (rows past the tile's stay unset:
+            // they fill slots never read), then each block's [8][W] transposed.
+            // SAFETY: as above, unset words land only in unread slots.
+            let mut words: Vec<i32> = unsafe { crate::uninit(SLOTS * nb * W) };
+            crate::rounding::block_sums(x, sums);
+            for (r, row) in x.chunks_exact(k).enumerate() {
+                let at = r * nb;
+                let wr = &mut words[r * nb * W..(r + 1) * nb * W];
+                round(row, wr, &mut d[at..at + nb], &mut extra[at..at + nb]);
+            }
             for b in 0..nb {
-                for (r, row) in x.chunks_exact(k).enumerate() {
-                    let blk = &row[b * 32..b * 32 + 32];
-                    (d[r * nb + b], extra[r * nb + b]) = round(blk, &mut words[r]);
-                    sums[r * nb + b] = blk.iter().sum();
-                }
                 let dst = &mut xt[b * W * SLOTS..(b + 1) * W * SLOTS];
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: the callers run only where AVX2 was detected; `words` holds 8 × W
-                // words and `dst` W × 8.
+                // SAFETY: the callers run only where AVX2 was detected; `words` holds 8 rows
+                // of nb·W words and `dst` W × 8.
                 unsafe {
-                    let (src, out) = (words.as_ptr() as *const f32, dst.as_mut_ptr() as *mut f32);
+                    let src = words.as_ptr().add(b * W) as *const f32;
+                    let out = dst.as_mut_ptr() as *mut f32;
                     for h in 0..W / 8 {
-                        crate::gemm::transpose8(src.add(8 * h), W, out.add(8 * h * SLOTS), SLOTS);
+                        let (s, o) = (src.add(8 * h), out.add(8 * h * SLOTS));
+                        crate::gemm::transpose8(s, nb * W, o, SLOTS);
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                for (i, w) in words.iter().flatten().enumerate() {
-                    dst[i % W * SLOTS + i / W] = *w;
+                for (i, w) in dst.iter_mut().enumerate() {
+                    *w = words[(i % SLOTS) * nb * W + b * W + i / SLOTS];
                 }
             }
         });
     Ok(r)
-}
-
-/// Two int16 values as the 32-bit word `vpmaddwd` reads (the first in the low half).
-fn word(pair: &[i16]) -> i32 {
-    (pair[0] as u16 as u32 | (pair[1] as u16 as u32) << 16) as i32
 }
 
 /// A register block's rows: pairs [k/2][8 slots] (interleaved), d and Σx [rows][k/32].

@@ -68,13 +68,14 @@ impl Rounded {
         if !supported(GgmlDType::Q4_1) {
             return Err("int8 product: this CPU has no AVX-512 VNNI".into());
         }
-        let tiles = round_tiles::<8>("int8 product", x, k, &|blk, words| {
-            let mut q = [0i8; 32];
-            let (d, sq) = crate::rounding::round_block_i8(blk, &mut q, true);
-            for (w, quad) in words.iter_mut().zip(q.chunks_exact(4)) {
-                *w = i32::from_le_bytes(std::array::from_fn(|i| quad[i] as u8));
-            }
-            (d, 128 * sq)
+        let tiles = round_tiles::<8>("int8 product", x, k, &|row, words, d, extra| {
+            // A word is its quad's four bytes as they lie in memory (little-endian).
+            // SAFETY: k/32·8 i32 are k bytes, aligned for i8.
+            let q = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut i8, 4 * words.len())
+            };
+            crate::rounding::round_row_i8(row, q, d, extra, true);
+            extra.iter_mut().for_each(|e| *e *= 128);
         })?;
         Ok(Rounded(tiles))
     }
@@ -114,23 +115,28 @@ pub fn matmul_rounded(
         return Ok(());
     }
     let cp = SyncPtr(c.as_mut_ptr());
-    (0..n.div_ceil(NP * TASK))
-        .into_par_iter()
-        .for_each_init(Scratch::default, |scratch, task| {
+    (0..n.div_ceil(NP * TASK)).into_par_iter().for_each(|task| {
+        SCRATCH.with_borrow_mut(|scratch| {
             // SAFETY: task `task` writes only its own columns of C.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 run_task(t, w, n, a, &cp, accumulate, task, scratch)
             }
-        });
+        })
+    });
     Ok(())
 }
 
-/// A task's buffers, kept by its thread: its panels' words, d and m.
+/// A task's buffers, kept by its thread across products (fresh ones per rayon split cost a
+/// zeroed allocation each): its panels' words, d and m.
 #[derive(Default)]
 struct Scratch {
     wp: Vec<i32>,
     scales: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// Task `task`: its (up to) 3 panels widened, then every row against them, two at a time.
@@ -149,7 +155,7 @@ unsafe fn run_task(
     task: usize,
     Scratch { wp, scales }: &mut Scratch,
 ) {
-    let (m, k, nb) = (a.m, a.k, a.k / 32);
+    let (k, nb) = (a.k, a.k / 32);
     let rb = nb * t.type_size();
     let j0 = task * NP * TASK;
     let panels = (n - j0).div_ceil(NP).min(TASK);
@@ -173,21 +179,45 @@ unsafe fn run_task(
         let (c0, _) = cols(pi);
         let cn: usize = (pi..panels.min(pi + 2)).map(|p| cols(p).1).sum();
         let panel = (&wp[pi * pw..], &wd[pi * ps..], &wm[pi * ps..]);
-        for i0 in (0..m).step_by(MR) {
-            let x = (
-                &a.xt[i0 / MR * k / 4 * SLOTS..],
-                &a.d[i0 * nb..],
-                &a.sums[i0 * nb..],
-                &a.extra[i0 * nb..],
-            );
-            let out = Out {
-                c: c.0.add(i0 * n + c0),
-                ld: n,
-                cols: cn,
-                accumulate,
-            };
-            dispatch(t == GgmlDType::Q4_1, MR.min(m - i0), x, panel, k, out);
+        let out = Out {
+            c: c.0.add(c0),
+            ld: n,
+            cols: cn,
+            accumulate,
+        };
+        // The next task's blocks (a thread's tasks run mostly in order), fetched while these
+        // rows run: widening otherwise waits on memory, column by column.
+        let next = &w[(j0 + NP * TASK).min(n) * rb..(j0 + 2 * NP * TASK).min(n) * rb];
+        all_rows(t == GgmlDType::Q4_1, a, panel, out, next);
+    }
+}
+
+/// Every row of `a`, 6 at a time, against a panel pair: one call, so the per-block dispatch
+/// stays inside the vector code (a call per register block cost ~5% of the product).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn all_rows(q4: bool, a: &Rounded, panel: Panel, out: Out, next: &[u8]) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let (m, k, nb) = (a.m, a.k, a.k / 32);
+    let per_block = next.len().div_ceil(64).div_ceil(m.div_ceil(MR));
+    for i0 in (0..m).step_by(MR) {
+        for l in 0..per_block {
+            let at = (i0 / MR * per_block + l) * 64;
+            if at < next.len() {
+                _mm_prefetch::<_MM_HINT_T1>(next.as_ptr().add(at) as *const i8);
+            }
         }
+        let x = (
+            &a.xt[i0 / MR * k / 4 * SLOTS..],
+            &a.d[i0 * nb..],
+            &a.sums[i0 * nb..],
+            &a.extra[i0 * nb..],
+        );
+        let out = Out {
+            c: out.c.add(i0 * out.ld),
+            ..out
+        };
+        crate::gemm_i16::by_rows!(block, q4, MR.min(m - i0), (x, panel, k, out))
     }
 }
 
@@ -195,12 +225,6 @@ unsafe fn run_task(
 type Rows<'a> = (&'a [i32], &'a [f32], &'a [f32], &'a [i32]);
 /// Panels: quads [k/4][16] as words, d and m [k/32][16], each panel after the previous.
 type Panel<'a> = (&'a [i32], &'a [f32], &'a [f32]);
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dispatch(q4: bool, rows: usize, x: Rows, panel: Panel, k: usize, out: Out) {
-    crate::gemm_i16::by_rows!(block, q4, rows, (x, panel, k, out))
-}
 
 /// R rows (≤ 6) against one or two panels (`out.cols` ≤ 32 columns).
 #[cfg(target_arch = "x86_64")]
@@ -277,6 +301,9 @@ unsafe fn widen_panel(
     let (nb, bb) = (k / 32, t.type_size());
     let cn = rows.len() / (nb * bb);
     assert!(cn <= NP && wp.len() >= k / 4 * NP && wd.len() >= nb * NP && wm.len() >= nb * NP);
+    if t == GgmlDType::Q4_1 && cn == NP {
+        return widen_q4_1(rows, nb, wp, wd, wm);
+    }
     wd.fill(0.0);
     wm.fill(0.0);
     let h2f = |p: *const u8| {
@@ -312,6 +339,55 @@ unsafe fn widen_panel(
         let out = wp.as_mut_ptr().add(b * 8 * NP) as *mut f32;
         crate::gemm::transpose8(src, 8, out, NP);
         crate::gemm::transpose8(src.add(8 * 8), 8, out.add(8), NP);
+    }
+}
+
+/// [`widen_panel`] of 16 whole Q4_1 columns on 512-bit registers: per block, each column's
+/// four words of nibble pairs sit in one 128-bit lane (column 4L + i in lane L of register
+/// i), a 4×4 word transpose per lane puts word p of the 16 columns in order in one register,
+/// and the nibbles split into quads p (low) and p + 4 (high); d and m come by one gather.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+unsafe fn widen_q4_1(rows: &[u8], nb: usize, wp: &mut [i32], wd: &mut [f32], wm: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const BB: usize = 20;
+    let rb = nb * BB;
+    assert!(rows.len() >= NP * rb && wp.len() >= nb * 8 * NP);
+    assert!(wd.len() >= nb * NP && wm.len() >= nb * NP);
+    let lo = _mm512_set1_epi8(0x0F);
+    let at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let at = _mm512_mullo_epi32(at, _mm512_set1_epi32(rb as i32));
+    for b in 0..nb {
+        let base = rows.as_ptr().add(b * BB);
+        let col = |j: usize| _mm_loadu_si128(base.add(j * rb + 4) as *const __m128i);
+        let lanes: [__m512i; 4] = std::array::from_fn(|i| {
+            let v = _mm512_castsi128_si512(col(i));
+            let v = _mm512_inserti32x4::<1>(v, col(4 + i));
+            let v = _mm512_inserti32x4::<2>(v, col(8 + i));
+            _mm512_inserti32x4::<3>(v, col(12 + i))
+        });
+        let t0 = _mm512_unpacklo_epi32(lanes[0], lanes[1]);
+        let t1 = _mm512_unpackhi_epi32(lanes[0], lanes[1]);
+        let t2 = _mm512_unpacklo_epi32(lanes[2], lanes[3]);
+        let t3 = _mm512_unpackhi_epi32(lanes[2], lanes[3]);
+        let words = [
+            _mm512_unpacklo_epi64(t0, t2),
+            _mm512_unpackhi_epi64(t0, t2),
+            _mm512_unpacklo_epi64(t1, t3),
+            _mm512_unpackhi_epi64(t1, t3),
+        ];
+        let out = wp.as_mut_ptr().add(b * 8 * NP);
+        for (p, w) in words.into_iter().enumerate() {
+            _mm512_storeu_si512(out.add(p * NP) as *mut _, _mm512_and_si512(w, lo));
+            let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(w), lo);
+            _mm512_storeu_si512(out.add((p + 4) * NP) as *mut _, hi);
+        }
+        // d (low half) and m (high half) of each column's first word.
+        let dm = _mm512_i32gather_epi32::<1>(at, base as *const i32);
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+        let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
+        _mm512_storeu_ps(wd.as_mut_ptr().add(b * NP), d);
+        _mm512_storeu_ps(wm.as_mut_ptr().add(b * NP), m);
     }
 }
 

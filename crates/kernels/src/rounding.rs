@@ -20,6 +20,27 @@ pub fn round_levels(x: &[f32], levels: f32, mut put: impl FnMut(usize, i32)) -> 
     d
 }
 
+/// Σx of each 32-value block of `x` in order (value 0 first), into `out`: Q4_1's offset term
+/// m·Σx. Eight blocks' chains run side by side, each still in order, so the bits are the plain
+/// loop's; one chain at a time waits on the add latency (about 4 cycles a value).
+pub fn block_sums(x: &[f32], out: &mut [f32]) {
+    assert!(x.len().is_multiple_of(32) && out.len() >= x.len() / 32);
+    let (groups, rest) = x.split_at(x.len() / 256 * 256);
+    for (g, o) in groups.chunks_exact(256).zip(out.chunks_exact_mut(8)) {
+        // -0.0 as `Iterator::sum` starts: a block of -0.0s sums to -0.0 there too.
+        let mut s = [-0f32; 8];
+        for i in 0..32 {
+            for (j, s) in s.iter_mut().enumerate() {
+                *s += g[32 * j + i];
+            }
+        }
+        o.copy_from_slice(&s);
+    }
+    for (b, o) in rest.chunks_exact(32).zip(&mut out[groups.len() / 32..]) {
+        *o = b.iter().sum();
+    }
+}
+
 /// One block to int16, stored even values first: d. `simd` takes AVX2 where the CPU has it:
 /// the same values.
 pub fn round_block_i16(x: &[f32], q: &mut [i16], simd: bool) -> f32 {
@@ -31,10 +52,40 @@ pub fn round_block_i16(x: &[f32], q: &mut [i16], simd: bool) -> f32 {
     round_levels(x, 32767.0, |i, r| q[i / 2 + 16 * (i % 2)] = r as i16)
 }
 
+/// Each 32-value block of `x` to int16 as [`round_block_i16`] (into `q`, d into `d`): the same
+/// values. The blocks' independent chains (max, divide, round) overlap in one loop, where a
+/// call per block waited on each in turn.
+pub fn round_row_i16(x: &[f32], q: &mut [i16], d: &mut [f32]) {
+    assert!(x.len().is_multiple_of(32) && q.len() >= x.len() && d.len() >= x.len() / 32);
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx2::available() {
+        // SAFETY: AVX2 was detected; the slices hold every block (asserted).
+        return unsafe { round_row_i16_avx2(x, q, d) };
+    }
+    for (d, (xs, qs)) in d
+        .iter_mut()
+        .zip(x.chunks_exact(32).zip(q.chunks_exact_mut(32)))
+    {
+        *d = round_block_i16(xs, qs, false);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_row_i16_avx2(x: &[f32], q: &mut [i16], d: &mut [f32]) {
+    for (d, (xs, qs)) in d
+        .iter_mut()
+        .zip(x.chunks_exact(32).zip(q.chunks_exact_mut(32)))
+    {
+        *d = round_block_i16_avx2(xs, qs);
+    }
+}
+
 /// [`round_block_i16`] on 256-bit registers (the same products, rounded to nearest even by
 /// `vcvtps2dq`): the same values. Non-finite activations, which the scalar loop turns into
 /// other garbage, are not promised equal.
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16]) -> f32 {
     use std::arch::x86_64::*;
@@ -89,8 +140,32 @@ pub fn round_block_i8(x: &[f32], q: &mut [i8], simd: bool) -> (f32, i32) {
     (d, sum)
 }
 
+/// Each 32-value block of `x` to int8 as [`round_block_i8`]: bytes into `q`, d and Σq into
+/// `d` and `sq`; the same values, the blocks overlapping as in [`round_row_i16`].
+pub fn round_row_i8(x: &[f32], q: &mut [i8], d: &mut [f32], sq: &mut [i32], simd: bool) {
+    let nb = x.len() / 32;
+    assert!(x.len().is_multiple_of(32) && q.len() >= x.len() && d.len() >= nb && sq.len() >= nb);
+    #[cfg(target_arch = "x86_64")]
+    if simd && is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected; the slices hold every block (asserted).
+        return unsafe { round_row_i8_avx512(x, q, d, sq) };
+    }
+    for (b, (xs, qs)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
+        (d[b], sq[b]) = round_block_i8(xs, qs, false);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_row_i8_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], sq: &mut [i32]) {
+    for (b, (xs, qs)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
+        (d[b], sq[b]) = round_block_i8_avx512(xs, qs);
+    }
+}
+
 /// [`round_block_i8`] on 512-bit registers (same operations, same bytes).
 #[cfg(target_arch = "x86_64")]
+#[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn round_block_i8_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     use std::arch::x86_64::*;
@@ -149,5 +224,63 @@ mod tests {
         if !crate::avx2::available() {
             eprintln!("note: no AVX2 here, the SIMD int16 rounding is not exercised");
         }
+    }
+
+    /// Rows of blocks (the prompt GEMMs' and decoding's rounding) give each block's values,
+    /// d and Σq as the single-block scalar loop, bit for bit: 37 blocks (odd, so no pairing
+    /// hides a block), scales spread over three decades, a zero block and a block of -0.0s.
+    #[test]
+    fn rows_round_as_their_blocks_one_by_one() {
+        let mut x: Vec<f32> = crate::test_data(37 * 32, 17)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * [0.01f32, 1.0, 30.0][i / 32 % 3])
+            .collect();
+        x[5 * 32..6 * 32].fill(0.0);
+        x[9 * 32..10 * 32].fill(-0.0);
+        let nb = x.len() / 32;
+        for simd in [true, false] {
+            let (mut q8, mut d8, mut s8) = (vec![0i8; x.len()], vec![0f32; nb], vec![0i32; nb]);
+            round_row_i8(&x, &mut q8, &mut d8, &mut s8, simd);
+            let (mut q16, mut d16) = (vec![0i16; x.len()], vec![0f32; nb]);
+            round_row_i16(&x, &mut q16, &mut d16);
+            for (b, blk) in x.chunks_exact(32).enumerate() {
+                let (mut e8, mut e16) = ([0i8; 32], [0i16; 32]);
+                let (d, sq) = round_block_i8(blk, &mut e8, false);
+                assert_eq!(
+                    (&q8[b * 32..b * 32 + 32], d8[b].to_bits(), s8[b]),
+                    (&e8[..], d.to_bits(), sq)
+                );
+                let d = round_block_i16(blk, &mut e16, false);
+                assert_eq!(
+                    (&q16[b * 32..b * 32 + 32], d16[b].to_bits()),
+                    (&e16[..], d.to_bits())
+                );
+            }
+        }
+    }
+
+    /// Block sums are each block's values added in order from -0.0 (`Iterator::sum`'s
+    /// start), bit for bit: 8-block groups and a remainder (19 blocks), values whose sum
+    /// depends on the order (1e8 and 1s), and blocks of -0.0s in and after a group.
+    #[test]
+    fn block_sums_add_each_block_in_order() {
+        let mut x = crate::test_data(19 * 32, 3);
+        x[3 * 32] = 1e8;
+        x[3 * 32 + 1..4 * 32].fill(1.0);
+        x[6 * 32..7 * 32].fill(-0.0);
+        x[17 * 32..18 * 32].fill(-0.0);
+        let mut sums = vec![0f32; 19];
+        block_sums(&x, &mut sums);
+        for (b, blk) in x.chunks_exact(32).enumerate() {
+            let mut e = -0.0f32;
+            for v in blk {
+                e += v;
+            }
+            assert_eq!(sums[b].to_bits(), e.to_bits(), "block {b}");
+        }
+        // 1e8 absorbs each 1 (the f32 spacing there is 8), so the in-order sum stays 1e8.
+        assert_eq!(sums[3], 1e8);
+        assert!(sums[6].is_sign_negative() && sums[17].is_sign_negative());
     }
 }

@@ -225,7 +225,9 @@ const ROWS: usize = 8;
 
 /// Σx over each 32-value block of each row of x [m, k]: Q4_1's offset term m·Σx per block.
 fn block_sums(x: &[f32]) -> Vec<f32> {
-    x.chunks_exact(32).map(|b| b.iter().sum()).collect()
+    let mut sums = vec![0f32; x.len() / 32];
+    fedllm_kernels::rounding::block_sums(x, &mut sums);
+    sums
 }
 
 /// An f16's bits to f32 with the F16C instruction (the `half` crate's portable path is the
@@ -973,10 +975,10 @@ impl Rounded<i8> {
             d: vec![0.0; nb],
             dq: vec![0.0; nb],
         };
-        for (b, (xs, qs)) in x.chunks_exact(32).zip(r.q.chunks_exact_mut(32)).enumerate() {
-            let (d, sq) = fedllm_kernels::rounding::round_block_i8(xs, qs, simd);
-            r.d[b] = d;
-            r.dq[b] = d * sq as f32;
+        let mut sq = vec![0i32; nb];
+        fedllm_kernels::rounding::round_row_i8(x, &mut r.q, &mut r.d, &mut sq, simd);
+        for ((dq, d), sq) in r.dq.iter_mut().zip(&r.d).zip(sq) {
+            *dq = d * sq as f32;
         }
         r
     }
@@ -991,12 +993,7 @@ impl Rounded<i16> {
             d: vec![0.0; x.len() / 32],
             dq: Vec::new(),
         };
-        for (d, (xs, qs)) in
-            r.d.iter_mut()
-                .zip(x.chunks_exact(32).zip(r.q.chunks_exact_mut(32)))
-        {
-            *d = fedllm_kernels::rounding::round_block_i16(xs, qs, true);
-        }
+        fedllm_kernels::rounding::round_row_i16(x, &mut r.q, &mut r.d);
         r
     }
 }
