@@ -42,6 +42,27 @@ fn softmax(row: &mut [f32]) -> (f32, f32) {
     (max, inv)
 }
 
+crate::wide_fn! {
+    /// Scores to logits in place, y·scale (+ bias where `bias` is not empty): their maximum.
+    /// (The maximum of a set is exact in any order, so the vectorized fold gives the scalar
+    /// fold's value; f32::max ignores NaN either way.)
+    fn scale_max(row: &mut [f32], scale: f32, bias: &[f32]) -> f32 {
+        if bias.is_empty() {
+            row.iter_mut().for_each(|y| *y *= scale);
+        } else {
+            row.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y * scale + b);
+        }
+        row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+crate::wide_fn! {
+    /// y ·= a for each y of the row.
+    fn times(row: &mut [f32], a: f32) {
+        row.iter_mut().for_each(|y| *y *= a);
+    }
+}
+
 struct Ptr(*mut f32);
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
@@ -540,16 +561,13 @@ fn prompt_panels(
                 }
             }
             for (i, row) in sc[..rows * c1].chunks_exact_mut(c1).enumerate() {
-                match bias {
-                    Some(x) => {
-                        let at = (bi * t + r0 + i) * s;
-                        row.iter_mut()
-                            .zip(&x[at..at + c1])
-                            .for_each(|(y, &b)| *y = *y * scale + b);
-                    }
-                    None => row.iter_mut().for_each(|y| *y *= scale),
-                }
-                softmax(row);
+                let at = (bi * t + r0 + i) * s;
+                let max = match bias {
+                    Some(x) => scale_max(row, scale, &x[at..at + c1]),
+                    None => scale_max(row, scale, &[]),
+                };
+                let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
+                times(row, inv);
             }
             // SAFETY: as above; this task writes only rows r0..r0+rows of head hi of batch bi.
             unsafe {
@@ -662,6 +680,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The widened row loops (`wide_fn!`: 16 lanes here) give the scalar loops' bits: each
+    /// logit y·scale + b (a multiply then an add, never fused), the same maximum, and y·a; at
+    /// 37 values (two vectors and a tail) with masked entries at -1e30.
+    #[test]
+    fn widened_row_loops_give_the_scalar_bits() {
+        let x: Vec<f32> = data(37, 21).iter().map(|v| v * 7.0).collect();
+        let mut bias = data(37, 22);
+        bias[30..].fill(-1e30);
+        let (scale, a) = (0.125f32 * 1.1, 0.3f32);
+        let want: Vec<f32> = x.iter().zip(&bias).map(|(&y, &b)| y * scale + b).collect();
+        let want_max = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut row = x.clone();
+        assert_eq!(
+            scale_max(&mut row, scale, &bias).to_bits(),
+            want_max.to_bits()
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&row), bits(&want));
+        let mut plain = x.clone();
+        scale_max(&mut plain, scale, &[]);
+        assert_eq!(
+            bits(&plain),
+            bits(&x.iter().map(|&y| y * scale).collect::<Vec<_>>())
+        );
+        times(&mut row, a);
+        assert_eq!(
+            bits(&row),
+            bits(&want.iter().map(|&y| y * a).collect::<Vec<_>>())
+        );
     }
 
     /// The backward against central differences of the forward (f32, so loose but telling).

@@ -19,11 +19,7 @@ pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
             .zip(x.chunks(h * ROWS_PER_TASK))
         {
             rstd_rows(x, h, eps, &mut r);
-            for ((y, x), &r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(&r) {
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    *y = x * r * w;
-                }
-            }
+            scale_rows(y, x, &r, w);
         }
     };
     if x.len() < PAR_MIN {
@@ -32,6 +28,27 @@ pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     y.par_chunks_mut(h * ROWS_PER_TASK)
         .zip(x.par_chunks(h * ROWS_PER_TASK))
         .for_each(rows);
+}
+
+crate::wide_fn! {
+    /// y = x · r · w for each h-row of x (h = w.len()) with its r.
+    fn scale_rows(y: &mut [f32], x: &[f32], r: &[f32], w: &[f32]) {
+        let h = w.len();
+        for ((y, x), &r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(r) {
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        }
+    }
+}
+
+crate::wide_fn! {
+    /// y ·= a · b, element by element.
+    pub(crate) fn times_product(y: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y *= a * b;
+        }
+    }
 }
 
 fn rstd(x: &[f32], eps: f32) -> f32 {
@@ -103,9 +120,7 @@ pub fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) -
 pub fn swiglu_fwd(gate: &[f32], up: &[f32], y: &mut [f32]) {
     let part = |(y, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
         crate::vexp::sigmoid(g, y);
-        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-            *y *= g * u;
-        }
+        times_product(y, g, u);
     };
     if gate.len() < PAR_MIN {
         return y

@@ -781,7 +781,7 @@ pub(crate) mod tests {
     /// order. Q8_0's first row holds only 127s: with activations all at one magnitude its
     /// block dots reach 32·127·32767 > 2²⁴, where the f32 conversion rounds.
     #[allow(clippy::type_complexity)]
-    fn weights(
+    pub(crate) fn weights(
         t: GgmlDType,
         n: usize,
         k: usize,

@@ -139,7 +139,51 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
-/// Task `task`: its (up to) 3 panels widened, then every row against them, two at a time.
+/// Task `task`'s panels (its up to 32 columns of W) widened into `scratch`: how many, and
+/// their blocks' words, d and m ([`Panel`]).
+///
+/// # Safety
+/// `supported(t)`; W holds n rows of k/32 blocks.
+#[cfg(target_arch = "x86_64")]
+unsafe fn widen_task<'s>(
+    t: GgmlDType,
+    w: &[u8],
+    (n, k): (usize, usize),
+    task: usize,
+    Scratch { wp, scales }: &'s mut Scratch,
+) -> (usize, Panel<'s>) {
+    let nb = k / 32;
+    let rb = nb * t.type_size();
+    let j0 = task * NP * TASK;
+    let panels = (n - j0).div_ceil(NP).min(TASK);
+    let (pw, ps) = (k / 4 * NP, nb * NP);
+    wp.resize(panels * pw, 0);
+    scales.resize(2 * panels * ps, 0.0);
+    let (wd, wm) = scales.split_at_mut(panels * ps);
+    for pi in 0..panels {
+        let (c0, cn) = (j0 + pi * NP, NP.min(n - j0 - pi * NP));
+        widen_panel(
+            t,
+            &w[c0 * rb..(c0 + cn) * rb],
+            k,
+            &mut wp[pi * pw..(pi + 1) * pw],
+            &mut wd[pi * ps..(pi + 1) * ps],
+            &mut wm[pi * ps..(pi + 1) * ps],
+        );
+    }
+    (panels, (&wp[..], &wd[..], &wm[..]))
+}
+
+/// The blocks of the task after `task` (a thread's tasks run mostly in order), for
+/// [`all_rows`] to fetch while this one's rows run: widening otherwise waits on memory,
+/// column by column.
+fn next_task(t: GgmlDType, w: &[u8], (n, k): (usize, usize), task: usize) -> &[u8] {
+    let rb = k / 32 * t.type_size();
+    let j0 = (task + 1) * NP * TASK;
+    &w[j0.min(n) * rb..(j0 + NP * TASK).min(n) * rb]
+}
+
+/// Task `task`: its (up to) 2 panels widened, then every row against them.
 ///
 /// # Safety
 /// `supported(t)`; `c` points at C [m, n]; no other task writes this task's columns.
@@ -153,71 +197,156 @@ unsafe fn run_task(
     c: &SyncPtr,
     accumulate: bool,
     task: usize,
-    Scratch { wp, scales }: &mut Scratch,
+    scratch: &mut Scratch,
 ) {
-    let (k, nb) = (a.k, a.k / 32);
-    let rb = nb * t.type_size();
+    let (panels, panel) = widen_task(t, w, (n, a.k), task, scratch);
     let j0 = task * NP * TASK;
-    let panels = (n - j0).div_ceil(NP).min(TASK);
-    let (pw, ps) = (k / 4 * NP, nb * NP);
-    wp.resize(panels * pw, 0);
-    scales.resize(2 * panels * ps, 0.0);
-    let (wd, wm) = scales.split_at_mut(panels * ps);
-    let cols = |pi: usize| (j0 + pi * NP, NP.min(n - j0 - pi * NP));
-    for pi in 0..panels {
-        let (c0, cn) = cols(pi);
-        widen_panel(
-            t,
-            &w[c0 * rb..(c0 + cn) * rb],
-            k,
-            &mut wp[pi * pw..(pi + 1) * pw],
-            &mut wd[pi * ps..(pi + 1) * ps],
-            &mut wm[pi * ps..(pi + 1) * ps],
-        );
-    }
-    for pi in (0..panels).step_by(2) {
-        let (c0, _) = cols(pi);
-        let cn: usize = (pi..panels.min(pi + 2)).map(|p| cols(p).1).sum();
-        let panel = (&wp[pi * pw..], &wd[pi * ps..], &wm[pi * ps..]);
-        let out = Out {
-            c: c.0.add(c0),
-            ld: n,
-            cols: cn,
-            accumulate,
-        };
-        // The next task's blocks (a thread's tasks run mostly in order), fetched while these
-        // rows run: widening otherwise waits on memory, column by column.
-        let next = &w[(j0 + NP * TASK).min(n) * rb..(j0 + 2 * NP * TASK).min(n) * rb];
-        all_rows(t == GgmlDType::Q4_1, a, panel, out, next);
-    }
+    let out = Out {
+        c: c.0.add(j0),
+        ld: n,
+        cols: (n - j0).min(NP * panels),
+        accumulate,
+    };
+    all_rows(
+        t == GgmlDType::Q4_1,
+        a,
+        panel,
+        out,
+        next_task(t, w, (n, a.k), task),
+    );
 }
 
-/// Every row of `a`, 6 at a time, against a panel pair: one call, so the per-block dispatch
-/// stays inside the vector code (a call per register block cost ~5% of the product).
+/// Every row of `a`, 6 at a time, against a panel pair into `out`: one call, so the
+/// per-block dispatch stays inside the vector code (a call per register block cost ~5% of
+/// the product). The lines of `next` are prefetched (into L2) along the way.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn all_rows(q4: bool, a: &Rounded, panel: Panel, out: Out, next: &[u8]) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-    let (m, k, nb) = (a.m, a.k, a.k / 32);
-    let per_block = next.len().div_ceil(64).div_ceil(m.div_ceil(MR));
-    for i0 in (0..m).step_by(MR) {
-        for l in 0..per_block {
-            let at = (i0 / MR * per_block + l) * 64;
-            if at < next.len() {
-                _mm_prefetch::<_MM_HINT_T1>(next.as_ptr().add(at) as *const i8);
-            }
-        }
-        let x = (
-            &a.xt[i0 / MR * k / 4 * SLOTS..],
-            &a.d[i0 * nb..],
-            &a.sums[i0 * nb..],
-            &a.extra[i0 * nb..],
-        );
-        let out = Out {
+    let per_block = next.len().div_ceil(64).div_ceil(a.m.div_ceil(MR));
+    for i0 in (0..a.m).step_by(MR) {
+        prefetch(next, i0 / MR * per_block, per_block);
+        let to = Out {
             c: out.c.add(i0 * out.ld),
             ..out
         };
-        crate::gemm_i16::by_rows!(block, q4, MR.min(m - i0), (x, panel, k, out))
+        row_block(q4, a, i0, panel, to);
+    }
+}
+
+/// Lines `from..from + count` (of 64 bytes) of `bytes`, those it has, toward L2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn prefetch(bytes: &[u8], from: usize, count: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    for l in from..from + count {
+        if l * 64 < bytes.len() {
+            _mm_prefetch::<_MM_HINT_T1>(bytes.as_ptr().add(l * 64) as *const i8);
+        }
+    }
+}
+
+/// Rows i0..i0 + 6 (those `a` has) against a panel pair into `out` (row i0 first).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn row_block(q4: bool, a: &Rounded, i0: usize, panel: Panel, out: Out) {
+    let (k, nb) = (a.k, a.k / 32);
+    let x = (
+        &a.xt[i0 / MR * k / 4 * SLOTS..],
+        &a.d[i0 * nb..],
+        &a.sums[i0 * nb..],
+        &a.extra[i0 * nb..],
+    );
+    crate::gemm_i16::by_rows!(block, q4, MR.min(a.m - i0), (x, panel, k, out))
+}
+
+/// C [m, n] = silu(x·Gᵀ) · (x·Uᵀ) (LLaMA's SwiGLU of the gate and up products, as
+/// `fused::swiglu_fwd` computes it from them: the same bits) for x rounded once and G, U the
+/// raw blocks of two [n, k] matrices of type `t`, n a multiple of 32. Each task widens both
+/// matrices' columns and combines a register block's two products while they are in L1, where
+/// the separate products wrote two [m, n] results for a third pass to read.
+pub fn swiglu_rounded(
+    t: GgmlDType,
+    (gate, up): (&[u8], &[u8]),
+    n: usize,
+    a: &Rounded,
+    c: &mut [f32],
+) -> Result<(), String> {
+    check_product("int8 product", t, supported(t), (gate, n), a, c)?;
+    check_product("int8 product", t, supported(t), (up, n), a, c)?;
+    if !n.is_multiple_of(NP * TASK) {
+        return Err(format!(
+            "int8 SwiGLU product: {n} columns are not whole 32-column tasks"
+        ));
+    }
+    if a.m == 0 || n == 0 {
+        return Ok(());
+    }
+    let cp = SyncPtr(c.as_mut_ptr());
+    (0..n / (NP * TASK)).into_par_iter().for_each(|task| {
+        PAIR.with_borrow_mut(|(sg, su)| {
+            // SAFETY: task `task` writes only its own columns of C.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                swiglu_task(t, (gate, up), n, a, &cp, task, (sg, su))
+            }
+        })
+    });
+    Ok(())
+}
+
+thread_local! {
+    static PAIR: std::cell::RefCell<(Scratch, Scratch)> = std::cell::RefCell::default();
+}
+
+/// Task `task` of [`swiglu_rounded`]: per register block, the gate and up products into two
+/// tiles of 6 × 32, then silu(g)·u into C.
+///
+/// # Safety
+/// As [`run_task`]; the task's 32 columns are whole.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn swiglu_task(
+    t: GgmlDType,
+    (gate, up): (&[u8], &[u8]),
+    n: usize,
+    a: &Rounded,
+    c: &SyncPtr,
+    task: usize,
+    (sg, su): (&mut Scratch, &mut Scratch),
+) {
+    const W: usize = NP * TASK;
+    let (k, q4) = (a.k, t == GgmlDType::Q4_1);
+    let (_, pg) = widen_task(t, gate, (n, k), task, sg);
+    let (_, pu) = widen_task(t, up, (n, k), task, su);
+    let (mut g, mut u, mut y) = ([0f32; MR * W], [0f32; MR * W], [0f32; MR * W]);
+    let tile = |p: &mut [f32; MR * W]| Out {
+        c: p.as_mut_ptr(),
+        ld: W,
+        cols: W,
+        accumulate: false,
+    };
+    let (tg, tu) = (tile(&mut g), tile(&mut u));
+    let cj = c.0.add(task * W);
+    // Both matrices' next blocks: twice the lines of `all_rows`.
+    let next = [
+        next_task(t, gate, (n, k), task),
+        next_task(t, up, (n, k), task),
+    ];
+    let per_block = next[0].len().div_ceil(64).div_ceil(a.m.div_ceil(MR));
+    for i0 in (0..a.m).step_by(MR) {
+        for nx in next {
+            prefetch(nx, i0 / MR * per_block, per_block);
+        }
+        row_block(q4, a, i0, pg, tg);
+        row_block(q4, a, i0, pu, tu);
+        let vals = MR.min(a.m - i0) * W;
+        crate::vexp::sigmoid(&g[..vals], &mut y[..vals]);
+        crate::fused::times_product(&mut y[..vals], &g[..vals], &u[..vals]);
+        for (r, row) in y[..vals].chunks_exact(W).enumerate() {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), cj.add((i0 + r) * n), W);
+        }
     }
 }
 
@@ -408,6 +537,53 @@ mod tests {
             let a = Rounded::new(x, k).unwrap();
             matmul_rounded(t, raw, n, &a, c, acc).unwrap()
         });
+    }
+
+    /// The fused SwiGLU product is silu(gate)·up of the two separate products as
+    /// `fused::swiglu_fwd` combines them, bit for bit (the same products, the same sigmoid on
+    /// 16-lane vectors, the same multiplies): row counts around the 6-row block, 1–3 tasks of
+    /// 32 columns, Q4_1 and Q8_0. Columns that are not whole tasks are refused.
+    #[test]
+    fn swiglu_products_are_the_separate_products_combined() {
+        if !supported(GgmlDType::Q4_1) {
+            eprintln!("note: no AVX-512 VNNI here, the int8 product does not run");
+            return;
+        }
+        use crate::gemm_i16::tests::weights;
+        for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (m, n, k) in [
+                (1, 32, 64),
+                (5, 64, 32),
+                (6, 96, 96),
+                (13, 32, 128),
+                (20, 64, 64),
+            ] {
+                let (gate, _) = weights(t, n, k, (m * 7 + n) as u64);
+                let (up, _) = weights(t, n, k, (m * 11 + k) as u64 + 1);
+                let x: Vec<f32> = crate::test_data(m * k, m + n)
+                    .iter()
+                    .map(|v| v * 3.0)
+                    .collect();
+                let a = Rounded::new(&x, k).unwrap();
+                let (mut g, mut u) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_rounded(t, &gate, n, &a, &mut g, false).unwrap();
+                matmul_rounded(t, &up, n, &a, &mut u, false).unwrap();
+                let mut want = vec![0f32; m * n];
+                crate::fused::swiglu_fwd(&g, &u, &mut want);
+                let mut got = vec![f32::NAN; m * n];
+                swiglu_rounded(t, (&gate, &up), n, &a, &mut got).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{t:?} m {m} n {n} k {k}");
+                assert!(
+                    want.iter().any(|&v| v.abs() > 0.1),
+                    "{t:?}: products near 0"
+                );
+            }
+        }
+        let (w, _) = weights(GgmlDType::Q4_1, 48, 32, 1);
+        let a = Rounded::new(&[0.5f32; 64], 32).unwrap();
+        let err = swiglu_rounded(GgmlDType::Q4_1, (&w, &w), 48, &a, &mut [0f32; 96]).unwrap_err();
+        assert!(err.contains("whole 32-column tasks"), "{err}");
     }
 
     /// Types other than Q4_1/Q8_0, rows that are not whole blocks and operands shorter than

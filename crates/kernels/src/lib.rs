@@ -33,6 +33,47 @@ pub(crate) fn test_data(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Whether this CPU has AVX-512F (asked once).
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *A.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A function whose body is compiled three times — for AVX-512F, for AVX2 and for the crate's
+/// baseline (SSE2, 4 lanes) — and run in the widest form this CPU has: for plain element-wise
+/// loops, which LLVM vectorizes at the width it is given. The bits stay: LLVM neither
+/// reassociates nor contracts float operations (Rust gives it no fast-math flags), so each
+/// element gets the same IEEE operations at any width.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,avx512f")]
+                unsafe fn w512($($a: $t),*) $(-> $r)? $body
+                #[target_feature(enable = "avx2")]
+                unsafe fn w256($($a: $t),*) $(-> $r)? $body
+                if $crate::has_avx512() {
+                    // SAFETY: AVX-512F was detected.
+                    return unsafe { w512($($a),*) };
+                }
+                if $crate::avx2::available() {
+                    // SAFETY: AVX2 was detected.
+                    return unsafe { w256($($a),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use wide_fn;
+
 /// `n` values (f32, or another plain number type) for the caller to fill completely before
 /// reading any of them: the activations' hot path skips the zeroing pass of `vec![0.0; n]`
 /// (candle's `alloc_uninit` does the same).

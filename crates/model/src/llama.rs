@@ -128,6 +128,9 @@ impl Mlp {
 
     /// `res + mlp(x)`.
     fn forward(&self, x: &Tensor, res: &Tensor) -> CResult<Tensor> {
+        if let Some(h) = Linear::swiglu_shared(&self.gate_proj, &self.up_proj, x)? {
+            return self.down_proj.forward_residual(&h, res);
+        }
         let [g, u] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x)?;
         self.down_proj.forward_swiglu_residual(&g, &u, res)
     }
