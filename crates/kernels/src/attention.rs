@@ -336,8 +336,8 @@ fn row_end(row: &[f32]) -> usize {
 }
 
 /// Inference attention of new positions (no gradient): q [B, H, T, D], k and v [B, KV, S, D]
-/// (grouped-query heads read in place), bias [B, T, S] additive, out [B, H, T, D], all
-/// contiguous f32. Tasks are (batch, head, block of `PB` query rows); a block reads the keys up
+/// (grouped-query heads read in place), bias [B, T, S] additive, out [B, T, H, D] (the layout
+/// the output projection reads, so no transposing copy follows), all contiguous f32. Tasks are (batch, head, block of `PB` query rows); a block reads the keys up
 /// to the last one any of its rows sees, so a causal prompt costs about half the products of
 /// the full T × S square.
 pub fn prompt(
@@ -428,8 +428,8 @@ fn prompt_strided(
             unsafe {
                 mm(
                     (rows, d, c1),
-                    op.0.add(at_q),
-                    (d, 1),
+                    op.0.add(((bi * t + r0) * h + hi) * d),
+                    (h * d, 1),
                     false,
                     sc.as_ptr(),
                     (c1, 1),
@@ -509,8 +509,14 @@ fn prompt_panels(
     use crate::gemm::{MR, NR};
     let PromptShape { b, h, kv, t, s, d } = sh;
     let (ktl, vpl) = (s.div_ceil(NR) * d * NR, d.div_ceil(NR) * s * NR);
-    let mut kt = vec![0f32; b * kv * ktl];
-    let mut vp = vec![0f32; b * kv * vpl];
+    // Panels pad columns past s (keys) and d (values) with zeros; without padding every
+    // value is written by `kv_panels`.
+    let zeroed = |n: usize| match s % NR == 0 && d % NR == 0 {
+        // SAFETY: no padding, so `kv_panels` writes all n values.
+        true => unsafe { crate::uninit(n) },
+        false => vec![0f32; n],
+    };
+    let (mut kt, mut vp) = (zeroed(b * kv * ktl), zeroed(b * kv * vpl));
     kt.par_chunks_mut(ktl)
         .zip(vp.par_chunks_mut(vpl))
         .enumerate()
@@ -571,12 +577,12 @@ fn prompt_panels(
             }
             // SAFETY: as above; this task writes only rows r0..r0+rows of head hi of batch bi.
             unsafe {
-                let o = op.0.add((bh * t + r0) * d);
+                let o = op.0.add(((bi * t + r0) * h + hi) * d);
                 for p in 0..d.div_ceil(NR) {
                     for i0 in (0..rows).step_by(MR) {
                         let a = sc.as_ptr().add(i0 * c1);
                         let (r, cols) = (MR.min(rows - i0), NR.min(d - p * NR));
-                        let c = o.add(i0 * d + p * NR);
+                        let c = o.add(i0 * h * d + p * NR);
                         block(
                             a,
                             c1,
@@ -584,7 +590,7 @@ fn prompt_panels(
                             vpg.as_ptr().add(p * s * NR),
                             c1,
                             c,
-                            d,
+                            h * d,
                             cols,
                             false,
                             a,
@@ -670,7 +676,7 @@ mod tests {
                     for c in 0..d {
                         let want: f64 = (0..s).map(|j| e[j] / sum * v[key(j) + c] as f64).sum();
                         for (path, o) in [("prompt", &out), ("strided", &strided)] {
-                            let got = o[((bi * h + hi) * t + i) * d + c] as f64;
+                            let got = o[((bi * t + i) * h + hi) * d + c] as f64;
                             assert!(
                                 (got - want).abs() < 1e-5,
                                 "{path} d {d}: b {bi} h {hi} row {i} [{c}]: {got} vs {want}"

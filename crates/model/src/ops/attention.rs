@@ -130,7 +130,9 @@ pub fn gqa_attention_after(
                 shared,
                 shared_len,
             };
-            return q.apply_op3_no_bwd(k, v, &op);
+            // Computed as [B, T, H, D] (what the output projection reads): the [B, H, T, D]
+            // view of it, which the caller's transpose back makes contiguous for free.
+            return q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2);
         }
         // A cache may store keys/values narrower than the queries (f16 beside quantized
         // weights): widened for the matmul path.
@@ -1009,7 +1011,8 @@ impl candle_core::CustomOp3 for PromptAttention {
         };
         // Keys and values [B, KV, S, D]: the shared prefix's rows, then the row's own.
         let gather = |own: &View, pre: Option<&View>| {
-            let mut x = vec![0f32; b * kv * s * d];
+            // SAFETY: every row is gathered into below.
+            let mut x = unsafe { fedllm_kernels::uninit(b * kv * s * d) };
             for (r, row) in x.chunks_exact_mut(d).enumerate() {
                 let (bi, g, j) = (r / (kv * s), r / s % kv, r % s);
                 match pre {
@@ -1030,7 +1033,7 @@ impl candle_core::CustomOp3 for PromptAttention {
             self.scale,
             &mut out,
         );
-        Ok((like(s1, out), candle_core::Shape::from((b, h, t, d))))
+        Ok((like(s1, out), candle_core::Shape::from((b, t, h, d))))
     }
 }
 

@@ -48,7 +48,8 @@ impl CustomOp2 for RmsNorm {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1, "rms_norm")?, slice(s2, l2, "rms_norm")?);
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: `rms_norm_fwd` writes every value.
+        let mut y = unsafe { fedllm_kernels::uninit(x.len()) };
         k::rms_norm_fwd(x, w, self.eps, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
