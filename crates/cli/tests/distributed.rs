@@ -15,12 +15,26 @@ fn tiny() -> PathBuf {
     fedllm_testing::golden_dir().join("llama-tiny")
 }
 
+/// A port for a test's server, free when probed, below the kernel's ephemeral range: a port
+/// from that range (what binding :0 hands out) can be taken by another test's outgoing
+/// connection between the probe and the server's bind, which failed a run once. Below the
+/// range only an explicit bind takes a port, and each call of this process probes a new one.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Test binaries of one run start at different places (their pids differ).
+    let span = low.saturating_sub(10000).max(1000);
+    let start = 10000 + (std::process::id() % 64) as u16 * (span / 64);
+    loop {
+        let p = start + NEXT.fetch_add(1, Ordering::Relaxed) % (span / 64);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 /// A learnable toy instruction set.
