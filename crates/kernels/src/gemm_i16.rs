@@ -203,18 +203,18 @@ pub fn matmul_rounded(
         rb,
         kernel,
     };
-    (0..n.div_ceil(NP * TASK)).into_par_iter().for_each_init(
-        || Scratch {
-            wp: Vec::new(),
-            scales: Vec::new(),
-            cols16: vec![0; NP * k],
-        },
-        |scratch, task| {
+    (0..n.div_ceil(NP * TASK)).into_par_iter().for_each(|task| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.cols16.resize(NP * k, 0);
             // SAFETY: task `task` writes only its own columns of C.
             unsafe { run_task(shape, w, a, &cp, accumulate, task, scratch) }
-        },
-    );
+        })
+    });
     Ok(())
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 #[derive(Clone, Copy)]
@@ -228,8 +228,9 @@ struct Shape {
     kernel: Kernel,
 }
 
-/// A task's buffers, kept by its thread: its panels' words and scales, and the widening's
-/// [16][k] scratch.
+/// A task's buffers, kept by its thread across products (fresh ones per rayon split cost a
+/// zeroed allocation each): its panels' words and scales, and the widening's [16][k] scratch.
+#[derive(Default)]
 struct Scratch {
     wp: Vec<i32>,
     scales: Vec<f32>,
