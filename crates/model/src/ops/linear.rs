@@ -1396,17 +1396,28 @@ mod tests {
         }
     }
 
+    /// A layer of kept `t` blocks quantized from seeded normal weights [n, k], with a seeded
+    /// bias if asked.
+    fn quant_layer(
+        seed: u64,
+        (n, k): (usize, usize),
+        t: candle_core::quantized::GgmlDType,
+        bias: bool,
+    ) -> Linear {
+        let dev = Device::Cpu;
+        let w = fedllm_testing::randn(seed, 0f32, 1.0, (n, k), &dev).unwrap();
+        let q = candle_core::quantized::QTensor::quantize(&w, t).unwrap();
+        let b = bias.then(|| fedllm_testing::randn(seed + 1, 0f32, 1.0, n, &dev).unwrap());
+        Linear::new(Weight::Quant(std::sync::Arc::new(q)), b).unwrap()
+    }
+
     fn shared_input_products_on(path: crate::ops::qmatvec::Path) {
         use crate::ops::qmatvec;
-        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::quantized::GgmlDType;
         let dev = Device::Cpu;
         let k = 576;
-        let layer = |seed: u64, n: usize, t: GgmlDType, bias: bool| {
-            let w = fedllm_testing::randn(seed, 0f32, 1.0, (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&w, t).unwrap();
-            let b = bias.then(|| fedllm_testing::randn(seed + 1, 0f32, 1.0, n, &dev).unwrap());
-            Linear::new(Weight::Quant(std::sync::Arc::new(q)), b).unwrap()
-        };
+        let layer =
+            |seed: u64, n: usize, t: GgmlDType, bias: bool| quant_layer(seed, (n, k), t, bias);
         let mut lins = [
             layer(231, 96, GgmlDType::Q4_1, false),
             layer(233, 48, GgmlDType::Q8_0, false),
@@ -1461,19 +1472,15 @@ mod tests {
     #[test]
     fn swiglu_shared_equals_the_separate_forwards_combined() {
         use crate::ops::qmatvec::{self, Path};
-        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::quantized::GgmlDType;
         if !Path::Int8.supported() {
             eprintln!("note: this CPU cannot run Int8; the fused SwiGLU product does not run");
             return;
         }
         let dev = Device::Cpu;
         let k = 576;
-        let layer = |seed: u64, n: usize, t: GgmlDType, bias: bool| {
-            let w = fedllm_testing::randn(seed, 0f32, 1.0, (n, k), &dev).unwrap();
-            let q = QTensor::quantize(&w, t).unwrap();
-            let b = bias.then(|| fedllm_testing::randn(seed + 1, 0f32, 1.0, n, &dev).unwrap());
-            Linear::new(Weight::Quant(std::sync::Arc::new(q)), b).unwrap()
-        };
+        let layer =
+            |seed: u64, n: usize, t: GgmlDType, bias: bool| quant_layer(seed, (n, k), t, bias);
         let fused = |g: &Linear, u: &Linear, rows: usize, path: Path| {
             let x = fedllm_testing::randn(251, 0f32, 1.0, (1, rows, k), &dev).unwrap();
             qmatvec::with_path(path, || {
