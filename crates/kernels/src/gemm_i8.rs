@@ -32,8 +32,8 @@ const NP: usize = 16;
 const MR: usize = 6;
 /// Word slots per quad in the rounded rows: the 6 rows of a tile padded to 8 (8×8 transposes).
 const SLOTS: usize = 8;
-/// Panels per task (a pair for the register block, and a third so 576-column products split
-/// into 12 tasks for 2 threads).
+/// Panels per task: the register block's pair (32 columns; 576-column products split into 18
+/// tasks, 192-column ones into 6).
 const TASK: usize = 2;
 
 /// Whether this CPU multiplies blocks of type `t` here (AVX-512 F, BW and VNNI; AVX2 for the
