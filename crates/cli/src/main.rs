@@ -27,18 +27,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc v2's option enum: -1 = never return freed memory to the OS.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Inference commands run on 4 KiB pages: with transparent huge pages on ("always", as on the
-/// W3 machine) the allocator's arenas are backed by 2 MiB pages as soon as any byte of one is
-/// touched, which held ~30 MiB more in a 256-token `bench generate` (peak RSS 183–189 → 154–158
-/// MiB without them; prefill and decode speed unchanged within the VM's run-to-run spread).
-/// Training keeps them (its large buffers are used whole).
-fn small_pages() {
+/// Loading a model for inference runs on 4 KiB pages (`on`), then huge pages come back: with
+/// transparent huge pages "always" (as on the W3 machine) the allocator's arenas are backed by
+/// 2 MiB pages as soon as any byte of one is touched, and the load's many allocations (the
+/// tokenizer's above all) left ~9 MiB of untouched memory resident (`bench generate` b1 peak RSS
+/// 185–187 → 176–178 MiB). Off for the whole run it saved ~30 MiB but read 3–8% slower prefills
+/// in two alternating comparisons, so the compute keeps huge pages.
+fn small_pages(on: bool) {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl(PR_SET_THP_DISABLE) takes plain integers and changes only how later page
     // faults of this process are served; if it fails (a kernel without it), pages stay as they
     // were, which changes memory use only.
     unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        libc::prctl(libc::PR_SET_THP_DISABLE, on as libc::c_ulong, 0, 0, 0);
     }
 }
 use fedllm_model::{
@@ -240,7 +241,10 @@ impl ModelArgs {
         if opts.quant == QuantMode::Dequantize {
             opts.quant = QuantMode::Packed;
         }
-        CausalLm::load(&self.model, opts).context("loading model")
+        small_pages(true);
+        let loaded = CausalLm::load(&self.model, opts).context("loading model");
+        small_pages(false);
+        loaded
     }
 }
 
@@ -429,12 +433,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if matches!(
-        cli.cmd,
-        Cmd::Generate(_) | Cmd::Chat(_) | Cmd::Serve(_) | Cmd::Bench(BenchCmd::Generate { .. })
-    ) {
-        small_pages();
-    }
     match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Chat(a) => chat_cmd::run(a),
