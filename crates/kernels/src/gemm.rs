@@ -348,7 +348,7 @@ pub fn dequant(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     use k_quants::*;
     #[cfg(target_arch = "x86_64")]
     if matches!(t, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
-        if avx512() {
+        if crate::has_avx512() {
             // SAFETY: AVX-512F was detected; `dequant_avx512` reads whole blocks only.
             return unsafe { dequant_avx512(t, bytes, out) };
         }
@@ -370,12 +370,6 @@ pub fn dequant(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
         GgmlDType::Q6K => dequant_as::<BlockQ6K>(bytes, out),
         _ => unreachable!("checked by quant_supported"),
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
-    static A: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *A.get_or_init(|| is_x86_feature_detected!("avx512f"))
 }
 
 /// Q4_1 (f16 d, f16 m, 16 bytes: low nibbles are values 0–15, high nibbles 16–31) and Q8_0

@@ -33,7 +33,7 @@ pub(crate) fn test_data(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Whether this CPU has AVX-512F (asked once).
+/// Whether this CPU has AVX-512F (asked once; every kernel's dispatch asks here).
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -128,7 +128,7 @@ unsafe fn round_block_i16_avx2(x: &[f32], q: &mut [i16]) -> f32 {
 /// CPU has it: the same bytes.
 pub fn round_block_i8(x: &[f32], q: &mut [i8], simd: bool) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if simd && is_x86_feature_detected!("avx512f") {
+    if simd && crate::has_avx512() {
         // SAFETY: AVX-512F was detected; the caller's slices hold a whole block.
         return unsafe { round_block_i8_avx512(x, q) };
     }
@@ -146,7 +146,7 @@ pub fn round_row_i8(x: &[f32], q: &mut [i8], d: &mut [f32], sq: &mut [i32], simd
     let nb = x.len() / 32;
     assert!(x.len().is_multiple_of(32) && q.len() >= x.len() && d.len() >= nb && sq.len() >= nb);
     #[cfg(target_arch = "x86_64")]
-    if simd && is_x86_feature_detected!("avx512f") {
+    if simd && crate::has_avx512() {
         // SAFETY: AVX-512F was detected; the slices hold every block (asserted).
         return unsafe { round_row_i8_avx512(x, q, d, sq) };
     }

@@ -3,21 +3,7 @@
 //! attention and the 49k-vocabulary cross-entropy call hundreds of millions of times a step.
 //! Without AVX-512, the AVX2 twins ([`crate::avx2`]) run the same steps on two 8-lane halves.
 
-use std::sync::OnceLock;
-
-fn avx512() -> bool {
-    static A: OnceLock<bool> = OnceLock::new();
-    *A.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
+use crate::has_avx512 as avx512;
 
 /// x[i] = exp(x[i] − sub) · mul; returns Σ exp(x[i] − sub) (before `mul`).
 pub fn exp_sub(x: &mut [f32], sub: f32, mul: f32) -> f32 {
