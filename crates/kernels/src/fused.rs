@@ -44,7 +44,7 @@ crate::wide_fn! {
 
 crate::wide_fn! {
     /// y ·= a · b, element by element.
-    pub(crate) fn times_product(y: &mut [f32], a: &[f32], b: &[f32]) {
+    fn times_product(y: &mut [f32], a: &[f32], b: &[f32]) {
         for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
             *y *= a * b;
         }

@@ -222,9 +222,8 @@ unsafe fn run_task(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn all_rows(q4: bool, a: &Rounded, panel: Panel, out: Out, next: &[u8]) {
-    let per_block = next.len().div_ceil(64).div_ceil(a.m.div_ceil(MR));
     for i0 in (0..a.m).step_by(MR) {
-        prefetch(next, i0 / MR * per_block, per_block);
+        prefetch(next, a.m, i0);
         let to = Out {
             c: out.c.add(i0 * out.ld),
             ..out
@@ -233,13 +232,15 @@ unsafe fn all_rows(q4: bool, a: &Rounded, panel: Panel, out: Out, next: &[u8]) {
     }
 }
 
-/// Lines `from..from + count` (of 64 bytes) of `bytes`, those it has, toward L2.
+/// The register block at row i0 (of m)'s share of `bytes`' 64-byte lines, fetched toward L2:
+/// spread evenly over the row loop, so the whole slice arrives by its end.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn prefetch(bytes: &[u8], from: usize, count: usize) {
+unsafe fn prefetch(bytes: &[u8], m: usize, i0: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-    for l in from..from + count {
+    let share = bytes.len().div_ceil(64).div_ceil(m.div_ceil(MR));
+    for l in i0 / MR * share..(i0 / MR + 1) * share {
         if l * 64 < bytes.len() {
             _mm_prefetch::<_MM_HINT_T1>(bytes.as_ptr().add(l * 64) as *const i8);
         }
@@ -261,8 +262,8 @@ unsafe fn row_block(q4: bool, a: &Rounded, i0: usize, panel: Panel, out: Out) {
     crate::gemm_i16::by_rows!(block, q4, MR.min(a.m - i0), (x, panel, k, out))
 }
 
-/// C [m, n] = silu(x·Gᵀ) · (x·Uᵀ) (LLaMA's SwiGLU of the gate and up products, as
-/// `fused::swiglu_fwd` computes it from them: the same bits) for x rounded once and G, U the
+/// C [m, n] = silu(x·Gᵀ) · (x·Uᵀ) (LLaMA's SwiGLU of the gate and up products, combined by
+/// `fused::swiglu_fwd` itself: the separate products' bits) for x rounded once and G, U the
 /// raw blocks of two [n, k] matrices of type `t`, n a multiple of 32. Each task widens both
 /// matrices' columns and combines a register block's two products while they are in L1, where
 /// the separate products wrote two [m, n] results for a third pass to read.
@@ -301,7 +302,7 @@ thread_local! {
 }
 
 /// Task `task` of [`swiglu_rounded`]: per register block, the gate and up products into two
-/// tiles of 6 × 32, then silu(g)·u into C.
+/// tiles of 6 × 32, combined by `fused::swiglu_fwd` into C.
 ///
 /// # Safety
 /// As [`run_task`]; the task's 32 columns are whole.
@@ -329,21 +330,19 @@ unsafe fn swiglu_task(
     };
     let (tg, tu) = (tile(&mut g), tile(&mut u));
     let cj = c.0.add(task * W);
-    // Both matrices' next blocks: twice the lines of `all_rows`.
+    // Both matrices' next blocks.
     let next = [
         next_task(t, gate, (n, k), task),
         next_task(t, up, (n, k), task),
     ];
-    let per_block = next[0].len().div_ceil(64).div_ceil(a.m.div_ceil(MR));
     for i0 in (0..a.m).step_by(MR) {
         for nx in next {
-            prefetch(nx, i0 / MR * per_block, per_block);
+            prefetch(nx, a.m, i0);
         }
         row_block(q4, a, i0, pg, tg);
         row_block(q4, a, i0, pu, tu);
         let vals = MR.min(a.m - i0) * W;
-        crate::vexp::sigmoid(&g[..vals], &mut y[..vals]);
-        crate::fused::times_product(&mut y[..vals], &g[..vals], &u[..vals]);
+        crate::fused::swiglu_fwd(&g[..vals], &u[..vals], &mut y[..vals]);
         for (r, row) in y[..vals].chunks_exact(W).enumerate() {
             std::ptr::copy_nonoverlapping(row.as_ptr(), cj.add((i0 + r) * n), W);
         }
