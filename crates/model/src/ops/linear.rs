@@ -172,12 +172,7 @@ impl Linear {
             return Ok(ys.try_into().expect("one output per layer"));
         };
         let ys = crate::profile::span(crate::profile::Phase::Matvec, || -> Result<Vec<Tensor>> {
-            let (st, l) = x2.storage_and_layout();
-            let (Storage::Cpu(CpuStorage::F32(v)), Some((a, z))) = (&*st, l.contiguous_offsets())
-            else {
-                candle_core::bail!("integer prompt product: input is not contiguous f32");
-            };
-            let rounded = IntRows::new(g, &v[a..z], k)?;
+            let rounded = IntRows::of_tensor(g, &x2)?;
             let mut ys = Vec::with_capacity(N);
             for lin in lins {
                 let Weight::Quant(q) = &lin.weight else {
@@ -224,13 +219,9 @@ impl Linear {
             return Ok(None);
         }
         let y = crate::profile::span(crate::profile::Phase::Matvec, || -> Result<Vec<f32>> {
-            let (st, l) = x2.storage_and_layout();
-            let (Storage::Cpu(CpuStorage::F32(v)), Some((a, z))) = (&*st, l.contiguous_offsets())
-            else {
-                candle_core::bail!("integer prompt product: input is not contiguous f32");
+            let IntRows::I8(rounded) = IntRows::of_tensor(IntGemm::I8, &x2)? else {
+                unreachable!("int8 rounding gives int8 rows");
             };
-            let rounded = fedllm_kernels::gemm_i8::Rounded::new(&v[a..z], k)
-                .map_err(candle_core::Error::Msg)?;
             // SAFETY: the product writes every element.
             let mut y = unsafe { fedllm_kernels::uninit(rows * n) };
             let (dg, du) = (qg.data()?, qu.data()?);
@@ -677,6 +668,17 @@ impl IntRows {
             IntGemm::I8 => fedllm_kernels::gemm_i8::Rounded::new(x, k).map(IntRows::I8),
         };
         r.map_err(candle_core::Error::Msg)
+    }
+
+    /// x2 [rows, k] (contiguous f32 on the CPU) rounded for `g`.
+    fn of_tensor(g: IntGemm, x2: &Tensor) -> Result<IntRows> {
+        let k = x2.dim(1)?;
+        let (st, l) = x2.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((a, z))) = (&*st, l.contiguous_offsets())
+        else {
+            candle_core::bail!("integer prompt product: input is not contiguous f32");
+        };
+        IntRows::new(g, &v[a..z], k)
     }
 
     /// These m rows · Wᵀ for kept Q4_1/Q8_0 blocks.
