@@ -43,14 +43,13 @@ fn softmax(row: &mut [f32]) -> (f32, f32) {
 }
 
 crate::wide_fn! {
-    /// Scores to logits in place, y·scale (+ bias where `bias` is not empty): their maximum.
+    /// Scores to logits in place, y·scale (+ bias where given): their maximum.
     /// (The maximum of a set is exact in any order, so the vectorized fold gives the scalar
     /// fold's value; f32::max ignores NaN either way.)
-    fn scale_max(row: &mut [f32], scale: f32, bias: &[f32]) -> f32 {
-        if bias.is_empty() {
-            row.iter_mut().for_each(|y| *y *= scale);
-        } else {
-            row.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y * scale + b);
+    fn scale_max(row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> f32 {
+        match bias {
+            Some(bias) => row.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y * scale + b),
+            None => row.iter_mut().for_each(|y| *y *= scale),
         }
         row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
@@ -568,10 +567,7 @@ fn prompt_panels(
             }
             for (i, row) in sc[..rows * c1].chunks_exact_mut(c1).enumerate() {
                 let at = (bi * t + r0 + i) * s;
-                let max = match bias {
-                    Some(x) => scale_max(row, scale, &x[at..at + c1]),
-                    None => scale_max(row, scale, &[]),
-                };
+                let max = scale_max(row, scale, bias.map(|x| &x[at..at + c1]));
                 let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
                 times(row, inv);
             }
@@ -701,13 +697,13 @@ mod tests {
         let want_max = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut row = x.clone();
         assert_eq!(
-            scale_max(&mut row, scale, &bias).to_bits(),
+            scale_max(&mut row, scale, Some(&bias)).to_bits(),
             want_max.to_bits()
         );
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&row), bits(&want));
         let mut plain = x.clone();
-        scale_max(&mut plain, scale, &[]);
+        scale_max(&mut plain, scale, None);
         assert_eq!(
             bits(&plain),
             bits(&x.iter().map(|&y| y * scale).collect::<Vec<_>>())
