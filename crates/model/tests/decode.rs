@@ -206,3 +206,39 @@ fn last_positions_prefill_equals_the_full_forward_rows() {
         }
     }
 }
+
+/// A prompt's forward runs on rayon's workers (`qmatvec::on_worker`), so the path a caller
+/// forces on its own thread must travel with it: on SmolLM2 kept quantized, 40 positions (a
+/// prompt, past the decode kernels' 32 rows) forced onto each path give the hidden states of
+/// the same forward run with that path forced on a worker itself, bit for bit; and a path
+/// whose prompt products differ from the default's does give other numbers, so a forced path
+/// that was dropped (the worker falling back to the default) would fail the first check.
+#[test]
+fn a_forced_path_reaches_the_prompt_workers() {
+    use fedllm_model::qmatvec::{self, with_path};
+    // Absent outside CI only: under CI=true `smollm2()` fails the test naming the path.
+    let Some(path) = fedllm_testing::smollm2() else {
+        return;
+    };
+    let model = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
+    let ids: Vec<u32> = (0..40u32).map(|i| 4 + (i * 37) % 500).collect();
+    let ids = Tensor::from_vec(ids, (1, 40), &model.device).unwrap();
+    // With a cache: generation's forward, whose products take the decode path's kernels.
+    let hidden = || {
+        let mut cache = fedllm_model::KvCache::new();
+        model.forward_hidden(&ids, None, Some(&mut cache)).unwrap()
+    };
+    let default = hidden();
+    let mut differs = false;
+    for p in qmatvec::available() {
+        let got = with_path(p, hidden);
+        let want = rayon::scope(|_| with_path(p, hidden));
+        let d = fedllm_testing::max_abs_diff(&got, &want).unwrap();
+        assert_eq!(d, 0.0, "{p:?}: forced on the caller vs on a worker");
+        differs |= fedllm_testing::max_abs_diff(&got, &default).unwrap() > 0.0;
+    }
+    assert!(
+        differs,
+        "no path's prompt products differ from the default's"
+    );
+}

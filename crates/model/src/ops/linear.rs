@@ -15,6 +15,12 @@ const QMATMUL_MAX_ROWS: usize = 2;
 /// Up to this many rows (decoding a batch), our Q4_1/Q8_0 kernel reads the blocks directly.
 const QMATVEC_MAX_ROWS: usize = 32;
 
+/// Whether products of `rows` activation rows run on the block kernels (decode-sized work,
+/// on `kernels::pool`'s spinning workers) rather than a GEMM (rayon's).
+pub fn matvec_rows(rows: usize) -> bool {
+    rows <= QMATVEC_MAX_ROWS
+}
+
 /// The fewest trailing positions of a [b, t] batch whose products take the kernels that all t
 /// take, so the same numbers (each kernel computes a row alike at any row count; which kernel
 /// runs depends on the count only through `QMATMUL_MAX_ROWS` and `QMATVEC_MAX_ROWS`).
