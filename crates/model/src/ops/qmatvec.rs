@@ -155,7 +155,12 @@ thread_local! {
 /// the path is chosen on the calling thread, so parallel tests do not interfere).
 pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
     assert!(path.supported(), "{path:?} is not supported on this CPU");
-    let before = FORCED.with(|c| c.replace(Some(path)));
+    with_forced(Some(path), f)
+}
+
+/// Runs `f` with this thread's forced path set to `forced`, then restores the one before.
+fn with_forced<R>(forced: Option<Path>, f: impl FnOnce() -> R) -> R {
+    let before = FORCED.with(|c| c.replace(forced));
     struct Restore(Option<Path>);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -170,13 +175,12 @@ pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
 /// called from outside the pool hands each of its few hundred parallel loops to the workers
 /// and sleeps until they finish (a futex sleep and wake per loop); on a worker the loops
 /// split with the other worker directly: 256-token int8 prefills 1,682 → 1,825 tok/s (means
-/// of 6 alternating runs, 2-core Zen 4), int16 1,240 → 1,309 (5 runs).
+/// of 6 alternating runs, 2-core Zen 4), int16 1,240 → 1,309 (5 runs). The path is set on
+/// the worker even when none was forced here: a worker waiting inside another forward's loop
+/// may run this one, and must not inherit that forward's path.
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let forced = FORCED.with(|c| c.get());
-    rayon::scope(|_| match forced {
-        Some(p) => with_path(p, f),
-        None => f(),
-    })
+    rayon::scope(|_| with_forced(forced, f))
 }
 
 /// The path products on this thread take: the forced one, else `FEDLLM_DECODE` (checked up
