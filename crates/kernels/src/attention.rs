@@ -44,14 +44,20 @@ fn softmax(row: &mut [f32]) -> (f32, f32) {
 
 crate::wide_fn! {
     /// Scores to logits in place, y·scale (+ bias where given): their maximum.
-    /// (The maximum of a set is exact in any order, so the vectorized fold gives the scalar
-    /// fold's value; f32::max ignores NaN either way.)
+    /// (The maximum of a set is exact in any order, so the 16 lanes' folds give the scalar
+    /// fold's value; f32::max ignores NaN either way. One fold ran as a chain of scalar
+    /// maxima: 12% of a prompt's attention.)
     fn scale_max(row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> f32 {
         match bias {
             Some(bias) => row.iter_mut().zip(bias).for_each(|(y, &b)| *y = *y * scale + b),
             None => row.iter_mut().for_each(|y| *y *= scale),
         }
-        row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            lanes.iter_mut().zip(c).for_each(|(l, &y)| *l = l.max(y));
+        }
+        chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max)
     }
 }
 
@@ -321,9 +327,9 @@ pub struct PromptShape {
     pub d: usize,
 }
 
-/// Query rows per task of [`prompt`]: small enough that a causal block reads few keys past its
-/// rows' own, large enough for the products to run at GEMM speed.
-const PB: usize = 32;
+/// Query rows per task of [`prompt`]: six of the f32 kernel's 6-row register blocks (32 left
+/// a block of 2 rows computing 6 in every task), enough tasks to share among the threads.
+const PB: usize = 6 * crate::gemm::MR;
 
 /// Keys row `row` of a bias reads: up to its last entry the bias leaves visible (masked ones sit
 /// at −1e30, whose weight underflows to an exact 0), or all of them when it masks the row whole
@@ -539,58 +545,48 @@ fn prompt_panels(
                 .copied()
                 .max()
                 .unwrap_or(s);
+            // S's row stride: the widest register block's logits, whole vectors.
+            let ld = c1.next_multiple_of(16).min(s);
             let grp = bi * kv + hi / (h / kv);
             let (ktg, vpg) = (&kt[grp * ktl..], &vp[grp * vpl..]);
             let qb = &q[(bh * t + r0) * d..(bh * t + r0 + rows) * d];
-            // SAFETY: `prompt_panels` runs only on an f32 FMA path this CPU has; Q's rows hold
-            // d values, each key panel d·64, S rows·c1, each value panel s·64 ≥ c1·64 values.
-            unsafe {
-                for p in 0..c1.div_ceil(NR) {
-                    for i0 in (0..rows).step_by(MR) {
-                        let a = qb.as_ptr().add(i0 * d);
-                        let c = sc.as_mut_ptr().add(i0 * c1 + p * NR);
-                        let (r, cols) = (MR.min(rows - i0), NR.min(c1 - p * NR));
-                        block(
-                            a,
-                            d,
-                            r,
-                            ktg.as_ptr().add(p * d * NR),
-                            d,
-                            c,
-                            c1,
-                            cols,
-                            false,
-                            a,
-                        );
+            let o = op.0.wrapping_add(((bi * t + r0) * h + hi) * d);
+            for i0 in (0..rows).step_by(MR) {
+                let r = MR.min(rows - i0);
+                // This register block's last visible key: a causal block stops at its own
+                // last row, not at the task's (the keys past it would weigh exactly 0).
+                let at = bi * t + r0 + i0;
+                let e = ends[at..at + r].iter().copied().max().unwrap_or(s);
+                // Its logits run to whole vectors of 16 (the product computes them anyway;
+                // the extra keys are masked, weight 0): no scalar tails in the softmax.
+                let e16 = e.next_multiple_of(16).min(s);
+                let srow = &mut sc[i0 * ld..(i0 + r) * ld];
+                // SAFETY: `prompt_panels` runs only on an f32 FMA path this CPU has; Q's rows
+                // hold d values, each key panel d·64, S r rows of ld ≥ e16, each value panel
+                // s·64 ≥ e·64 values; this task writes only rows r0..r0+rows of head hi of
+                // batch bi in `out`.
+                unsafe {
+                    let a = qb.as_ptr().add(i0 * d);
+                    for p in 0..e16.div_ceil(NR) {
+                        let (c, cols) = (srow.as_mut_ptr().add(p * NR), NR.min(e16 - p * NR));
+                        let kp = ktg.as_ptr().add(p * d * NR);
+                        block(a, d, r, kp, d, c, ld, cols, false, a);
                     }
                 }
-            }
-            for (i, row) in sc[..rows * c1].chunks_exact_mut(c1).enumerate() {
-                let at = (bi * t + r0 + i) * s;
-                let max = scale_max(row, scale, bias.map(|x| &x[at..at + c1]));
-                let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
-                times(row, inv);
-            }
-            // SAFETY: as above; this task writes only rows r0..r0+rows of head hi of batch bi.
-            unsafe {
-                let o = op.0.add(((bi * t + r0) * h + hi) * d);
-                for p in 0..d.div_ceil(NR) {
-                    for i0 in (0..rows).step_by(MR) {
-                        let a = sc.as_ptr().add(i0 * c1);
-                        let (r, cols) = (MR.min(rows - i0), NR.min(d - p * NR));
+                for (i, row) in srow.chunks_exact_mut(ld).enumerate() {
+                    let row = &mut row[..e16];
+                    let at = (at + i) * s;
+                    let max = scale_max(row, scale, bias.map(|x| &x[at..at + e16]));
+                    let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
+                    times(row, inv);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    let a = srow.as_ptr();
+                    for p in 0..d.div_ceil(NR) {
                         let c = o.add(i0 * h * d + p * NR);
-                        block(
-                            a,
-                            c1,
-                            r,
-                            vpg.as_ptr().add(p * s * NR),
-                            c1,
-                            c,
-                            h * d,
-                            cols,
-                            false,
-                            a,
-                        );
+                        let vpp = vpg.as_ptr().add(p * s * NR);
+                        block(a, ld, r, vpp, e, c, h * d, NR.min(d - p * NR), false, a);
                     }
                 }
             }
@@ -605,10 +601,11 @@ mod tests {
     use crate::test_data as data;
 
     /// `prompt` (this CPU's path) and its strided fallback against softmax(scale·q·kᵀ + bias)·v
-    /// in f64 over every key (nothing cut), on three row blocks (the last one partial) after 9
-    /// cached positions, at head sizes 24 and 72: batch 0 causal, batch
+    /// in f64 over every key (nothing cut), on three row blocks (the last one partial, ending in
+    /// a register block of one row) after 9 cached positions (S = 88: logits rounded up to
+    /// whole vectors stop at S), at head sizes 24 and 72: batch 0 causal, batch
     /// 1 left-padded by 3 (its padded query rows masked whole: uniform over all S keys, as the
-    /// full product gives them). Each output is a convex mix of ≤ 79 f32 values of size ~1 after
+    /// full product gives them). Each output is a convex mix of ≤ 88 f32 values of size ~1 after
     /// an f32 softmax: f32 rounding (~1e-7 relative per term, summed) keeps errors near 1e-6;
     /// 1e-5 bounds them. A block that read too few keys (a cut ignoring the cached positions or a
     /// late row) would miss weights of order 1/S ≥ 0.01.
@@ -620,8 +617,8 @@ mod tests {
                 b: 2,
                 h: 6,
                 kv: 2,
-                t: 70,
-                s: 79,
+                t: 2 * PB + 7,
+                s: 2 * PB + 16,
                 d,
             });
         }

@@ -195,7 +195,9 @@ pub(crate) fn f32_kernel(
 }
 
 /// C[rows, cols] (= or +=) A[rows, kc] (stride lda) · B[kc, NR]; rows ≤ MR, cols ≤ NR.
-/// 6 rows × 4 vectors = 24 accumulators; A values are broadcast straight from memory.
+/// 6 rows × 4 vectors = 24 accumulators; A values are broadcast straight from memory. Only
+/// the 16-column vectors holding columns of C are computed (a causal attention block's last
+/// key panel is often partly past its rows' keys), each element the same FMA chain.
 ///
 /// # Safety
 /// The CPU has AVX-512F; A holds `rows` rows of `kc` values at stride `lda`, B holds kc·NR
@@ -203,7 +205,7 @@ pub(crate) fn f32_kernel(
 /// only prefetched) holds MR rows of `kc` values at stride `lda`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn f32_block(
     a: *const f32,
     lda: usize,
@@ -216,18 +218,49 @@ pub(crate) unsafe fn f32_block(
     accumulate: bool,
     next: *const f32,
 ) {
+    let args = (a, lda, rows, b, kc, c, ldc, cols, accumulate, next);
+    match cols.div_ceil(16) {
+        0 => {}
+        1 => f32_vectors::<1>(args),
+        2 => f32_vectors::<2>(args),
+        3 => f32_vectors::<3>(args),
+        _ => f32_vectors::<4>(args),
+    }
+}
+
+type BlockArgs = (
+    *const f32,
+    usize,
+    usize,
+    *const f32,
+    usize,
+    *mut f32,
+    usize,
+    usize,
+    bool,
+    *const f32,
+);
+
+/// [`f32_block`] on its first V vectors of 16 columns (cols ≤ 16·V).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn f32_vectors<const V: usize>(
+    (a, lda, rows, b, kc, c, ldc, cols, accumulate, next): BlockArgs,
+) {
     use crate::gemm::{MR, NR};
     use std::arch::x86_64::*;
     // Missing rows read row 0 again (valid memory) and are never stored.
     let ar: [*const f32; MR] = std::array::from_fn(|r| a.add(if r < rows { r * lda } else { 0 }));
-    let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+    let masks: [__mmask16; V] = std::array::from_fn(|v| {
         let live = cols.saturating_sub(v * 16).min(16);
         ((1u32 << live) - 1) as __mmask16
     });
-    let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+    let mut acc = [[_mm512_setzero_ps(); V]; MR];
     if accumulate {
         for r in 0..rows {
-            for v in 0..4 {
+            for v in 0..V {
                 acc[r][v] = _mm512_maskz_loadu_ps(masks[v], c.add(r * ldc + v * 16));
             }
         }
@@ -241,21 +274,16 @@ pub(crate) unsafe fn f32_block(
             }
         }
         let bk = b.add(kk * NR);
-        let bv = [
-            _mm512_loadu_ps(bk),
-            _mm512_loadu_ps(bk.add(16)),
-            _mm512_loadu_ps(bk.add(32)),
-            _mm512_loadu_ps(bk.add(48)),
-        ];
+        let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bk.add(v * 16)));
         for r in 0..MR {
             let av = _mm512_set1_ps(*ar[r].add(kk));
-            for v in 0..4 {
+            for v in 0..V {
                 acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
             }
         }
     }
     for r in 0..rows {
-        for v in 0..4 {
+        for v in 0..V {
             _mm512_mask_storeu_ps(c.add(r * ldc + v * 16), masks[v], acc[r][v]);
         }
     }
