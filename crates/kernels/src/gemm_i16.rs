@@ -345,7 +345,7 @@ impl Rounded {
         if !crate::avx2::available() {
             return Err("int16 product: this CPU has no AVX2".into());
         }
-        let tiles = round_tiles::<16>("int16 product", x, k, &|row, words, d, extra| {
+        let tiles = round_tiles::<16>("int16 product", x, k, &|row, words, d, sums, extra| {
             // Two int16 values per word as `vpmaddwd` reads them (the first in the low half):
             // the values' memory order, little-endian.
             // SAFETY: k/32·16 i32 are k i16, aligned for i16.
@@ -353,6 +353,7 @@ impl Rounded {
                 std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut i16, 2 * words.len())
             };
             crate::rounding::round_row_i16(row, q, d);
+            crate::rounding::block_sums(row, sums);
             extra.fill(0);
         })?;
         Ok(Rounded(tiles))
@@ -373,9 +374,10 @@ pub struct Tiles {
     pub(crate) extra: Vec<i32>,
 }
 
-/// A row rounder: a row's k values to its blocks' W words each ([k/32][W]), each block's d
-/// and the rounding's own integer.
-pub(crate) type RoundRow<'a> = &'a (dyn Fn(&[f32], &mut [i32], &mut [f32], &mut [i32]) + Sync);
+/// A row rounder: a row's k values to its blocks' W words each ([k/32][W]), each block's d,
+/// the sum its Q4_1 offsets multiply, and the rounding's own integer.
+pub(crate) type RoundRow<'a> =
+    &'a (dyn Fn(&[f32], &mut [i32], &mut [f32], &mut [f32], &mut [i32]) + Sync);
 
 /// x [m, k] rounded by `round` tile by tile (6 rows) on rayon's threads, each block's words
 /// [8 rows][W] transposed into [W][8 slots]. `what` names the product in errors.
@@ -415,11 +417,11 @@ pub(crate) fn round_tiles<const W: usize>(
             // they fill slots never read), then each block's [8][W] transposed.
             // SAFETY: as above, unset words land only in unread slots.
             let mut words: Vec<i32> = unsafe { crate::uninit(SLOTS * nb * W) };
-            crate::rounding::block_sums(x, sums);
             for (r, row) in x.chunks_exact(k).enumerate() {
                 let at = r * nb;
                 let wr = &mut words[r * nb * W..(r + 1) * nb * W];
-                round(row, wr, &mut d[at..at + nb], &mut extra[at..at + nb]);
+                let (d, sums) = (&mut d[at..at + nb], &mut sums[at..at + nb]);
+                round(row, wr, d, sums, &mut extra[at..at + nb]);
             }
             for b in 0..nb {
                 let dst = &mut xt[b * W * SLOTS..(b + 1) * W * SLOTS];
@@ -868,7 +870,12 @@ pub(crate) mod tests {
                     let xs = &xq[i * k + b * 32..i * k + b * 32 + 32];
                     let dot: i64 = q.iter().zip(xs).map(|(a, b)| *a as i64 * *b as i64).sum();
                     acc = ((dot as i32 as f32) * xd[i * nb + b]).mul_add(*dw, acc);
-                    let sum: f32 = x[i * k + b * 32..i * k + b * 32 + 32].iter().sum();
+                    // Q4_1's offsets multiply the block's sum: Σx in order (int16), or the
+                    // rounded values' d·Σq (int8: the exact sum of what the dots multiply).
+                    let sum: f32 = match rounding {
+                        Rounding::I16 => x[i * k + b * 32..i * k + b * 32 + 32].iter().sum(),
+                        Rounding::I8 => xd[i * nb + b] * xs.iter().sum::<i32>() as f32,
+                    };
                     off = mw.mul_add(sum, off);
                 }
                 y[i * n + j] = if t == GgmlDType::Q4_1 { acc + off } else { acc };

@@ -41,7 +41,9 @@ pub enum Path {
     /// AVX-512F FMA on f32 activations.
     Avx512,
     /// Activations rounded to int8 per 32-value block, integer block dots with AVX-512 VNNI
-    /// (256-bit `vpdpbusd`), f32 scales and sums. Without VNNI, the same exact integer dots
+    /// (256-bit `vpdpbusd`), f32 scales and sums; Q4_1's offsets multiply the rounded values'
+    /// sum d·Σq (llama.cpp's Q8_1 `s`: the rounded row times the dequantized weights, half
+    /// the logit error of the exact Σx on SmolLM2). Without VNNI, the same exact integer dots
     /// from AVX2 (`vpmaddubsw`, `vpmaddwd`), so the same bits. Every row count takes these
     /// kernels: a row's numbers never depend on its batch, prompt rows included.
     Vnni,
@@ -603,7 +605,11 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     assert!(k.is_multiple_of(be) && w.len() == n * k / be * bb && x.len() == m * k);
     let row_bytes = k / be * bb;
     let path = selected();
-    let xsum = block_sums(x);
+    // Σx per block: the f32 and int16 paths' Q4_1 offsets (the 8-bit paths take d·Σq).
+    let xsum = match path {
+        Path::Vnni | Path::Int8 => Vec::new(),
+        _ => block_sums(x),
+    };
     let acts = match path {
         Path::Vnni | Path::Int8 => Activations::I8(Q8Rows::new(x, true)),
         Path::Int16 => Activations::I16(I16Rows::new(x)),
@@ -617,14 +623,14 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 rows: (m - j0).min(ROWS),
                 stride: m,
             };
-            let sums = &xsum[j0 * nb..];
+            let sums = xsum.get(j0 * nb..).unwrap_or(&[]);
             match (path, &acts) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: without VNNI, `Path::supported` detected AVX2, FMA and F16C; the
                 // slices cover whole blocks of these rows.
                 (Path::Vnni | Path::Int8, Activations::I8(q8)) if !vnni_hw() => unsafe {
                     let a = q8.rows(j0, k);
-                    rows_vnni_avx2(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
+                    rows_vnni_avx2(t, w, row_bytes, rs.clone(), a, k, o, g)
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: VNNI, AVX-512 BW/VL and F16C were detected (`vnni_hw`); the slices
@@ -632,9 +638,9 @@ pub fn matmul(t: GgmlDType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 (Path::Vnni | Path::Int8, Activations::I8(q8)) => unsafe {
                     let a = q8.rows(j0, k);
                     if g.rows == 1 {
-                        rows_vnni::<1>(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
+                        rows_vnni::<1>(t, w, row_bytes, rs.clone(), a, k, o, g)
                     } else {
-                        rows_vnni::<ROWS>(t, w, row_bytes, rs.clone(), a, sums, k, o, g)
+                        rows_vnni::<ROWS>(t, w, row_bytes, rs.clone(), a, k, o, g)
                     }
                 },
                 #[cfg(target_arch = "x86_64")]
@@ -727,14 +733,13 @@ unsafe fn rows_vnni<const M: usize>(
     row_bytes: usize,
     rs: Range<usize>,
     a: Q8View,
-    sums: &[f32],
     k: usize,
     o: &mut [f32],
     g: Group,
 ) {
     for (i, r) in rs.enumerate() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
-        dots_vnni::<M>(t, row, a, sums, k, g.out(o, i));
+        dots_vnni::<M>(t, row, a, k, g.out(o, i));
     }
 }
 
@@ -937,7 +942,8 @@ struct Rounded<T> {
     q: Vec<T>,
     /// [rows, blocks]: d.
     d: Vec<f32>,
-    /// [rows, blocks]: d·Σq, Q8_0 weights' offset correction on the VNNI path (Int16: empty).
+    /// [rows, blocks]: d·Σq, what the 8-bit paths' Q4_1 offsets and Q8_0 correction multiply
+    /// (Int16: empty).
     dq: Vec<f32>,
 }
 
@@ -1038,7 +1044,6 @@ unsafe fn dots_vnni<const M: usize>(
     t: GgmlDType,
     row: &[u8],
     a: Q8View,
-    xsum: &[f32],
     k: usize,
     out: &mut [f32],
 ) {
@@ -1051,8 +1056,8 @@ unsafe fn dots_vnni<const M: usize>(
     let [off0, off1] = &mut off;
     let q4 = t == GgmlDType::Q4_1;
     assert!(q4 || t == GgmlDType::Q8_0, "unsupported type");
-    // Q4_1's offset m·Σx per block, Q8_0's -128·d·(d_x·Σq).
-    let sums = if q4 { xsum.as_ptr() } else { a.dq.as_ptr() };
+    // Q4_1's offset m·(d_x·Σq) per block, Q8_0's -128·d·(d_x·Σq).
+    let sums = a.dq.as_ptr();
     for b in (0..nb).step_by(2) {
         block_vnni::<M>(q4, row, a, sums, k, b, m, acc0, off0);
         if b + 1 < nb {
@@ -1116,21 +1121,19 @@ unsafe fn rows_vnni_avx2(
     row_bytes: usize,
     rs: Range<usize>,
     a: Q8View,
-    sums: &[f32],
     k: usize,
     o: &mut [f32],
     g: Group,
 ) {
-    let nb = k / 32;
     for (i, r) in rs.enumerate() {
         let row = &w[r * row_bytes..(r + 1) * row_bytes];
         for (p, out) in g.out(o, i).chunks_mut(4).enumerate() {
-            let (a, ss) = (a.skip(4 * p, k), &sums[4 * p * nb..]);
+            let a = a.skip(4 * p, k);
             match out.len() {
-                4 => dots_vnni_avx2::<4>(t, row, a, ss, k, out),
-                3 => dots_vnni_avx2::<3>(t, row, a, ss, k, out),
-                2 => dots_vnni_avx2::<2>(t, row, a, ss, k, out),
-                _ => dots_vnni_avx2::<1>(t, row, a, ss, k, out),
+                4 => dots_vnni_avx2::<4>(t, row, a, k, out),
+                3 => dots_vnni_avx2::<3>(t, row, a, k, out),
+                2 => dots_vnni_avx2::<2>(t, row, a, k, out),
+                _ => dots_vnni_avx2::<1>(t, row, a, k, out),
             }
         }
     }
@@ -1144,7 +1147,6 @@ unsafe fn dots_vnni_avx2<const M: usize>(
     t: GgmlDType,
     row: &[u8],
     a: Q8View,
-    xsum: &[f32],
     k: usize,
     out: &mut [f32],
 ) {
@@ -1157,7 +1159,7 @@ unsafe fn dots_vnni_avx2<const M: usize>(
     let [off0, off1] = &mut off;
     let q4 = t == GgmlDType::Q4_1;
     assert!(q4 || t == GgmlDType::Q8_0, "unsupported type");
-    let sums = if q4 { xsum.as_ptr() } else { a.dq.as_ptr() };
+    let sums = a.dq.as_ptr();
     for b in (0..nb).step_by(2) {
         block_vnni_avx2::<M>(q4, row, a, sums, k, b, m, acc0, off0);
         if b + 1 < nb {
@@ -1478,10 +1480,12 @@ mod tests {
     /// Every path against the dequantized product (candle's own dequantization and matmul).
     /// The f32 paths differ only in summation order: 1e-3 relative. The VNNI path multiplies
     /// x rounded as llama.cpp rounds Q8 activations (per 32 values d = max|x|/127, q =
-    /// round-half-even(x·(1/d)) in f32), the Int16 path x rounded the same way to 32767 levels,
-    /// and both the exact Σx for Q4_1's offset: that product, computed here in f64 from the
-    /// dequantized weights (Q4_1's m is each block's minimum), within f32 slack; and within the
-    /// rounding bound Σ d/2·Σ|w − m| of the exact product. The slack: each block's integer dot
+    /// round-half-even(x·(1/d)) in f32), the Int16 path x rounded the same way to 32767 levels;
+    /// Q4_1's offset m multiplies the rounded values' sum on the 8-bit paths (the rounded row
+    /// times the dequantized weights) and the exact Σx on the Int16 path: that product,
+    /// computed here in f64 from the dequantized weights (Q4_1's m is each block's minimum),
+    /// within f32 slack; and within the rounding bound of the exact product, Σ d/2·|w| (8-bit)
+    /// or Σ d/2·|w − m| (Int16). The slack: each block's integer dot
     /// is exact, its scaling rounds twice, the blocks sum in chains of ≤ k/32 into 8 lanes
     /// reduced in 3 steps, and Q4_1's Σx sums 32 values: (k/32 + 40) roundings of 2⁻²⁴ of
     /// Σ(|w − m| + |m|)·|x| bound it. Truncating, rounding with another scale, or pairing a
@@ -1519,10 +1523,15 @@ mod tests {
                             } else {
                                 0.0
                             };
+                            // Whether Q4_1's offset multiplies the exact Σx, and so the part
+                            // of each weight that meets the unrounded x.
+                            let exact_sum = p.activation_bits() == Some(16);
+                            let unrounded = if exact_sum { mb } else { 0.0 };
                             for (w, x) in wb.iter().zip(xb) {
                                 let xq = d as f64 * (x * id).round_ties_even() as f64;
-                                rounded += (*w as f64 - mb) * xq + mb * *x as f64;
-                                rounding += d as f64 * 0.5 * (*w as f64 - mb).abs();
+                                let xm = if exact_sum { *x as f64 } else { xq };
+                                rounded += (*w as f64 - mb) * xq + mb * xm;
+                                rounding += d as f64 * 0.5 * (*w as f64 - unrounded).abs();
                                 mag += ((*w as f64 - mb).abs() + mb.abs()) * x.abs() as f64;
                             }
                         }
@@ -1601,7 +1610,7 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 let hw = with_path(Path::Vnni, || matmul(t, &raw, n, k, &x, m));
-                let (q8, sums) = (Q8Rows::new(&x, true), block_sums(&x));
+                let q8 = Q8Rows::new(&x, true);
                 let mut yt = vec![0f32; n * m];
                 let g = Group {
                     j0: 0,
@@ -1610,7 +1619,7 @@ mod tests {
                 };
                 let rb = raw.len() / n;
                 // SAFETY: VNNI hardware implies AVX2, FMA and F16C; whole blocks.
-                unsafe { rows_vnni_avx2(t, &raw, rb, 0..n, q8.rows(0, k), &sums, k, &mut yt, g) };
+                unsafe { rows_vnni_avx2(t, &raw, rb, 0..n, q8.rows(0, k), k, &mut yt, g) };
                 assert_eq!(transpose(yt, n, m), hw, "{t:?} {n}x{k} m={m}");
             }
         }
