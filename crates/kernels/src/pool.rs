@@ -175,6 +175,50 @@ pub fn global() -> &'static Pool {
     POOL.get_or_init(|| Pool::new(rayon::current_num_threads().max(1)))
 }
 
+/// Runs `f` — prompt-sized work on a rayon worker — with rayon's other workers kept awake:
+/// each spins, taking whatever parallel work the loops inside `f` put up, until `f` returns.
+/// Left alone, a worker finding no work between two loops sleeps within tens of µs, and the
+/// next loop waits for it to be woken (a futex call, then the scheduler's latency); a prompt
+/// runs a few hundred loops (context switches per 256-token prefill 162 → 54). A spinner that
+/// finds no work for [`SPIN`] leaves all the same: a worker waiting inside a stolen part of
+/// `f` runs whatever it finds, this spinner included, and that part — so `f` — cannot finish
+/// until the spinner above it returns. Off a rayon worker, or with one thread, `f` just runs.
+pub fn rayon_awake<R>(f: impl FnOnce() -> R) -> R {
+    let Some(me) = rayon::current_thread_index() else {
+        return f();
+    };
+    if rayon::current_num_threads() < 2 {
+        return f();
+    }
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    rayon::spawn_broadcast(move |ctx| {
+        // The caller's own share returns at once: spinning there would wait on `f`, which
+        // sits below it on the same stack.
+        if ctx.index() == me {
+            return;
+        }
+        let mut idle_since = None;
+        while !flag.load(Acquire) {
+            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                idle_since = None;
+            } else if idle_since.get_or_insert_with(Instant::now).elapsed() > SPIN {
+                return;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    struct Done(std::sync::Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(true, Release);
+        }
+    }
+    let _done = Done(done);
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +272,76 @@ mod tests {
             }
         });
         assert_eq!(inner.load(Relaxed), 1);
+    }
+
+    /// `rayon_awake` from four threads at once into one 2-thread pool, each job two levels of
+    /// parallel loops (stolen parts that wait inside, where a spinner of another job may land
+    /// on top of them): every job returns its exact sum, (Σi)·(Σj), and all of them finish.
+    #[test]
+    fn concurrent_nested_prompts_all_finish_with_their_sums() {
+        use rayon::prelude::*;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let job = || -> u64 {
+            (0..64u64)
+                .into_par_iter()
+                .map(|i| (0..64u64).into_par_iter().map(|j| i * j).sum::<u64>())
+                .sum()
+        };
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        assert_eq!(pool.install(|| rayon_awake(job)), 2016 * 2016);
+                    }
+                });
+            }
+        });
+        // Off a pool thread it just runs.
+        assert_eq!(rayon_awake(|| 7), 7);
+    }
+
+    /// The case the spinner's time limit exists for: worker B, inside a part of the work that
+    /// `f` waits on, yields to rayon and so runs B's spinner on top of that part; `f` cannot
+    /// return until the part finishes, which needs the spinner gone. It leaves after `SPIN`
+    /// without work and all finishes (without the limit this test never returns).
+    #[test]
+    fn a_spinner_on_top_of_what_f_waits_for_leaves() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (b_running, f_started, part_done) = (
+            AtomicBool::new(false),
+            AtomicBool::new(false),
+            AtomicBool::new(false),
+        );
+        pool.install(|| {
+            rayon::join(
+                || {
+                    while !b_running.load(SeqCst) {
+                        std::hint::spin_loop();
+                    }
+                    rayon_awake(|| {
+                        f_started.store(true, SeqCst);
+                        while !part_done.load(SeqCst) {
+                            std::hint::spin_loop();
+                        }
+                    })
+                },
+                || {
+                    b_running.store(true, SeqCst);
+                    while !f_started.load(SeqCst) {
+                        std::hint::spin_loop();
+                    }
+                    // Runs this worker's spinner (the only job there is) on top of this part.
+                    assert_eq!(rayon::yield_now(), Some(rayon::Yield::Executed));
+                    part_done.store(true, SeqCst);
+                },
+            )
+        });
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl CausalLm {
         if crate::linear::matvec_rows(b * t) {
             run()
         } else {
-            crate::qmatvec::on_worker(run)
+            crate::qmatvec::on_worker(|| fedllm_kernels::pool::rayon_awake(run))
         }
     }
 
