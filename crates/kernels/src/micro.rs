@@ -218,36 +218,32 @@ pub(crate) unsafe fn f32_block(
     accumulate: bool,
     next: *const f32,
 ) {
-    let args = (a, lda, rows, b, kc, c, ldc, cols, accumulate, next);
-    match cols.div_ceil(16) {
-        0 => {}
-        1 => f32_vectors::<1>(args),
-        2 => f32_vectors::<2>(args),
-        3 => f32_vectors::<3>(args),
-        _ => f32_vectors::<4>(args),
-    }
+    let f = match cols.div_ceil(16) {
+        0 => return,
+        1 => f32_vectors::<1>,
+        2 => f32_vectors::<2>,
+        3 => f32_vectors::<3>,
+        _ => f32_vectors::<4>,
+    };
+    f(a, lda, rows, b, kc, c, ldc, cols, accumulate, next)
 }
-
-type BlockArgs = (
-    *const f32,
-    usize,
-    usize,
-    *const f32,
-    usize,
-    *mut f32,
-    usize,
-    usize,
-    bool,
-    *const f32,
-);
 
 /// [`f32_block`] on its first V vectors of 16 columns (cols ≤ 16·V).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 unsafe fn f32_vectors<const V: usize>(
-    (a, lda, rows, b, kc, c, ldc, cols, accumulate, next): BlockArgs,
+    a: *const f32,
+    lda: usize,
+    rows: usize,
+    b: *const f32,
+    kc: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    accumulate: bool,
+    next: *const f32,
 ) {
     use crate::gemm::{MR, NR};
     use std::arch::x86_64::*;
