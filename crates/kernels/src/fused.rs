@@ -25,9 +25,11 @@ pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     if x.len() < PAR_MIN {
         return rows((y, x));
     }
-    y.par_chunks_mut(h * ROWS_PER_TASK)
-        .zip(x.par_chunks(h * ROWS_PER_TASK))
-        .for_each(rows);
+    crate::halves::rows_mut(y, h, |r, y| {
+        y.par_chunks_mut(h * ROWS_PER_TASK)
+            .zip(x[r.start * h..r.end * h].par_chunks(h * ROWS_PER_TASK))
+            .for_each(rows)
+    });
 }
 
 crate::wide_fn! {
@@ -183,20 +185,26 @@ pub fn rope_from_bthd(
 ) {
     assert!(x.len() >= b * t * h * d && y.len() >= b * h * t * d && d.is_multiple_of(2));
     assert!(cos.len() >= b * t * d && sin.len() >= b * t * d);
-    let head = |(bh, y): (usize, &mut [f32])| {
-        let (bi, hi) = (bh / h, bh % h);
-        for ti in 0..t {
-            let at = (bi * t + ti) * d;
-            let dst = &mut y[ti * d..(ti + 1) * d];
-            dst.copy_from_slice(&x[((bi * t + ti) * h + hi) * d..][..d]);
-            rotate(dst, &cos[at..at + d], &sin[at..at + d], false);
-        }
+    let row = |hi: usize, r: usize, y: *mut f32| {
+        let (bi, ti) = (r / t, r % t);
+        let at = r * d;
+        // SAFETY: (head hi, row r) is one d-row of y [B, H, T, D], written by this call only.
+        let dst = unsafe { std::slice::from_raw_parts_mut(y.add(((bi * h + hi) * t + ti) * d), d) };
+        dst.copy_from_slice(&x[(r * h + hi) * d..][..d]);
+        rotate(dst, &cos[at..at + d], &sin[at..at + d], false);
     };
-    let y = &mut y[..b * h * t * d];
-    if y.len() < PAR_MIN {
-        return y.chunks_mut(t * d).enumerate().for_each(head);
+    let y = crate::gemm::SyncPtr(y.as_mut_ptr());
+    if b * h * t * d < PAR_MIN {
+        return (0..h).for_each(|hi| (0..b * t).for_each(|r| row(hi, r, y.0)));
     }
-    y.par_chunks_mut(t * d).enumerate().for_each(head);
+    // Rows split as the products around it split theirs (`halves`): each core rotates the
+    // rows its q/k product wrote, then its attention reads them.
+    crate::halves::run(b * t, |rows| {
+        (0..h).into_par_iter().for_each(|hi| {
+            let y = &y;
+            rows.clone().for_each(|r| row(hi, r, y.0))
+        })
+    });
 }
 
 /// Rotary embedding (rotate-half form) over x [B, H, T, D] with cos/sin [B, T, D];
@@ -282,12 +290,13 @@ mod tests {
 
     /// Each row's output is the textbook formula's bits (Σx² summed in order from the first
     /// value, then x · 1/sqrt(Σx²/h + eps) · w), whatever its place among the rows: counts
-    /// around the 8-row groups and the 16-row tasks, on one thread and on rayon's.
+    /// around the 8-row groups and the 16-row tasks, on one thread, on rayon's, and split in
+    /// two halves of rows (100 rows: 48 and 52, the second's last task 4 rows).
     #[test]
     fn rms_norm_rows_are_the_formula_in_order() {
         let (h, eps) = (576, 1e-5f32);
         let w = data(h, 8);
-        for rows in [1, 7, 8, 9, 16, 23, 37] {
+        for rows in [1, 7, 8, 9, 16, 23, 37, 100] {
             // Rows of very different scales: a reordered sum would round differently.
             let x: Vec<f32> = data(rows * h, rows)
                 .iter()

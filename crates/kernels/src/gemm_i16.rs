@@ -203,11 +203,14 @@ pub fn matmul_rounded(
         rb,
         kernel,
     };
-    (0..n.div_ceil(NP * TASK)).into_par_iter().for_each(|task| {
-        SCRATCH.with_borrow_mut(|scratch| {
-            scratch.cols16.resize(NP * k, 0);
-            // SAFETY: task `task` writes only its own columns of C.
-            unsafe { run_task(shape, w, a, &cp, accumulate, task, scratch) }
+    let tasks = n.div_ceil(NP * TASK);
+    crate::halves::run(m, |rows| {
+        (0..tasks).into_par_iter().for_each(|task| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                scratch.cols16.resize(NP * k, 0);
+                // SAFETY: task `task` writes only its own columns of C, in these rows.
+                unsafe { run_task(shape, w, a, &cp, accumulate, (task, rows.clone()), scratch) }
+            })
         })
     });
     Ok(())
@@ -237,10 +240,10 @@ struct Scratch {
     cols16: Vec<i16>,
 }
 
-/// Task `task`: its (up to) 3 panels widened, then every row against each.
+/// Task `task`: its (up to) 3 panels widened, then the rows `rows` against each.
 ///
 /// # Safety
-/// `c` points at C [m, n]; no other task writes this task's columns.
+/// `c` points at C [m, n]; no other task writes this task's columns in these rows.
 unsafe fn run_task(
     Shape {
         t,
@@ -254,7 +257,7 @@ unsafe fn run_task(
     a: &Rounded,
     c: &SyncPtr,
     accumulate: bool,
-    task: usize,
+    (task, rows): (usize, std::ops::Range<usize>),
     Scratch { wp, scales, cols16 }: &mut Scratch,
 ) {
     let nb = k / 32;
@@ -289,7 +292,7 @@ unsafe fn run_task(
             &wd[pi * nb * NP..],
             &wm[pi * nb * NP..],
         );
-        for i0 in (0..m).step_by(MR) {
+        for i0 in rows.clone().step_by(MR) {
             let x = (
                 &a.xt[i0 / MR * k / 2 * SLOTS..],
                 &a.d[i0 * nb..],
@@ -406,12 +409,34 @@ pub(crate) fn round_tiles<const W: usize>(
             extra: crate::uninit(m * nb),
         }
     };
-    r.xt.par_chunks_mut(nb * W * SLOTS)
-        .zip(
-            r.d.par_chunks_mut(MR * nb)
-                .zip(r.sums.par_chunks_mut(MR * nb)),
-        )
-        .zip(r.extra.par_chunks_mut(MR * nb).zip(x.par_chunks(MR * k)))
+    // Split where the products that read the tiles split their rows (`halves`, a multiple
+    // of 6), so each core rounds the rows it then multiplies.
+    let s = crate::halves::split(m);
+    let (xt0, xt1) = r.xt.split_at_mut(s.div_ceil(MR) * nb * W * SLOTS);
+    let (d0, d1) = r.d.split_at_mut(s * nb);
+    let (s0, s1) = r.sums.split_at_mut(s * nb);
+    let (e0, e1) = r.extra.split_at_mut(s * nb);
+    let (x0, x1) = x.split_at(s * k);
+    if s == m {
+        tiles::<W>((xt0, d0, s0, e0), x0, k, round);
+    } else {
+        rayon::join(
+            || tiles::<W>((xt0, d0, s0, e0), x0, k, round),
+            || tiles::<W>((xt1, d1, s1, e1), x1, k, round),
+        );
+    }
+    Ok(r)
+}
+
+/// Part of a [`Tiles`]' buffers: words, d, sums and the rounding's integers.
+type TilePart<'a> = (&'a mut [i32], &'a mut [f32], &'a mut [f32], &'a mut [i32]);
+
+/// Part of [`round_tiles`]: rows x (whole tiles but the last) into their tiles' buffers.
+fn tiles<const W: usize>((xt, d, sums, extra): TilePart, x: &[f32], k: usize, round: RoundRow) {
+    let nb = k / 32;
+    xt.par_chunks_mut(nb * W * SLOTS)
+        .zip(d.par_chunks_mut(MR * nb).zip(sums.par_chunks_mut(MR * nb)))
+        .zip(extra.par_chunks_mut(MR * nb).zip(x.par_chunks(MR * k)))
         .for_each(|((xt, (d, sums)), (extra, x))| {
             // The tile's rows as words [8 rows][k/32][W] (rows past the tile's stay unset:
             // they fill slots never read), then each block's [8][W] transposed.
@@ -442,7 +467,6 @@ pub(crate) fn round_tiles<const W: usize>(
                 }
             }
         });
-    Ok(r)
 }
 
 /// A register block's rows: pairs [k/2][8 slots] (interleaved), d and Σx [rows][k/32].
@@ -890,8 +914,9 @@ pub(crate) mod tests {
 
     /// `product` is the blockwise integer formula bit for bit, for Q4_1 and Q8_0, row counts
     /// around the 6-row register block, column counts around the 16-column panel, the
-    /// 32-column pair of panels (a partial second one) and the 48-column task, with and
-    /// without accumulation; every fourth row is all 1s (every value at the top level).
+    /// 32-column pair of panels (a partial second one) and the 48-column task, and a count
+    /// split in two halves of rows, with and without accumulation; every fourth row is all
+    /// 1s (every value at the top level).
     pub(crate) fn check_formula(rounding: Rounding, product: Product) {
         for t in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (m, n, k) in [
@@ -902,6 +927,8 @@ pub(crate) mod tests {
                 (7, 30, 32),
                 (13, 50, 32),
                 (40, 97, 160),
+                // Past 72 rows: two halves of rows (`halves`), the second ending mid-block.
+                (77, 50, 64),
             ] {
                 let (raw, w) = weights(t, n, k, (m * 131 + n * 7 + k) as u64);
                 let x: Vec<f32> = crate::test_data(m * k, m + n)

@@ -122,13 +122,16 @@ pub fn matmul_rounded(
         return Ok(());
     }
     let cp = SyncPtr(c.as_mut_ptr());
-    (0..n.div_ceil(NP * TASK)).into_par_iter().for_each(|task| {
-        SCRATCH.with_borrow_mut(|scratch| {
-            // SAFETY: task `task` writes only its own columns of C.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                run_task(t, w, n, a, &cp, accumulate, task, scratch)
-            }
+    let tasks = n.div_ceil(NP * TASK);
+    crate::halves::run(m, |rows| {
+        (0..tasks).into_par_iter().for_each(|task| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                // SAFETY: task `task` writes only its own columns of C, in these rows.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    run_task(t, w, n, a, &cp, accumulate, (task, rows.clone()), scratch)
+                }
+            })
         })
     });
     Ok(())
@@ -203,7 +206,7 @@ unsafe fn run_task(
     a: &Rounded,
     c: &SyncPtr,
     accumulate: bool,
-    task: usize,
+    (task, rows): (usize, std::ops::Range<usize>),
     scratch: &mut Scratch,
 ) {
     let (panels, panel) = widen_task(t, w, (n, a.k), task, scratch);
@@ -217,6 +220,7 @@ unsafe fn run_task(
     all_rows(
         t == GgmlDType::Q4_1,
         a,
+        rows,
         panel,
         out,
         next_task(t, w, (n, a.k), task),
@@ -228,9 +232,16 @@ unsafe fn run_task(
 /// the product). The lines of `next` are prefetched (into L2) along the way.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn all_rows(q4: bool, a: &Rounded, panel: Panel, out: Out, next: &[u8]) {
-    for i0 in (0..a.m).step_by(MR) {
-        prefetch(next, a.m, i0);
+unsafe fn all_rows(
+    q4: bool,
+    a: &Rounded,
+    rows: std::ops::Range<usize>,
+    panel: Panel,
+    out: Out,
+    next: &[u8],
+) {
+    for i0 in rows.clone().step_by(MR) {
+        prefetch(next, &rows, i0);
         let to = Out {
             c: out.c.add(i0 * out.ld),
             ..out
@@ -244,10 +255,11 @@ unsafe fn all_rows(q4: bool, a: &Rounded, panel: Panel, out: Out, next: &[u8]) {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn prefetch(bytes: &[u8], m: usize, i0: usize) {
+unsafe fn prefetch(bytes: &[u8], rows: &std::ops::Range<usize>, i0: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-    let share = bytes.len().div_ceil(64).div_ceil(m.div_ceil(MR));
-    for l in i0 / MR * share..(i0 / MR + 1) * share {
+    let share = bytes.len().div_ceil(64).div_ceil(rows.len().div_ceil(MR));
+    let b = (i0 - rows.start) / MR;
+    for l in b * share..(b + 1) * share {
         if l * 64 < bytes.len() {
             _mm_prefetch::<_MM_HINT_T1>(bytes.as_ptr().add(l * 64) as *const i8);
         }
@@ -292,13 +304,16 @@ pub fn swiglu_rounded(
         return Ok(());
     }
     let cp = SyncPtr(c.as_mut_ptr());
-    (0..n / (NP * TASK)).into_par_iter().for_each(|task| {
-        PAIR.with_borrow_mut(|(sg, su)| {
-            // SAFETY: task `task` writes only its own columns of C.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                swiglu_task(t, (gate, up), n, a, &cp, task, (sg, su))
-            }
+    let tasks = n / (NP * TASK);
+    crate::halves::run(a.m, |rows| {
+        (0..tasks).into_par_iter().for_each(|task| {
+            PAIR.with_borrow_mut(|(sg, su)| {
+                // SAFETY: task `task` writes only its own columns of C, in these rows.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    swiglu_task(t, (gate, up), n, a, &cp, (task, rows.clone()), (sg, su))
+                }
+            })
         })
     });
     Ok(())
@@ -321,7 +336,7 @@ unsafe fn swiglu_task(
     n: usize,
     a: &Rounded,
     c: &SyncPtr,
-    task: usize,
+    (task, rows): (usize, std::ops::Range<usize>),
     (sg, su): (&mut Scratch, &mut Scratch),
 ) {
     const W: usize = NP * TASK;
@@ -342,9 +357,9 @@ unsafe fn swiglu_task(
         next_task(t, gate, (n, k), task),
         next_task(t, up, (n, k), task),
     ];
-    for i0 in (0..a.m).step_by(MR) {
+    for i0 in rows.clone().step_by(MR) {
         for nx in next {
-            prefetch(nx, a.m, i0);
+            prefetch(nx, &rows, i0);
         }
         row_block(q4, a, i0, pg, tg);
         row_block(q4, a, i0, pu, tu);
@@ -547,8 +562,9 @@ mod tests {
 
     /// The fused SwiGLU product is silu(gate)·up of the two separate products as
     /// `fused::swiglu_fwd` combines them, bit for bit (the same products, the same sigmoid on
-    /// 16-lane vectors, the same multiplies): row counts around the 6-row block, 1–3 tasks of
-    /// 32 columns, Q4_1 and Q8_0. Columns that are not whole tasks are refused.
+    /// 16-lane vectors, the same multiplies): row counts around the 6-row block and one split
+    /// in halves, 1–3 tasks of 32 columns, Q4_1 and Q8_0. Columns that are not whole tasks
+    /// are refused.
     #[test]
     fn swiglu_products_are_the_separate_products_combined() {
         if !supported(GgmlDType::Q4_1) {
@@ -563,6 +579,7 @@ mod tests {
                 (6, 96, 96),
                 (13, 32, 128),
                 (20, 64, 64),
+                (80, 64, 64),
             ] {
                 let (gate, _) = weights(t, n, k, (m * 7 + n) as u64);
                 let (up, _) = weights(t, n, k, (m * 11 + k) as u64 + 1);

@@ -15,6 +15,7 @@ pub mod fused;
 pub mod gemm;
 pub mod gemm_i16;
 pub mod gemm_i8;
+pub mod halves;
 pub mod isa;
 mod micro;
 pub mod pool;

@@ -801,12 +801,16 @@ impl ResidualProduct {
                 y.len()
             );
         }
-        y.iter_mut().zip(res).for_each(|(y, r)| *y += r);
-        if let Some(bias) = &self.bias {
-            for row in y.chunks_exact_mut(n) {
-                row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b);
+        // By the rows' halves (`kernels::halves`): each core adds the rows its product wrote.
+        fedllm_kernels::halves::rows_mut(&mut y, n, |rows, y| {
+            let res = &res[rows.start * n..rows.end * n];
+            y.iter_mut().zip(res).for_each(|(y, r)| *y += r);
+            if let Some(bias) = &self.bias {
+                for row in y.chunks_exact_mut(n) {
+                    row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b);
+                }
             }
-        }
+        });
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -1681,7 +1685,8 @@ mod tests {
     #[test]
     fn residual_products_match_composites() {
         let dev = Device::Cpu;
-        let (b, t, k, n) = (2, 3, 11, 6);
+        // 80 rows: past `kernels::halves`' 72, so the residual is added by halves.
+        let (b, t, k, n) = (2, 40, 11, 6);
         let w = fedllm_testing::randn(109, 0f32, 1.0, (n, k), &dev).unwrap();
         let bias = fedllm_testing::randn(110, 0f32, 1.0, n, &dev).unwrap();
         let mut lin = Linear::new(Weight::Dense(w.clone()), Some(bias.clone())).unwrap();
