@@ -493,9 +493,8 @@ unsafe fn widen_panel(
 }
 
 /// [`widen_panel`] of 16 whole Q4_1 columns on 512-bit registers: per block, each column's
-/// four words of nibble pairs sit in one 128-bit lane (column 4L + i in lane L of register
-/// i), a 4×4 word transpose per lane puts word p of the 16 columns in order in one register,
-/// and the nibbles split into quads p (low) and p + 4 (high); d and m come by one gather.
+/// nibble words ([`crate::gemm_i16::q4_1_words`]) split into quads p (low nibbles) and p + 4
+/// (high).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
 unsafe fn widen_q4_1(rows: &[u8], nb: usize, wp: &mut [i32], wd: &mut [f32], wm: &mut [f32]) {
@@ -505,37 +504,14 @@ unsafe fn widen_q4_1(rows: &[u8], nb: usize, wp: &mut [i32], wd: &mut [f32], wm:
     assert!(rows.len() >= NP * rb && wp.len() >= nb * 8 * NP);
     assert!(wd.len() >= nb * NP && wm.len() >= nb * NP);
     let lo = _mm512_set1_epi8(0x0F);
-    let at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let at = _mm512_mullo_epi32(at, _mm512_set1_epi32(rb as i32));
     for b in 0..nb {
-        let base = rows.as_ptr().add(b * BB);
-        let col = |j: usize| _mm_loadu_si128(base.add(j * rb + 4) as *const __m128i);
-        let lanes: [__m512i; 4] = std::array::from_fn(|i| {
-            let v = _mm512_castsi128_si512(col(i));
-            let v = _mm512_inserti32x4::<1>(v, col(4 + i));
-            let v = _mm512_inserti32x4::<2>(v, col(8 + i));
-            _mm512_inserti32x4::<3>(v, col(12 + i))
-        });
-        let t0 = _mm512_unpacklo_epi32(lanes[0], lanes[1]);
-        let t1 = _mm512_unpackhi_epi32(lanes[0], lanes[1]);
-        let t2 = _mm512_unpacklo_epi32(lanes[2], lanes[3]);
-        let t3 = _mm512_unpackhi_epi32(lanes[2], lanes[3]);
-        let words = [
-            _mm512_unpacklo_epi64(t0, t2),
-            _mm512_unpackhi_epi64(t0, t2),
-            _mm512_unpacklo_epi64(t1, t3),
-            _mm512_unpackhi_epi64(t1, t3),
-        ];
+        let (words, d, m) = crate::gemm_i16::q4_1_words(rows.as_ptr().add(b * BB), rb);
         let out = wp.as_mut_ptr().add(b * 8 * NP);
         for (p, w) in words.into_iter().enumerate() {
             _mm512_storeu_si512(out.add(p * NP) as *mut _, _mm512_and_si512(w, lo));
             let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(w), lo);
             _mm512_storeu_si512(out.add((p + 4) * NP) as *mut _, hi);
         }
-        // d (low half) and m (high half) of each column's first word.
-        let dm = _mm512_i32gather_epi32::<1>(at, base as *const i32);
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-        let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
         _mm512_storeu_ps(wd.as_mut_ptr().add(b * NP), d);
         _mm512_storeu_ps(wm.as_mut_ptr().add(b * NP), m);
     }
