@@ -1011,6 +1011,9 @@ fn cmd_bench_generate(
         path.name()
     );
     println!("load:            {load_s:.3} s");
+    if let Some(ns) = bench::core_round_trip_ns(20_000) {
+        println!("cores:           a cache line to another thread and back in {ns:.0} ns");
+    }
     let r = bench::bench_generate(model, prompt_len, decode_tokens, decode_ctx, batches, reps)?;
     let ms = |phases: &[(&str, f64)]| -> String {
         let parts: Vec<String> = phases

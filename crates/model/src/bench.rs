@@ -24,6 +24,47 @@ pub struct GenBench {
     pub phases: Vec<(usize, Vec<(&'static str, f64)>)>,
 }
 
+/// Nanoseconds for one cache line to go to another thread and back, the mean of `trips`
+/// (None with fewer than two CPUs). On a VM the two vCPUs may share a die (~60 ns here) or
+/// not (~350 ns), which changes prefill speed (`kernels::halves`); the bench prints it so a
+/// reading says which it got.
+pub fn core_round_trip_ns(trips: usize) -> Option<f64> {
+    use std::sync::atomic::{AtomicBool, Ordering::*};
+    #[repr(align(64))]
+    struct Line(AtomicBool);
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 || trips == 0 {
+        return None;
+    }
+    let ball = Line(AtomicBool::new(false));
+    // Waits until the ball reads `want`; yields now and then, so a CPU shared with other
+    // work (a test run) does not stall each trip for a whole time slice.
+    let wait = |want: bool| {
+        let mut spins = 0u32;
+        while ball.0.load(Acquire) != want {
+            spins += 1;
+            if spins.is_multiple_of(1024) {
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        }
+    };
+    let t0 = std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..trips {
+                wait(true);
+                ball.0.store(false, Release);
+            }
+        });
+        let t0 = Instant::now();
+        for _ in 0..trips {
+            ball.0.store(true, Release);
+            wait(false);
+        }
+        t0
+    });
+    Some(t0.elapsed().as_secs_f64() * 1e9 / trips as f64)
+}
+
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -275,4 +316,20 @@ fn random_blocks(
     Ok(candle_core::quantized::QTensor::quantize(&w, t)?
         .data()?
         .to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The ping-pong ends: each of 200 trips is answered once (a lost or doubled answer
+    /// would leave a thread spinning forever), and the mean is a positive, finite time.
+    #[test]
+    fn core_round_trip_ends_with_a_time() {
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+            assert_eq!(super::core_round_trip_ns(200), None);
+            return;
+        }
+        let ns = super::core_round_trip_ns(200).expect("two CPUs");
+        assert!(ns.is_finite() && ns > 0.0, "{ns}");
+        assert_eq!(super::core_round_trip_ns(0), None);
+    }
 }
