@@ -542,65 +542,65 @@ fn prompt_panels(
         .position(|i| (i / blocks) * t + i % blocks * PB >= cut)
         .unwrap_or(b * blocks)
         * h;
-    let part = |tasks: std::ops::Range<usize>| {
-        tasks.into_par_iter().for_each_init(
-            || vec![0f32; PB * s],
-            |sc, task| {
-                let (bi, r0, hi) = (task / (blocks * h), task / h % blocks * PB, task % h);
-                let bh = bi * h + hi;
-                let rows = PB.min(t - r0);
-                let c1 = ends[bi * t + r0..bi * t + r0 + rows]
-                    .iter()
-                    .copied()
-                    .max()
-                    .unwrap_or(s);
-                // S's row stride: the widest register block's logits, whole vectors.
-                let ld = c1.next_multiple_of(16).min(s);
-                let grp = bi * kv + hi / (h / kv);
-                let (ktg, vpg) = (&kt[grp * ktl..], &vp[grp * vpl..]);
-                let qb = &q[(bh * t + r0) * d..(bh * t + r0 + rows) * d];
-                let o = op.0.wrapping_add(((bi * t + r0) * h + hi) * d);
-                for i0 in (0..rows).step_by(MR) {
-                    let r = MR.min(rows - i0);
-                    // This register block's last visible key: a causal block stops at its own
-                    // last row, not at the task's (the keys past it would weigh exactly 0).
-                    let at = bi * t + r0 + i0;
-                    let e = ends[at..at + r].iter().copied().max().unwrap_or(s);
-                    // Its logits run to whole vectors of 16 (the product computes them anyway;
-                    // the extra keys are masked, weight 0): no scalar tails in the softmax.
-                    let e16 = e.next_multiple_of(16).min(s);
-                    let srow = &mut sc[i0 * ld..(i0 + r) * ld];
-                    // SAFETY: `prompt_panels` runs only on an f32 FMA path this CPU has; Q's rows
-                    // hold d values, each key panel d·64, S r rows of ld ≥ e16, each value panel
-                    // s·64 ≥ e·64 values; this task writes only rows r0..r0+rows of head hi of
-                    // batch bi in `out`.
-                    unsafe {
-                        let a = qb.as_ptr().add(i0 * d);
-                        for p in 0..e16.div_ceil(NR) {
-                            let (c, cols) = (srow.as_mut_ptr().add(p * NR), NR.min(e16 - p * NR));
-                            let kp = ktg.as_ptr().add(p * d * NR);
-                            block(a, d, r, kp, d, c, ld, cols, false, a);
-                        }
-                    }
-                    for (i, row) in srow.chunks_exact_mut(ld).enumerate() {
-                        let row = &mut row[..e16];
-                        let at = (at + i) * s;
-                        let max = scale_max(row, scale, bias.map(|x| &x[at..at + e16]));
-                        let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
-                        times(row, inv);
-                    }
-                    // SAFETY: as above.
-                    unsafe {
-                        let a = srow.as_ptr();
-                        for p in 0..d.div_ceil(NR) {
-                            let c = o.add(i0 * h * d + p * NR);
-                            let vpp = vpg.as_ptr().add(p * s * NR);
-                            block(a, ld, r, vpp, e, c, h * d, NR.min(d - p * NR), false, a);
-                        }
-                    }
+    let task = |sc: &mut Vec<f32>, task: usize| {
+        let (bi, r0, hi) = (task / (blocks * h), task / h % blocks * PB, task % h);
+        let bh = bi * h + hi;
+        let rows = PB.min(t - r0);
+        let c1 = ends[bi * t + r0..bi * t + r0 + rows]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(s);
+        // S's row stride: the widest register block's logits, whole vectors.
+        let ld = c1.next_multiple_of(16).min(s);
+        let grp = bi * kv + hi / (h / kv);
+        let (ktg, vpg) = (&kt[grp * ktl..], &vp[grp * vpl..]);
+        let qb = &q[(bh * t + r0) * d..(bh * t + r0 + rows) * d];
+        let o = op.0.wrapping_add(((bi * t + r0) * h + hi) * d);
+        for i0 in (0..rows).step_by(MR) {
+            let r = MR.min(rows - i0);
+            // This register block's last visible key: a causal block stops at its own
+            // last row, not at the task's (the keys past it would weigh exactly 0).
+            let at = bi * t + r0 + i0;
+            let e = ends[at..at + r].iter().copied().max().unwrap_or(s);
+            // Its logits run to whole vectors of 16 (the product computes them anyway;
+            // the extra keys are masked, weight 0): no scalar tails in the softmax.
+            let e16 = e.next_multiple_of(16).min(s);
+            let srow = &mut sc[i0 * ld..(i0 + r) * ld];
+            // SAFETY: `prompt_panels` runs only on an f32 FMA path this CPU has; Q's rows
+            // hold d values, each key panel d·64, S r rows of ld ≥ e16, each value panel
+            // s·64 ≥ e·64 values; this task writes only rows r0..r0+rows of head hi of
+            // batch bi in `out`.
+            unsafe {
+                let a = qb.as_ptr().add(i0 * d);
+                for p in 0..e16.div_ceil(NR) {
+                    let (c, cols) = (srow.as_mut_ptr().add(p * NR), NR.min(e16 - p * NR));
+                    let kp = ktg.as_ptr().add(p * d * NR);
+                    block(a, d, r, kp, d, c, ld, cols, false, a);
                 }
-            },
-        )
+            }
+            for (i, row) in srow.chunks_exact_mut(ld).enumerate() {
+                let row = &mut row[..e16];
+                let at = (at + i) * s;
+                let max = scale_max(row, scale, bias.map(|x| &x[at..at + e16]));
+                let inv = 1.0 / crate::vexp::exp_sub(row, max, 1.0);
+                times(row, inv);
+            }
+            // SAFETY: as above.
+            unsafe {
+                let a = srow.as_ptr();
+                for p in 0..d.div_ceil(NR) {
+                    let c = o.add(i0 * h * d + p * NR);
+                    let vpp = vpg.as_ptr().add(p * s * NR);
+                    block(a, ld, r, vpp, e, c, h * d, NR.min(d - p * NR), false, a);
+                }
+            }
+        }
+    };
+    let part = |tasks: std::ops::Range<usize>| {
+        tasks
+            .into_par_iter()
+            .for_each_init(|| vec![0f32; PB * s], task)
     };
     let all = b * blocks * h;
     if cut == all || cut == 0 {
