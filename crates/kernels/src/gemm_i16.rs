@@ -749,6 +749,30 @@ pub(crate) unsafe fn q4_1_words(
     (words, d, m)
 }
 
+/// The blocks of 16 whole Q4_1 columns (`rows`, nb blocks each) in order: `put(b, words)`
+/// stores block b's values from its nibble words ([`q4_1_words`]); d and m go to `wd` and
+/// `wm` as [k/32][16]. The int8 and int16 GEMMs' panels differ only in `put`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+pub(crate) unsafe fn q4_1_panel(
+    rows: &[u8],
+    nb: usize,
+    (wd, wm): (&mut [f32], &mut [f32]),
+    mut put: impl FnMut(usize, [std::arch::x86_64::__m512i; 4]),
+) {
+    use std::arch::x86_64::*;
+    const BB: usize = 20;
+    let rb = nb * BB;
+    assert!(rows.len() >= NP * rb && wd.len() >= nb * NP && wm.len() >= nb * NP);
+    for b in 0..nb {
+        let (words, d, m) = q4_1_words(rows.as_ptr().add(b * BB), rb);
+        put(b, words);
+        _mm512_storeu_ps(wd.as_mut_ptr().add(b * NP), d);
+        _mm512_storeu_ps(wm.as_mut_ptr().add(b * NP), m);
+    }
+}
+
 /// [`widen_panel`] of 16 whole Q4_1 columns on 512-bit registers, the same words: per block,
 /// word p of a column pairs values (4p, 4p + 2) for p < 4, (4p, 4p + 2) of the high nibbles
 /// for p in 4..8 (values 16..31), then (4p' + 1, 4p' + 3) the same way for p = 8 + p' — the
@@ -759,13 +783,9 @@ pub(crate) unsafe fn q4_1_words(
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
 unsafe fn widen_q4_1(rows: &[u8], nb: usize, wp: &mut [i32], wd: &mut [f32], wm: &mut [f32]) {
     use std::arch::x86_64::*;
-    const BB: usize = 20;
-    let rb = nb * BB;
-    assert!(rows.len() >= NP * rb && wp.len() >= nb * 16 * NP);
-    assert!(wd.len() >= nb * NP && wm.len() >= nb * NP);
+    assert!(wp.len() >= nb * 16 * NP);
     let pair = _mm512_set1_epi32(0x000F_000F);
-    for b in 0..nb {
-        let (words, d, m) = q4_1_words(rows.as_ptr().add(b * BB), rb);
+    q4_1_panel(rows, nb, (wd, wm), |b, words| {
         let out = wp.as_mut_ptr().add(b * 16 * NP);
         for (q, w) in words.into_iter().enumerate() {
             let put = |p: usize, v: __m512i| {
@@ -776,9 +796,7 @@ unsafe fn widen_q4_1(rows: &[u8], nb: usize, wp: &mut [i32], wd: &mut [f32], wm:
             put(8 + q, _mm512_srli_epi32::<8>(w));
             put(12 + q, _mm512_srli_epi32::<12>(w));
         }
-        _mm512_storeu_ps(wd.as_mut_ptr().add(b * NP), d);
-        _mm512_storeu_ps(wm.as_mut_ptr().add(b * NP), m);
-    }
+    });
 }
 
 /// Up to 16 weight rows (`rows`, raw blocks) to a panel: their values as words [k/2][16]

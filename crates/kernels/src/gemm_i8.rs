@@ -493,28 +493,22 @@ unsafe fn widen_panel(
 }
 
 /// [`widen_panel`] of 16 whole Q4_1 columns on 512-bit registers: per block, each column's
-/// nibble words ([`crate::gemm_i16::q4_1_words`]) split into quads p (low nibbles) and p + 4
+/// nibble words ([`crate::gemm_i16::q4_1_panel`]) split into quads p (low nibbles) and p + 4
 /// (high).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
 unsafe fn widen_q4_1(rows: &[u8], nb: usize, wp: &mut [i32], wd: &mut [f32], wm: &mut [f32]) {
     use std::arch::x86_64::*;
-    const BB: usize = 20;
-    let rb = nb * BB;
-    assert!(rows.len() >= NP * rb && wp.len() >= nb * 8 * NP);
-    assert!(wd.len() >= nb * NP && wm.len() >= nb * NP);
+    assert!(wp.len() >= nb * 8 * NP);
     let lo = _mm512_set1_epi8(0x0F);
-    for b in 0..nb {
-        let (words, d, m) = crate::gemm_i16::q4_1_words(rows.as_ptr().add(b * BB), rb);
+    crate::gemm_i16::q4_1_panel(rows, nb, (wd, wm), |b, words| {
         let out = wp.as_mut_ptr().add(b * 8 * NP);
         for (p, w) in words.into_iter().enumerate() {
             _mm512_storeu_si512(out.add(p * NP) as *mut _, _mm512_and_si512(w, lo));
             let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(w), lo);
             _mm512_storeu_si512(out.add((p + 4) * NP) as *mut _, hi);
         }
-        _mm512_storeu_ps(wd.as_mut_ptr().add(b * NP), d);
-        _mm512_storeu_ps(wm.as_mut_ptr().add(b * NP), m);
-    }
+    });
 }
 
 #[cfg(test)]
