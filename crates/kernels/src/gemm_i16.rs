@@ -203,14 +203,11 @@ pub fn matmul_rounded(
         rb,
         kernel,
     };
-    let tasks = n.div_ceil(NP * TASK);
-    crate::halves::run(m, |rows| {
-        (0..tasks).into_par_iter().for_each(|task| {
-            SCRATCH.with_borrow_mut(|scratch| {
-                scratch.cols16.resize(NP * k, 0);
-                // SAFETY: task `task` writes only its own columns of C, in these rows.
-                unsafe { run_task(shape, w, a, &cp, accumulate, (task, rows.clone()), scratch) }
-            })
+    crate::halves::for_each_task(m, n.div_ceil(NP * TASK), |task, rows| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.cols16.resize(NP * k, 0);
+            // SAFETY: task `task` writes only its own columns of C, in these rows.
+            unsafe { run_task(shape, w, a, &cp, accumulate, (task, rows), scratch) }
         })
     });
     Ok(())
@@ -705,53 +702,13 @@ pub(crate) unsafe fn finish_zmm<const R: usize, const Q4: bool, const P: usize>(
     }
 }
 
-/// One block of 16 whole Q4_1 columns, `base` at column 0's block and each column `rb` bytes
-/// after the previous: register q holds each column's q-th word of nibble bytes (bytes 4q to
-/// 4q + 3: values 4q.. in the low nibbles, 4q + 16.. in the high), column j in lane j; then
-/// the columns' d and m. Each column's four words sit in one 128-bit lane (column 4L + i in
-/// lane L of register i), and a 4×4 word transpose per lane puts word q of the 16 columns in
-/// order in one register; d and m come by one gather.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,f16c")]
-pub(crate) unsafe fn q4_1_words(
-    base: *const u8,
-    rb: usize,
-) -> (
-    [std::arch::x86_64::__m512i; 4],
-    std::arch::x86_64::__m512,
-    std::arch::x86_64::__m512,
-) {
-    use std::arch::x86_64::*;
-    let col = |j: usize| _mm_loadu_si128(base.add(j * rb + 4) as *const __m128i);
-    let lanes: [__m512i; 4] = std::array::from_fn(|i| {
-        let v = _mm512_castsi128_si512(col(i));
-        let v = _mm512_inserti32x4::<1>(v, col(4 + i));
-        let v = _mm512_inserti32x4::<2>(v, col(8 + i));
-        _mm512_inserti32x4::<3>(v, col(12 + i))
-    });
-    let t0 = _mm512_unpacklo_epi32(lanes[0], lanes[1]);
-    let t1 = _mm512_unpackhi_epi32(lanes[0], lanes[1]);
-    let t2 = _mm512_unpacklo_epi32(lanes[2], lanes[3]);
-    let t3 = _mm512_unpackhi_epi32(lanes[2], lanes[3]);
-    let words = [
-        _mm512_unpacklo_epi64(t0, t2),
-        _mm512_unpackhi_epi64(t0, t2),
-        _mm512_unpacklo_epi64(t1, t3),
-        _mm512_unpackhi_epi64(t1, t3),
-    ];
-    // d (low half) and m (high half) of each column's first word.
-    let at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let at = _mm512_mullo_epi32(at, _mm512_set1_epi32(rb as i32));
-    let dm = _mm512_i32gather_epi32::<1>(at, base as *const i32);
-    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-    let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
-    (words, d, m)
-}
-
 /// The blocks of 16 whole Q4_1 columns (`rows`, nb blocks each) in order: `put(b, words)`
-/// stores block b's values from its nibble words ([`q4_1_words`]); d and m go to `wd` and
-/// `wm` as [k/32][16]. The int8 and int16 GEMMs' panels differ only in `put`.
+/// stores block b's values, where register q of `words` holds each column's q-th word of
+/// nibble bytes (bytes 4q to 4q + 3: values 4q.. in the low nibbles, 4q + 16.. in the high),
+/// column j in lane j; d and m go to `wd` and `wm` as [k/32][16]. Each column's four words
+/// sit in one 128-bit lane (column 4L + i in lane L of register i), and a 4×4 word transpose
+/// per lane puts word q of the 16 columns in order in one register; d and m come by one
+/// gather. The int8 and int16 GEMMs' panels differ only in `put`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,f16c")]
@@ -765,9 +722,32 @@ pub(crate) unsafe fn q4_1_panel(
     const BB: usize = 20;
     let rb = nb * BB;
     assert!(rows.len() >= NP * rb && wd.len() >= nb * NP && wm.len() >= nb * NP);
+    let at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let at = _mm512_mullo_epi32(at, _mm512_set1_epi32(rb as i32));
     for b in 0..nb {
-        let (words, d, m) = q4_1_words(rows.as_ptr().add(b * BB), rb);
+        let base = rows.as_ptr().add(b * BB);
+        let col = |j: usize| _mm_loadu_si128(base.add(j * rb + 4) as *const __m128i);
+        let lanes: [__m512i; 4] = std::array::from_fn(|i| {
+            let v = _mm512_castsi128_si512(col(i));
+            let v = _mm512_inserti32x4::<1>(v, col(4 + i));
+            let v = _mm512_inserti32x4::<2>(v, col(8 + i));
+            _mm512_inserti32x4::<3>(v, col(12 + i))
+        });
+        let t0 = _mm512_unpacklo_epi32(lanes[0], lanes[1]);
+        let t1 = _mm512_unpackhi_epi32(lanes[0], lanes[1]);
+        let t2 = _mm512_unpacklo_epi32(lanes[2], lanes[3]);
+        let t3 = _mm512_unpackhi_epi32(lanes[2], lanes[3]);
+        let words = [
+            _mm512_unpacklo_epi64(t0, t2),
+            _mm512_unpackhi_epi64(t0, t2),
+            _mm512_unpacklo_epi64(t1, t3),
+            _mm512_unpackhi_epi64(t1, t3),
+        ];
         put(b, words);
+        // d (low half) and m (high half) of each column's first word.
+        let dm = _mm512_i32gather_epi32::<1>(at, base as *const i32);
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+        let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
         _mm512_storeu_ps(wd.as_mut_ptr().add(b * NP), d);
         _mm512_storeu_ps(wm.as_mut_ptr().add(b * NP), m);
     }
@@ -776,7 +756,7 @@ pub(crate) unsafe fn q4_1_panel(
 /// [`widen_panel`] of 16 whole Q4_1 columns on 512-bit registers, the same words: per block,
 /// word p of a column pairs values (4p, 4p + 2) for p < 4, (4p, 4p + 2) of the high nibbles
 /// for p in 4..8 (values 16..31), then (4p' + 1, 4p' + 3) the same way for p = 8 + p' — the
-/// even-then-odd order `widen_block` gives — each from one nibble word ([`q4_1_words`]) by
+/// even-then-odd order `widen_block` gives — each from one nibble word ([`q4_1_panel`]) by
 /// a shift and a mask. The scalar path took 7.6% of an int16 prefill once each core widened
 /// every panel for its own half of the rows (`halves`).
 #[cfg(target_arch = "x86_64")]

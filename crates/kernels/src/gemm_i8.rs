@@ -25,7 +25,6 @@
 //! 12 f32 chains in the 32 registers.
 
 use candle_core::quantized::GgmlDType;
-use rayon::prelude::*;
 
 use crate::gemm::SyncPtr;
 use crate::gemm_i16::{check_input, check_product, round_tiles, Out, Tiles};
@@ -122,16 +121,13 @@ pub fn matmul_rounded(
         return Ok(());
     }
     let cp = SyncPtr(c.as_mut_ptr());
-    let tasks = n.div_ceil(NP * TASK);
-    crate::halves::run(m, |rows| {
-        (0..tasks).into_par_iter().for_each(|task| {
-            SCRATCH.with_borrow_mut(|scratch| {
-                // SAFETY: task `task` writes only its own columns of C, in these rows.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    run_task(t, w, n, a, &cp, accumulate, (task, rows.clone()), scratch)
-                }
-            })
+    crate::halves::for_each_task(m, n.div_ceil(NP * TASK), |task, rows| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            // SAFETY: task `task` writes only its own columns of C, in these rows.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                run_task(t, w, n, a, &cp, accumulate, (task, rows), scratch)
+            }
         })
     });
     Ok(())
@@ -304,16 +300,13 @@ pub fn swiglu_rounded(
         return Ok(());
     }
     let cp = SyncPtr(c.as_mut_ptr());
-    let tasks = n / (NP * TASK);
-    crate::halves::run(a.m, |rows| {
-        (0..tasks).into_par_iter().for_each(|task| {
-            PAIR.with_borrow_mut(|(sg, su)| {
-                // SAFETY: task `task` writes only its own columns of C, in these rows.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    swiglu_task(t, (gate, up), n, a, &cp, (task, rows.clone()), (sg, su))
-                }
-            })
+    crate::halves::for_each_task(a.m, n / (NP * TASK), |task, rows| {
+        PAIR.with_borrow_mut(|(sg, su)| {
+            // SAFETY: task `task` writes only its own columns of C, in these rows.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                swiglu_task(t, (gate, up), n, a, &cp, (task, rows), (sg, su))
+            }
         })
     });
     Ok(())

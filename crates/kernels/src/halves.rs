@@ -39,6 +39,17 @@ pub fn run(m: usize, f: impl Fn(Range<usize>) + Sync) {
     rayon::join(|| f(0..s), || f(s..m));
 }
 
+/// `f(task, rows)` for every task of `0..tasks` in each half of rows 0..m ([`run`]), the
+/// tasks of a half on rayon's threads: a product's column tasks over its rows' halves.
+pub fn for_each_task(m: usize, tasks: usize, f: impl Fn(usize, Range<usize>) + Sync) {
+    use rayon::prelude::*;
+    run(m, |rows| {
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|task| f(task, rows.clone()))
+    });
+}
+
 /// [`run`] over the rows of y [m, n] (m = y.len() / n), each half getting its rows' range
 /// and its part of y.
 pub fn rows_mut<T: Send>(y: &mut [T], n: usize, f: impl Fn(Range<usize>, &mut [T]) + Sync) {
