@@ -88,6 +88,39 @@ mod tests {
         }
     }
 
+    /// The first part runs on the calling thread (what keeps a product's first rows on the
+    /// core that reads them next), for `run` and `rows_mut`. The second part waits until the
+    /// first has run, so parts run in the other order would put the first on the other
+    /// thread (it would have to steal it) and fail here, not pass by timing.
+    #[test]
+    fn the_first_half_stays_on_the_calling_thread() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let me = std::thread::current().id();
+            let first = std::sync::Mutex::new(Vec::new());
+            let ran = AtomicBool::new(false);
+            let part = |r: Range<usize>| {
+                if r.start == 0 {
+                    first.lock().unwrap().push(std::thread::current().id());
+                    ran.store(true, SeqCst);
+                } else {
+                    while !ran.load(SeqCst) {
+                        std::hint::spin_loop();
+                    }
+                }
+            };
+            run(256, part);
+            ran.store(false, SeqCst);
+            let mut y = vec![0u8; 256 * 4];
+            rows_mut(&mut y, 4, |r, _| part(r));
+            assert_eq!(first.into_inner().unwrap(), vec![me, me]);
+        });
+    }
+
     /// Each half of `rows_mut` gets exactly its rows of y.
     #[test]
     fn rows_mut_hands_each_half_its_rows() {
