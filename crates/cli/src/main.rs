@@ -14,6 +14,7 @@ mod chat_cmd;
 mod data_cmd;
 mod dist_cmd;
 mod eval_cmd;
+mod logits_cmd;
 mod serve_cmd;
 mod train_cmd;
 mod tune_cmd;
@@ -335,6 +336,28 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Logit error of every decode path against the f32 path on real text (every position):
+    /// rms, largest difference and how often the top choice differs
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// JSONL file of texts (e.g. GSM8K's test.jsonl)
+        #[arg(long)]
+        data: PathBuf,
+        /// String fields of each line, joined by newlines, that make its text
+        #[arg(long, value_delimiter = ',', default_value = "question,answer")]
+        fields: Vec<String>,
+        /// Texts read (the file's first)
+        #[arg(long, default_value_t = 40)]
+        texts: usize,
+        /// Tokens per text at most
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Write the token ids (a JSON list per text) for transformers' side
+        /// (scripts/w3/transformers_logits.py)
+        #[arg(long)]
+        ids_out: Option<PathBuf>,
+    },
     /// Decode block products on kept GGUF blocks: ns per block on SmolLM2's shapes, 1 and 8 rows, per path; then GFLOP/s of 256-row prompt products, f32, int16 and int8
     Blocks {
         /// Repetitions per measurement (the best is reported)
@@ -500,6 +523,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Aggregate { clients, params }) => cmd_bench_aggregate(clients, params),
         Cmd::Bench(BenchCmd::Gemm { rows, reps }) => cmd_bench_gemm(rows, reps),
         Cmd::Bench(BenchCmd::Blocks { reps }) => cmd_bench_blocks(reps),
+        Cmd::Bench(BenchCmd::Logits {
+            model,
+            data,
+            fields,
+            texts,
+            max_tokens,
+            ids_out,
+        }) => logits_cmd::cmd_bench_logits(
+            &model,
+            &data,
+            &fields,
+            texts,
+            max_tokens,
+            ids_out.as_deref(),
+        ),
         Cmd::Bench(BenchCmd::Secagg {
             clients,
             mb,

@@ -750,3 +750,107 @@ fn experiment_refuses_bad_studies_and_wrong_starts() {
         &["--resume", "resume it with the same"],
     );
 }
+
+/// `bench logits` on SmolLM2: one line per path the CPU runs (bar the f32 reference), each
+/// over every position of the token ids it wrote (`--ids-out`, at most `--max-tokens` per
+/// text), with a finite error and at most that many moved top choices.
+#[test]
+fn bench_logits_measures_every_path_on_every_position() {
+    let Some(model) = fedllm_testing::smollm2() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("texts.jsonl");
+    std::fs::write(
+        &data,
+        "{\"question\": \"How many legs do 3 cats have?\", \"answer\": \"Each cat has 4 legs, so 3 * 4 = 12.\"}\n\
+         \n\
+         {\"question\": \"What is 7 + 5?\", \"answer\": \"7 + 5 = 12. The answer is 12.\"}\n",
+    )
+    .unwrap();
+    let ids = dir.path().join("ids.json");
+    let out = fedllm(&[
+        "bench",
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--ids-out",
+        ids.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prompts: Vec<Vec<u32>> =
+        serde_json::from_str(&std::fs::read_to_string(&ids).unwrap()).unwrap();
+    assert_eq!(prompts.len(), 2, "{prompts:?}");
+    assert!(
+        prompts.iter().all(|p| (1..=12).contains(&p.len())),
+        "{prompts:?}"
+    );
+    let positions: usize = prompts.iter().map(Vec::len).sum();
+    assert!(text.contains(&format!("({positions} positions)")), "{text}");
+    let head = text.lines().find(|l| l.starts_with("paths: ")).unwrap();
+    let (list, reference) = head["paths: ".len()..].split_once(" against ").unwrap();
+    let paths: Vec<&str> = list.split(", ").collect();
+    let reference = reference.split_whitespace().next().unwrap();
+    assert!(!paths.contains(&reference), "{head}");
+    for p in paths {
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(p))
+            .unwrap_or_else(|| panic!("{p} missing from: {text}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        let (rms, max): (f64, f64) = (cols[1].parse().unwrap(), cols[2].parse().unwrap());
+        assert!(
+            rms.is_finite() && rms >= 0.0 && max.is_finite() && max >= rms,
+            "{row}"
+        );
+        let moved: usize = cols[3].parse().unwrap();
+        assert_eq!(cols[5], positions.to_string(), "{row}");
+        assert!(moved <= positions, "{row}");
+    }
+}
+
+/// A text line that is not JSON, or lacks a field, stops `bench logits` with one line naming
+/// the file, the line and the field — before any model is read.
+#[test]
+fn bench_logits_names_the_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("texts.jsonl");
+    let model = golden("llama-tiny");
+    for (body, needles) in [
+        (
+            "{\"question\": \"a\", \"answer\": \"b\"}\n{\"question\": \"c\"}\n",
+            vec![":2", "\"answer\""],
+        ),
+        (
+            "{\"question\": \"a\", \"answer\": \"b\"}\nnot json\n",
+            vec![":2", "not JSON"],
+        ),
+        (
+            "{\"question\": \"a\", \"answer\": 3}\n",
+            vec![":1", "\"answer\""],
+        ),
+        ("\n", vec!["no texts"]),
+    ] {
+        std::fs::write(&data, body).unwrap();
+        let out = fedllm(&[
+            "bench",
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ]);
+        let mut needles = needles.clone();
+        needles.push("texts.jsonl");
+        assert_clean_failure(&out, &needles);
+    }
+}

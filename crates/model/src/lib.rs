@@ -2,6 +2,7 @@
 //! from Hugging Face folders and GGUF files, tokenizers, chat templates and generation.
 //! No network IO happens here: every model and tokenizer comes from a local path.
 
+pub mod accuracy;
 pub mod batch;
 #[cfg(feature = "bench")]
 pub mod bench;

@@ -242,3 +242,35 @@ fn a_forced_path_reaches_the_prompt_workers() {
         "no path's prompt products differ from the default's"
     );
 }
+
+/// `accuracy::logit_errors` runs each path it is given: on SmolLM2's kept Q4_1 blocks the
+/// f32 reference against itself differs by exactly nothing, while the Int16 path (wherever it
+/// runs), whose prompt rows are rounded to 16 bits, moves logits — by less than the 8-bit
+/// paths' (VNNI, Int8) wherever those run, as 8-bit rounding steps are 258 times 16-bit ones.
+#[test]
+fn logit_errors_apply_each_path() {
+    use fedllm_model::accuracy::{logit_errors, reference_path};
+    use fedllm_model::qmatvec::Path;
+    let Some(path) = fedllm_testing::smollm2() else {
+        return;
+    };
+    let model = CausalLm::load(&path, LoadOptions::default()).unwrap().model;
+    let prompts: Vec<Vec<u32>> = (0..2)
+        .map(|r| (0..30).map(|i| 4 + (i * 37 + r * 11) % 500).collect())
+        .collect();
+    let paths: Vec<Path> = [reference_path(), Path::Int16, Path::Vnni, Path::Int8]
+        .into_iter()
+        .filter(|p| p.supported())
+        .collect();
+    let errs = logit_errors(&model, &prompts, &paths).unwrap();
+    let (p0, same) = &errs[0];
+    assert_eq!(*p0, reference_path());
+    assert_eq!((same.positions, same.squares, same.max), (60, 0.0, 0.0));
+    let Some((_, int16)) = errs.iter().find(|(p, _)| *p == Path::Int16) else {
+        return;
+    };
+    assert!(int16.positions == 60 && int16.rms() > 0.0, "{int16:?}");
+    for (p, e) in errs.iter().filter(|(p, _)| p.activation_bits() == Some(8)) {
+        assert!(e.rms() > int16.rms(), "{p:?}: {e:?} against {int16:?}");
+    }
+}

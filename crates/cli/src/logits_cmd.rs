@@ -1,0 +1,100 @@
+//! `fedllm bench logits`: each product path's logit error against the f32 path on real text.
+
+use std::path::Path as FsPath;
+
+use anyhow::{bail, Context, Result};
+use fedllm_model::accuracy;
+use fedllm_model::qmatvec;
+
+use crate::ModelArgs;
+
+/// The texts of `file` (JSONL): each line's `fields`, joined by newlines. A line that is not
+/// a JSON object or lacks a field (or has it as a non-string) stops with its line number.
+fn texts(file: &FsPath, fields: &[String], limit: usize) -> Result<Vec<String>> {
+    let raw = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in raw
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        if out.len() == limit {
+            break;
+        }
+        let at = || format!("{}:{}", file.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+        let parts: Vec<&str> = fields
+            .iter()
+            .map(|f| match v.get(f).and_then(|x| x.as_str()) {
+                Some(s) => Ok(s),
+                None => bail!("{}: no string field {f:?}", at()),
+            })
+            .collect::<Result<_>>()?;
+        out.push(parts.join("\n"));
+    }
+    if out.is_empty() {
+        bail!("{}: no texts", file.display());
+    }
+    Ok(out)
+}
+
+pub fn cmd_bench_logits(
+    m: &ModelArgs,
+    data: &FsPath,
+    fields: &[String],
+    limit: usize,
+    max_tokens: usize,
+    ids_out: Option<&FsPath>,
+) -> Result<()> {
+    if limit == 0 || max_tokens == 0 {
+        bail!("--texts and --max-tokens must be at least 1");
+    }
+    let texts = texts(data, fields, limit)?;
+    let loaded = m.load()?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .with_context(|| format!("{}: no tokenizer", m.model.display()))?;
+    let mut prompts = Vec::with_capacity(texts.len());
+    for t in &texts {
+        let mut ids = tok.encode(t, false)?;
+        ids.truncate(max_tokens);
+        prompts.push(ids);
+    }
+    if let Some(p) = ids_out {
+        std::fs::write(p, serde_json::to_string(&prompts)?)
+            .with_context(|| format!("{}", p.display()))?;
+    }
+    let reference = accuracy::reference_path();
+    let paths: Vec<_> = qmatvec::available()
+        .into_iter()
+        .filter(|&p| p != reference)
+        .collect();
+    let positions: usize = prompts.iter().map(Vec::len).sum();
+    println!(
+        "bench logits: {}, {} texts of {} ({positions} positions)",
+        m.model.display(),
+        prompts.len(),
+        data.display(),
+    );
+    let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
+    println!(
+        "paths: {} against {} (f32 activations; a path whose prompt rows take the same f32 GEMM reads 0)",
+        names.join(", "),
+        reference.name()
+    );
+    println!("path       rms logit error   max    top choice differs");
+    for (p, e) in accuracy::logit_errors(&loaded.model, &prompts, &paths)? {
+        println!(
+            "{:9} {:>10.4} {:>12.3}    {} / {} ({:.2}%)",
+            p.name(),
+            e.rms(),
+            e.max,
+            e.top1_differs,
+            e.positions,
+            100.0 * e.top1_differs as f64 / e.positions.max(1) as f64
+        );
+    }
+    Ok(())
+}
