@@ -751,6 +751,12 @@ fn experiment_refuses_bad_studies_and_wrong_starts() {
     );
 }
 
+fn bench_logits(model: &Path, data: &Path, extra: &[&str]) -> Output {
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let args = ["bench", "logits", "--model", model, "--data", data];
+    fedllm(&[&args[..], extra].concat())
+}
+
 /// `bench logits` on SmolLM2: one line per path the CPU runs (bar the f32 reference), each
 /// over every position of the token ids it wrote (`--ids-out`, at most `--max-tokens` per
 /// text), with a finite error and at most that many moved top choices.
@@ -769,18 +775,11 @@ fn bench_logits_measures_every_path_on_every_position() {
     )
     .unwrap();
     let ids = dir.path().join("ids.json");
-    let out = fedllm(&[
-        "bench",
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--max-tokens",
-        "12",
-        "--ids-out",
-        ids.to_str().unwrap(),
-    ]);
+    let out = bench_logits(
+        &model,
+        &data,
+        &["--max-tokens", "12", "--ids-out", ids.to_str().unwrap()],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -841,14 +840,7 @@ fn bench_logits_names_the_bad_line() {
         ("\n", vec!["no texts"]),
     ] {
         std::fs::write(&data, body).unwrap();
-        let out = fedllm(&[
-            "bench",
-            "logits",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-        ]);
+        let out = bench_logits(&model, &data, &[]);
         let mut needles = needles.clone();
         needles.push("texts.jsonl");
         assert_clean_failure(&out, &needles);
