@@ -45,11 +45,13 @@ pub fn cmd_bench_logits(
     fields: &[String],
     limit: usize,
     max_tokens: usize,
+    prefill: Option<usize>,
     ids_out: Option<&FsPath>,
 ) -> Result<()> {
-    if limit == 0 || max_tokens == 0 {
-        bail!("--texts and --max-tokens must be at least 1");
+    if limit == 0 || max_tokens == 0 || prefill == Some(0) {
+        bail!("--texts, --max-tokens and --prefill-tokens must be at least 1");
     }
+    let prefilled = prefill.unwrap_or(max_tokens);
     let texts = texts(data, fields, limit)?;
     let loaded = m.load()?;
     let tok = loaded
@@ -72,11 +74,16 @@ pub fn cmd_bench_logits(
         .filter(|&p| p != reference)
         .collect();
     let positions: usize = prompts.iter().map(Vec::len).sum();
+    let decoded: usize = prompts
+        .iter()
+        .map(|p| p.len().saturating_sub(prefilled))
+        .sum();
     println!(
-        "bench logits: {}, {} texts of {} ({positions} positions)",
+        "bench logits: {}, {} texts of {} ({positions} positions: {} prefilled, {decoded} decoded one by one)",
         m.model.display(),
         prompts.len(),
         data.display(),
+        positions - decoded,
     );
     let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
     println!(
@@ -85,7 +92,7 @@ pub fn cmd_bench_logits(
         reference.name()
     );
     println!("path       rms logit error   max    top choice differs");
-    for (p, e) in accuracy::logit_errors(&loaded.model, &prompts, &paths)? {
+    for (p, e) in accuracy::logit_errors(&loaded.model, &prompts, &paths, prefilled)? {
         println!(
             "{:9} {:>10.4} {:>12.3}    {} / {} ({:.2}%)",
             p.name(),

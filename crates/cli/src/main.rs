@@ -353,6 +353,10 @@ enum BenchCmd {
         /// Tokens per text at most
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
+        /// Tokens of each text read by one prefill; the rest are decoded one at a time
+        /// (teacher-forced), through the decode kernels and the cache (default: all prefilled)
+        #[arg(long)]
+        prefill_tokens: Option<usize>,
         /// Write the token ids (a JSON list per text) for transformers' side
         /// (scripts/w3/transformers_logits.py)
         #[arg(long)]
@@ -529,6 +533,7 @@ fn run(cli: Cli) -> Result<()> {
             fields,
             texts,
             max_tokens,
+            prefill_tokens,
             ids_out,
         }) => logits_cmd::cmd_bench_logits(
             &model,
@@ -536,6 +541,7 @@ fn run(cli: Cli) -> Result<()> {
             &fields,
             texts,
             max_tokens,
+            prefill_tokens,
             ids_out.as_deref(),
         ),
         Cmd::Bench(BenchCmd::Secagg {

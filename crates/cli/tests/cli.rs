@@ -759,7 +759,8 @@ fn bench_logits(model: &Path, data: &Path, extra: &[&str]) -> Output {
 
 /// `bench logits` on SmolLM2: one line per path the CPU runs (bar the f32 reference), each
 /// over every position of the token ids it wrote (`--ids-out`, at most `--max-tokens` per
-/// text), with a finite error and at most that many moved top choices.
+/// text; the first 5 of each prefilled, the rest decoded), with a finite error and at most
+/// that many moved top choices.
 #[test]
 fn bench_logits_measures_every_path_on_every_position() {
     let Some(model) = fedllm_testing::smollm2() else {
@@ -778,7 +779,14 @@ fn bench_logits_measures_every_path_on_every_position() {
     let out = bench_logits(
         &model,
         &data,
-        &["--max-tokens", "12", "--ids-out", ids.to_str().unwrap()],
+        &[
+            "--max-tokens",
+            "12",
+            "--prefill-tokens",
+            "5",
+            "--ids-out",
+            ids.to_str().unwrap(),
+        ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -794,7 +802,12 @@ fn bench_logits_measures_every_path_on_every_position() {
         "{prompts:?}"
     );
     let positions: usize = prompts.iter().map(Vec::len).sum();
-    assert!(text.contains(&format!("({positions} positions)")), "{text}");
+    let decoded: usize = prompts.iter().map(|p| p.len().saturating_sub(5)).sum();
+    let head = format!(
+        "({positions} positions: {} prefilled, {decoded} decoded one by one)",
+        positions - decoded
+    );
+    assert!(decoded > 0 && text.contains(&head), "{head}: {text}");
     let head = text.lines().find(|l| l.starts_with("paths: ")).unwrap();
     let (list, reference) = head["paths: ".len()..].split_once(" against ").unwrap();
     let paths: Vec<&str> = list.split(", ").collect();

@@ -65,34 +65,44 @@ pub fn reference_path() -> Path {
         .unwrap_or(Path::Portable)
 }
 
-/// Every position's logits [t, vocab] of one prompt on `path`, through a cache as a prefill
-/// computes them (prompt rows on the path's prompt GEMM, the cache in its stored dtype).
-fn all_logits(model: &CausalLm, ids: &[u32], path: Path) -> Result<Vec<Vec<f32>>> {
+/// Every position's logits [t, vocab] of one prompt on `path`, as generation computes them:
+/// the first `prefilled` tokens through one prefill (prompt rows on the path's prompt GEMM),
+/// each later one as a decode step on the cache (teacher-forced: the text's own next token).
+fn all_logits(
+    model: &CausalLm,
+    ids: &[u32],
+    path: Path,
+    prefilled: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let p = prefilled.clamp(1, ids.len());
     qmatvec::with_path(path, || -> Result<Vec<Vec<f32>>> {
-        let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &model.device)?;
         let mut cache = KvCache::new();
-        let h = model.forward_hidden(&t, None, Some(&mut cache))?;
-        Ok(model
-            .logits(&h)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?)
+        let mut out = Vec::with_capacity(ids.len());
+        for part in std::iter::once(&ids[..p]).chain(ids[p..].chunks(1)) {
+            let t = Tensor::from_vec(part.to_vec(), (1, part.len()), &model.device)?;
+            let h = model.forward_hidden(&t, None, Some(&mut cache))?;
+            let l = model.logits(&h)?.squeeze(0)?.to_dtype(DType::F32)?;
+            out.extend(l.to_vec2::<f32>()?);
+        }
+        Ok(out)
     })
 }
 
-/// Each of `paths`' logit error against [`reference_path`] over every position of `prompts`
-/// (one prompt at a time, so memory holds two prompts' logits at most).
+/// Each of `paths`' logit error against [`reference_path`] over every position of `prompts`,
+/// the first `prefilled` tokens of each prefilled and the rest decoded ([`all_logits`]; one
+/// prompt at a time, so memory holds two prompts' logits at most).
 pub fn logit_errors(
     model: &CausalLm,
     prompts: &[Vec<u32>],
     paths: &[Path],
+    prefilled: usize,
 ) -> Result<Vec<(Path, LogitError)>> {
     let mut out: Vec<(Path, LogitError)> =
         paths.iter().map(|&p| (p, LogitError::default())).collect();
     for ids in prompts.iter().filter(|p| !p.is_empty()) {
-        let want = all_logits(model, ids, reference_path())?;
+        let want = all_logits(model, ids, reference_path(), prefilled)?;
         for (path, err) in out.iter_mut() {
-            for (g, w) in all_logits(model, ids, *path)?.iter().zip(&want) {
+            for (g, w) in all_logits(model, ids, *path, prefilled)?.iter().zip(&want) {
                 err.add(g, w);
             }
         }

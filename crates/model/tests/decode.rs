@@ -243,8 +243,9 @@ fn a_forced_path_reaches_the_prompt_workers() {
     );
 }
 
-/// `accuracy::logit_errors` runs each path it is given: on SmolLM2's kept Q4_1 blocks the
-/// f32 reference against itself differs by exactly nothing, while the Int16 path (wherever it
+/// `accuracy::logit_errors` runs each path it is given, prefilling every token or decoding the
+/// last ten: on SmolLM2's kept Q4_1 blocks the f32 reference against itself differs by
+/// exactly nothing, while the Int16 path (wherever it
 /// runs), whose prompt rows are rounded to 16 bits, moves logits — by less than the 8-bit
 /// paths' (VNNI, Int8) wherever those run, as 8-bit rounding steps are 258 times 16-bit ones.
 #[test]
@@ -262,15 +263,18 @@ fn logit_errors_apply_each_path() {
         .into_iter()
         .filter(|p| p.supported())
         .collect();
-    let errs = logit_errors(&model, &prompts, &paths).unwrap();
-    let (p0, same) = &errs[0];
-    assert_eq!(*p0, reference_path());
-    assert_eq!((same.positions, same.squares, same.max), (60, 0.0, 0.0));
-    let Some((_, int16)) = errs.iter().find(|(p, _)| *p == Path::Int16) else {
-        return;
-    };
-    assert!(int16.positions == 60 && int16.rms() > 0.0, "{int16:?}");
-    for (p, e) in errs.iter().filter(|(p, _)| p.activation_bits() == Some(8)) {
-        assert!(e.rms() > int16.rms(), "{p:?}: {e:?} against {int16:?}");
+    // All 30 tokens prefilled, then 20 prefilled and 10 decoded one by one.
+    for prefilled in [30, 20] {
+        let errs = logit_errors(&model, &prompts, &paths, prefilled).unwrap();
+        let (p0, same) = &errs[0];
+        assert_eq!(*p0, reference_path());
+        assert_eq!((same.positions, same.squares, same.max), (60, 0.0, 0.0));
+        let Some((_, int16)) = errs.iter().find(|(p, _)| *p == Path::Int16) else {
+            return;
+        };
+        assert!(int16.positions == 60 && int16.rms() > 0.0, "{int16:?}");
+        for (p, e) in errs.iter().filter(|(p, _)| p.activation_bits() == Some(8)) {
+            assert!(e.rms() > int16.rms(), "{p:?}: {e:?} against {int16:?}");
+        }
     }
 }
