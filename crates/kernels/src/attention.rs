@@ -602,11 +602,7 @@ fn prompt_panels(
             .into_par_iter()
             .for_each_init(|| vec![0f32; PB * s], task)
     };
-    let all = b * blocks * h;
-    if cut == all || cut == 0 {
-        return part(0..all);
-    }
-    rayon::join(|| part(0..cut), || part(cut..all));
+    crate::halves::run_at(cut, b * blocks * h, part);
 }
 
 #[cfg(test)]

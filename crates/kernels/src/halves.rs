@@ -32,8 +32,13 @@ pub fn split(m: usize) -> usize {
 
 /// f(0..s) on this thread and f(s..m) offered to the pool, s = [`split`]`(m)`.
 pub fn run(m: usize, f: impl Fn(Range<usize>) + Sync) {
-    let s = split(m);
-    if s == m {
+    run_at(split(m), m, f)
+}
+
+/// [`run`] cut at `s` instead (work counted in other units than rows, e.g. attention's
+/// tasks); one part only when `s` is 0 or `m`.
+pub fn run_at(s: usize, m: usize, f: impl Fn(Range<usize>) + Sync) {
+    if s == 0 || s >= m {
         return f(0..m);
     }
     rayon::join(|| f(0..s), || f(s..m));
@@ -67,7 +72,7 @@ mod tests {
     use super::*;
 
     /// The split is a multiple of 6 within 3 rows of the middle (no split under 72 rows),
-    /// and both parts together are every row once.
+    /// and both parts together are every row once (also for `run_at`'s given cuts).
     #[test]
     fn halves_cover_the_rows_at_a_unit_boundary() {
         assert_eq!(split(256), 126);
@@ -85,6 +90,15 @@ mod tests {
             let seen = std::sync::Mutex::new(vec![0u8; m]);
             run(m, |r| r.for_each(|i| seen.lock().unwrap()[i] += 1));
             assert!(seen.into_inner().unwrap().iter().all(|&c| c == 1), "m {m}");
+        }
+        // `run_at` at any cut, none (0) and past the end included.
+        for s in [0, 1, 5, 10, 12] {
+            let seen = std::sync::Mutex::new(vec![0u8; 10]);
+            run_at(s, 10, |r| r.for_each(|i| seen.lock().unwrap()[i] += 1));
+            assert!(
+                seen.into_inner().unwrap().iter().all(|&c| c == 1),
+                "cut {s}"
+            );
         }
     }
 
