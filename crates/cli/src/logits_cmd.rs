@@ -8,41 +8,25 @@ use fedllm_model::qmatvec;
 
 use crate::ModelArgs;
 
-/// The texts of `file` (JSONL): each line's `fields`, joined by newlines. A line that is not
-/// a JSON object or lacks a field (or has it as a non-string) stops with its line number.
-fn texts(file: &FsPath, fields: &[String], limit: usize) -> Result<Vec<String>> {
-    let raw = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in raw
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        if out.len() == limit {
-            break;
-        }
-        let at = || format!("{}:{}", file.display(), i + 1);
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
-        let parts: Vec<&str> = fields
-            .iter()
-            .map(|f| match v.get(f).and_then(|x| x.as_str()) {
-                Some(s) => Ok(s),
-                None => bail!("{}: no string field {f:?}", at()),
-            })
-            .collect::<Result<_>>()?;
-        out.push(parts.join("\n"));
-    }
-    if out.is_empty() {
-        bail!("{}: no texts", file.display());
-    }
-    Ok(out)
+/// The first `limit` texts of a data file (any layout `fedllm_data::load` reads): each
+/// record's instruction, input and output, joined by newlines.
+fn texts(file: &FsPath, format: &str, limit: usize) -> Result<Vec<String>> {
+    let (records, _) = fedllm_data::load(file, &format.parse()?)?;
+    Ok(records
+        .into_iter()
+        .take(limit)
+        .map(|r| {
+            let parts = [r.instruction, r.input, r.output];
+            let parts: Vec<String> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+            parts.join("\n")
+        })
+        .collect())
 }
 
 pub fn cmd_bench_logits(
     m: &ModelArgs,
     data: &FsPath,
-    fields: &[String],
+    format: &str,
     limit: usize,
     max_tokens: usize,
     prefill: Option<usize>,
@@ -52,7 +36,7 @@ pub fn cmd_bench_logits(
         bail!("--texts, --max-tokens and --prefill-tokens must be at least 1");
     }
     let prefilled = prefill.unwrap_or(max_tokens);
-    let texts = texts(data, fields, limit)?;
+    let texts = texts(data, format, limit)?;
     let loaded = m.load()?;
     let tok = loaded
         .tokenizer

@@ -341,12 +341,13 @@ enum BenchCmd {
     Logits {
         #[command(flatten)]
         model: ModelArgs,
-        /// JSONL file of texts (e.g. GSM8K's test.jsonl)
+        /// A data file (JSON, JSONL or .jsonl.gz; e.g. GSM8K's test.jsonl): each record's
+        /// instruction, input and output make one text
         #[arg(long)]
         data: PathBuf,
-        /// String fields of each line, joined by newlines, that make its text
-        #[arg(long, value_delimiter = ',', default_value = "question,answer")]
-        fields: Vec<String>,
+        /// Data file layout (auto detects it from the first record)
+        #[arg(long, default_value = "auto")]
+        format: String,
         /// Texts read (the file's first)
         #[arg(long, default_value_t = 40)]
         texts: usize,
@@ -530,7 +531,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Logits {
             model,
             data,
-            fields,
+            format,
             texts,
             max_tokens,
             prefill_tokens,
@@ -538,7 +539,7 @@ fn run(cli: Cli) -> Result<()> {
         }) => logits_cmd::cmd_bench_logits(
             &model,
             &data,
-            &fields,
+            &format,
             texts,
             max_tokens,
             prefill_tokens,

@@ -830,32 +830,41 @@ fn bench_logits_measures_every_path_on_every_position() {
     }
 }
 
-/// A text line that is not JSON, or lacks a field, stops `bench logits` with one line naming
-/// the file, the line and the field — before any model is read.
+/// A data line that is not JSON, lacks a field or holds a non-string, an empty file or an
+/// unknown `--format` stops `bench logits` with one line naming the file (and the line and
+/// field where there is one) — before any model is read: the model path given does not exist,
+/// and the error is still the data's.
 #[test]
 fn bench_logits_names_the_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("texts.jsonl");
-    let model = golden("llama-tiny");
-    for (body, needles) in [
+    let model = dir.path().join("no-model");
+    let good = "{\"question\": \"a\", \"answer\": \"b\"}\n";
+    for (body, extra, needles) in [
         (
-            "{\"question\": \"a\", \"answer\": \"b\"}\n{\"question\": \"c\"}\n",
-            vec![":2", "\"answer\""],
+            format!("{good}{{\"question\": \"c\"}}\n"),
+            &[][..],
+            vec!["texts.jsonl:2", "`answer`"],
         ),
         (
-            "{\"question\": \"a\", \"answer\": \"b\"}\nnot json\n",
-            vec![":2", "not JSON"],
+            format!("{good}not json\n"),
+            &[],
+            vec!["texts.jsonl:2", "invalid JSON"],
         ),
         (
-            "{\"question\": \"a\", \"answer\": 3}\n",
-            vec![":1", "\"answer\""],
+            "{\"question\": \"a\", \"answer\": [3]}\n".to_string(),
+            &[],
+            vec!["texts.jsonl:1", "`answer`", "not a string"],
         ),
-        ("\n", vec!["no texts"]),
+        ("\n".to_string(), &[], vec!["texts.jsonl", "no records"]),
+        (
+            good.to_string(),
+            &["--format", "nope"],
+            vec!["nope", "format"],
+        ),
     ] {
         std::fs::write(&data, body).unwrap();
-        let out = bench_logits(&model, &data, &[]);
-        let mut needles = needles.clone();
-        needles.push("texts.jsonl");
+        let out = bench_logits(&model, &data, extra);
         assert_clean_failure(&out, &needles);
     }
 }
