@@ -194,8 +194,9 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// error. VNNI is never the default: its 8-bit activations move SmolLM2's logits by ~1% (0.3 of 35), which flips
 /// transformers' greedy choice where two tokens are that close (one of the 20 golden tokens,
 /// past the answer). Int8 (VNNI's decode numerics, prompts on the int8 GEMM) is opt-in for the
-/// same reason. Over 7,211 positions of GSM8K text (`fedllm bench logits`) the 8-bit paths move
-/// the top choice at 2.6–2.7% of them, Int16 at 0.03% (transformers bf16 against its fp32: 2.5%).
+/// same reason. Over 7,281 positions of GSM8K text (`fedllm bench logits`) the 8-bit paths move
+/// the top choice at 2.6–2.8% of them, Int16 at 0.01–0.03% (transformers bf16 against its
+/// fp32: 2.5%).
 pub fn selected() -> Path {
     if let Some(p) = FORCED.with(|c| c.get()) {
         return p;
